@@ -1,0 +1,65 @@
+"""Per-tile randomized Hadamard transform (RHT) along the last (contraction) axis.
+
+``rht(x) = H_T · diag(s) · x`` on each tile of ``T`` consecutive values of the last axis, with ``H_T`` the
+orthonormal Walsh–Hadamard matrix (Sylvester order) and ``s`` a seeded ±1 vector as long as the axis. Applied
+to both operands of ``x @ W.T`` it leaves the product unchanged, because each tile's transform is orthogonal:
+``rht(x) @ rht(W).T == x @ W.T``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .constants import check_tile_size
+
+
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """``n`` seeded random signs, shape ``(n,)``, dtype float32 on the CPU, values in {-1, +1}.
+
+    Drawn with a private CPU generator so the same seed gives the same signs on every device; the codec stores
+    the signs themselves in its blob, so a checkpoint never depends on this generator staying the same.
+    """
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+    bits = torch.randint(0, 2, (int(n),), generator=gen, dtype=torch.int8)
+    return bits.to(torch.float32).mul_(2.0).sub_(1.0)
+
+
+def fwht(x: torch.Tensor, tile_size: int) -> torch.Tensor:
+    """Orthonormal Walsh–Hadamard transform of each tile of ``tile_size`` values along the last axis.
+
+    ``x``: (..., K) with K divisible by ``tile_size``; any float dtype (computed in that dtype). Returns a new
+    tensor of the same shape. The transform is its own inverse.
+    """
+    t = check_tile_size(tile_size)
+    k = x.shape[-1]
+    if k % t:
+        raise ValueError(f"last dimension {k} is not divisible by tile_size {t}")
+    lead = x.shape[:-1]
+    y = x.reshape(-1, k // t, t)
+    h = 1
+    while h < t:
+        y = y.reshape(y.shape[0], k // t, t // (2 * h), 2, h)
+        a, b = y[:, :, :, 0, :], y[:, :, :, 1, :]
+        y = torch.stack((a + b, a - b), dim=3)
+        h *= 2
+    return (y.reshape(*lead, k) * (t ** -0.5))
+
+
+def rht(x: torch.Tensor, signs: torch.Tensor, tile_size: int) -> torch.Tensor:
+    """Forward RHT: flip signs, then per-tile orthonormal Hadamard. ``signs``: (K,), ±1."""
+    return fwht(x * signs.to(device=x.device, dtype=x.dtype), tile_size)
+
+
+def inverse_rht(y: torch.Tensor, signs: torch.Tensor, tile_size: int) -> torch.Tensor:
+    """Inverse of :func:`rht`: per-tile Hadamard (self-inverse), then the same sign flips."""
+    return fwht(y, tile_size) * signs.to(device=y.device, dtype=y.dtype)
+
+
+def hadamard_matrix(tile_size: int, dtype=torch.float64) -> torch.Tensor:
+    """Dense orthonormal Sylvester Hadamard matrix, (T, T); for tests and for GEMM-based transforms."""
+    t = check_tile_size(tile_size)
+    h = torch.ones(1, 1, dtype=dtype)
+    while h.shape[0] < t:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h * (t ** -0.5)

@@ -1,0 +1,422 @@
+"""``quantize`` and ``LatticeTensor``: a tensor stored as RHT -> lattice -> Rice-coded blocks."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+from .constants import (BLOB_MAGIC, DEFAULT_BLOCK_VALUES, DEFAULT_TILE, FORMAT_VERSION, MAX_BLOCK_VALUES,
+                        MIN_BLOCK_VALUES, check_bits, check_tile_size, lattice_spec)
+from .hadamard import inverse_rht, random_signs, rht
+from .lattices import coords_to_points, nearest_point
+from .rice import RiceStreamError
+from .stream import decode_coords, encode_coords, stream_bits
+
+
+class FormatError(ValueError):
+    """A serialized LatticeTensor is truncated, inconsistent, or of another format version."""
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_STEP_MODES = ("row", "tensor")
+#: Rows sampled (at most) while searching the step size; the search needs ~1e5 values to measure rate to
+#: ~0.005 bits per scalar.
+_SEARCH_VALUES = 1 << 18
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for k, v in _DTYPES.items():
+        if v == dtype:
+            return k
+    raise ValueError(f"cannot quantize a tensor of dtype {dtype}; use a floating-point tensor")
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """±1 / bool (K,) with K % 8 == 0 -> packed uint8 (K/8,), bit j of byte i = signs[8i+j] < 0."""
+    neg = (signs < 0) if signs.dtype != torch.bool else signs
+    w = (1 << torch.arange(8, device=neg.device, dtype=torch.int32))
+    return (neg.reshape(-1, 8).to(torch.int32) * w).sum(1).to(torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_signs`: float32 ±1 (8 * len,)."""
+    bits = (packed.to(torch.int32).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1
+    return 1.0 - 2.0 * bits.reshape(-1).to(torch.float32)
+
+
+@dataclass
+class LatticeTensor:
+    """A floating-point tensor compressed with HyperQuant.
+
+    The tensor, viewed as ``rows = numel // K`` rows of ``K`` (its last dimension) values, is rotated by the
+    per-tile RHT along K, divided by a per-row step size ``scales`` (float32, weight units), mapped to the
+    nearest lattice point, and the point's integer coordinates are stored as Rice-coded blocks.
+
+    Fields: ``shape``/``dtype`` of the original; ``lattice`` name; ``tile_size`` (RHT tile, values);
+    ``block_values`` (coordinates per Rice block); ``seed`` (of the RHT signs); ``signs`` float32 ±1 (K,);
+    ``scales`` float32 (rows,); ``words`` int32 Rice stream; ``offsets`` int64 (n_blocks+1,) word offset of each
+    block; ``ks`` uint8 (n_blocks, classes) Rice parameters.
+    """
+
+    shape: tuple
+    dtype: torch.dtype
+    lattice: str
+    tile_size: int
+    block_values: int
+    seed: int
+    step_mode: str
+    signs: torch.Tensor
+    scales: torch.Tensor
+    words: torch.Tensor
+    offsets: torch.Tensor
+    ks: torch.Tensor
+    _coords_cache: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    # ---- geometry -------------------------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return int(math.prod(self.shape))
+
+    @property
+    def in_features(self) -> int:
+        return int(self.shape[-1])
+
+    @property
+    def rows(self) -> int:
+        return self.numel // self.in_features
+
+    @property
+    def device(self) -> torch.device:
+        return self.words.device
+
+    # ---- sizes ----------------------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        """JSON-serializable description (everything but the arrays)."""
+        return {
+            "format": "hyperquant-lattice-tensor",
+            "format_version": FORMAT_VERSION,
+            "shape": list(self.shape),
+            "dtype": _dtype_name(self.dtype),
+            "lattice": self.lattice,
+            "tile_size": self.tile_size,
+            "block_values": self.block_values,
+            "seed": self.seed,
+            "step_mode": self.step_mode,
+            "n_words": int(self.words.numel()),
+        }
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The arrays as they are serialized: packed signs uint8, scales float32, ks uint8, offsets int32,
+        words int32 (all contiguous, on this tensor's device)."""
+        if int(self.offsets[-1]) >= 2**31:
+            raise ValueError("stream too large for int32 offsets; quantize the tensor in pieces")
+        return {
+            "signs": pack_signs(self.signs),
+            "scales": self.scales.contiguous(),
+            "ks": self.ks.contiguous(),
+            "offsets": self.offsets.to(torch.int32),
+            "words": self.words.contiguous(),
+        }
+
+    @property
+    def nbytes(self) -> int:
+        """Exact size of :meth:`to_bytes`' output, in bytes (header, every side field, stream)."""
+        header = len(json.dumps(self.metadata(), sort_keys=True).encode())
+        nb = int(self.offsets.numel()) - 1
+        return (len(BLOB_MAGIC) + 6 + header + self.in_features // 8 + 4 * self.scales.numel()
+                + nb * self.ks.shape[1] + 4 * (nb + 1) + 4 * self.words.numel())
+
+    @property
+    def bits_per_scalar(self) -> float:
+        """Total stored bits (Rice stream + every side field + header) per original value."""
+        return self.nbytes * 8.0 / self.numel
+
+    @property
+    def stream_bits_per_scalar(self) -> float:
+        """Bits of the Rice block stream alone (with word padding) per value."""
+        return self.words.numel() * 32.0 / self.numel
+
+    # ---- decoding -------------------------------------------------------------------------------------
+    def decode_coords(self) -> torch.Tensor:
+        """Lattice coordinates of the rotated, step-normalized tensor: int32 (rows, K) (see ``lattices``)."""
+        c = decode_coords(self.words, self.offsets, self.ks, self.numel, self.lattice, self.block_values)
+        return c.reshape(self.rows, self.in_features)
+
+    def rotated(self, dtype=torch.float32) -> torch.Tensor:
+        """RHT(original) as reconstructed: (rows, K) in ``dtype``, before the inverse transform."""
+        pts = coords_to_points(self.lattice, self.decode_coords(), dtype=dtype)
+        return pts * self.scales.to(dtype).unsqueeze(1)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Reconstruction with the original shape; dtype of the original unless given."""
+        y = self.rotated(torch.float32)
+        w = inverse_rht(y, self.signs, self.tile_size)
+        return w.reshape(self.shape).to(dtype or self.dtype)
+
+    def int8_codes(self, on_overflow: str = "error") -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes for the int8 tensor-core path: (int8 (rows, K), float32 scale (rows,)).
+
+        ``codes * scale[:, None]`` approximates ``rotated()``. For Z, D4 and E8 (E8 stored doubled) the
+        coordinates are integers, so the cast is exact while every |c| <= 127. A row whose coordinates do
+        not fit is, with ``on_overflow="rescale"``, divided by the smallest power of two that fits (rounded,
+        its scale multiplied back: a lossy row, counted in ``self.last_int8_rescaled_rows``); with
+        ``"error"`` (default) a ``ValueError`` names how many rows overflow. A2's second axis is irrational
+        (√3/2 steps), so A2 codes are the points rounded on a per-row grid spanning ±127: this adds
+        rounding noise of variance (grid step)^2 / 12 per value, which ``bench`` measures.
+        """
+        if on_overflow not in ("error", "rescale"):
+            raise ValueError(f"on_overflow must be 'error' or 'rescale', got {on_overflow!r}")
+        c = self.decode_coords()
+        spec = lattice_spec(self.lattice)
+        self.last_int8_rescaled_rows = 0
+        if spec.name == "A2":
+            pts = coords_to_points("A2", c, dtype=torch.float32)
+            peak = pts.abs().amax(1).clamp_min(1e-30)
+            grid = peak / 127.0
+            codes = torch.round(pts / grid.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+            return codes, (grid * self.scales).to(torch.float32)
+        unit = 0.5 if spec.name == "E8" else 1.0
+        scale = self.scales.to(torch.float32) * unit
+        peak = c.abs().amax(1)
+        over = peak > 127
+        if bool(over.any()):
+            if on_overflow == "error":
+                raise ValueError(
+                    f"{int(over.sum())} of {self.rows} rows have lattice coordinates beyond ±127 (max "
+                    f"{int(peak.max())}); the int8 cast would clip them. Use fewer bits, on_overflow='rescale' "
+                    f"(lossy on those rows), or the fp16/bf16 path")
+            shift = torch.ceil(torch.log2(peak.to(torch.float64) / 127.0)).clamp_min(0).to(torch.int64)
+            shift = torch.where(over, shift, torch.zeros_like(shift))
+            div = (2 ** shift).to(torch.float32).unsqueeze(1)
+            c = torch.where(over.unsqueeze(1), torch.round(c.to(torch.float32) / div).to(torch.int32), c)
+            scale = scale * div.squeeze(1)
+            self.last_int8_rescaled_rows = int(over.sum())
+        return c.clamp(-127, 127).to(torch.int8), scale
+
+    # ---- serialization --------------------------------------------------------------------------------
+    def to(self, device) -> "LatticeTensor":
+        return LatticeTensor(self.shape, self.dtype, self.lattice, self.tile_size, self.block_values, self.seed,
+                             self.step_mode, self.signs.to(device), self.scales.to(device), self.words.to(device),
+                             self.offsets.to(device), self.ks.to(device))
+
+    def to_bytes(self) -> bytes:
+        """Versioned, self-describing blob: magic, u16 version, u32 header length, JSON header, arrays."""
+        header = json.dumps(self.metadata(), sort_keys=True).encode()
+        st = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
+        parts = [BLOB_MAGIC, struct.pack("<HI", FORMAT_VERSION, len(header)), header]
+        for name in ("signs", "scales", "ks", "offsets", "words"):
+            parts.append(st[name].numpy().tobytes())
+        return b"".join(parts)
+
+    @classmethod
+    def from_state(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "LatticeTensor":
+        """Rebuild from :meth:`metadata` and :meth:`state_tensors`; validates version and every size."""
+        if meta.get("format") != "hyperquant-lattice-tensor":
+            raise FormatError("not a HyperQuant lattice tensor")
+        ver = meta.get("format_version")
+        if ver != FORMAT_VERSION:
+            raise FormatError(f"lattice tensor format version {ver} is not supported by this hyperquant-diffusers "
+                              f"(reads version {FORMAT_VERSION}); re-quantize or use the matching release")
+        try:
+            shape = tuple(int(s) for s in meta["shape"])
+            dtype = _DTYPES[meta["dtype"]]
+            spec = lattice_spec(meta["lattice"])
+            tile = check_tile_size(meta["tile_size"])
+            bv = int(meta["block_values"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise FormatError(f"bad lattice tensor header: {e}") from None
+        numel = int(math.prod(shape))
+        k = shape[-1]
+        rows = numel // k
+        nb = (numel + bv - 1) // bv
+        expect = {"signs": (k // 8,), "scales": (rows,), "ks": (nb, spec.classes), "offsets": (nb + 1,),
+                  "words": (int(meta["n_words"]),)}
+        for name, shp in expect.items():
+            t = tensors.get(name)
+            if t is None:
+                raise FormatError(f"lattice tensor is missing its '{name}' array")
+            if tuple(t.shape) != shp:
+                raise FormatError(f"lattice tensor array '{name}' has shape {tuple(t.shape)}, expected {shp}")
+        offsets = tensors["offsets"].to(torch.int64)
+        if int(offsets[0]) != 0 or int(offsets[-1]) != int(meta["n_words"]) or bool((offsets[1:] < offsets[:-1]).any()):
+            raise FormatError("lattice tensor block offsets are inconsistent with its stream")
+        return cls(shape, dtype, spec.name, tile, bv, int(meta["seed"]), meta.get("step_mode", "row"),
+                   unpack_signs(tensors["signs"]).to(tensors["scales"].device), tensors["scales"].to(torch.float32),
+                   tensors["words"].to(torch.int32), offsets, tensors["ks"].to(torch.uint8))
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "LatticeTensor":
+        """Inverse of :meth:`to_bytes`; raises ``FormatError`` on another version or a truncated blob."""
+        import numpy as np
+
+        blob = bytes(blob)
+        if len(blob) < 10 or blob[:4] != BLOB_MAGIC:
+            raise FormatError("not a HyperQuant lattice tensor blob (bad magic)")
+        ver, hlen = struct.unpack("<HI", blob[4:10])
+        if ver != FORMAT_VERSION:
+            raise FormatError(f"lattice tensor format version {ver} is not supported (this build reads "
+                              f"version {FORMAT_VERSION})")
+        if 10 + hlen > len(blob):
+            raise FormatError("truncated lattice tensor blob (header)")
+        try:
+            meta = json.loads(blob[10:10 + hlen])
+        except ValueError as e:
+            raise FormatError(f"corrupt lattice tensor header: {e}") from None
+        shape = [int(s) for s in meta["shape"]]
+        numel = int(math.prod(shape))
+        spec = lattice_spec(meta["lattice"])
+        bv = int(meta["block_values"])
+        nb = (numel + bv - 1) // bv
+        sizes = [("signs", np.uint8, shape[-1] // 8), ("scales", np.float32, numel // shape[-1]),
+                 ("ks", np.uint8, nb * spec.classes), ("offsets", np.int32, nb + 1),
+                 ("words", np.int32, int(meta["n_words"]))]
+        pos, tensors = 10 + hlen, {}
+        for name, dt, count in sizes:
+            nbytes = count * np.dtype(dt).itemsize
+            if pos + nbytes > len(blob):
+                raise FormatError(f"truncated lattice tensor blob (array '{name}')")
+            arr = np.frombuffer(blob, dtype=dt, count=count, offset=pos).copy()
+            tensors[name] = torch.from_numpy(arr)
+            pos += nbytes
+        if pos != len(blob):
+            raise FormatError(f"lattice tensor blob has {len(blob) - pos} trailing bytes")
+        tensors["ks"] = tensors["ks"].reshape(nb, spec.classes)
+        return cls.from_state(meta, tensors)
+
+
+# ---- quantization ---------------------------------------------------------------------------------------
+
+_GAUSS_H = 0.5 * math.log2(2 * math.pi * math.e)  # differential entropy of N(0,1), bits
+
+
+def _check_input(w: torch.Tensor, tile_size: int) -> torch.Tensor:
+    if not torch.is_tensor(w) or not w.is_floating_point():
+        raise ValueError("quantize expects a floating-point torch tensor")
+    if w.dim() == 0 or w.numel() == 0:
+        raise ValueError("quantize expects a non-empty tensor with at least one dimension")
+    k = w.shape[-1]
+    if k % tile_size:
+        raise ValueError(
+            f"last dimension {k} is not divisible by tile_size {tile_size}: pad the input features to a multiple "
+            f"of {tile_size} (zero columns), choose a tile that divides {k}, or leave this tensor unquantized")
+    w32 = w.detach().reshape(-1, k).to(torch.float32)
+    if not bool(torch.isfinite(w32).all()):
+        raise ValueError("cannot quantize a tensor with NaN or infinite values")
+    return w32
+
+
+def _sample_rows(y: torch.Tensor) -> torch.Tensor:
+    rows = y.shape[0]
+    want = max(1, min(rows, _SEARCH_VALUES // y.shape[1]))
+    if want >= rows:
+        return torch.arange(rows, device=y.device)
+    return torch.linspace(0, rows - 1, want, device=y.device).round().to(torch.int64).unique()
+
+
+def _side_bits(rows: int, k: int, lattice: str, block_values: int) -> float:
+    """Bits of every side field for a tensor of this geometry (header estimated at 400 bytes, padding 16 bits)."""
+    spec = lattice_spec(lattice)
+    nb = (rows * k + block_values - 1) // block_values
+    return 8 * (4 + 6 + 400) + k + 32 * rows + 8 * nb * spec.classes + 32 * (nb + 1) + 16 * nb
+
+
+def quantize(
+    w: torch.Tensor,
+    bits: float | None = 4.0,
+    *,
+    snr_db: float | None = None,
+    lattice: str = "E8",
+    tile_size: int = DEFAULT_TILE,
+    seed: int = 0,
+    block_values: int = DEFAULT_BLOCK_VALUES,
+    step_mode: str = "row",
+    tol_bits: float = 0.003,
+) -> LatticeTensor:
+    """Quantize ``w`` (..., K) with HyperQuant; runs on ``w``'s device.
+
+    Give ``bits`` (target total bits per scalar, all side information counted, in [1, 8]) or ``snr_db`` (target
+    signal-to-noise ratio, dB) — if ``snr_db`` is given it wins. One step size per row (``step_mode="row"``,
+    proportional to the row's RMS so every row gets the same SNR) or per tensor (``"tensor"``); a single
+    multiplier is searched on a sample of rows so the whole tensor lands on the target.
+    """
+    spec = lattice_spec(lattice)
+    tile_size = check_tile_size(tile_size)
+    if snr_db is None:
+        if bits is None:
+            raise ValueError("give bits or snr_db")
+        bits = check_bits(bits)
+    elif not math.isfinite(float(snr_db)) or not 0.0 < float(snr_db) < 60.0:
+        raise ValueError(f"snr_db must be in (0, 60) dB, got {snr_db!r}")
+    if step_mode not in _STEP_MODES:
+        raise ValueError(f"step_mode must be one of {_STEP_MODES}, got {step_mode!r}")
+    bv = int(block_values)
+    if bv < MIN_BLOCK_VALUES or bv > MAX_BLOCK_VALUES or bv & (bv - 1):
+        raise ValueError(f"block_values must be a power of two in [{MIN_BLOCK_VALUES}, {MAX_BLOCK_VALUES}], got {block_values}")
+    w32 = _check_input(w, tile_size)
+    rows, k = w32.shape
+    signs = random_signs(k, seed).to(w32.device)
+    y = rht(w32, signs, tile_size)
+    if step_mode == "row":
+        sigma = y.square().mean(1).sqrt()
+    else:
+        sigma = y.square().mean().sqrt().expand(rows).clone()
+    sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+
+    sample = _sample_rows(y)
+    ys = y[sample] / sigma[sample].unsqueeze(1)
+    n_s = ys.numel()
+    vol = spec.volume ** (1.0 / spec.dim)
+
+    def measure(alpha: float) -> float:
+        c = nearest_point(spec.name, ys / alpha)
+        if snr_db is not None:
+            err = (ys - coords_to_points(spec.name, c) * alpha).square().sum()
+            return 10.0 * math.log10(float(ys.square().sum()) / max(float(err), 1e-300))
+        return stream_bits(c.reshape(-1), spec.name, bv) / n_s
+
+    if snr_db is not None:
+        target = float(snr_db)
+        # high-rate theory: D = G V^(2/d) alpha^2 per unit-variance value
+        log_a = 0.5 * math.log2(10 ** (-target / 10.0) / (spec.nsm * vol**2))
+        slope = -20.0 * math.log10(2.0)  # dB per doubling of alpha
+        tol = 0.01
+    else:
+        target = bits - _side_bits(rows, k, spec.name, bv) / (rows * k)
+        if target <= 0.05:
+            raise ValueError(f"a {rows}x{k} tensor is too small for {bits} bits per scalar: its side information "
+                             f"alone takes {bits - target:.2f}; leave it unquantized")
+        log_a = _GAUSS_H - target - math.log2(vol)
+        slope = -1.0
+        tol = tol_bits
+    # Secant search on log2(alpha); the rate/SNR is monotone in alpha, so keep a bracket as a safeguard.
+    lo = hi = None
+    f_prev = x_prev = None
+    for _ in range(30):
+        f = measure(2.0 ** log_a) - target
+        if abs(f) <= tol:
+            break
+        if f > 0:
+            lo = log_a if snr_db is None else lo
+            hi = log_a if snr_db is not None else hi
+        else:
+            hi = log_a if snr_db is None else hi
+            lo = log_a if snr_db is not None else lo
+        if f_prev is not None and f != f_prev:
+            s = (f - f_prev) / (log_a - x_prev)
+            if s < 0:
+                slope = s
+        x_prev, f_prev = log_a, f
+        nxt = log_a - f / slope
+        if lo is not None and hi is not None and not (min(lo, hi) < nxt < max(lo, hi)):
+            nxt = 0.5 * (lo + hi)
+        log_a = nxt
+    alpha = 2.0 ** log_a
+    steps = (sigma * alpha).to(torch.float32)
+    c = nearest_point(spec.name, y / steps.unsqueeze(1))
+    words, offsets, ks = encode_coords(c.reshape(-1), spec.name, bv)
+    return LatticeTensor(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode, signs, steps,
+                         words, offsets, ks)
