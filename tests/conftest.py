@@ -1,0 +1,27 @@
+"""Shared pytest fixtures: tiny offline LTX-2 / LTX-Video pipelines saved once per session.
+
+``tiny_ltx2_path`` / ``tiny_ltx_path`` are folders that ``LTX2Pipeline.from_pretrained`` /
+``LTXPipeline.from_pretrained`` load offline (random weights, word-level tokenizer); see
+:mod:`hyperquant_diffusers.testing.tiny`. Treat them as read-only.
+"""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_ltx2_path(tmp_path_factory):
+    from hyperquant_diffusers.testing import build_tiny_ltx2_pipeline
+
+    return build_tiny_ltx2_pipeline(str(tmp_path_factory.mktemp("tiny_ltx2")))
+
+
+@pytest.fixture(scope="session")
+def tiny_ltx_path(tmp_path_factory):
+    from hyperquant_diffusers.testing import build_tiny_ltx_pipeline
+
+    return build_tiny_ltx_pipeline(str(tmp_path_factory.mktemp("tiny_ltx")))
