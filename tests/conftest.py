@@ -6,8 +6,16 @@
 """
 
 import os
+import sys
 
 import pytest
+
+# The editable install in /tmp/tv2 registers `hyperquant_diffusers` as a *namespace* package (it was installed
+# before the package had an __init__.py), which would skip our __init__ (and the backend registration) when the
+# repo root is not on sys.path. Put it first so the real package is imported.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

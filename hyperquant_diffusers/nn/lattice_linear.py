@@ -1,0 +1,308 @@
+"""``LatticeLinear``: an ``nn.Linear`` whose weight is stored as HyperQuant lattice codes.
+
+Storage (never a float copy of the weight):
+
+* ``residency="compressed"``: the LatticeTensor state as *persistent integer buffers*
+  ``hq_signs`` uint8 (K/8,) packed RHT signs, ``hq_scales`` int32 (N,) = float32 per-row step sizes stored
+  bit-for-bit as int32 (integer dtype so no loader ever casts them to bf16), ``hq_ks`` uint8 (blocks, classes)
+  Rice parameters, ``hq_offsets`` int32 (blocks+1,) word offsets, ``hq_words`` int32 (n_words,) Rice stream.
+  About ``bits/16`` of the bf16 weight bytes.
+* ``residency="int8"``: after loading, the Rice stream is decoded once into ``codes`` int8 (N, K) lattice
+  coordinates and ``code_scale`` float32 (N,) (``codes * code_scale[:, None]`` == the rotated weight exactly, for
+  the integer lattices Z/D4/E8), and the ``hq_*`` buffers are dropped: 0.5x bf16. ``state_dict()`` re-encodes the
+  ``hq_*`` tensors from the int8 codes (Rice coding is deterministic, so they are bit-identical to the loaded ones).
+
+Forward: ``y = rht(x) @ W_rot.T + bias`` where ``W_rot`` is the rotated (RHT-domain) weight as decoded from the
+codes; since the RHT is orthonormal this equals ``x @ W_hat.T`` for the dequantized weight ``W_hat``. On CPU (and on
+CUDA when no kernel is available) this reference is computed in float32 and cast to ``x.dtype``. On CUDA the layer
+calls ``hyperquant_diffusers.kernels.dispatch.cuda_forward(self, x)`` when that function exists.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+from ..codec import FORMAT_VERSION as CODEC_FORMAT_VERSION
+from ..codec import LatticeTensor, lattice_spec, rht
+from ..codec.stream import encode_coords
+from ..codec.tensor import _DTYPES, unpack_signs
+
+_COMPRESSED = ("hq_signs", "hq_scales", "hq_ks", "hq_offsets", "hq_words")
+_CUDA_FORWARD = None  # resolved once: a callable, or False when the kernels package is absent
+
+
+def _cuda_forward():
+    global _CUDA_FORWARD
+    if _CUDA_FORWARD is None:
+        try:
+            from ..kernels.dispatch import cuda_forward  # owned by the kernels engineer (issue 4)
+
+            _CUDA_FORWARD = cuda_forward
+        except (ImportError, AttributeError):
+            _CUDA_FORWARD = False
+    return _CUDA_FORWARD
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for k, v in _DTYPES.items():
+        if v == dtype:
+            return k
+    raise ValueError(f"unsupported weight dtype {dtype}")
+
+
+def compressed_shapes(out_features: int, in_features: int, lattice: str, block_values: int,
+                      n_words: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every ``hq_*`` buffer of a (out_features x in_features) LatticeLinear."""
+    nb = (out_features * in_features + block_values - 1) // block_values
+    classes = lattice_spec(lattice).classes
+    return {"hq_signs": ((in_features // 8,), torch.uint8), "hq_scales": ((out_features,), torch.int32),
+            "hq_ks": ((nb, classes), torch.uint8), "hq_offsets": ((nb + 1,), torch.int32),
+            "hq_words": ((int(n_words),), torch.int32)}
+
+
+class LatticeLinear(nn.Module):
+    """Linear layer with a lattice-quantized weight. Shapes: x (..., in_features) -> (..., out_features).
+
+    Construct empty (buffers uninitialized, e.g. on the meta device before a checkpoint loads) with the layout
+    arguments, or from a float layer with :meth:`from_linear`. Call :meth:`finalize` once the ``hq_*`` buffers
+    hold real data (the backend does it after loading) to switch to the configured residency.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, lattice: str = "E8",
+                 bits: float = 4.0, tile_size: int = 128, block_values: int = 4096, seed: int = 0,
+                 mma: str = "int8", residency: str = "int8", n_words: int = 0,
+                 weight_dtype: torch.dtype = torch.bfloat16, device=None, dtype=None):
+        super().__init__()
+        if in_features % tile_size:
+            raise ValueError(f"in_features={in_features} is not a multiple of tile_size={tile_size}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.lattice, self.bits, self.tile_size = lattice_spec(lattice).name, bits, int(tile_size)
+        self.block_values, self.seed, self.mma, self.residency = int(block_values), int(seed), mma, residency
+        self.weight_dtype = weight_dtype
+        self.n_words = int(n_words)
+        self.is_finalized = False  # True once the configured residency is in place
+        for name, (shape, dt) in compressed_shapes(self.out_features, self.in_features, self.lattice,
+                                                   self.block_values, self.n_words).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
+        self.register_buffer("codes", None, persistent=False)
+        self.register_buffer("code_scale", None, persistent=False)
+        self.register_buffer("signs_f32", None, persistent=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype or weight_dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    # ---- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, bits: float, lattice: str = "E8", tile_size: int = 128,
+                    block_values: int = 4096, seed: int = 0, mma: str = "int8",
+                    residency: str = "int8") -> "LatticeLinear":
+        """Quantize ``linear.weight`` (on its own device) and return the finalized LatticeLinear."""
+        from ..codec import quantize
+
+        w = linear.weight.detach()
+        q = quantize(w, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed, block_values=block_values)
+        return cls.from_lattice_tensor(q, linear.bias, bits=bits, mma=mma, residency=residency)
+
+    @classmethod
+    def from_lattice_tensor(cls, q: LatticeTensor, bias: torch.Tensor | None, *, bits: float, mma: str = "int8",
+                            residency: str = "int8") -> "LatticeLinear":
+        if len(q.shape) != 2:
+            raise ValueError(f"a linear weight is 2-D, got shape {q.shape}")
+        out_f, in_f = q.shape
+        m = cls(in_f, out_f, bias is not None, lattice=q.lattice, bits=bits, tile_size=q.tile_size,
+                block_values=q.block_values, seed=q.seed, mma=mma, residency=residency,
+                n_words=int(q.words.numel()), weight_dtype=q.dtype, device=q.device)
+        st = q.state_tensors()
+        with torch.no_grad():
+            m.hq_signs.copy_(st["signs"])
+            m.hq_scales.copy_(st["scales"].view(torch.int32))
+            m.hq_ks.copy_(st["ks"])
+            m.hq_offsets.copy_(st["offsets"])
+            m.hq_words.copy_(st["words"])
+            if bias is not None:
+                m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        m.finalize()
+        return m
+
+    def finalize(self) -> "LatticeLinear":
+        """Switch to the configured residency once the ``hq_*`` buffers are loaded (idempotent).
+
+        int8 residency: decode once to int8 codes and drop the Rice stream. If a row's coordinates exceed
+        +-127 (only at high rates), the layer stays compressed-resident instead and says so in ``extra_repr``.
+        """
+        if self.is_finalized:
+            return self
+        if self.hq_words is None or self.hq_words.is_meta:
+            raise RuntimeError("LatticeLinear.finalize() called before its codes were loaded")
+        if self.bias is not None and self.bias.requires_grad:
+            self.bias.requires_grad_(False)
+        self.signs_f32 = unpack_signs(self.hq_signs)
+        if self.residency == "int8":
+            q = self._lattice_tensor_from_stream()
+            try:
+                codes, scale = q.int8_codes(on_overflow="error")
+            except ValueError:
+                self.residency = "compressed"  # lossless fallback; visible in extra_repr / memory report
+            else:
+                self.codes, self.code_scale = codes.contiguous(), scale.contiguous()
+                for name in _COMPRESSED:
+                    setattr(self, name, None)
+        self.is_finalized = True
+        return self
+
+    # ---- accessors for the kernels --------------------------------------------------------------------
+    @property
+    def signs(self) -> torch.Tensor:
+        """float32 ±1 RHT signs (in_features,)."""
+        if self.signs_f32 is None:
+            return unpack_signs(self.hq_signs)
+        return self.signs_f32
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """An EMPTY placeholder (0 elements) with the original weight dtype, on the layer's device.
+
+        Model code sometimes reads ``linear.weight.dtype`` / ``.device`` (e.g. T5 casts to ``wo.weight.dtype``);
+        this answers those without materializing a float weight. Use :meth:`dequantize` for the values.
+        """
+        ref = next((b for b in (self.codes, self.hq_words) if b is not None), None)
+        return torch.empty(0, dtype=self.weight_dtype, device=ref.device if ref is not None else "cpu")
+
+    def _meta(self, n_words: int) -> dict:
+        return {"format": "hyperquant-lattice-tensor", "format_version": CODEC_FORMAT_VERSION,
+                "shape": [self.out_features, self.in_features], "dtype": _dtype_name(self.weight_dtype),
+                "lattice": self.lattice, "tile_size": self.tile_size, "block_values": self.block_values,
+                "seed": self.seed, "step_mode": "row", "n_words": int(n_words)}
+
+    def _lattice_tensor_from_stream(self) -> LatticeTensor:
+        st = {"signs": self.hq_signs, "scales": self.hq_scales.view(torch.float32), "ks": self.hq_ks,
+              "offsets": self.hq_offsets, "words": self.hq_words}
+        return LatticeTensor.from_state(self._meta(self.hq_words.numel()), st)
+
+    def _compressed_from_codes(self) -> dict[str, torch.Tensor]:
+        """Re-encode the int8 codes into the ``hq_*`` tensors (bit-identical to the loaded stream)."""
+        unit = 0.5 if self.lattice == "E8" else 1.0  # E8 coordinates are stored doubled (codec contract)
+        words, offsets, ks = encode_coords(self.codes.to(torch.int32).reshape(-1), self.lattice, self.block_values)
+        scales = (self.code_scale / unit).to(torch.float32)
+        from ..codec.tensor import pack_signs
+
+        return {"hq_signs": pack_signs(self.signs_f32), "hq_scales": scales.view(torch.int32).contiguous(),
+                "hq_ks": ks.to(torch.uint8).contiguous(), "hq_offsets": offsets.to(torch.int32).contiguous(),
+                "hq_words": words.contiguous()}
+
+    def lattice_tensor(self) -> LatticeTensor:
+        """The weight as a codec ``LatticeTensor`` (on this layer's device)."""
+        if self.hq_words is not None:
+            return self._lattice_tensor_from_stream()
+        st = self._compressed_from_codes()
+        return LatticeTensor.from_state(self._meta(st["hq_words"].numel()), {
+            "signs": st["hq_signs"], "scales": st["hq_scales"].view(torch.float32), "ks": st["hq_ks"],
+            "offsets": st["hq_offsets"], "words": st["hq_words"]})
+
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes (out, in), float32 scale (out,)): ``codes * scale[:, None]`` = rotated weight."""
+        if self.codes is not None:
+            return self.codes, self.code_scale
+        return self._lattice_tensor_from_stream().int8_codes(on_overflow="rescale")
+
+    def rotated_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """RHT-domain weight (out, in) exactly as the codes define it."""
+        if self.codes is not None:
+            return self.codes.to(dtype) * self.code_scale.to(dtype).unsqueeze(1)
+        return self._lattice_tensor_from_stream().rotated(dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The reconstructed weight (out, in) in ``dtype`` (default: the original weight dtype)."""
+        from ..codec import inverse_rht
+
+        w = inverse_rht(self.rotated_weight(torch.float32), self.signs, self.tile_size)
+        return w.to(dtype or self.weight_dtype)
+
+    # ---- compute --------------------------------------------------------------------------------------
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 ``rht(x) @ W_rot.T + bias``, cast to ``x.dtype``. Works on any device."""
+        xr = rht(x.to(torch.float32), self.signs, self.tile_size)
+        y = torch.matmul(xr, self.rotated_weight(torch.float32).T)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"LatticeLinear expects (..., {self.in_features}) input, got {tuple(x.shape)}")
+        if x.is_cuda:
+            fn = _cuda_forward()
+            if fn:
+                return fn(self, x)
+        return self.reference_forward(x)
+
+    # ---- state dict: always the compressed form -------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.hq_words is None and self.codes is not None:
+            for name, t in self._compressed_from_codes().items():
+                destination[prefix + name] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if self.hq_words is None and prefix + "hq_words" in state_dict:
+            # int8-resident layer receiving a compressed state: re-create the stream buffers, load, re-finalize.
+            n_words = state_dict[prefix + "hq_words"].numel()
+            dev = self.codes.device if self.codes is not None else None
+            for name, (shape, dt) in compressed_shapes(self.out_features, self.in_features, self.lattice,
+                                                       self.block_values, n_words).items():
+                self.register_buffer(name, torch.empty(shape, dtype=dt, device=dev))
+            self.codes = self.code_scale = None
+            self.residency = "int8"
+            self.is_finalized = False
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            self.finalize()
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # ---- reporting ------------------------------------------------------------------------------------
+    def resident_nbytes(self) -> int:
+        """Bytes this layer's weight representation occupies in memory now (buffers, bias excluded)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False) if b is not None)
+
+    def stored_nbytes(self) -> int:
+        """Bytes of the ``hq_*`` tensors a checkpoint holds for this layer (bias excluded)."""
+        if self.hq_words is not None:
+            return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in _COMPRESSED)
+        return sum(t.numel() * t.element_size() for t in self._compressed_from_codes().values())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"lattice={self.lattice}, bits={self.bits}, tile={self.tile_size}, mma={self.mma}, "
+                f"residency={self.residency}")
+
+
+def memory_footprint(model: nn.Module) -> dict[str, int | float]:
+    """True memory of ``model``: bytes held by LatticeLinear weight buffers vs everything else.
+
+    Returns ``{"lattice_bytes", "other_bytes", "total_bytes", "quantized_params", "dense_bf16_bytes"}`` where
+    ``quantized_params`` counts the weight scalars the LatticeLinears represent and ``dense_bf16_bytes`` what
+    those weights would take in bf16 (for a compression ratio).
+    """
+    lattice_bytes = other = qparams = 0
+    seen: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, LatticeLinear):
+            lattice_bytes += mod.resident_nbytes()
+            qparams += mod.in_features * mod.out_features
+            for b in mod.buffers(recurse=False):
+                seen.add(id(b))
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            other += t.numel() * t.element_size()
+    return {"lattice_bytes": lattice_bytes, "other_bytes": other, "total_bytes": lattice_bytes + other,
+            "quantized_params": qparams, "dense_bf16_bytes": 2 * qparams}
+
+
+__all__ = ["LatticeLinear", "memory_footprint", "compressed_shapes"]

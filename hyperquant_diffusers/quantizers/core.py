@@ -1,0 +1,212 @@
+"""Library-independent steps of the backend, shared by the diffusers and the transformers quantizer.
+
+* :func:`quantize_linears` — quantize-on-load: after the float weights are loaded (on whatever device the model was
+  loaded to, so on the GPU when loaded onto one), replace each selected ``nn.Linear`` by a ``LatticeLinear`` one
+  module at a time (the float weight is freed as soon as its module is done), with a tqdm bar.
+* :func:`prepare_prequantized` — loading a HyperQuant checkpoint: before the weights load (meta device), put
+  empty ``LatticeLinear`` modules with the exact buffer shapes recorded in ``config.layout``.
+* :func:`finalize_loaded` — after a checkpoint loaded: check every code buffer arrived, switch to the residency.
+* :func:`validate_checkpoint_files` — named errors for truncated files, other format versions, wrong shapes.
+* :func:`maybe_enable_kv` — the K/V-cache compression hook-up (issue 5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+
+import torch
+from torch import nn
+
+from ..config import CHECKPOINT_FORMAT_VERSION, HyperQuantConfig
+from ..nn.lattice_linear import LatticeLinear, compressed_shapes
+from .errors import (CheckpointFormatError, CheckpointShapeError, TruncatedCheckpointError,
+                     UnquantizableModuleError, UnsupportedFormatVersionError)
+from .policy import plan_conversion
+
+logger = logging.getLogger("hyperquant_diffusers")
+
+#: safetensors metadata key carrying CHECKPOINT_FORMAT_VERSION in every file the backend saves.
+METADATA_VERSION_KEY = "hyperquant_format_version"
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+_ST_DTYPES = {torch.uint8: "U8", torch.int32: "I32"}
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_linears(model: nn.Module, config: HyperQuantConfig, *, progress: bool = True) -> dict[str, str]:
+    """Replace the selected linears of a loaded float ``model`` by LatticeLinear; record ``config.layout``.
+
+    Returns the skipped modules (name -> reason); also stored as ``model._hyperquant_skipped``.
+    """
+    from tqdm.auto import tqdm
+
+    convert, skipped = plan_conversion(model, config)
+    layout = {}
+    bar = tqdm(convert.items(), total=len(convert), desc="HyperQuant: quantizing linears", unit="layer",
+               disable=not progress or len(convert) == 0)
+    for name, lin in bar:
+        if lin.weight.is_meta:
+            raise UnquantizableModuleError(f"module {name!r} has no weights loaded (meta device); cannot quantize")
+        try:
+            new = LatticeLinear.from_linear(lin, bits=config.bits, lattice=config.lattice,
+                                            tile_size=config.tile_size, block_values=config.block_values,
+                                            seed=config.seed, mma=config.mma, residency=config.residency)
+        except ValueError as e:
+            raise UnquantizableModuleError(f"module {name!r} ({lin.out_features}x{lin.in_features}) cannot be "
+                                           f"quantized: {e}") from e
+        _set_submodule(model, name, new)
+        layout[name] = {"shape": [lin.out_features, lin.in_features], "dtype": _DTYPE_NAMES[lin.weight.dtype],
+                        "bias": lin.bias is not None, "n_words": new.n_words, "residency": new.residency}
+        del lin
+    config.layout = layout
+    model._hyperquant_skipped = skipped
+    if skipped:
+        logger.info("HyperQuant left %d linear(s) in float: %s", len(skipped),
+                    "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:8]))
+    return skipped
+
+
+def prepare_prequantized(model: nn.Module, config: HyperQuantConfig) -> None:
+    """Before loading a HyperQuant checkpoint: swap the recorded linears for empty LatticeLinear modules."""
+    for name, entry in config.layout.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointShapeError(f"the checkpoint's quantization layout names module {name!r}, which this "
+                                       f"{type(model).__name__} does not have") from None
+        if isinstance(mod, LatticeLinear):
+            continue
+        if not isinstance(mod, nn.Linear):
+            raise CheckpointShapeError(f"module {name!r} is a {type(mod).__name__}, but the checkpoint stores it "
+                                       f"as a quantized linear")
+        try:
+            out_f, in_f = (int(s) for s in entry["shape"])
+            n_words, dtype = int(entry["n_words"]), _NAME_DTYPES[entry["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointFormatError(f"bad quantization layout entry for {name!r}: {entry!r}") from None
+        if (mod.out_features, mod.in_features) != (out_f, in_f):
+            raise CheckpointShapeError(f"module {name!r} is {mod.out_features}x{mod.in_features} in the model but "
+                                       f"{out_f}x{in_f} in the checkpoint's quantization layout")
+        if bool(entry.get("bias", True)) != (mod.bias is not None):
+            raise CheckpointShapeError(f"module {name!r}: bias presence differs between model and checkpoint")
+        new = LatticeLinear(in_f, out_f, mod.bias is not None, lattice=config.lattice, bits=config.bits,
+                            tile_size=config.tile_size, block_values=config.block_values, seed=config.seed,
+                            mma=config.mma, residency=entry.get("residency", config.residency), n_words=n_words,
+                            weight_dtype=dtype, device="meta",
+                            dtype=mod.bias.dtype if mod.bias is not None else None)
+        _set_submodule(model, name, new)
+
+
+def finalize_loaded(model: nn.Module) -> None:
+    """After a checkpoint loaded: every LatticeLinear must hold real codes; then switch to its residency."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, LatticeLinear) and not mod.is_finalized:
+            missing = [n for n, b in mod.named_buffers(recurse=False) if b is not None and b.is_meta]
+            if missing:
+                raise CheckpointFormatError(f"the checkpoint has no data for {name}.{missing[0]} "
+                                            f"(missing quantized tensors)")
+            mod.finalize()
+
+
+def checkpoint_metadata() -> dict[str, str]:
+    """safetensors metadata the backend adds to every file it saves."""
+    return {METADATA_VERSION_KEY: str(CHECKPOINT_FORMAT_VERSION)}
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """(header dict, header length) of a safetensors file; ``TruncatedCheckpointError`` if it is cut short."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise TruncatedCheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise TruncatedCheckpointError(f"{path}: truncated safetensors file ({size} bytes; its header alone "
+                                           f"needs {8 + n})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointFormatError(f"{path}: corrupt safetensors header ({e})") from None
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise TruncatedCheckpointError(f"{path}: truncated safetensors file: {size} bytes, its header describes "
+                                       f"{8 + n + end} (interrupted write or copy?)")
+    return header, n
+
+
+def _expected_buffers(config: HyperQuantConfig) -> dict[str, dict[str, tuple]]:
+    out = {}
+    for name, e in config.layout.items():
+        out[name] = compressed_shapes(int(e["shape"][0]), int(e["shape"][1]), config.lattice,
+                                      config.block_values, int(e["n_words"]))
+    return out
+
+
+def validate_checkpoint_files(files, config: HyperQuantConfig) -> None:
+    """Check the safetensors files of a HyperQuant checkpoint before any tensor is read.
+
+    Raises ``TruncatedCheckpointError``, ``UnsupportedFormatVersionError`` (file metadata other than
+    CHECKPOINT_FORMAT_VERSION) or ``CheckpointShapeError`` (a quantized tensor whose shape/dtype differs from
+    the layout in config.json, or that belongs to no module of the layout).
+    """
+    if not config.is_prequantized:
+        return
+    expected = _expected_buffers(config)
+    by_suffix = {}
+    for mod_name in expected:
+        by_suffix.setdefault(mod_name.split(".")[-1], []).append(mod_name)
+    for path in files or ():
+        path = str(path)
+        if not path.endswith(".safetensors"):
+            continue
+        header, _ = read_safetensors_header(path)
+        keys = [k for k in header if k != "__metadata__" and k.rsplit(".", 1)[-1].startswith("hq_")]
+        meta = header.get("__metadata__") or {}
+        if keys or METADATA_VERSION_KEY in meta:
+            ver = meta.get(METADATA_VERSION_KEY)
+            if ver is None:
+                raise CheckpointFormatError(f"{path}: holds HyperQuant tensors but no {METADATA_VERSION_KEY!r} "
+                                            f"metadata")
+            if ver != str(CHECKPOINT_FORMAT_VERSION):
+                raise UnsupportedFormatVersionError(
+                    f"{path}: HyperQuant checkpoint format version {ver} is not supported by this release "
+                    f"(reads version {CHECKPOINT_FORMAT_VERSION}); re-quantize or use the matching release")
+        for key in keys:
+            mod_path, buf = key.rsplit(".", 1)
+            # Loaders may rename module prefixes (transformers' key mappings): match on the longest common tail.
+            cands = [m for m in by_suffix.get(mod_path.split(".")[-1], ())
+                     if m == mod_path or m.endswith("." + mod_path) or mod_path.endswith("." + m)]
+            if not cands:
+                raise CheckpointShapeError(f"{path}: quantized tensor {key!r} matches no module of the checkpoint's "
+                                           f"quantization layout")
+            cands.sort(key=len)
+            shape, dtype = expected[cands[-1]][buf]
+            got_shape = tuple(int(s) for s in header[key]["shape"])
+            if got_shape != tuple(shape) or header[key]["dtype"] != _ST_DTYPES[dtype]:
+                raise CheckpointShapeError(f"{path}: tensor {key!r} has shape {got_shape} ({header[key]['dtype']}), "
+                                           f"the quantization layout expects {tuple(shape)} ({_ST_DTYPES[dtype]})")
+
+
+def maybe_enable_kv(model: nn.Module, config: HyperQuantConfig) -> None:
+    """Turn on K/V compression (issue 5) when the config asks for it."""
+    if config.kv_bits is None and not config.cache_text_kv:
+        return
+    try:
+        from ..kv import enable_kv_compression
+    except ImportError as e:
+        raise NotImplementedError(
+            "HyperQuantConfig(kv_bits=..., cache_text_kv=...) needs hyperquant_diffusers.kv.enable_kv_compression, "
+            f"which this installation does not provide ({e})") from e
+    enable_kv_compression(model, kv_bits=config.kv_bits, lattice=config.kv_lattice,
+                          bias_correction=config.kv_bias_correction, cache_text_kv=config.cache_text_kv,
+                          tile_size=config.tile_size)

@@ -1,0 +1,28 @@
+"""Named errors of the backend (all ``ValueError`` subclasses, so ``except ValueError`` still catches them)."""
+
+from ..codec import FormatError
+from ..config import HyperQuantConfigError
+
+
+class CheckpointFormatError(FormatError):
+    """A HyperQuant checkpoint is malformed (base class of the checkpoint errors below)."""
+
+
+class UnsupportedFormatVersionError(CheckpointFormatError):
+    """The checkpoint was written with a format version this release does not read."""
+
+
+class TruncatedCheckpointError(CheckpointFormatError):
+    """A safetensors file is shorter than its header says (interrupted copy or write)."""
+
+
+class CheckpointShapeError(CheckpointFormatError):
+    """A stored tensor's shape does not match the model / the quantization layout."""
+
+
+class UnquantizableModuleError(ValueError):
+    """A module that was asked to be quantized cannot be (shape, size, non-finite weights...)."""
+
+
+__all__ = ["HyperQuantConfigError", "CheckpointFormatError", "UnsupportedFormatVersionError",
+           "TruncatedCheckpointError", "CheckpointShapeError", "UnquantizableModuleError"]
