@@ -94,9 +94,9 @@ def best_rice_k(m: torch.Tensor, k_shift: torch.Tensor | None = None, *, max_k: 
     k0 = torch.floor(torch.log2(mean + 1.0)).to(torch.int64)
     best_cost = None
     best_k = None
-    # The total cost is convex-ish in k; a window of 5 around the estimate contains the minimum for any
+    # The total cost is convex-ish in k; a window of 3 around the estimate contains the minimum for
     # geometric-like data, and we widen it until the minimum is interior, so the result is exact.
-    lo, hi = -2, 2
+    lo, hi = -1, 1
     while True:
         ks = torch.stack([(k0 + d).clamp(0, max_k) for d in range(lo, hi + 1)], 0)  # (C, G)
         costs = torch.stack([
@@ -108,7 +108,7 @@ def best_rice_k(m: torch.Tensor, k_shift: torch.Tensor | None = None, *, max_k: 
         at_edge = ((idx == 0) & (ks[0] > 0)) | ((idx == ks.shape[0] - 1) & (ks[-1] < max_k))
         if not bool(at_edge.any()) or hi - lo > 2 * max_k:
             return best_k
-        lo, hi = lo - 4, hi + 4
+        lo, hi = lo - 3, hi + 3
 
 
 def encode_blocks(

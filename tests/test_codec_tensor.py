@@ -1,0 +1,155 @@
+"""quantize / LatticeTensor: rate accounting, round trips, targets, int8 codes, and named errors."""
+
+import math
+
+import pytest
+import torch
+
+from hyperquant_diffusers.codec import FormatError, LatticeTensor, coords_to_points, inverse_rht, quantize
+from hyperquant_diffusers.codec.constants import FORMAT_VERSION, lattice_spec
+from hyperquant_diffusers.codec.lattices import is_lattice_point
+
+LATTICES = ["Z", "A2", "D4", "E8"]
+
+
+def _snr_db(w, w_hat):
+    return 10 * math.log10(float(w.double().square().sum() / (w.double() - w_hat.double()).square().sum()))
+
+
+@pytest.fixture(scope="module")
+def gauss():
+    return torch.randn(128, 1024, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("lattice", LATTICES)
+def test_blob_round_trip_and_rate_accounting(gauss, lattice):
+    q = quantize(gauss, bits=4.0, lattice=lattice, tile_size=128, seed=3)
+    blob = q.to_bytes()
+    assert q.bits_per_scalar == len(blob) * 8 / gauss.numel()
+    assert abs(q.bits_per_scalar - 4.0) < 0.02
+    q2 = LatticeTensor.from_bytes(blob)
+    assert torch.equal(q2.decode_coords(), q.decode_coords())
+    assert torch.equal(q2.dequantize(), q.dequantize())
+    assert q2.to_bytes() == blob
+    # the stored coordinates are lattice points, and dequantize is exactly inverse-RHT of points * step
+    c = q.decode_coords()
+    assert bool(is_lattice_point(lattice, c).all())
+    manual = inverse_rht(coords_to_points(lattice, c) * q.scales[:, None], q.signs, 128)
+    assert torch.equal(manual, q.dequantize())
+
+
+@pytest.mark.parametrize("lattice", LATTICES)
+def test_distortion_matches_high_rate_theory(gauss, lattice):
+    """At 6 bps the lattice noise is uniform over the Voronoi cell: MSE = G V^(2/d) step^2 per value (±5%)."""
+    spec = lattice_spec(lattice)
+    q = quantize(gauss, bits=6.0, lattice=lattice)
+    mse = float((q.dequantize().double() - gauss.double()).square().mean())
+    theory = float((spec.nsm * spec.volume ** (2 / spec.dim) * q.scales.double().square()).mean())
+    assert abs(mse / theory - 1) < 0.05, (mse, theory)
+
+
+def test_snr_rises_about_6db_per_bit(gauss):
+    snrs = [_snr_db(gauss, quantize(gauss, bits=b, lattice="E8").dequantize()) for b in (3.0, 4.0, 5.0, 6.0)]
+    steps = [b - a for a, b in zip(snrs, snrs[1:])]
+    assert all(5.5 < s < 6.6 for s in steps), snrs
+    assert snrs[1] > 21.5, snrs  # E8 at 4 bps on a small Gaussian (side information is ~0.05 bps here)
+
+
+def test_snr_target(gauss):
+    q = quantize(gauss, snr_db=24.0, lattice="D4")
+    assert abs(_snr_db(gauss, q.dequantize()) - 24.0) < 0.15
+
+
+def test_rows_and_shapes_and_dtypes():
+    w = torch.randn(3, 5, 256, dtype=torch.bfloat16)
+    q = quantize(w, bits=5.0, lattice="E8", tile_size=64)
+    out = q.dequantize()
+    assert out.shape == w.shape and out.dtype == torch.bfloat16
+    assert q.rows == 15 and q.in_features == 256
+
+
+def test_zero_rows_survive():
+    w = torch.randn(64, 1024)
+    w[3] = 0
+    q = quantize(w, bits=4.0, lattice="E8")
+    out = q.dequantize()
+    assert torch.equal(out[3], torch.zeros(1024))
+    assert _snr_db(w, out) > 20
+
+
+def test_step_mode_tensor_uses_one_step():
+    w = torch.randn(64, 512) * torch.linspace(0.1, 3, 64)[:, None]
+    q = quantize(w, bits=4.0, lattice="E8", step_mode="tensor")
+    assert torch.allclose(q.scales, q.scales[0].expand_as(q.scales))
+
+
+@pytest.mark.parametrize("lattice", ["Z", "D4", "E8"])
+def test_int8_codes_are_exact(gauss, lattice):
+    q = quantize(gauss, bits=4.0, lattice=lattice)
+    codes, scale = q.int8_codes()
+    assert codes.dtype == torch.int8
+    assert torch.equal(codes.float() * scale[:, None], q.rotated())
+
+
+def test_int8_overflow_is_named_and_rescale_is_bounded(gauss):
+    q = quantize(gauss, bits=8.0, lattice="E8")
+    assert int(q.decode_coords().abs().max()) > 127
+    with pytest.raises(ValueError, match="beyond ±127"):
+        q.int8_codes()
+    codes, scale = q.int8_codes(on_overflow="rescale")
+    err = (codes.float() * scale[:, None] - q.rotated()).abs()
+    assert q.last_int8_rescaled_rows > 0
+    assert bool((err <= scale[:, None] / 2 + 1e-6).all())
+
+
+def test_a2_int8_cast_error_is_half_a_grid_step(gauss):
+    q = quantize(gauss, bits=4.0, lattice="A2")
+    codes, scale = q.int8_codes()
+    err = (codes.float() * scale[:, None] - q.rotated()).abs()
+    assert bool((err <= scale[:, None] * 0.5 + 1e-6).all())
+    assert int(codes.abs().max()) == 127
+
+
+def test_bad_inputs_are_named():
+    w = torch.randn(8, 256)
+    with pytest.raises(ValueError, match="unknown lattice"):
+        quantize(w, lattice="E7")
+    with pytest.raises(ValueError, match=r"bits must be in \[1.0, 8.0\]"):
+        quantize(w, bits=0.5)
+    with pytest.raises(ValueError, match=r"bits must be in"):
+        quantize(w, bits=9)
+    with pytest.raises(ValueError, match="power of two"):
+        quantize(w, tile_size=96)
+    with pytest.raises(ValueError, match="not divisible by tile_size 128.*pad"):
+        quantize(torch.randn(4, 200))
+    bad = w.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quantize(bad)
+    with pytest.raises(ValueError, match="floating-point"):
+        quantize(torch.ones(4, 128, dtype=torch.int32))
+
+
+def test_blob_errors_are_named(gauss):
+    blob = quantize(gauss[:8], bits=4.0).to_bytes()
+    with pytest.raises(FormatError, match="bad magic"):
+        LatticeTensor.from_bytes(b"XXXX" + blob[4:])
+    other = bytearray(blob)
+    other[4] = FORMAT_VERSION + 1
+    with pytest.raises(FormatError, match=f"version {FORMAT_VERSION + 1} is not supported"):
+        LatticeTensor.from_bytes(bytes(other))
+    with pytest.raises(FormatError, match="truncated"):
+        LatticeTensor.from_bytes(blob[:-5])
+    with pytest.raises(FormatError, match="trailing"):
+        LatticeTensor.from_bytes(blob + b"\0")
+
+
+def test_corrupt_stream_raises_not_garbage(gauss):
+    q = quantize(gauss[:16], bits=4.0, lattice="E8")
+    words = q.words.clone()
+    words[:] = -1  # all ones: no unary terminator anywhere
+    bad = LatticeTensor(q.shape, q.dtype, q.lattice, q.tile_size, q.block_values, q.seed, q.step_mode, q.signs,
+                        q.scales, words, q.offsets, q.ks)
+    from hyperquant_diffusers.codec import RiceStreamError
+    with pytest.raises(RiceStreamError):
+        bad.decode_coords()
