@@ -1,0 +1,160 @@
+"""Quantized matmul with the dequantization epilogue: ``y = (xq @ wq.T) * sx[:, None] * sw[None, :] + bias``.
+
+``xq`` (M, K) int8 per-token codes with scale ``sx`` float32 (M,); ``wq`` (N, K) int8 lattice codes with per-row
+scale ``sw`` float32 (N,); ``bias`` (N,) or None; output (M, N) in ``out_dtype``.
+
+Paths (``bench/bench_kernels.py`` measures them; :func:`int8_linear` uses the faster):
+
+* ``"triton"``: a Triton int8 x int8 -> int32 GEMM (tensor cores) with scales, bias and the output cast fused in
+  its epilogue: the int32 accumulator never leaves registers.
+* ``"int_mm"``: ``torch._int_mm`` (cuBLAS) to an int32 (M, N) tensor, then one Triton epilogue pass.
+* fp8: :func:`fp8_linear` -- ``torch._scaled_mm`` with row-wise scales (cuBLASLt), fp8-e4m3 operands.
+
+References: :func:`quantized_linear_reference` (float64 product of the codes with the same scales).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import jit_cache, require_triton
+
+_CONFIGS = {
+    # (BM, BN, BK, GROUP_M, warps, stages): large tiles for the big-M case, small for M <= 256
+    "large": (128, 256, 128, 8, 8, 3),
+    "mid": (128, 128, 128, 8, 8, 4),
+    "small": (64, 128, 128, 8, 4, 4),
+}
+
+
+@jit_cache
+def _kernels():
+    global tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                         HAS_BIAS: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        group = GROUP_M * num_n
+        gid = pid // group
+        first_m = gid * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % gsize
+        pid_n = (pid % group) // gsize
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        ram = tl.max_contiguous(tl.multiple_of(rm % M, BM), BM)
+        rbn = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
+        a_ptrs = a_ptr + ram.to(tl.int64)[:, None] * stride_am + rk[None, :]
+        b_ptrs = b_ptr + rbn.to(tl.int64)[None, :] * stride_bn + rk[:, None]
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for k0 in range(0, K, BK):
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BK
+            b_ptrs += BK
+        sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
+        sb = tl.load(sb_ptr + rn, mask=rn < N, other=0.0)
+        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+    @triton.jit
+    def epilogue_kernel(acc_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr,
+                        HAS_BIAS: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        off = rm.to(tl.int64)[:, None] * N + rn[None, :]
+        acc = tl.load(acc_ptr + off, mask=mask, other=0)
+        sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
+        sb = tl.load(sb_ptr + rn, mask=rn < N, other=0.0)
+        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptr + off, y.to(c_ptr.dtype.element_ty), mask=mask)
+
+    return int8_gemm_kernel, epilogue_kernel
+
+
+def _pick(m: int, n: int) -> tuple:
+    if m <= 256:
+        return _CONFIGS["small"]
+    if m * n >= (1 << 24):
+        return _CONFIGS["large"]
+    return _CONFIGS["mid"]
+
+
+def int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None):
+    """Triton int8 GEMM with fused epilogue. K must be a multiple of the K tile (128)."""
+    require_triton()
+    m, k = xq.shape
+    n = wq.shape[0]
+    bm, bn, bk, gm, warps, stages = config or _pick(m, n)
+    if k % bk:
+        raise ValueError(f"K={k} must be a multiple of {bk} for the Triton int8 GEMM")
+    out = torch.empty(m, n, device=xq.device, dtype=out_dtype)
+    grid = (((m + bm - 1) // bm) * ((n + bn - 1) // bn),)
+    _kernels()[0][grid](xq, wq, out, sx, sw, bias if bias is not None else sx, m, n, k, xq.stride(0),
+                        wq.stride(0), out.stride(0), BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None,
+                        num_warps=warps, num_stages=stages)
+    return out
+
+
+def int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
+    """``torch._int_mm`` (cuBLAS, int32 out) + one Triton epilogue pass (scales, bias, cast)."""
+    require_triton()
+    m = xq.shape[0]
+    n = wq.shape[0]
+    if m <= 16:  # _int_mm needs M > 16
+        xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - m))
+    acc = torch._int_mm(xq, wq.t())[:m]
+    out = torch.empty(m, n, device=xq.device, dtype=out_dtype)
+    bm, bn = 64, 128
+    _kernels()[1][((m + bm - 1) // bm, (n + bn - 1) // bn)](acc, out, sx, sw, bias if bias is not None else sx,
+                                                            m, n, BM=bm, BN=bn, HAS_BIAS=bias is not None)
+    return out
+
+
+#: which int8 path :func:`int8_linear` uses; bench/bench_kernels.py measured the Triton GEMM faster on the H100
+#: at M = 12288 (see bench/RESULTS.md); switch with ``set_int8_path``.
+_INT8_PATH = {"path": "triton"}
+
+
+def set_int8_path(path: str) -> None:
+    if path not in ("triton", "int_mm"):
+        raise ValueError(f"int8 path must be 'triton' or 'int_mm', got {path!r}")
+    _INT8_PATH["path"] = path
+
+
+def int8_linear(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
+    if _INT8_PATH["path"] == "int_mm":
+        return int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype)
+    return int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype)
+
+
+def fp8_linear(xq8, sx, wq8, sw, bias, out_dtype=torch.bfloat16):
+    """fp8-e4m3 GEMM through ``torch._scaled_mm`` with row-wise scales; ``wq8`` (N, K) float8_e4m3fn."""
+    m = xq8.shape[0]
+    kw = dict(scale_a=sx.reshape(m, 1), scale_b=sw.reshape(1, -1), out_dtype=out_dtype)
+    if bias is not None and bias.dtype == out_dtype and out_dtype == torch.bfloat16:
+        return torch._scaled_mm(xq8, wq8.t(), bias=bias, **kw)
+    y = torch._scaled_mm(xq8, wq8.t(), **kw)
+    return y + bias.to(out_dtype) if bias is not None else y
+
+
+def quantized_linear_reference(xq, sx, wq, sw, bias, out_dtype=torch.float64):
+    """float64 reference of the quantized product (codes x scales + bias): (M, N) in ``out_dtype``."""
+    y = (xq.to(torch.float64) @ wq.to(torch.float64).T) * sx.double()[:, None] * sw.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()[None, :]
+    return y.to(out_dtype)

@@ -1,0 +1,66 @@
+"""Fast GPU quantization of many weights: same-shape layers are stacked and quantized in one codec call.
+
+``codec.quantize`` on one layer spends most of its time in fixed per-call work (a step-size search on a sample
+of rows, dozens of small kernel launches and host syncs per iteration), not in proportion to the layer's size.
+A transformer has hundreds of layers of a few shapes (LTX-2: 389 of 4096x4096, 581 of 2048x2048), so this module
+concatenates the rows of up to ``max_values`` weights of one shape, quantizes them with the codec once, and splits
+the result back into one ``LatticeTensor`` per layer. The split is exact because a Rice block never straddles
+two layers when ``out * in`` is a multiple of ``block_values``: each layer gets its blocks' words, their offsets
+rebased to 0, their ks, and its rows' step sizes; its stream decodes with the codec's own decoder.
+
+Difference from per-layer ``quantize``: the rate search's single multiplier ``alpha`` (on top of the per-row
+RMS step) is shared by the stacked layers, so the bit rate is on target for the group as a whole and each
+layer's own rate lands near it (RHT'd weights of one shape have nearly the same normalized distribution);
+``bench/bench_ltx2_full.py`` reports the realized bits per scalar.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hyperquant_diffusers.codec import LatticeTensor, quantize
+
+
+def split_stacked(q: LatticeTensor, n_layers: int) -> list[LatticeTensor]:
+    """Split a LatticeTensor of ``n_layers`` stacked (N, K) weights (shape (n_layers * N, K)) into per-layer ones."""
+    rows, k = q.rows, q.in_features
+    if rows % n_layers:
+        raise ValueError(f"{rows} rows do not split into {n_layers} layers")
+    n = rows // n_layers
+    per = n * k
+    if per % q.block_values:
+        raise ValueError(f"a layer of {n}x{k} values is not a whole number of {q.block_values}-value blocks")
+    nbl = per // q.block_values
+    offs = q.offsets.to(torch.int64)
+    out = []
+    for i in range(n_layers):
+        b0, b1 = i * nbl, (i + 1) * nbl
+        w0, w1 = int(offs[b0]), int(offs[b1])
+        out.append(LatticeTensor((n, k), q.dtype, q.lattice, q.tile_size, q.block_values, q.seed, q.step_mode,
+                                 q.signs, q.scales[i * n:(i + 1) * n].contiguous(), q.words[w0:w1].clone(),
+                                 (offs[b0:b1 + 1] - w0).contiguous(), q.ks[b0:b1].contiguous()))
+    return out
+
+
+def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E8", tile_size: int = 128,
+                  seed: int = 0, block_values: int = 4096, max_values: int = 1 << 28) -> list[LatticeTensor]:
+    """Quantize same-shape 2-D weights in stacked groups of at most ``max_values`` values; one LatticeTensor
+    per weight, in order. Weights whose size is not a whole number of blocks are quantized one by one."""
+    if not weights:
+        return []
+    shape = tuple(weights[0].shape)
+    if any(tuple(w.shape) != shape for w in weights) or len(shape) != 2:
+        raise ValueError("quantize_many takes 2-D weights of one shape")
+    per = shape[0] * shape[1]
+    if per % block_values:
+        return [quantize(w, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed,
+                         block_values=block_values) for w in weights]
+    group = max(1, max_values // per)
+    out: list[LatticeTensor] = []
+    for g0 in range(0, len(weights), group):
+        chunk = weights[g0:g0 + group]
+        stacked = torch.cat([w.detach() for w in chunk], 0) if len(chunk) > 1 else chunk[0].detach()
+        q = quantize(stacked, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed, block_values=block_values)
+        del stacked
+        out.extend(split_stacked(q, len(chunk)))
+    return out
