@@ -217,3 +217,30 @@ def decode_coords(words: torch.Tensor, word_offsets: torch.Tensor, ks: torch.Ten
         c = torch.where(neg, -val, val)
         out.append(c.reshape(-1).to(torch.int32))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int32, device=words.device)
+
+
+def index_entropy_bits(c: torch.Tensor, lattice: str) -> float:
+    """Empirical zeroth-order entropy of the bit-stripped symbols of ``c``, in bits (total, not per value).
+
+    Parity bits and each coordinate class's magnitudes (stripped magnitudes separately) are counted by their
+    empirical entropy, sign bits at one bit each (they are equiprobable). The Rice stream's length minus this
+    is the Rice code's overhead over an ideal memoryless entropy coder of the same symbols.
+    """
+    spec = lattice_spec(lattice)
+    c = c.reshape(-1)
+    parity, m, k_shift, present, _ = _symbols(c, lattice)
+
+    def h(x: torch.Tensor) -> float:
+        if x.numel() == 0:
+            return 0.0
+        _, cnt = torch.unique(x, return_counts=True)
+        p = cnt.double() / cnt.sum()
+        return float(-(p * p.log2()).sum()) * x.numel()
+
+    cls = (torch.arange(c.numel(), device=c.device) % spec.dim) % spec.classes
+    total = h(parity) + float(present.sum())
+    for cl in range(spec.classes):
+        for sh in (0, -1):
+            sel = (cls == cl) & (k_shift == sh)
+            total += h(m[sel])
+    return total
