@@ -72,8 +72,10 @@ class EvalConfig:
 
     @property
     def quant_kwargs(self) -> dict:
-        """All ``HyperQuantConfig`` kwargs (weights + KV), what goes into ``PipelineQuantizationConfig``."""
-        return {**self.weight_kwargs, **self.kv_kwargs}
+        """All ``HyperQuantConfig`` kwargs (weights + KV), what goes into ``PipelineQuantizationConfig``
+        (``bits=None`` for bf16 weights with quantized K/V)."""
+        weights = self.weight_kwargs if self.weight_kwargs else {"bits": None}
+        return {**weights, **self.kv_kwargs}
 
     def to_json(self) -> dict:
         return {"name": self.name, "weight_kwargs": dict(self.weight_kwargs), "kv_kwargs": dict(self.kv_kwargs),

@@ -10,8 +10,10 @@ import math
 
 import numpy as np
 
-#: Error maps show |quantized - baseline| (8-bit levels, mean over RGB) times this gain, clipped to 255.
+#: Error maps show |quantized - baseline| (8-bit levels, mean over RGB) times a gain, clipped to 255. The gain is
+#: one power of two for the whole report (comparable strips), chosen by :func:`choose_gain`, at most MAX_GAIN.
 ERROR_GAIN = 8
+MAX_GAIN = 256
 #: Strips show at most this many frames per video, evenly spaced (first and last included).
 STRIP_FRAMES = 4
 #: Frames smaller than this (short side, pixels) are enlarged by nearest-neighbour in the strips.
@@ -95,6 +97,19 @@ def sample_indices(num_frames: int, count: int = STRIP_FRAMES) -> list[int]:
     return sorted({round(i * (num_frames - 1) / (count - 1)) for i in range(count)})
 
 
+def choose_gain(pairs) -> int:
+    """Largest power of two (1..MAX_GAIN) that keeps the 99th percentile of |test - ref| (mean over RGB) of all
+    ``(ref, test)`` frame pairs at or below 80% of full scale — so small errors are visible and large ones
+    saturate only in their top 1%."""
+    p99 = 0.0
+    for ref, test in pairs:
+        err = np.abs(test.astype(np.float32) - ref.astype(np.float32)).mean(axis=-1)
+        p99 = max(p99, float(np.percentile(err, 99)))
+    if p99 <= 0:
+        return ERROR_GAIN
+    return int(min(MAX_GAIN, max(1, 2 ** math.floor(math.log2(0.8 * 255.0 / p99)))))
+
+
 def error_map(ref: np.ndarray, test: np.ndarray, gain: int = ERROR_GAIN) -> np.ndarray:
     """``float (H, W)`` in [0, 1]: mean over RGB of |test - ref| in 8-bit levels, times ``gain``, over 255."""
     err = np.abs(test.astype(np.float32) - ref.astype(np.float32)).mean(axis=-1)
@@ -102,14 +117,14 @@ def error_map(ref: np.ndarray, test: np.ndarray, gain: int = ERROR_GAIN) -> np.n
 
 
 def strip(baseline: np.ndarray, tests: list[tuple[str, np.ndarray]], path: str, title: str,
-          baseline_name: str = "bf16") -> str:
+          baseline_name: str = "bf16", gain: int = ERROR_GAIN) -> str:
     """One PNG: a row of baseline frames, then per configuration a row of its frames and a row of error maps."""
     plt = _plt()
     idx = sample_indices(baseline.shape[0])
     rows = [(f"{baseline_name}\n(baseline)", [baseline[i] for i in idx], False)]
     for name, frames in tests:
         rows.append((name, [frames[i] for i in idx], False))
-        rows.append((f"|{name} − base|\n×{ERROR_GAIN}", [error_map(baseline[i], frames[i]) for i in idx], True))
+        rows.append((f"|{name} − base|\n×{gain}", [error_map(baseline[i], frames[i], gain) for i in idx], True))
     h, w = baseline.shape[1:3]
     scale = max(1, math.ceil(STRIP_MIN_SIDE / min(h, w)))
     cell_w, cell_h = w * scale / DPI, h * scale / DPI

@@ -37,6 +37,9 @@ EMBEDDED_NOTE = ("The embedded default model is a tiny LTX-2 pipeline (2 transfo
 #: Generation settings of the embedded default (small enough for a few minutes on 2 CPU cores).
 EMBEDDED_SETTINGS = {"frames": 9, "height": 32, "width": 32, "steps": 2, "guidance_scale": 1.0,
                      "max_sequence_length": 16, "frame_rate": 24.0}
+#: Pipeline-call extras for the embedded default: no spatio-temporal / modality guidance, so one transformer
+#: pass per step (3x faster on CPU); a user's --pipeline-kwargs override these.
+EMBEDDED_EXTRA = {"stg_scale": 0.0, "audio_stg_scale": 0.0, "modality_scale": 1.0, "audio_modality_scale": 1.0}
 #: Defaults for a user model (LTX-2 sizes from the issue).
 MODEL_SETTINGS = {"frames": 49, "height": 512, "width": 768, "steps": 30, "guidance_scale": None,
                   "max_sequence_length": None, "frame_rate": 24.0}
@@ -89,14 +92,19 @@ def torch_dtype(name: str):
     return table[name]
 
 
+def kv_available() -> bool:
+    """Whether the K/V compression of issue 5 (``hyperquant_diffusers.kv.enable_kv_compression``) is importable."""
+    try:
+        from hyperquant_diffusers.kv import enable_kv_compression  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def quantization_config(config: EvalConfig, components=COMPONENTS_TO_QUANTIZE):
     """The ``PipelineQuantizationConfig`` for ``config`` (``None`` for the baseline)."""
     if config.is_baseline:
         return None
-    if not config.quantizes_weights:
-        raise BackendUnavailableError(
-            f"config {config.name!r}: KV-only configurations (bf16 weights + quantized K/V) need the kv module's own "
-            "entry point, which this harness does not use yet; use w<BITS>-<LATTICE>+kv<BITS>")
     try:
         import hyperquant_diffusers
 
@@ -105,12 +113,10 @@ def quantization_config(config: EvalConfig, components=COMPONENTS_TO_QUANTIZE):
         raise BackendUnavailableError(
             f"config {config.name!r} needs the HyperQuant diffusers backend (hyperquant_diffusers.HyperQuantConfig), "
             f"which is not importable here: {exc}") from exc
-    if config.uses_kv:
-        try:
-            import hyperquant_diffusers.kv  # noqa: F401
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                f"config {config.name!r} needs hyperquant_diffusers.kv (K/V quantization), not importable: {exc}") from exc
+    if config.uses_kv and not kv_available():
+        raise BackendUnavailableError(
+            f"config {config.name!r} needs hyperquant_diffusers.kv.enable_kv_compression (K/V quantization), "
+            "which is not importable here")
     from diffusers import PipelineQuantizationConfig
 
     return PipelineQuantizationConfig(quant_backend="hyperquant", quant_kwargs=dict(config.quant_kwargs),
@@ -134,8 +140,8 @@ def load_pipeline(model: str, config: EvalConfig, *, dtype: str = "bf16", device
 
 
 def component_bytes(pipe) -> dict:
-    """Bytes held by each nn.Module component (``get_memory_footprint()`` where the model defines it, which is
-    where a quantized model reports its compressed size; else parameters + buffers)."""
+    """Bytes held by each nn.Module component (``get_memory_footprint()`` where the model defines it, else
+    parameters + buffers), plus, for components holding HyperQuant ``LatticeLinear`` layers, ``quant_stats``."""
     import torch
 
     out = {}
@@ -146,6 +152,36 @@ def component_bytes(pipe) -> dict:
             out[name] = int(comp.get_memory_footprint())
         else:
             out[name] = int(sum(t.nelement() * t.element_size() for t in list(comp.parameters()) + list(comp.buffers())))
+    return out
+
+
+def quant_stats(pipe) -> dict:
+    """Per component with quantized linears: ``{"lattice_linears", "quantized_params", "stored_bytes",
+    "resident_bytes", "dense_bf16_bytes"}``. ``stored_bytes``: the compressed checkpoint tensors (Rice stream +
+    side information, bias excluded), from the layer's buffer shapes (no re-encoding); ``resident_bytes``: what the
+    layers hold in memory now (int8 residency keeps decoded codes); ``dense_bf16_bytes``: 2 bytes per weight."""
+    import torch
+
+    try:
+        from hyperquant_diffusers.nn.lattice_linear import LatticeLinear, compressed_shapes
+    except ImportError:
+        return {}
+    out = {}
+    for name, comp in getattr(pipe, "components", {}).items():
+        if not isinstance(comp, torch.nn.Module):
+            continue
+        n = qparams = stored = resident = 0
+        for mod in comp.modules():
+            if not isinstance(mod, LatticeLinear):
+                continue
+            n += 1
+            qparams += mod.in_features * mod.out_features
+            shapes = compressed_shapes(mod.out_features, mod.in_features, mod.lattice, mod.block_values, mod.n_words)
+            stored += sum(int(np.prod(shape)) * torch.empty((), dtype=dt).element_size() for shape, dt in shapes.values())
+            resident += mod.resident_nbytes()
+        if n:
+            out[name] = {"lattice_linears": n, "quantized_params": qparams, "stored_bytes": stored,
+                         "resident_bytes": resident, "dense_bf16_bytes": 2 * qparams}
     return out
 
 

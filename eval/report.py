@@ -49,17 +49,21 @@ def fmt_num(x, spec=".2f", suffix="") -> str:
 
 def summary_rows(results: dict) -> list[list[str]]:
     """Per-configuration table: header row first."""
-    rows = [["config", "bits/scalar (nominal)", "bits/scalar (effective)", "compression vs baseline",
-             "mean PSNR [dB]", "min PSNR [dB]", "mean LPIPS", "s/step", "peak memory", "memory kind"]]
+    rows = [["config", "bits/scalar nominal", "quantized linears", "bits/scalar stored", "linears compression vs bf16",
+             "transformer + text enc. memory vs baseline", "mean PSNR [dB]", "min PSNR [dB]", "mean LPIPS", "s/step",
+             "peak memory"]]
     for c in results["configs"]:
         agg = results["aggregate"].get(c["name"], {})
+        ql = c.get("quantized_linears") or {}
         rows.append([c["name"] + (" (baseline)" if c["is_baseline"] else ""),
-                     fmt_num(c["bits_per_scalar_nominal"], "g"), fmt_num(c["bits_per_scalar_effective"]),
+                     fmt_num(c["bits_per_scalar_nominal"], "g"),
+                     str(ql["lattice_linears"]) if ql else "0",
+                     fmt_num(ql.get("bits_per_scalar_stored"), ".2f"),
+                     fmt_num(ql.get("compression_stored_vs_bf16"), ".2f", "×"),
                      fmt_num(c["compression_vs_baseline"], ".2f", "×"),
                      fmt_db(agg.get("psnr_mean_db")) if agg else "ref", fmt_db(agg.get("psnr_min_db")) if agg else "ref",
                      fmt_lpips(agg.get("lpips_mean")) if agg else "ref",
-                     fmt_num(c["seconds_per_step_mean"], ".3f"), fmt_bytes(c["peak_memory_bytes"]),
-                     c["peak_memory_kind"] or "–"])
+                     fmt_num(c["seconds_per_step_mean"], ".3f"), fmt_bytes(c["peak_memory_bytes"])])
     return rows
 
 
@@ -107,6 +111,13 @@ def settings_text(results: dict) -> str:
             f"dtype {s['dtype']}, device {s['device']}, seeds {s['seeds']}, {s['num_processes']} process(es)")
 
 
+def _memory_kind(results: dict) -> str:
+    kinds = {c["peak_memory_kind"] for c in results["configs"] if c["peak_memory_kind"]}
+    text = {"cuda_max_allocated": "torch.cuda.max_memory_allocated during generation",
+            "cpu_process_rss_sampled": "CPU: the process's resident memory, sampled every 20 ms during generation"}
+    return "; ".join(text.get(k, k) for k in sorted(kinds)) or "not measured"
+
+
 def _html_table(rows: list[list[str]], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows[1:])
@@ -148,6 +159,7 @@ def write_report(out: str, results: dict, log=print) -> dict:
     vid = {(v["config"], v["prompt_id"], v["seed"]): v for v in results["videos"]}
     strips = []
     text = {p["id"]: p["text"] for p in results["prompts"]}
+    loaded = []
     for p in results["prompts"]:
         for seed in results["settings"]["seeds"]:
             b = vid.get((base, p["id"], seed))
@@ -156,12 +168,17 @@ def write_report(out: str, results: dict, log=print) -> dict:
             ref = load_frames_npy(os.path.join(out, b["frames_file"]))
             tests = [(c["name"], load_frames_npy(os.path.join(out, vid[(c["name"], p["id"], seed)]["frames_file"])))
                      for c in results["configs"][1:] if (c["name"], p["id"], seed) in vid]
-            png = figures.strip(ref, tests, os.path.join(out, "figures", f"strip-{p['id']}-s{seed}.png"),
-                                title=f"{p['id'].split('-')[0]} seed {seed}: {text[p['id']]}", baseline_name=base)
-            strips.append({"prompt_id": p["id"], "seed": seed, "png": os.path.relpath(png, out),
-                           "videos": [(name, vid[(name, p["id"], seed)]["video_file"])
-                                      for name in [base] + [t[0] for t in tests]]})
+            loaded.append((p, seed, ref, tests))
+    gain = figures.choose_gain((ref[i], t[i]) for _, _, ref, tests in loaded for _, t in tests
+                               for i in figures.sample_indices(ref.shape[0]))
+    for p, seed, ref, tests in loaded:
+        png = figures.strip(ref, tests, os.path.join(out, "figures", f"strip-{p['id']}-s{seed}.png"),
+                            title=f"{p['id'].split('-')[0]} seed {seed}: {text[p['id']]}", baseline_name=base, gain=gain)
+        strips.append({"prompt_id": p["id"], "seed": seed, "png": os.path.relpath(png, out),
+                       "videos": [(name, vid[(name, p["id"], seed)]["video_file"])
+                                  for name in [base] + [t[0] for t in tests]]})
     paths["strips"] = strips
+    paths["error_gain"] = gain
     _write_html(out, results, paths)
     _write_md(out, results, paths)
     return paths
@@ -185,9 +202,11 @@ def _write_html(out: str, results: dict, paths: dict) -> None:
         cls = "warn" if n.startswith(("RANDOM", "WARNING", "LPIPS not", "LPIPS uses an INJECTED")) else "note"
         parts.append(f"<div class={cls}>{e(n)}</div>")
     parts += ["<h2>Configurations</h2>", _html_table(summary_rows(results), "summary"),
-              "<p class=meta>Compression and effective bits/scalar count the whole transformer + text encoder "
-              "(quantized linears plus the layers left in the baseline dtype) against the baseline; peak memory is "
-              "the largest over this configuration's videos.</p>",
+              "<p class=meta><i>bits/scalar stored</i> and <i>linears compression</i>: the quantized linear layers' "
+              "compressed tensors (Rice stream and side information) against their bf16 weights. <i>Memory vs "
+              "baseline</i>: the whole transformer + text encoder as loaded (layers left in float included; int8 "
+              "residency keeps decoded codes in memory). Peak memory: the largest over this configuration's videos "
+              f"({e(_memory_kind(results))}).</p>",
               "<h2>Per prompt</h2>", _html_table(prompt_rows(results), "prompts")]
     parts.append("<h2>Per-frame PSNR</h2>")
     if paths["psnr_curves"]:
@@ -198,8 +217,8 @@ def _write_html(out: str, results: dict, paths: dict) -> None:
     else:
         parts.append(f"<div class=warn>No LPIPS bars: {e(results['lpips']['unavailable_reason'] or 'no comparisons')}</div>")
     parts.append(f"<h2>Sample frames</h2><p class=meta>Rows: baseline, then for each configuration its frames and "
-                 f"the error map |quantized − baseline| (mean over RGB, ×{figures.ERROR_GAIN}, inferno colour map; "
-                 f"white = 32 or more 8-bit levels).</p>")
+                 f"the error map |quantized − baseline| (mean over RGB, ×{paths['error_gain']}, inferno colour map; "
+                 f"white = {255 / paths['error_gain']:.3g} or more 8-bit levels; one gain for the whole report).</p>")
     text = {p["id"]: p["text"] for p in results["prompts"]}
     for s in paths["strips"]:
         parts.append(f"<div class=prompt><h3>{e(s['prompt_id'].split('-')[0])} · seed {s['seed']} · "
@@ -221,7 +240,8 @@ def _write_md(out: str, results: dict, paths: dict) -> None:
     for n in notes(results):
         lines += [("> **" + n.split(".")[0] + ".**" + ".".join(n.split(".")[1:])) if n.startswith("RANDOM") else "> " + n, ""]
     lines += ["## Configurations", "", _md_table(summary_rows(results)), "",
-              "Compression and effective bits/scalar count the whole transformer + text encoder against the baseline.",
+              "bits/scalar stored and linears compression: the quantized linears' compressed tensors against bf16. "
+              "Memory vs baseline: the whole transformer + text encoder as loaded. Peak memory: " + _memory_kind(results) + ".",
               "", "## Per prompt", "", _md_table(prompt_rows(results)), "", "## Per-frame PSNR", ""]
     if paths["psnr_curves"]:
         lines += [f"![per-frame PSNR]({paths['psnr_curves']})", ""]
@@ -229,7 +249,8 @@ def _write_md(out: str, results: dict, paths: dict) -> None:
     lines += [f"![per-prompt LPIPS]({paths['lpips_bars']})" if paths["lpips_bars"]
               else f"No LPIPS: {results['lpips']['unavailable_reason']}", ""]
     lines += ["## Sample frames", "",
-              f"Baseline, then per configuration its frames and |quantized − baseline| ×{figures.ERROR_GAIN}.", ""]
+              f"Baseline, then per configuration its frames and |quantized − baseline| ×{paths['error_gain']} "
+              "(mean over RGB; one gain for the whole report).", ""]
     text = {p["id"]: p["text"] for p in results["prompts"]}
     for s in paths["strips"]:
         vids = ", ".join(f"[{name}]({f})" for name, f in s["videos"])

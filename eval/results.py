@@ -11,6 +11,9 @@ Schema (``schema_version`` 1; keys are always present, unknown values are ``null
           unavailable_reason, upsample_factor}
     prompts[{id, text}]
     configs[{name, is_baseline, weight_kwargs, kv_kwargs, bits_per_scalar_nominal, component_bytes{...},
+             quantized_linears{lattice_linears, quantized_params, stored_bytes, resident_bytes,
+               dense_bf16_bytes, bits_per_scalar_stored, bits_per_scalar_resident, compression_stored_vs_bf16,
+               per_component}|null,
              quantized_components, quantized_components_bytes, compression_vs_baseline,
              bits_per_scalar_effective, load_seconds, seconds_per_step_mean, seconds_total_mean,
              peak_memory_bytes, peak_memory_kind, num_videos}]
@@ -115,6 +118,7 @@ def build_results(shards: list[dict], configs: list[EvalConfig], prompts: list[d
             "quantized_components_bytes": qbytes,
             "compression_vs_baseline": M.json_number(comp) if comp is not None else None,
             "bits_per_scalar_effective": M.json_number(base_bits / comp) if comp else None,
+            "quantized_linears": _linear_stats(i.get("quant_stats")),
             "load_seconds": i.get("load_seconds"),
             "seconds_per_step_mean": _mean(sps),
             "seconds_total_mean": _mean([v.get("seconds_total") for v in vids]),
@@ -164,6 +168,20 @@ def build_results(shards: list[dict], configs: list[EvalConfig], prompts: list[d
         "aggregate": aggregate,
         "same_initial_noise": same,
     }
+
+
+def _linear_stats(qs: dict | None) -> dict | None:
+    """Totals over the quantized linears of all components: stored (compressed) and resident bits per scalar."""
+    if not qs:
+        return None
+    tot = {k: sum(int(v[k]) for v in qs.values()) for k in
+           ("lattice_linears", "quantized_params", "stored_bytes", "resident_bytes", "dense_bf16_bytes")}
+    p = tot["quantized_params"]
+    tot["bits_per_scalar_stored"] = 8.0 * tot["stored_bytes"] / p
+    tot["bits_per_scalar_resident"] = 8.0 * tot["resident_bytes"] / p
+    tot["compression_stored_vs_bf16"] = tot["dense_bf16_bytes"] / tot["stored_bytes"]
+    tot["per_component"] = qs
+    return tot
 
 
 def _quantized_bytes(info: dict | None) -> int | None:

@@ -63,11 +63,12 @@ class PipelineBackend:
         self.model_path, self.settings = model_path, settings
 
     def load(self, config: EvalConfig):
-        from .pipeline import component_bytes, load_pipeline
+        from .pipeline import component_bytes, load_pipeline, quant_stats
 
         t = time.perf_counter()
         pipe = load_pipeline(self.model_path, config, dtype=self.settings.dtype, device=self.settings.device)
-        info = {"load_seconds": time.perf_counter() - t, "component_bytes": component_bytes(pipe)}
+        info = {"load_seconds": time.perf_counter() - t, "component_bytes": component_bytes(pipe),
+                "quant_stats": quant_stats(pipe)}
         return pipe, info
 
     def generate(self, handle, job: Job) -> GenerationResult:

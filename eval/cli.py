@@ -1,0 +1,223 @@
+"""``hyperquant-eval``: per-prompt, per-frame PSNR/LPIPS of quantized configurations against the bf16 baseline.
+
+    hyperquant-eval --out report/                                   # embedded tiny model (random weights), offline
+    hyperquant-eval --model PATH_OR_ID --prompts samples/prompts.txt --configs bf16,w4-e8,w4-e8+kv4 --out report/
+    accelerate launch -m hyperquant_diffusers.eval.cli --model ... --out report/   # prompts split over GPUs
+
+Re-running with the same arguments resumes: finished videos are reused (see :mod:`.store`), only the report is
+rebuilt. Exit status 2 with a one-line message for bad input (unknown config, missing prompt file, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .configs import GRAMMAR, ConfigNameError, parse_config_list
+from .metrics import FramesMismatchError, lpips_upsample_factor
+
+DEFAULT_CONFIGS = "bf16,w4-e8,w6-e8"
+DEFAULT_CONFIGS_WITH_KV = DEFAULT_CONFIGS + ",w4-e8+kv4"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hyperquant-eval", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRAMMAR)
+    p.add_argument("--model", help="diffusers pipeline folder or hub id; default: the embedded tiny LTX-2 pipeline "
+                                   "(random weights, built offline)")
+    p.add_argument("--prompts", help="prompt file, one per line ('#' comments); default samples/prompts.txt")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); instead of --prompts")
+    p.add_argument("--configs", help=f"comma-separated config names; default {DEFAULT_CONFIGS} "
+                                     f"(+ w4-e8+kv4 when hyperquant_diffusers.kv is available)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--out", default="report", help="output folder (default ./report)")
+    p.add_argument("--frames", type=int, help="frames per video (embedded default 9, else 49)")
+    p.add_argument("--height", type=int, help="embedded default 32, else 512")
+    p.add_argument("--width", type=int, help="embedded default 32, else 768")
+    p.add_argument("--steps", type=int, help="denoising steps (embedded default 2, else 30)")
+    p.add_argument("--guidance-scale", type=float, help="CFG scale (default: embedded 1.0, else the pipeline's)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
+    p.add_argument("--max-sequence-length", type=int, help="text tokens (embedded default 16, else the pipeline's)")
+    p.add_argument("--fps", type=float, default=24.0, help="frame rate of the videos (default 24)")
+    p.add_argument("--dtype", default="bf16", help="baseline / activation dtype: bf16 (default), fp16, fp32")
+    p.add_argument("--device", help="default: this process's accelerate device (cuda:N or cpu)")
+    p.add_argument("--pipeline-kwargs", default="{}", help="JSON object passed to the pipeline call verbatim")
+    p.add_argument("--lpips-backbone", default="auto",
+                   help="'auto' (torch hub cache, else one download try), 'off', or a path to torchvision's "
+                        "alexnet-owt-7be5be79.pth")
+    p.add_argument("--cache-dir", help="where the embedded model is built (default ~/.cache/hyperquant_diffusers)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar / per-video log lines")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"hyperquant-eval: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected comma-separated integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: give at least one seed, each once")
+    return seeds
+
+
+def resolve_inputs(args) -> dict:
+    """Validate everything that does not need a model (fast, before any loading). Raises ValueError & co."""
+    from .pipeline import EMBEDDED_EXTRA, EMBEDDED_MODEL_ID, EMBEDDED_SETTINGS, MODEL_SETTINGS, kv_available
+    from .prompts import read_prompts
+    from .store import prompt_id
+
+    if args.prompt and args.prompts:
+        raise ValueError("give either --prompts FILE or --prompt TEXT, not both")
+    if args.prompt:
+        prompts = [{"id": prompt_id(i, t), "text": t} for i, t in enumerate(args.prompt)]
+    else:
+        prompts = read_prompts(args.prompts)
+    configs_text = args.configs or (DEFAULT_CONFIGS_WITH_KV if kv_available() else DEFAULT_CONFIGS)
+    configs = parse_config_list(configs_text)
+    seeds = _parse_seeds(args.seeds)
+    try:
+        extra = json.loads(args.pipeline_kwargs)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--pipeline-kwargs is not valid JSON: {exc}") from None
+    if not isinstance(extra, dict):
+        raise ValueError("--pipeline-kwargs must be a JSON object")
+    embedded = args.model is None
+    if embedded:
+        extra = {**EMBEDDED_EXTRA, **extra}
+    d = EMBEDDED_SETTINGS if embedded else MODEL_SETTINGS
+    pick = lambda v, k: d[k] if v is None else v  # noqa: E731
+    settings = dict(model_id=EMBEDDED_MODEL_ID if embedded else args.model, embedded=embedded,
+                    frames=pick(args.frames, "frames"), height=pick(args.height, "height"),
+                    width=pick(args.width, "width"), steps=pick(args.steps, "steps"),
+                    guidance_scale=pick(args.guidance_scale, "guidance_scale"),
+                    negative_prompt=args.negative_prompt,
+                    max_sequence_length=pick(args.max_sequence_length, "max_sequence_length"),
+                    frame_rate=args.fps, dtype=args.dtype, extra=extra)
+    for k in ("frames", "height", "width", "steps"):
+        if settings[k] < 1:
+            raise ValueError(f"--{k} must be positive, got {settings[k]}")
+    from .pipeline import torch_dtype
+
+    torch_dtype(args.dtype)  # validates the name
+    return {"prompts": prompts, "configs": configs, "seeds": seeds, "settings": settings}
+
+
+def run(args, inputs: dict | None = None, backend_factory=None) -> dict:
+    """The whole evaluation for this process; rank 0 returns the results dict (others an empty dict).
+
+    ``backend_factory(model_path, settings)`` makes the frame generator (default :class:`runner.PipelineBackend`).
+    """
+    from accelerate import PartialState
+
+    from . import distributed as D
+    from .lpips_backbone import load_lpips
+    from .pipeline import default_model_path
+    from .report import write_report
+    from .results import build_results
+    from .runner import Job, PipelineBackend, Settings, run_shard
+    from .store import fingerprint
+
+    inputs = inputs or resolve_inputs(args)
+    _quiet_libraries()
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    log = (lambda *a: None) if args.quiet else (lambda m: print(f"[rank {rank}] {m}" if world > 1 else m, flush=True))
+    device = args.device or str(state.device)
+    settings = Settings(device=device, **inputs["settings"])
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+
+    # Rank 0 builds the embedded model / fetches LPIPS weights first; the others then find them ready.
+    if rank == 0:
+        model_path = default_model_path(args.cache_dir) if settings.embedded else args.model
+        lp = load_lpips(args.lpips_backbone, allow_download=not _offline())
+    state.wait_for_everyone()
+    if rank != 0:
+        model_path = default_model_path(args.cache_dir) if settings.embedded else args.model
+        lp = load_lpips(args.lpips_backbone, allow_download=False)
+    if not lp.available:
+        log(f"LPIPS off: {lp.reason}")
+
+    jobs_all = [Job(p["id"], p["text"], s) for p in inputs["prompts"] for s in inputs["seeds"]]
+    run_fp = fingerprint({"settings": {k: v for k, v in settings.to_json().items() if k != "device"},
+                          "configs": [c.name for c in inputs["configs"]],
+                          "jobs": [(j.pid, j.seed) for j in jobs_all], "world": world})
+    D.clear_own_shard(out, rank, world)
+    state.wait_for_everyone()
+    jobs = D.split_jobs(state, jobs_all)
+    log(f"{len(jobs)} prompt/seed job(s) x {len(inputs['configs'])} config(s) on {device}")
+
+    bar = None
+    if not args.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs) * len(inputs["configs"]), desc=f"videos (rank {rank})" if world > 1 else "videos",
+                   position=rank, leave=True)
+    try:
+        backend = (backend_factory or PipelineBackend)(model_path, settings)
+        record = run_shard(out, jobs, inputs["configs"], backend, settings, lp,
+                           progress=bar.update if bar else None, log=(bar.write if bar else log))
+    finally:
+        if bar is not None:
+            bar.close()
+    D.write_shard(out, rank, world, run_fp, record)
+    if rank != 0:
+        return {}
+    shards = D.wait_for_shards(out, world, run_fp, log=log)
+    lp_json = {**lp.to_json(), "upsample_factor": lpips_upsample_factor(settings.height, settings.width)}
+    results = build_results(shards, inputs["configs"], inputs["prompts"], settings.to_json(), lp_json,
+                            seeds=inputs["seeds"], num_processes=world)
+    results["run"] = {"generated": sum(s["counts"]["generated"] for s in shards),
+                      "resumed": sum(s["counts"]["resumed"] for s in shards)}
+    write_report(out, results, log=log)
+    log(f"report: {os.path.join(out, 'index.html')} ({results['run']['generated']} generated, "
+        f"{results['run']['resumed']} resumed)")
+    return results
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HYPERQUANT_OFFLINE"))
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+
+        dl.set_verbosity_error()
+        dl.disable_progress_bar()
+        tl.set_verbosity_error()
+        tl.disable_progress_bar()
+    except Exception:  # logging niceties only
+        pass
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+
+
+def main(argv=None) -> int:
+    from .pipeline import BackendUnavailableError
+
+    args = build_parser().parse_args(argv)
+    try:  # everything checkable without a model, before any loading
+        inputs = resolve_inputs(args)
+    except (ConfigNameError, FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
+    try:
+        run(args, inputs)
+    except (ConfigNameError, FileNotFoundError, FramesMismatchError, BackendUnavailableError) as exc:
+        return _fail(str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
