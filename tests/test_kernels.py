@@ -1,0 +1,271 @@
+"""Kernels (issue 4): references vs the codec / float64 on CPU; Triton kernels through the interpreter on small
+inputs when there is no GPU; full-size checks on CUDA (``-m gpu``, run on the device machine)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton's CPU interpreter runs the same kernels (slowly) on small inputs; set before any kernel is built.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hyperquant_diffusers.codec import quantize, random_signs, rht  # noqa: E402
+from hyperquant_diffusers.codec.stream import decode_coords, encode_coords  # noqa: E402
+from hyperquant_diffusers.kernels import fp4  # noqa: E402
+from hyperquant_diffusers.kernels._triton import triton_available  # noqa: E402
+from hyperquant_diffusers.kernels.act_quant import rht_quantize, rht_quantize_reference  # noqa: E402
+from hyperquant_diffusers.kernels.int8_gemm import quantized_linear_reference  # noqa: E402
+from hyperquant_diffusers.kernels.quantize import quantize_many  # noqa: E402
+from hyperquant_diffusers.kernels.rice_decode import rice_decode, rice_decode_reference  # noqa: E402
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton (GPU or interpreter) not available")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+# ---- references on CPU -----------------------------------------------------------------------------------------
+
+def test_act_quant_reference_matches_float64_rht():
+    torch.manual_seed(1)
+    x = torch.randn(33, 512, dtype=torch.float64) * torch.linspace(0.1, 10, 33, dtype=torch.float64)[:, None]
+    s = random_signs(512, 3)
+    y = rht(x, s.double(), 128)
+    for fmt, bound in (("int8", 0.5 / 127 * 1.0001), ("fp8", 2.0 ** -4 * 1.0001)):
+        q, sx = rht_quantize_reference(x.float(), s, 128, fmt)
+        back = q.double() * sx.double()[:, None]
+        amax = y.abs().amax(1, keepdim=True)
+        err = (back - y).abs()
+        if fmt == "int8":  # rounding error at most half a code step of amax/127 per value
+            assert bool((err <= bound * amax + 1e-6 * amax).all())
+        else:  # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 for normal values
+            big = y.abs() > amax * 2.0 ** -6 * 448 / 448
+            assert bool((err[big] <= bound * y.abs()[big] + 1e-6 * amax.expand_as(y)[big]).all())
+        assert torch.allclose(sx.double(), amax.squeeze(1) / (127.0 if fmt == "int8" else 448.0), rtol=1e-6)
+
+
+def test_quantized_linear_reference_brute_force():
+    torch.manual_seed(2)
+    xq = torch.randint(-127, 128, (5, 16), dtype=torch.int8)
+    wq = torch.randint(-127, 128, (7, 16), dtype=torch.int8)
+    sx, sw, b = torch.rand(5), torch.rand(7), torch.randn(7)
+    y = quantized_linear_reference(xq, sx, wq, sw, b)
+    i, j = 3, 4
+    brute = sum(int(xq[i, t]) * int(wq[j, t]) for t in range(16)) * float(sx[i]) * float(sw[j]) + float(b[j])
+    assert abs(float(y[i, j]) - brute) < 1e-9 * max(1.0, abs(brute))
+
+
+def _brute_fp4(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    grid = torch.tensor(fp4.E2M1, dtype=torch.float64)
+    grid = torch.cat((-grid.flip(0), grid))
+    v = (x.double() / scale.double()).clamp(-6, 6)
+    idx = (v.unsqueeze(-1) - grid).abs().argmin(-1)
+    return grid[idx] * scale.double()
+
+
+@pytest.mark.parametrize("fmt,block", [("mxfp4", 32), ("nvfp4", 16)])
+def test_fp4_cast_is_nearest_e2m1_per_block(fmt, block):
+    torch.manual_seed(3)
+    w = torch.randn(6, 128) * torch.logspace(-2, 1, 6)[:, None]
+    q = (fp4.mxfp4_quantize if fmt == "mxfp4" else fp4.nvfp4_quantize)(w)
+    back = (fp4.mxfp4_dequantize if fmt == "mxfp4" else fp4.nvfp4_dequantize)(q)
+    assert q["packed"].dtype == torch.uint8 and q["packed"].shape == (6, 64)
+    xb = w.reshape(6, -1, block)
+    if fmt == "mxfp4":
+        scale = torch.exp2(q["scale_e8m0"].double() - 127).unsqueeze(-1)
+        # the block maximum lands in [4, 8) of the scale (clipped at 6)
+        ratio = xb.abs().amax(-1).double() / scale.squeeze(-1)
+        assert bool(((ratio >= 4) & (ratio < 8)).all())
+    else:
+        scale = (q["scale_e4m3"].double() * q["global"].double()).unsqueeze(-1)
+    ref = _brute_fp4(xb, scale).reshape(6, -1)
+    assert torch.allclose(back.double(), ref, rtol=1e-6, atol=0)
+    # theory: e2m1 relative error (nearest, no clipping in nvfp4) stays below ~1/6 per block max on average
+    assert fp4.fp4_cast_error(w, fmt) < 0.2
+
+
+def test_quantize_many_splits_exactly():
+    torch.manual_seed(4)
+    ws = [torch.randn(32, 256) for _ in range(3)]
+    qs = quantize_many(ws, bits=4.0, lattice="E8", block_values=256, max_values=2 * 32 * 256)
+    assert len(qs) == 3
+    whole = quantize(torch.cat(ws[:2]), bits=4.0, lattice="E8", block_values=256)
+    ref = whole.decode_coords()
+    got = torch.cat([qs[0].decode_coords(), qs[1].decode_coords()])
+    assert torch.equal(got, ref)
+    for q, w in zip(qs, ws):
+        assert q.shape == (32, 256)
+        assert _rel(q.dequantize(torch.float32), w) < 0.2  # 4 bps E8: ~ -22 dB
+        # the per-layer stream round-trips through the codec's own encoder
+        words, offs, ks = encode_coords(q.decode_coords().reshape(-1), "E8", 256)
+        assert torch.equal(words, q.words) and torch.equal(offs, q.offsets.to(torch.int64))
+
+
+# ---- Triton kernels through the interpreter (or the GPU), small inputs -----------------------------------------
+
+def _stream(lattice, bits, bv, rows=8, k=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, k, generator=g)
+    w[1, 7] = 60.0  # an outlier row: large coordinates
+    return quantize(w, bits=bits, lattice=lattice, tile_size=128, block_values=bv, seed=seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("lattice,bits", [("E8", 4.0), ("D4", 3.0), ("Z", 5.0)])
+def test_rice_decode_kernel_bit_exact(lattice, bits):
+    q = _stream(lattice, bits, 256)
+    out, amax, err = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, 256)
+    ref = decode_coords(q.words, q.offsets, q.ks, q.numel, lattice, 256)
+    assert int(err.abs().sum()) == 0
+    assert torch.equal(out.to(torch.int32), ref.clamp(-127, 127))
+    assert int(amax.max()) == int(ref.abs().max())
+    assert torch.equal(out, rice_decode_reference(q.words, q.offsets, q.ks, q.numel, lattice, 256))
+
+
+@needs_triton
+def test_rice_decode_kernel_escapes_and_partial_block():
+    # a few huge coordinates force escape codes; 760 values leave a partial last block
+    g = torch.Generator().manual_seed(5)
+    c = (torch.randint(-3, 4, (95, 8), generator=g) * 2)
+    c[c.sum(1) % 4 != 0, 0] += 2  # E8 (doubled): even vectors with sum = 0 mod 4
+    c[10, :] = torch.tensor([101, 99, -3, 1, 1, 1, 1, 3])  # odd vector, sum 204 = 0 mod 4
+    c[40, 0] = 120
+    c[40, 1] = c[40, 1] + (-c[40].sum() % 4)
+    c = c.reshape(-1).to(torch.int32)
+    assert int(c.sum()) % 2 == 0
+    words, offs, ks = encode_coords(c, "E8", 256)
+    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 256)
+    assert int(err.abs().sum()) == 0
+    assert torch.equal(out.to(torch.int32), c)
+    assert int(amax.max()) == int(c.abs().max())
+    # a truncated stream is flagged, never read past
+    bad_offs = offs.clone()
+    bad_offs[1] = bad_offs[1] - 3
+    _, _, err2 = rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256)
+    assert int(err2[0]) != 0
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_act_quant_kernel_matches_reference(dtype):
+    torch.manual_seed(6)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = (torch.randn(40, 256) * 3).to(dev, dtype)
+    s = random_signs(256, 1)
+    q, sx = rht_quantize(x, s, 128, "int8")
+    qr, sxr = rht_quantize_reference(x, s, 128, "int8")
+    assert torch.allclose(sx.cpu(), sxr.cpu(), rtol=1e-5)
+    diff = (q.cpu().int() - qr.cpu().int()).abs()
+    assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= 2  # summation order only moves exact .5 ties
+
+
+@needs_triton
+def test_int8_gemm_kernel_vs_float64():
+    from hyperquant_diffusers.kernels.int8_gemm import int8_gemm_triton
+
+    torch.manual_seed(7)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    xq = torch.randint(-127, 128, (40, 256), dtype=torch.int8)
+    wq = torch.randint(-127, 128, (200, 256), dtype=torch.int8)
+    sx, sw, b = torch.rand(40) + 0.1, torch.rand(200) + 0.1, torch.randn(200)
+    y = int8_gemm_triton(xq.to(dev), sx.to(dev), wq.to(dev), sw.to(dev), b.to(dev), out_dtype=torch.float32,
+                         config=(32, 64, 128, 4, 4, 2))
+    assert _rel(y.cpu(), quantized_linear_reference(xq, sx, wq, sw, b)) < 1e-6
+
+
+def test_cuda_forward_falls_back_on_cpu():
+    from hyperquant_diffusers.kernels.dispatch import cuda_forward
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    lin = torch.nn.Linear(256, 64)
+    m = LatticeLinear.from_linear(lin, bits=4.0, residency="compressed")
+    x = torch.randn(3, 256)
+    assert torch.equal(cuda_forward(m, x), m.reference_forward(x))
+
+
+# ---- GPU (device machine) ----------------------------------------------------------------------------------------
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("lattice,bits", [("E8", 4.0), ("E8", 3.0), ("E8", 5.0), ("D4", 4.0), ("Z", 4.0)])
+def test_gpu_rice_decode_bit_exact_full_layer(lattice, bits):
+    torch.manual_seed(10)
+    w = torch.randn(2048, 2048, device="cuda") * 0.02
+    q = quantize(w, bits=bits, lattice=lattice)
+    out, amax, err = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, q.block_values)
+    ref = q.decode_coords().reshape(-1)
+    assert int(err.abs().sum()) == 0
+    assert torch.equal(out.to(torch.int32), ref.clamp(-127, 127))
+    f8, _, _ = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, q.block_values,
+                           out_dtype=torch.float8_e4m3fn)
+    assert torch.equal(f8, rice_decode_reference(q.words, q.offsets, q.ks, q.numel, lattice, q.block_values,
+                                                 out_dtype=torch.float8_e4m3fn))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_gpu_act_quant_bf16(fmt):
+    torch.manual_seed(11)
+    x = torch.randn(4096, 4096, device="cuda").to(torch.bfloat16)
+    s = random_signs(4096, 2)
+    q, sx = rht_quantize(x, s, 128, fmt)
+    qr, sxr = rht_quantize_reference(x, s, 128, fmt)
+    assert torch.allclose(sx, sxr, rtol=1e-5)
+    d = (q.float() - qr.float()).abs()
+    assert float((d > 0).float().mean()) < 1e-4
+    y = rht(x.double(), s.double().cuda(), 128)
+    assert _rel(q.double() * sx.double()[:, None], y) < (0.01 if fmt == "int8" else 0.03)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("path", ["triton", "int_mm", "fp8"])
+@pytest.mark.parametrize("m", [256, 1000])
+def test_gpu_quantized_gemm_paths_vs_float64(path, m):
+    from hyperquant_diffusers.kernels.int8_gemm import fp8_linear, int8_gemm_int_mm, int8_gemm_triton
+
+    torch.manual_seed(12)
+    n, k = 768, 1024
+    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+    wq = torch.randint(-20, 21, (n, k), dtype=torch.int8, device="cuda")
+    sx = torch.rand(m, device="cuda") + 0.1
+    sw = torch.rand(n, device="cuda") + 0.1
+    b = torch.randn(n, device="cuda").to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), device="cuda")
+    if path == "fp8":
+        # |codes| <= 20 are not all exact in e4m3 (exact to 16): compare with the product of the cast operands
+        x8 = (xq.float() / 127 * 448).to(torch.float8_e4m3fn)
+        w8 = wq.to(torch.float8_e4m3fn)
+        y = fp8_linear(x8, sx * 127 / 448, w8, sw, b)
+        ref = quantized_linear_reference(x8.float(), sx * 127 / 448, w8.float(), sw, b.float())
+        assert _rel(y, ref) < 1e-2
+        return
+    fn = int8_gemm_triton if path == "triton" else int8_gemm_int_mm
+    out = fn(xq, sx, wq, sw, b, out_dtype=torch.bfloat16)
+    assert not bool(out.isnan().any())
+    assert _rel(out, quantized_linear_reference(xq, sx, wq, sw, b)) < 1e-2  # bf16 output rounding
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("residency", ["int8", "compressed"])
+@pytest.mark.parametrize("mma", ["int8", "fp8"])
+def test_gpu_lattice_linear_cuda_forward(residency, mma):
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    torch.manual_seed(13)
+    lin = torch.nn.Linear(2048, 1024, device="cuda", dtype=torch.bfloat16)
+    m = LatticeLinear.from_linear(lin, bits=4.0, residency=residency, mma=mma)
+    assert m.residency == residency
+    x = torch.randn(2, 300, 2048, device="cuda").to(torch.bfloat16)
+    y = m(x)
+    ref = m.reference_forward(x.float()).double()
+    assert y.shape == (2, 300, 1024) and y.dtype == torch.bfloat16
+    # activation quantization (int8 per token after RHT: ~0.3%; fp8: ~2-3%) + bf16 output
+    assert _rel(y, ref) < (0.01 if mma == "int8" else 0.05)
