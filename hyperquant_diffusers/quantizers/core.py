@@ -162,9 +162,9 @@ def validate_checkpoint_files(files, config: HyperQuantConfig) -> None:
     if not config.is_prequantized:
         return
     expected = _expected_buffers(config)
-    by_suffix = {}
+    by_tail: dict[tuple, list[str]] = {}
     for mod_name in expected:
-        by_suffix.setdefault(mod_name.split(".")[-1], []).append(mod_name)
+        by_tail.setdefault(tuple(mod_name.split(".")[-2:]), []).append(mod_name)
     for path in files or ():
         path = str(path)
         if not path.endswith(".safetensors"):
@@ -183,14 +183,22 @@ def validate_checkpoint_files(files, config: HyperQuantConfig) -> None:
                     f"(reads version {CHECKPOINT_FORMAT_VERSION}); re-quantize or use the matching release")
         for key in keys:
             mod_path, buf = key.rsplit(".", 1)
-            # Loaders may rename module prefixes (transformers' key mappings): match on the longest common tail.
-            cands = [m for m in by_suffix.get(mod_path.split(".")[-1], ())
-                     if m == mod_path or m.endswith("." + mod_path) or mod_path.endswith("." + m)]
-            if not cands:
+            # Loaders may rename module prefixes (transformers' key mappings, e.g. Gemma 3's
+            # "language_model.model.layers..." vs "model.language_model.layers..."): pick the layout module sharing
+            # the longest tail of dotted components (at least the last two).
+            parts = mod_path.split(".")
+            best, best_score = None, 1
+            for m in by_tail.get(tuple(parts[-2:]), ()):
+                mp = m.split(".")
+                score = 0
+                while score < min(len(mp), len(parts)) and mp[-1 - score] == parts[-1 - score]:
+                    score += 1
+                if score > best_score:
+                    best, best_score = m, score
+            if best is None:
                 raise CheckpointShapeError(f"{path}: quantized tensor {key!r} matches no module of the checkpoint's "
                                            f"quantization layout")
-            cands.sort(key=len)
-            shape, dtype = expected[cands[-1]][buf]
+            shape, dtype = expected[best][buf]
             got_shape = tuple(int(s) for s in header[key]["shape"])
             if got_shape != tuple(shape) or header[key]["dtype"] != _ST_DTYPES[dtype]:
                 raise CheckpointShapeError(f"{path}: tensor {key!r} has shape {got_shape} ({header[key]['dtype']}), "
