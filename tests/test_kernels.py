@@ -19,6 +19,7 @@ from hyperquant_diffusers.kernels.int8_gemm import quantized_linear_reference  #
 from hyperquant_diffusers.kernels.quantize import quantize_many  # noqa: E402
 from hyperquant_diffusers.kernels.rice_decode import rice_decode, rice_decode_reference  # noqa: E402
 
+_DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton (GPU or interpreter) not available")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -112,7 +113,7 @@ def _stream(lattice, bits, bv, rows=8, k=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, k, generator=g)
     w[1, 7] = 60.0  # an outlier row: large coordinates
-    return quantize(w, bits=bits, lattice=lattice, tile_size=128, block_values=bv, seed=seed)
+    return quantize(w.to(_DEV), bits=bits, lattice=lattice, tile_size=128, block_values=bv, seed=seed)
 
 
 @needs_triton
@@ -136,7 +137,7 @@ def test_rice_decode_kernel_escapes_and_partial_block():
     c[10, :] = torch.tensor([101, 99, -3, 1, 1, 1, 1, 3])  # odd vector, sum 204 = 0 mod 4
     c[40, 0] = 120
     c[40, 1] = c[40, 1] + (-c[40].sum() % 4)
-    c = c.reshape(-1).to(torch.int32)
+    c = c.reshape(-1).to(torch.int32).to(_DEV)
     assert int(c.sum()) % 2 == 0
     words, offs, ks = encode_coords(c, "E8", 256)
     out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 256)

@@ -1,0 +1,263 @@
+"""Kernel benchmark (issue 4): quantized linear vs bf16 ``F.linear`` on the LTX-2 shapes, on a CUDA GPU.
+
+For each LTX-2 linear shape (out x in) = 4096x4096, 16384x4096, 4096x16384, 2048x2048 and M = 12288 / 256 tokens:
+bf16 ``F.linear`` vs ``LatticeLinear`` (4 bps E8) end to end (activation RHT + quantization + weight codes + GEMM
++ epilogue) in each residency (int8 resident / compressed resident) and MMA type (int8 / fp8), the parts
+(act-quant, Rice decode, GEMM paths: Triton fused epilogue vs ``torch._int_mm`` + epilogue, fp8 ``_scaled_mm``),
+errors vs the float64 product, bit-exact decode, Rice decode throughput, quantize(+encode) throughput, and the
+nvfp4 / mxfp4 cast error of the lattice output. Median times from ``triton.testing.do_bench``.
+
+    python bench/bench_kernels.py [--json OUT.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+SHAPES = [(4096, 4096), (16384, 4096), (4096, 16384), (2048, 2048)]
+MS = [12288, 256]
+TARGETS = {"int8": 1.25, "fp8": 1.5, "compressed_within": 0.15}
+
+
+def bench(fn, warmup=25, rep=100):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def ceilings(dev):
+    out = {}
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    t = bench(lambda: a @ b)
+    out["bf16_tflops"] = 2 * 8192 ** 3 / t / 1e9
+    ai = torch.randint(-127, 128, (8192, 8192), device=dev, dtype=torch.int8)
+    bi = torch.randint(-127, 128, (8192, 8192), device=dev, dtype=torch.int8)
+    t = bench(lambda: torch._int_mm(ai, bi.t()))
+    out["int8_int_mm_tops"] = 2 * 8192 ** 3 / t / 1e9
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+    one = torch.ones((), device=dev)
+    t = bench(lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+    out["fp8_tflops"] = 2 * 8192 ** 3 / t / 1e9
+    x = torch.empty(1 << 30, device=dev, dtype=torch.uint8)
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x))
+    out["copy_tbps"] = 2 * x.numel() / t / 1e9
+    del a, b, ai, bi, a8, b8, x, y
+    return out
+
+
+def layer_case(n, k, dev, bits=4.0, seed=0):
+    from hyperquant_diffusers.codec import quantize
+    from hyperquant_diffusers.kernels.dispatch import make_int8_resident
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    g = torch.Generator(device=dev).manual_seed(seed)
+    w = (torch.randn(n, k, device=dev, generator=g) * 0.02).to(torch.bfloat16)
+    bias = (torch.randn(n, device=dev, generator=g) * 0.01).to(torch.bfloat16)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    q = quantize(w, bits=bits, lattice="E8")
+    torch.cuda.synchronize()
+    tq = time.perf_counter() - t0
+    comp = LatticeLinear.from_lattice_tensor(q, bias, bits=bits, mma="int8", residency="compressed")
+    i8 = LatticeLinear.from_lattice_tensor(q, bias, bits=bits, mma="int8", residency="compressed")
+    assert make_int8_resident(i8)
+    return w, bias, q, comp, i8, tq
+
+
+def run(args):
+    from hyperquant_diffusers.kernels import fp4
+    from hyperquant_diffusers.kernels.act_quant import rht_quantize
+    from hyperquant_diffusers.kernels.dispatch import weight_codes
+    from hyperquant_diffusers.kernels.int8_gemm import (fp8_linear, int8_gemm_int_mm, int8_gemm_triton,
+                                                        set_int8_path)
+    from hyperquant_diffusers.kernels.quantize import quantize_many
+    from hyperquant_diffusers.kernels.rice_decode import rice_decode
+
+    dev = torch.device("cuda")
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    import triton
+
+    res["triton"] = triton.__version__
+    res["ceilings"] = ceilings(dev)
+    print("# ceilings", json.dumps(res["ceilings"]), flush=True)
+    rows = []
+    dec_rows = []
+    shapes = SHAPES[:1] + SHAPES[3:] if args.quick else SHAPES
+    for (n, k) in shapes:
+        w, bias, q, comp, i8, tq = layer_case(n, k, dev)
+        nval = n * k
+        # bit-exact decode vs the codec (fresh random weights per shape)
+        out8, amax, err = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, nval, "E8", q.block_values)
+        ref = q.decode_coords().reshape(-1)
+        exact = bool(torch.equal(out8.to(torch.int32), ref.clamp(-127, 127))) and int(err.abs().sum()) == 0
+        offs32 = q.offsets.to(torch.int32)
+        td = bench(lambda: rice_decode(q.words, offs32, q.ks, nval, "E8", q.block_values, out=out8))
+        stream_bytes = q.words.numel() * 4
+        dec = {"shape": f"{n}x{k}", "bit_exact": exact, "decode_ms": td, "gvalues_s": nval / td / 1e6,
+               "out_gbs": nval / td / 1e6, "stream_gbs": stream_bytes / td / 1e6,
+               "stream_bps": q.stream_bits_per_scalar, "quantize_codec_s": tq, "max_abs_coord": int(ref.abs().max())}
+        # fp4 cast error of the lattice output (rotated weight) and of the dequantized weight
+        rot = q.rotated()
+        dec["nvfp4_rel_err"] = fp4.fp4_cast_error(rot, "nvfp4")
+        dec["mxfp4_rel_err"] = fp4.fp4_cast_error(rot, "mxfp4")
+        dec["lattice_rel_err"] = rel(q.dequantize(torch.float32), w.float())
+        del rot
+        dec_rows.append(dec)
+        print("# decode", json.dumps(dec), flush=True)
+        what = q.dequantize(torch.float64)  # the weight the quantized layer represents
+        for m in MS:
+            torch.manual_seed(m + n)
+            x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+            row = {"shape": f"{n}x{k}", "M": m}
+            ref64 = x.double() @ what.T + bias.double()
+            refw = x.double() @ w.double().T + bias.double()
+            row["bf16_ms"] = bench(lambda: F.linear(x, w, bias))
+            row["bf16_err_vs_fp64"] = rel(F.linear(x, w, bias), refw)
+            # parts
+            row["actq_int8_ms"] = bench(lambda: rht_quantize(x, i8.signs, 128, "int8"))
+            row["actq_fp8_ms"] = bench(lambda: rht_quantize(x, i8.signs, 128, "fp8"))
+            xq, sx = rht_quantize(x, i8.signs, 128, "int8")
+            xq8, sx8 = rht_quantize(x, i8.signs, 128, "fp8")
+            wq, sw = i8.codes, i8.code_scale
+            wq8 = wq.to(torch.float8_e4m3fn)
+            row["gemm_triton_ms"] = bench(lambda: int8_gemm_triton(xq, sx, wq, sw, bias))
+            row["gemm_int_mm_ms"] = bench(lambda: int8_gemm_int_mm(xq, sx, wq, sw, bias))
+            row["gemm_fp8_ms"] = bench(lambda: fp8_linear(xq8, sx8, wq8, sw, bias))
+            row["decode_int8_ms"] = bench(lambda: weight_codes(comp, "int8"))
+            row["decode_fp8_ms"] = bench(lambda: weight_codes(comp, "fp8"))
+            row["cast_fp8_ms"] = bench(lambda: wq.to(torch.float8_e4m3fn))
+            # end to end, each residency x MMA; int8 GEMM path chosen per run
+            for path in ("triton", "int_mm"):
+                set_int8_path(path)
+                for mod, rname in ((i8, "int8res"), (comp, "compres")):
+                    mod.mma = "int8"
+                    row[f"e2e_{rname}_int8_{path}_ms"] = bench(lambda: mod(x))
+                    if rname == "int8res":
+                        y = mod(x)
+                        row[f"err_int8_{path}_vs_fp64"] = rel(y, ref64)
+            best = min(("triton", "int_mm"), key=lambda p: row[f"e2e_int8res_int8_{p}_ms"])
+            row["int8_path"] = best
+            set_int8_path(best)
+            for mod, rname in ((i8, "int8res"), (comp, "compres")):
+                mod.mma = "int8"
+                row[f"e2e_{rname}_int8_ms"] = row[f"e2e_{rname}_int8_{best}_ms"]
+                mod.mma = "fp8"
+                row[f"e2e_{rname}_fp8_ms"] = bench(lambda: mod(x))
+                if rname == "int8res":
+                    row["err_fp8_vs_fp64"] = rel(mod(x), ref64)
+                if rname == "compres":
+                    row["err_compres_fp8_vs_fp64"] = rel(mod(x), ref64)
+                mod.mma = "int8"
+            row["err_compres_int8_vs_fp64"] = rel(comp(x), ref64)
+            row["err_int8_vs_orig_weight"] = rel(i8(x), refw)
+            # fp4 (emulated): output error of the nvfp4/mxfp4-cast lattice weight with bf16 activations
+            for f in ("nvfp4", "mxfp4"):
+                qf = (fp4.nvfp4_quantize if f == "nvfp4" else fp4.mxfp4_quantize)(i8.rotated_weight())
+                wf = (fp4.nvfp4_dequantize if f == "nvfp4" else fp4.mxfp4_dequantize)(qf)
+                from hyperquant_diffusers.codec import inverse_rht
+
+                wf = inverse_rht(wf, i8.signs, 128)
+                row[f"err_{f}_vs_fp64"] = rel(x.double() @ wf.double().T + bias.double(), ref64)
+                del qf, wf
+            for key in ("int8res_int8", "int8res_fp8", "compres_int8", "compres_fp8"):
+                row[f"speedup_{key}"] = row["bf16_ms"] / row[f"e2e_{key}_ms"]
+            row["compres_vs_int8res_int8"] = row["e2e_compres_int8_ms"] / row["e2e_int8res_int8_ms"] - 1
+            row["compres_vs_int8res_fp8"] = row["e2e_compres_fp8_ms"] / row["e2e_int8res_fp8_ms"] - 1
+            rows.append(row)
+            print("# row", json.dumps(row), flush=True)
+            del x, xq, xq8, ref64, refw
+        del w, q, comp, i8, what
+        torch.cuda.empty_cache()
+    res["rows"], res["decode"] = rows, dec_rows
+    # quantize + encode throughput: codec per layer vs stacked (kernels.quantize.quantize_many)
+    qt = {}
+    ws = [(torch.randn(4096, 4096, device=dev) * 0.02).to(torch.bfloat16) for _ in range(16)]
+    from hyperquant_diffusers.codec import quantize
+
+    quantize(ws[0], bits=4.0)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for wi in ws[:4]:
+        quantize(wi, bits=4.0)
+    torch.cuda.synchronize()
+    qt["codec_per_layer_s"] = (time.perf_counter() - t0) / 4
+    qt["codec_values_per_s"] = 4096 * 4096 / qt["codec_per_layer_s"]
+    quantize_many(ws[:2], bits=4.0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    qs = quantize_many(ws, bits=4.0)
+    torch.cuda.synchronize()
+    qt["stacked16_s"] = time.perf_counter() - t0
+    qt["stacked_values_per_s"] = 16 * 4096 * 4096 / qt["stacked16_s"]
+    qt["stacked_bps"] = [round(q_.bits_per_scalar, 4) for q_ in qs[:4]]
+    qt["ltx2_18.9B_codec_est_s"] = 18.87e9 / qt["codec_values_per_s"]
+    qt["ltx2_18.9B_stacked_est_s"] = 18.87e9 / qt["stacked_values_per_s"]
+    res["quantize"] = qt
+    print("# quantize", json.dumps(qt), flush=True)
+    return res
+
+
+def table(res):
+    lines = [f"device {res['device']}, torch {res['torch']}, triton {res['triton']}, {res['date']}",
+             "ceilings: " + ", ".join(f"{k}={v:.0f}" for k, v in res["ceilings"].items()), "",
+             "| shape | M | bf16 ms | int8-res int8 | int8-res fp8 | compr int8 | compr fp8 | int8 path | "
+             "compr/int8 int8 | err int8 | err fp8 | err nvfp4 | err mxfp4 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        def c(key):
+            return f"{r[f'e2e_{key}_ms']:.3f} ({r[f'speedup_{key}']:.2f}x)"
+        lines.append(f"| {r['shape']} | {r['M']} | {r['bf16_ms']:.3f} | {c('int8res_int8')} | {c('int8res_fp8')} | "
+                     f"{c('compres_int8')} | {c('compres_fp8')} | {r['int8_path']} | "
+                     f"{100 * r['compres_vs_int8res_int8']:+.0f}% | {r['err_int8_triton_vs_fp64']:.2e} | "
+                     f"{r['err_fp8_vs_fp64']:.2e} | {r['err_nvfp4_vs_fp64']:.2e} | {r['err_mxfp4_vs_fp64']:.2e} |")
+    lines += ["", "| shape | M | actq int8 | actq fp8 | GEMM triton | GEMM _int_mm+epi | GEMM fp8 | decode int8 | "
+              "decode fp8 | cast fp8 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['shape']} | {r['M']} | {r['actq_int8_ms']:.3f} | {r['actq_fp8_ms']:.3f} | "
+                     f"{r['gemm_triton_ms']:.3f} | {r['gemm_int_mm_ms']:.3f} | {r['gemm_fp8_ms']:.3f} | "
+                     f"{r['decode_int8_ms']:.3f} | {r['decode_fp8_ms']:.3f} | {r['cast_fp8_ms']:.3f} |")
+    lines += ["", "| shape | bit-exact | decode ms | Gvalues/s | stream GB/s | stream bps | codec quantize s | "
+              "lattice err | nvfp4 cast err | mxfp4 cast err |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for d in res["decode"]:
+        lines.append(f"| {d['shape']} | {d['bit_exact']} | {d['decode_ms']:.3f} | {d['gvalues_s']:.1f} | "
+                     f"{d['stream_gbs']:.0f} | {d['stream_bps']:.3f} | {d['quantize_codec_s']:.3f} | "
+                     f"{d['lattice_rel_err']:.4f} | {d['nvfp4_rel_err']:.4f} | {d['mxfp4_rel_err']:.4f} |")
+    lines += ["", "quantize: " + json.dumps(res["quantize"])]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="4096x4096 and 2048x2048 only")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels needs a CUDA GPU")
+    with torch.no_grad():
+        res = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
