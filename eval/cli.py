@@ -127,7 +127,7 @@ def run(args, inputs: dict | None = None, backend_factory=None) -> dict:
 
     inputs = inputs or resolve_inputs(args)
     _quiet_libraries()
-    state = PartialState()
+    state = PartialState(cpu=_use_cpu(args))
     rank, world = state.process_index, state.num_processes
     log = (lambda *a: None) if args.quiet else (lambda m: print(f"[rank {rank}] {m}" if world > 1 else m, flush=True))
     device = args.device or str(state.device)
@@ -181,6 +181,15 @@ def run(args, inputs: dict | None = None, backend_factory=None) -> dict:
     log(f"report: {os.path.join(out, 'index.html')} ({results['run']['generated']} generated, "
         f"{results['run']['resumed']} resumed)")
     return results
+
+
+def _use_cpu(args) -> bool:
+    """PartialState must be told about CPU runs (``accelerate launch --cpu`` sets ACCELERATE_USE_CPU, which
+    PartialState itself does not read): then several processes talk over gloo instead of staying independent."""
+    import torch
+
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return flag or (args.device or "").startswith("cpu") or not torch.cuda.is_available()
 
 
 def _offline() -> bool:
