@@ -1,0 +1,104 @@
+"""hyperquant-eval / hyperquant-generate from the command line: config grammar, bad inputs, and one real run of
+the embedded tiny LTX-2 pipeline (random weights) through the HyperQuant backend, resumed on a second run."""
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from hyperquant_diffusers.eval import cli, generate
+from hyperquant_diffusers.eval.configs import ConfigNameError, parse_config, parse_config_list
+from hyperquant_diffusers.eval.pipeline import EMBEDDED_VERSION
+
+
+@pytest.mark.parametrize("name, weights, kv", [
+    ("bf16", {}, {}),
+    ("w4-e8", {"bits": 4.0, "lattice": "E8"}, {}),
+    ("W3-D4", {"bits": 3.0, "lattice": "D4"}, {}),
+    ("w2p5-a2", {"bits": 2.5, "lattice": "A2"}, {}),
+    ("w6-z", {"bits": 6.0, "lattice": "Z"}, {}),
+    ("w4-e8+kv4", {"bits": 4.0, "lattice": "E8"}, {"kv_bits": 4.0, "cache_text_kv": True}),
+    ("w4-e8+kv3.5-qjl", {"bits": 4.0, "lattice": "E8"},
+     {"kv_bits": 3.5, "cache_text_kv": True, "kv_bias_correction": "qjl"}),
+])
+def test_config_names(name, weights, kv):
+    c = parse_config(name)
+    assert c.weight_kwargs == weights and c.kv_kwargs == kv and c.name == name.lower()
+    assert c.bits_per_scalar == weights.get("bits", 16.0)
+
+
+def test_bf16_plus_kv_means_float_weights():
+    c = parse_config("bf16+kv4")
+    assert c.quant_kwargs == {"bits": None, "kv_bits": 4.0, "cache_text_kv": True} and not c.is_baseline
+
+
+@pytest.mark.parametrize("bad", ["w4", "w4-e9", "int8", "w9-e8", "w0.5-e8", "w4-e8+kv4+kv2", "w4-e8+kv4-foo", "", "fp16"])
+def test_unknown_config_names_list_the_grammar(bad):
+    with pytest.raises(ConfigNameError, match="config names: 'bf16'"):
+        parse_config(bad)
+
+
+def test_config_list_puts_baseline_first_and_rejects_duplicates():
+    assert [c.name for c in parse_config_list("w4-e8,bf16")] == ["bf16", "w4-e8"]
+    assert [c.name for c in parse_config_list("w4-e8")] == ["bf16", "w4-e8"]
+    with pytest.raises(ConfigNameError, match="twice"):
+        parse_config_list("w4-e8,W4-E8")
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert cli.main(["--prompts", str(tmp_path / "missing.txt"), "--out", out]) == 2
+    assert "prompt file" in capsys.readouterr().err
+    assert cli.main(["--configs", "bf16,w4-e9", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "unknown lattice 'e9'" in err and "config names:" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    assert cli.main(["--prompts", str(empty), "--out", out]) == 2
+    assert "has no prompts" in capsys.readouterr().err
+    assert cli.main(["--seeds", "0,x", "--out", out]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert cli.main(["--pipeline-kwargs", "[1]", "--out", out]) == 2
+    assert "JSON object" in capsys.readouterr().err
+    assert cli.main(["--dtype", "int4", "--out", out]) == 2
+    assert "--dtype" in capsys.readouterr().err
+    assert not os.path.exists(out)  # nothing is created before the inputs are valid
+    assert generate.main(["--prompt", "a cat", "--bits", "4", "--lattice", "E9", "--out", str(tmp_path / "v.mp4")]) == 2
+    assert "unknown lattice" in capsys.readouterr().err
+    assert generate.main(["--prompt", "a cat", "--out", str(tmp_path / "v.avi")]) == 2
+    assert ".mp4 or .gif" in capsys.readouterr().err
+
+
+def test_embedded_default_end_to_end_and_resume(tmp_path, tiny_ltx2_path, capsys):
+    """The real path: tiny LTX-2 (random weights) -> bf16 and w4-e8 via PipelineQuantizationConfig -> report."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_ltx2_path, cache / f"tiny-ltx2-random-v{EMBEDDED_VERSION}")  # what --cache-dir would build
+    out = tmp_path / "report"
+    argv = ["--out", str(out), "--cache-dir", str(cache), "--configs", "bf16,w4-e8", "--prompt",
+            "a robot dancing in the city", "--frames", "9", "--steps", "2", "--lpips-backbone", "off", "--quiet"]
+    assert cli.main(argv) == 0
+    r = json.load(open(out / "results.json"))
+    assert r["model"]["random_weights"] is True and "RANDOM weights" in r["model"]["note"]
+    assert "RANDOM WEIGHTS" in (out / "index.html").read_text() and "RANDOM WEIGHTS" in (out / "README.md").read_text()
+    assert r["same_initial_noise"] is True  # both configs started from the same latents
+    (c,) = r["comparisons"]
+    psnr = np.array([float(x) for x in c["psnr_db"]])
+    assert c["num_frames"] == 9 and psnr.shape == (9,)
+    # quantized != baseline but close: finite PSNR well above that of unrelated frames (~8 dB)
+    assert np.all(np.isfinite(psnr)) and np.all(psnr > 20), psnr
+    w4 = r["configs"][1]
+    assert w4["quantized_linears"]["lattice_linears"] > 0
+    assert 3.0 < w4["quantized_linears"]["bits_per_scalar_stored"] <= 4.5
+    assert w4["compression_vs_baseline"] > 1.0
+    assert all(v["seconds_per_step"] and len(v["seconds_per_step"]) == 2 for v in r["videos"])
+    frames = np.load(out / r["videos"][0]["frames_file"])
+    assert frames.shape == (9, 32, 32, 3) and frames.dtype == np.uint8
+    # second run: nothing regenerated, same numbers
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    r2 = json.load(open(out / "results.json"))
+    assert r2["run"] == {"generated": 0, "resumed": 2}
+    assert r2["comparisons"][0]["psnr_db"] == c["psnr_db"]
