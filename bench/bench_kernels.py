@@ -63,6 +63,50 @@ def ceilings(dev):
     return out
 
 
+def sweeps(dev):
+    """Launch-shape sweeps on the 4096x4096 layer: Rice decode (programs per SM, warps) and the Triton int8 GEMM
+    tile configs at M = 12288; the fastest become the defaults for the rest of the run."""
+    from hyperquant_diffusers.codec import quantize
+    from hyperquant_diffusers.kernels import int8_gemm, rice_decode as rd
+
+    out = {"decode": {}, "gemm": {}}
+    w = torch.randn(4096, 4096, device=dev) * 0.02
+    q = quantize(w, bits=4.0, lattice="E8")
+    offs = q.offsets.to(torch.int32)
+    buf = torch.empty(q.numel, dtype=torch.int8, device=dev)
+    best = None
+    for pps in (2, 4, 8, 16):
+        for nw in (4, 8):
+            t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
+                                             programs=pps * 132, num_warps=nw))
+            out["decode"][f"pps{pps}_w{nw}"] = t
+            if best is None or t < best[0]:
+                best = (t, pps, nw)
+    rd._TUNE.update(programs_per_sm=best[1], num_warps=best[2])
+    out["decode_best"] = best
+    xq = torch.randint(-127, 128, (12288, 4096), dtype=torch.int8, device=dev)
+    wq = torch.randint(-40, 41, (4096, 4096), dtype=torch.int8, device=dev)
+    sx = torch.rand(12288, device=dev)
+    sw = torch.rand(4096, device=dev)
+    b = torch.randn(4096, device=dev).to(torch.bfloat16)
+    bestg = None
+    for cfg in ((128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4), (256, 128, 128, 8, 8, 3),
+                (128, 256, 64, 8, 8, 4), (128, 128, 64, 8, 4, 5), (64, 256, 128, 8, 4, 4)):
+        try:
+            t = bench(lambda: int8_gemm.int8_gemm_triton(xq, sx, wq, sw, b, config=cfg))
+        except Exception as e:  # a config that does not fit shared memory
+            out["gemm"][str(cfg)] = repr(e)[:80]
+            continue
+        out["gemm"][str(cfg)] = t
+        if bestg is None or t < bestg[0]:
+            bestg = (t, cfg)
+    int8_gemm._CONFIGS["large"] = bestg[1]
+    out["gemm_best"] = bestg
+    out["gemm_best_tops"] = 2 * 12288 * 4096 * 4096 / bestg[0] / 1e9
+    print("# sweeps", json.dumps(out), flush=True)
+    return out
+
+
 def layer_case(n, k, dev, bits=4.0, seed=0):
     from hyperquant_diffusers.codec import quantize
     from hyperquant_diffusers.kernels.dispatch import make_int8_resident
@@ -100,6 +144,7 @@ def run(args):
     print("# ceilings", json.dumps(res["ceilings"]), flush=True)
     rows = []
     dec_rows = []
+    res["sweeps"] = sweeps(dev)
     shapes = SHAPES[:1] + SHAPES[3:] if args.quick else SHAPES
     for (n, k) in shapes:
         w, bias, q, comp, i8, tq = layer_case(n, k, dev)

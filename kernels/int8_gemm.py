@@ -57,7 +57,7 @@ def _kernels():
         for k0 in range(0, K, BK):
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             a_ptrs += BK
             b_ptrs += BK
         sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)

@@ -204,6 +204,8 @@ def _kernel():
     return rice_decode_kernel
 
 
+#: launch shape (bench/bench_kernels.py sweeps it on the device; see bench/RESULTS.md)
+_TUNE = {"programs_per_sm": 4, "num_warps": 8}
 _SCRATCH: dict = {}
 
 
@@ -218,7 +220,7 @@ def _scratch(device, nprog: int, bv: int) -> torch.Tensor:
 
 def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n: int, lattice: str,
                 block_values: int, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int8,
-                check: bool = False, programs: int | None = None):
+                check: bool = False, programs: int | None = None, num_warps: int | None = None):
     """Decode a codec block stream on the GPU (or the Triton interpreter).
 
     ``words`` int32 (n_words,), ``offsets`` int32/int64 (n_blocks+1,) word offsets, ``ks`` uint8 (n_blocks, 1),
@@ -242,7 +244,7 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
         out = torch.empty(int(n), dtype=out_dtype, device=dev)
     elif out.numel() != int(n) or out.dtype != out_dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {out_dtype} tensor of {n} elements")
-    nprog = max(1, min(nb, programs or num_sms(dev.index or 0) * 4))
+    nprog = max(1, min(nb, programs or num_sms(dev.index or 0) * _TUNE["programs_per_sm"]))
     scratch = _scratch(dev, nprog, bv)
     amax = torch.empty(nb, dtype=torch.int32, device=dev)
     err = torch.empty(nb, dtype=torch.int32, device=dev)
@@ -250,7 +252,7 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     if nb:
         _kernel()[(nprog,)](words, offsets, ks.reshape(-1), out, scratch, err, amax, int(n), nb, BV=bv,
                             LAT=_LAT_CODE[lat], D=d, CW=_CHUNK_WORDS, OUT_FP8=out_dtype == torch.float8_e4m3fn,
-                            ESC_Q=ESCAPE_Q, num_warps=8)
+                            ESC_Q=ESCAPE_Q, num_warps=num_warps or _TUNE["num_warps"])
     if check and nb:
         if int(err.max()) != 0:
             bad = int((err != 0).nonzero()[0])

@@ -1,0 +1,338 @@
+"""Full-size LTX-2 on one GPU (issue 7): bf16 vs HyperQuant E8 at 4 (and 3, 5) bps, each residency and MMA.
+
+The default-config ``LTX2VideoTransformer3DModel`` (48 blocks, 18.9B parameters) is built on the meta device,
+materialized on the GPU with ``to_empty`` and filled with seeded random weights (normal(0, 0.02) matrices, small
+biases, unit norm gains): fine for memory and speed, meaningless for quality. One denoising step = one
+transformer forward at batch 2 (CFG), 121 frames at 768x512 -> 16 x 16 x 24 = 6144 video tokens, 126 audio
+tokens (121 / 24 s x 16000 / 160 / 4), 1024 text tokens of 3840 channels for each modality, as the LTX-2 pipeline
+builds them.
+
+Measured: weight memory, peak memory of a step, seconds per step (median of ``--steps`` after one warm-up),
+time to quantize every linear from bf16 on the GPU (the backend's conversion plan; same-shape layers stacked,
+``hyperquant_diffusers.kernels.quantize``), time to load a saved compressed checkpoint vs the bf16 one
+(safetensors from local disk, page cache dropped when the OS allows), and the relative L2 difference of the
+step's output vs bf16.
+
+    python bench/bench_ltx2_full.py [--bits 4 3 5] [--layers 48] [--json OUT] [--ckpt-dir /tmp/hq_ckpt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+GiB = float(1 << 30)
+TARGETS = {"compressed_weight_gib": 9.5, "compressed_peak_vs_bf16": 0.65, "int8_weight_gib": 18.5,
+           "int8_step_vs_bf16": 0.9, "compressed_step_vs_bf16": 1.0, "quantize_s": 60.0}
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=False)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def build_meta(layers: int):
+    from diffusers import LTX2VideoTransformer3DModel
+
+    with torch.device("meta"):
+        kw = {} if layers == 48 else {"num_layers": layers}
+        return LTX2VideoTransformer3DModel(**kw).to(torch.bfloat16)
+
+
+@torch.no_grad()
+def init_random(model, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, 0.02, generator=g)
+        elif "norm" in name and name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.01, generator=g)
+
+
+def make_inputs(batch=2, frames=16, h=16, w=24, audio=126, text=1024, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bf = torch.bfloat16
+
+    def r(*s):
+        return torch.randn(*s, device="cuda", generator=g).to(bf)
+
+    return dict(hidden_states=r(batch, frames * h * w, 128), audio_hidden_states=r(batch, audio, 128),
+                encoder_hidden_states=r(batch, text, 3840), audio_encoder_hidden_states=r(batch, text, 3840),
+                timestep=torch.full((batch,), 500.0, device="cuda"),
+                encoder_attention_mask=torch.ones(batch, text, device="cuda", dtype=torch.int64),
+                audio_encoder_attention_mask=torch.ones(batch, text, device="cuda", dtype=torch.int64),
+                num_frames=frames, height=h, width=w, fps=24.0, audio_num_frames=audio, return_dict=False)
+
+
+@torch.no_grad()
+def step_stats(model, inputs, steps: int):
+    out = model(**inputs)  # warm-up (kernel compilation, decode buffers)
+    sync()
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        out = model(**inputs)
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / GiB
+    return statistics.median(times), peak, [o.float() for o in out]
+
+
+def rel_l2(out, ref):
+    return [float((a - b).norm() / b.norm()) for a, b in zip(out, ref)]
+
+
+def weight_bytes(model):
+    from hyperquant_diffusers.nn.lattice_linear import memory_footprint
+
+    fp = memory_footprint(model)
+    return fp["total_bytes"], fp
+
+
+def quantize_model(model, bits: float):
+    """Quantize the backend's conversion plan, stacked per shape; returns (seconds, n_layers, layout)."""
+    from hyperquant_diffusers.config import HyperQuantConfig
+    from hyperquant_diffusers.kernels.quantize import quantize_many
+    from hyperquant_diffusers.nn import LatticeLinear
+    from hyperquant_diffusers.quantizers.core import _set_submodule
+    from hyperquant_diffusers.quantizers.policy import plan_conversion
+
+    cfg = HyperQuantConfig(bits=bits, lattice="E8", residency="compressed", mma="int8")
+    convert, skipped = plan_conversion(model, cfg)
+    groups: dict = {}
+    for name, lin in convert.items():
+        groups.setdefault((tuple(lin.weight.shape), lin.weight.dtype), []).append(name)
+    sync()
+    t0 = time.perf_counter()
+    layout = {}
+    for _, names in groups.items():
+        lins = [convert[n] for n in names]
+        qs = quantize_many([lin.weight for lin in lins], bits=bits, lattice="E8", tile_size=cfg.tile_size,
+                           seed=cfg.seed, block_values=cfg.block_values)
+        for name, lin, q in zip(names, lins, qs):
+            new = LatticeLinear.from_lattice_tensor(q, lin.bias, bits=bits, mma="int8", residency="compressed")
+            _set_submodule(model, name, new)
+            layout[name] = (lin.out_features, lin.in_features, lin.bias is not None, new.n_words)
+            convert[name] = None
+            del lin
+        del lins, qs
+    sync()
+    dt = time.perf_counter() - t0
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dt, len(layout), layout, skipped
+
+
+def set_mode(model, residency: str, mma: str) -> float:
+    """Switch every LatticeLinear's MMA; int8 residency decodes the streams once on the GPU. Returns seconds."""
+    from hyperquant_diffusers.kernels.dispatch import make_int8_resident
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    sync()
+    t0 = time.perf_counter()
+    for m in model.modules():
+        if isinstance(m, LatticeLinear):
+            m.mma = mma
+            if residency == "int8" and m.residency == "compressed":
+                make_int8_resident(m)
+    sync()
+    return time.perf_counter() - t0
+
+
+def save_st(model, path):
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tmp = path + ".tmp"
+    t0 = time.perf_counter()
+    save_file(sd, tmp)
+    os.replace(tmp, path)
+    return time.perf_counter() - t0, os.path.getsize(path)
+
+
+def load_bf16(path, layers):
+    from safetensors.torch import load_file
+
+    dropped = drop_caches()
+    sync()
+    t0 = time.perf_counter()
+    model = build_meta(layers)
+    sd = load_file(path, device="cuda")
+    model.load_state_dict(sd, assign=True, strict=True)
+    sync()
+    return model, time.perf_counter() - t0, dropped
+
+
+def load_compressed(path, layers, layout, bits):
+    from safetensors.torch import load_file
+
+    from hyperquant_diffusers.nn import LatticeLinear
+    from hyperquant_diffusers.quantizers.core import _set_submodule
+
+    dropped = drop_caches()
+    sync()
+    t0 = time.perf_counter()
+    model = build_meta(layers)
+    for name, (out_f, in_f, has_bias, n_words) in layout.items():
+        _set_submodule(model, name, LatticeLinear(in_f, out_f, has_bias, lattice="E8", bits=bits, mma="int8",
+                                                  residency="compressed", n_words=n_words, device="meta",
+                                                  dtype=torch.bfloat16))
+    sd = load_file(path, device="cuda")
+    model.load_state_dict(sd, assign=True, strict=True)
+    for m in model.modules():
+        if isinstance(m, LatticeLinear):
+            m.finalize()
+    sync()
+    return model, time.perf_counter() - t0, dropped
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bits", type=float, nargs="+", default=[4.0, 3.0, 5.0])
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--ckpt-dir", default="/tmp/hq_ckpt")
+    ap.add_argument("--all-modes-bits", type=float, nargs="*", default=[4.0],
+                    help="rates that get every residency x MMA (others: compressed+int8 and int8+int8 only)")
+    args = ap.parse_args(argv)
+    os.makedirs(args.ckpt_dir, exist_ok=True)
+    res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "layers": args.layers, "targets": TARGETS, "runs": []}
+
+    def emit(tag, d):
+        print(f"# {tag} " + json.dumps(d), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+
+    inputs = make_inputs()
+    # ---- bf16 ----
+    t0 = time.perf_counter()
+    model = build_meta(args.layers).to_empty(device="cuda")
+    init_random(model)
+    sync()
+    n_params = sum(p.numel() for p in model.parameters())
+    wb = sum(p.numel() * p.element_size() for p in model.parameters())
+    s, peak, ref = step_stats(model, inputs, args.steps)
+    res["bf16"] = {"params_B": n_params / 1e9, "weight_gib": wb / GiB, "s_per_step": s, "peak_gib": peak,
+                   "build_s": time.perf_counter() - t0}
+    emit("bf16", res["bf16"])
+    bf16_path = os.path.join(args.ckpt_dir, "bf16.safetensors")
+    res["bf16"]["save_s"], res["bf16"]["ckpt_bytes"] = save_st(model, bf16_path)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    for bits in args.bits:
+        run = {"bits": bits}
+        model, run["bf16_load_s"], run["page_cache_dropped"] = load_bf16(bf16_path, args.layers)
+        torch.cuda.reset_peak_memory_stats()
+        run["quantize_s"], run["n_quantized"], layout, skipped = quantize_model(model, bits)
+        run["quantize_peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+        run["n_skipped"] = len(skipped)
+        from hyperquant_diffusers.nn import LatticeLinear
+
+        lls = [m for m in model.modules() if isinstance(m, LatticeLinear)]
+        run["bits_per_scalar"] = (sum(m.stored_nbytes() for m in lls) * 8
+                                  / sum(m.in_features * m.out_features for m in lls))
+        emit(f"quantized{bits}", run)
+        if bits == args.bits[0]:
+            cpath = os.path.join(args.ckpt_dir, f"hq{bits}.safetensors")
+            run["compressed_save_s"], run["compressed_ckpt_bytes"] = save_st(model, cpath)
+            del model, lls
+            gc.collect()
+            torch.cuda.empty_cache()
+            model, run["compressed_load_s"], _ = load_compressed(cpath, args.layers, layout, bits)
+            run["int8_from_compressed_decode_s"] = None
+        all_modes = bits in args.all_modes_bits
+        modes = [("compressed", "int8"), ("compressed", "fp8"), ("int8", "int8"), ("int8", "fp8")]
+        if not all_modes:
+            modes = [("compressed", "int8"), ("int8", "int8")]
+        from hyperquant_diffusers.kernels.dispatch import decode_buffer_nbytes, release_decode_buffers
+
+        for residency, mma in modes:
+            t = set_mode(model, residency, mma)
+            if residency == "int8" and run.get("int8_from_compressed_decode_s") is None:
+                run["int8_from_compressed_decode_s"] = t
+            gc.collect()
+            torch.cuda.empty_cache()
+            wbytes, fp = weight_bytes(model)
+            try:
+                s, peak, out = step_stats(model, inputs, args.steps)
+            except torch.OutOfMemoryError as e:
+                run[f"{residency}_{mma}"] = {"error": f"OOM: {str(e)[:200]}"}
+                emit("mode", run)
+                continue
+            d = {"weight_gib": (wbytes + decode_buffer_nbytes()) / GiB, "lattice_gib": fp["lattice_bytes"] / GiB,
+                 "decode_buffer_gib": decode_buffer_nbytes() / GiB, "s_per_step": s, "peak_gib": peak,
+                 "step_vs_bf16": s / res["bf16"]["s_per_step"], "peak_vs_bf16": peak / res["bf16"]["peak_gib"],
+                 "rel_l2_video": rel_l2(out, ref)[0], "rel_l2_audio": rel_l2(out, ref)[1]}
+            run[f"{residency}_{mma}"] = d
+            emit(f"mode {bits} {residency} {mma}", d)
+            del out
+            if residency == "int8":
+                release_decode_buffers()
+        res["runs"].append(run)
+        emit(f"run{bits}", run)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    print(summary(res))
+
+
+def summary(res):
+    b = res["bf16"]
+    lines = [f"{res['device']} {res['date']} layers={res['layers']}",
+             f"bf16: {b['params_B']:.2f}B params, weights {b['weight_gib']:.1f} GiB, {b['s_per_step']:.3f} s/step, "
+             f"peak {b['peak_gib']:.1f} GiB, ckpt save {b.get('save_s', 0):.1f} s",
+             "| bps | residency | mma | weight GiB | peak GiB (x bf16) | s/step (x bf16) | rel L2 video | rel L2 audio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        for key in ("compressed_int8", "compressed_fp8", "int8_int8", "int8_fp8"):
+            d = r.get(key)
+            if not d or "error" in d:
+                if d:
+                    lines.append(f"| {r['bits']} | {key} | {d['error'][:60]} |")
+                continue
+            res_, mma = key.split("_")
+            lines.append(f"| {r['bits']} | {res_} | {mma} | {d['weight_gib']:.2f} | {d['peak_gib']:.1f} "
+                         f"({d['peak_vs_bf16']:.2f}) | {d['s_per_step']:.3f} ({d['step_vs_bf16']:.2f}) | "
+                         f"{d['rel_l2_video']:.4f} | {d['rel_l2_audio']:.4f} |")
+        lines.append(f"bps {r['bits']}: realized {r['bits_per_scalar']:.3f} bits/weight, quantize {r['quantize_s']:.1f} s "
+                     f"({r['n_quantized']} linears, {r['n_skipped']} skipped), bf16 load {r['bf16_load_s']:.1f} s"
+                     + (f", compressed load {r['compressed_load_s']:.1f} s" if "compressed_load_s" in r else "")
+                     + f", int8 decode {r.get('int8_from_compressed_decode_s') or 0:.2f} s"
+                     + f", page cache dropped: {r['page_cache_dropped']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
