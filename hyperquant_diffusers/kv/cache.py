@@ -1,0 +1,195 @@
+"""The text K/V cache: which prompt rows a denoiser call carries, and their compressed per-layer K/V.
+
+A model-level :class:`KVCompressionHook` (a stateful ``diffusers.hooks.ModelHook``) looks at the prompt
+embeddings of every transformer call *before* any projection, and maps each batch row to a cache entry: rows
+equal (``torch.equal``) to a stored row reuse its entry — across denoising steps, across CFG branches and across
+``cache_context`` names (LTX-2's STG / modality-guidance passes reuse the positive prompt's entry) — and a row
+seen for the first time gets a new entry. When a call brings new rows, entries no longer referenced by the latest
+call of any cache context are dropped: a changed prompt invalidates the old one.
+
+The attention processors (:mod:`.processors`) then ask :meth:`KVCompressionHook.current_ids` for the entries
+of the running call and keep one (K, V) pair per entry and attention layer in :class:`TextKVStore`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
+
+HOOK_NAME = "hyperquant_kv_compression"
+
+
+class _Entry:
+    """One unique prompt row of one stream: ``raw`` (a private copy of the row, (L, C), for equality tests) and
+    ``kv``: attention-layer key -> (K, V), each a :class:`~.quantizer.CompressedKV` or a plain tensor (L, H, D)
+    when quantization is off."""
+
+    __slots__ = ("stream", "raw", "kv")
+
+    def __init__(self, stream: str, raw: torch.Tensor):
+        self.stream = stream
+        self.raw = raw
+        self.kv: dict[str, tuple] = {}
+
+
+def _nbytes(t) -> int:
+    if t is None:
+        return 0
+    if torch.is_tensor(t):
+        return t.numel() * t.element_size()
+    return int(t.nbytes)
+
+
+def _numel(t) -> int:
+    return t.numel() if torch.is_tensor(t) else int(t.numel)
+
+
+class TextKVStore:
+    """Every cached text K/V pair, shared by all cache contexts. Counters: ``computed`` (layer K/V pairs projected
+    and stored), ``reused`` (layer K/V pairs served from the cache)."""
+
+    def __init__(self):
+        self.entries: dict[int, _Entry] = {}
+        self._next = 0
+        self.computed = 0
+        self.reused = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def find_or_add(self, stream: str, row: torch.Tensor) -> int:
+        for eid, e in self.entries.items():
+            if (e.stream == stream and e.raw.shape == row.shape and e.raw.dtype == row.dtype
+                    and e.raw.device == row.device and torch.equal(e.raw, row)):
+                return eid
+        eid = self._next
+        self._next += 1
+        self.entries[eid] = _Entry(stream, row.detach().clone())
+        return eid
+
+    def keep_only(self, keep: set[int]) -> None:
+        for eid in [e for e in self.entries if e not in keep]:
+            del self.entries[eid]
+
+    def stats(self) -> dict:
+        """Memory held, in bytes: ``kv_bytes`` (stored K/V, side information included), ``kv_bf16_bytes`` (the
+        same K/V in bfloat16), ``reference_bytes`` (copies of the prompt rows kept to detect a changed prompt)."""
+        kv = ref = numel = pairs = 0
+        for e in self.entries.values():
+            ref += _nbytes(e.raw)
+            for k, v in e.kv.values():
+                kv += _nbytes(k) + _nbytes(v)
+                numel += _numel(k) + _numel(v)
+                pairs += 1
+        return {
+            "entries": len(self.entries),
+            "layer_kv_pairs": pairs,
+            "kv_bytes": kv,
+            "kv_bf16_bytes": 2 * numel,
+            "compression_vs_bf16": (2 * numel / kv) if kv else None,
+            "bits_per_value": (8.0 * kv / numel) if numel else None,
+            "reference_bytes": ref,
+            "total_bytes": kv + ref,
+            "computed": self.computed,
+            "reused": self.reused,
+        }
+
+
+class _CallState(BaseState):
+    """Per cache context: the prompt tensors of its latest call and their entry ids, per stream."""
+
+    def __init__(self):
+        self.last: dict[str, tuple] = {}
+
+    def reset(self):
+        self.last.clear()
+
+
+class KVCompressionHook(ModelHook):
+    """Model-level hook: identifies the prompt rows of each call (see module docstring) and holds the cache.
+
+    ``streams``: forward argument name -> stream name (LTX-Video: ``{"encoder_hidden_states": "video"}``; LTX-2
+    adds ``{"audio_encoder_hidden_states": "audio"}``). ``check``: called with the model before every forward;
+    raises if caching has become invalid (e.g. the text side turned timestep-dependent).
+    """
+
+    _is_stateful = True
+
+    def __init__(self, streams: dict[str, str], check=None):
+        super().__init__()
+        self.streams = dict(streams)
+        self.check = check
+        self.store = TextKVStore()
+        self.state_manager = StateManager(_CallState)
+        self._active: dict[str, list[int]] | None = None
+        self._sig = None
+
+    def _find(self, module, args, kwargs, name):
+        if name in kwargs:
+            return kwargs[name]
+        if self._sig is None:
+            self._sig = inspect.signature(self.fn_ref.original_forward)
+        try:
+            bound = self._sig.bind_partial(*args, **kwargs)
+        except TypeError:
+            return None
+        return bound.arguments.get(name)
+
+    def _identify(self, state: _CallState, stream: str, x: torch.Tensor) -> list[int]:
+        last = state.last.get(stream)
+        # Fast path: the very tensor of the previous call, unmodified since (pipelines build the prompt embeddings
+        # once per generation). ``last`` keeps a reference, so the object cannot be freed and its id reused.
+        if last is not None and last[0] is x and last[1] == x._version:
+            return last[2]
+        ids = [self.store.find_or_add(stream, x[b]) for b in range(x.shape[0])]
+        state.last[stream] = (x, x._version, ids)
+        keep = set()
+        for st in self.state_manager._state_cache.values():
+            for _, _, i in st.last.values():
+                keep.update(i)
+        self.store.keep_only(keep)
+        return ids
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self.check is not None:
+            self.check(module)
+        if self.state_manager._context is None:
+            self.state_manager.set_context(CacheContext(name="inference"))
+        state = self.state_manager.get_state()
+        active = {}
+        for arg, stream in self.streams.items():
+            x = self._find(module, args, kwargs, arg)
+            if torch.is_tensor(x) and x.dim() == 3:
+                active[stream] = self._identify(state, stream, x)
+        prev, self._active = self._active, active
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self._active = prev
+
+    def current_ids(self, stream: str) -> list[int] | None:
+        """Entry ids of the batch rows of the running call's ``stream``; ``None`` outside a model call."""
+        if self._active is None:
+            return None
+        return self._active.get(stream)
+
+    def reset_state(self, module: torch.nn.Module):
+        self.state_manager.reset()
+        self.store.clear()
+        return module
+
+
+def register(model: torch.nn.Module, hook: KVCompressionHook) -> None:
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
+
+
+def unregister(model: torch.nn.Module) -> None:
+    if hasattr(model, "_diffusers_hook"):
+        model._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+
+
+def get_hook(model: torch.nn.Module) -> KVCompressionHook | None:
+    reg = getattr(model, "_diffusers_hook", None)
+    return None if reg is None else reg.get_hook(HOOK_NAME)
