@@ -60,7 +60,7 @@ def quantize_linears(model: nn.Module, config: HyperQuantConfig, *, progress: bo
             new = LatticeLinear.from_linear(lin, bits=config.bits, lattice=config.lattice,
                                             tile_size=config.tile_size, block_values=config.block_values,
                                             seed=config.seed, mma=config.mma, residency=config.residency)
-        except ValueError as e:
+        except (ValueError, ArithmeticError) as e:
             raise UnquantizableModuleError(f"module {name!r} ({lin.out_features}x{lin.in_features}) cannot be "
                                            f"quantized: {e}") from e
         _set_submodule(model, name, new)
