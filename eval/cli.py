@@ -5,7 +5,8 @@
     accelerate launch -m hyperquant_diffusers.eval.cli --model ... --out report/   # prompts split over GPUs
 
 Re-running with the same arguments resumes: finished videos are reused (see :mod:`.store`), only the report is
-rebuilt. Exit status 2 with a one-line message for bad input (unknown config, missing prompt file, ...).
+rebuilt. Exit status 2 with a one-line message for bad input (unknown config, missing prompt file, ...); 1 when a
+configuration failed to load or run (the report is still written, with the failure at the top).
 """
 
 from __future__ import annotations
@@ -180,6 +181,8 @@ def run(args, inputs: dict | None = None, backend_factory=None) -> dict:
     write_report(out, results, log=log)
     log(f"report: {os.path.join(out, 'index.html')} ({results['run']['generated']} generated, "
         f"{results['run']['resumed']} resumed)")
+    for name, msg in results["failures"].items():
+        print(f"hyperquant-eval: configuration {name} FAILED and is left out of the report: {msg}", file=sys.stderr)
     return results
 
 
@@ -222,10 +225,10 @@ def main(argv=None) -> int:
     except (ConfigNameError, FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
     try:
-        run(args, inputs)
+        results = run(args, inputs)
     except (ConfigNameError, FileNotFoundError, FramesMismatchError, BackendUnavailableError) as exc:
         return _fail(str(exc))
-    return 0
+    return 1 if results.get("failures") else 0
 
 
 if __name__ == "__main__":

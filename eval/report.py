@@ -55,6 +55,9 @@ def summary_rows(results: dict) -> list[list[str]]:
     for c in results["configs"]:
         agg = results["aggregate"].get(c["name"], {})
         ql = c.get("quantized_linears") or {}
+        if c.get("error"):
+            rows.append([c["name"], fmt_num(c["bits_per_scalar_nominal"], "g")] + ["FAILED (see above)"] + ["–"] * 8)
+            continue
         rows.append([c["name"] + (" (baseline)" if c["is_baseline"] else ""),
                      fmt_num(c["bits_per_scalar_nominal"], "g"),
                      str(ql["lattice_linears"]) if ql else "0",
@@ -80,6 +83,8 @@ def prompt_rows(results: dict) -> list[list[str]]:
 def notes(results: dict) -> list[str]:
     """Plain-language notes (model, LPIPS, noise) shown at the top of both reports."""
     out = []
+    for name, msg in results.get("failures", {}).items():
+        out.append(f"FAILED: configuration {name} could not load or run and is left out: {msg}")
     if results["model"]["random_weights"]:
         out.append("RANDOM WEIGHTS. " + results["model"]["note"])
     lp = results["lpips"]
@@ -136,6 +141,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 aut
 h1{font-size:1.5em;margin:.2em 0} h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 .meta{color:#555;font-size:.9em}
 .warn{background:#fff4d6;border:1px solid #e6b800;border-radius:6px;padding:8px 12px;margin:10px 0;font-size:.92em}
+.fail{background:#fde8e8;border:1px solid #d33;border-radius:6px;padding:8px 12px;margin:10px 0;font-size:.92em}
 .note{background:#f3f6fa;border:1px solid #cdd8e4;border-radius:6px;padding:8px 12px;margin:10px 0;font-size:.92em}
 table{border-collapse:collapse;font-size:.88em;margin:8px 0} th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}
 th{background:#f5f5f7} td:first-child,th:first-child{text-align:left} tbody tr:nth-child(even){background:#fafafa}
@@ -199,7 +205,8 @@ def _write_html(out: str, results: dict, paths: dict) -> None:
              f"<div class=meta>{e(settings_text(results))}; created {e(results['created_utc'])}; "
              f"<a href='results.json'>results.json</a> holds every number.</div>"]
     for n in notes(results):
-        cls = "warn" if n.startswith(("RANDOM", "WARNING", "LPIPS not", "LPIPS uses an INJECTED")) else "note"
+        cls = ("fail" if n.startswith("FAILED") else
+               "warn" if n.startswith(("RANDOM", "WARNING", "LPIPS not", "LPIPS uses an INJECTED")) else "note")
         parts.append(f"<div class={cls}>{e(n)}</div>")
     parts += ["<h2>Configurations</h2>", _html_table(summary_rows(results), "summary"),
               "<p class=meta><i>bits/scalar stored</i> and <i>linears compression</i>: the quantized linear layers' "

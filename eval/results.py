@@ -16,7 +16,7 @@ Schema (``schema_version`` 1; keys are always present, unknown values are ``null
                per_component}|null,
              quantized_components, quantized_components_bytes, compression_vs_baseline,
              bits_per_scalar_effective, load_seconds, seconds_per_step_mean, seconds_total_mean,
-             peak_memory_bytes, peak_memory_kind, num_videos}]
+             peak_memory_bytes, peak_memory_kind, num_videos, error}]   error: null, or why it failed
     videos[{config, prompt_id, seed, video_file, frames_file, seconds_per_step, seconds_total,
             peak_memory_bytes, peak_memory_kind, initial_noise_sha256}]
     comparisons[{config, prompt_id, seed, num_frames, psnr_db[F], mse[F], lpips[F]|null, psnr_video_db,
@@ -82,6 +82,10 @@ def build_results(shards: list[dict], configs: list[EvalConfig], prompts: list[d
     videos = [v for s in shards for v in s["videos"]]
     comps = [c for s in shards for c in s["comparisons"]]
     info: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    for s in shards:
+        for name, msg in s.get("failures", {}).items():
+            failures.setdefault(name, msg)
     for s in shards:
         for name, i in s["config_info"].items():
             info.setdefault(name, i)
@@ -125,9 +129,11 @@ def build_results(shards: list[dict], configs: list[EvalConfig], prompts: list[d
             "peak_memory_bytes": max(peaks) if peaks else None,
             "peak_memory_kind": vids[0].get("peak_memory_kind") if vids else None,
             "num_videos": len(vids),
+            "error": failures.get(cfg.name),
         })
 
     aggregate = {}
+    comps = [c for c in comps if c["config"] not in failures]  # a config that failed on any rank is left out
     for cfg in configs[1:]:
         rows = [c for c in comps if c["config"] == cfg.name]
         if not rows:
@@ -167,6 +173,7 @@ def build_results(shards: list[dict], configs: list[EvalConfig], prompts: list[d
         "comparisons": comps,
         "aggregate": aggregate,
         "same_initial_noise": same,
+        "failures": failures,
     }
 
 

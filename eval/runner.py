@@ -98,6 +98,8 @@ def run_shard(out: str, jobs: list[Job], configs: list[EvalConfig], backend, set
     baseline). Returns the shard record (see :func:`report.build_results` for how shards become results.json).
 
     ``progress``: optional callable(n) advanced once per finished video.
+    A non-baseline configuration that raises while loading or generating is recorded in ``failures``
+    (name -> "ExceptionType: message") and left out; a failing baseline raises.
     """
     if not configs or not configs[0].is_baseline:
         raise ValueError("run_shard: configs[0] must be the bf16 baseline")
@@ -106,6 +108,7 @@ def run_shard(out: str, jobs: list[Job], configs: list[EvalConfig], backend, set
     videos: list[dict] = []
     config_info: dict[str, dict] = {}
     counts = {"generated": 0, "resumed": 0}
+    failures: dict[str, str] = {}
     for config in configs:
         todo = []
         for job in jobs:
@@ -124,35 +127,47 @@ def run_shard(out: str, jobs: list[Job], configs: list[EvalConfig], backend, set
         info = read_json(info_file) if os.path.isfile(info_file) else None
         if info is not None and info.get("fingerprint") != cfg_fp:
             info = None
-        if todo or (info is None and jobs):
-            handle, load_info = backend.load(config)
-            try:
-                info = {**load_info, "fingerprint": cfg_fp, "config": config.to_json()}
-                write_json_atomic(info_file, info)
-                for job, fp in todo:
-                    log(f"[{config.name}] generating {job.pid} seed {job.seed}")
-                    res = backend.generate(handle, job)
-                    expect = (settings.frames, settings.height, settings.width, 3)
-                    if res.frames.shape != expect:
-                        log(f"[{config.name}] note: pipeline returned frames {res.frames.shape}, requested {expect}")
-                    meta = {"config": config.name, "prompt_id": job.pid, "prompt": job.prompt, "seed": job.seed,
-                            "seconds_per_step": res.seconds_per_step, "seconds_total": res.seconds_total,
-                            "peak_memory_bytes": res.peak_memory_bytes, "peak_memory_kind": res.peak_memory_kind,
-                            "initial_noise_sha256": res.initial_noise_sha256}
-                    meta = store.save(config.name, job.pid, job.seed, fp, res.frames, meta)
-                    frames[(config.name, job.pid, job.seed)] = res.frames
-                    videos.append(meta)
-                    counts["generated"] += 1
-                    if progress:
-                        progress(1)
-            finally:
-                backend.unload(handle)
-                handle = None
+        try:
+            if todo or (info is None and jobs):
+                handle, load_info = backend.load(config)
+                try:
+                    info = {**load_info, "fingerprint": cfg_fp, "config": config.to_json()}
+                    write_json_atomic(info_file, info)
+                    for job, fp in todo:
+                        log(f"[{config.name}] generating {job.pid} seed {job.seed}")
+                        res = backend.generate(handle, job)
+                        expect = (settings.frames, settings.height, settings.width, 3)
+                        if res.frames.shape != expect:
+                            log(f"[{config.name}] note: pipeline returned frames {res.frames.shape}, requested {expect}")
+                        meta = {"config": config.name, "prompt_id": job.pid, "prompt": job.prompt, "seed": job.seed,
+                                "seconds_per_step": res.seconds_per_step, "seconds_total": res.seconds_total,
+                                "peak_memory_bytes": res.peak_memory_bytes, "peak_memory_kind": res.peak_memory_kind,
+                                "initial_noise_sha256": res.initial_noise_sha256}
+                        meta = store.save(config.name, job.pid, job.seed, fp, res.frames, meta)
+                        frames[(config.name, job.pid, job.seed)] = res.frames
+                        videos.append(meta)
+                        counts["generated"] += 1
+                        if progress:
+                            progress(1)
+                finally:
+                    backend.unload(handle)
+                    handle = None
+        except Exception as exc:  # one configuration that cannot load/run must not sink the whole evaluation
+            if config.is_baseline:
+                raise
+            failures[config.name] = f"{type(exc).__name__}: {exc}"
+            log(f"[{config.name}] FAILED, left out of the report's numbers: {failures[config.name]}")
+            for key in [k for k in frames if k[0] == config.name]:
+                del frames[key]
+            videos[:] = [v for v in videos if v["config"] != config.name]
+            continue
         if info is not None:
             config_info[config.name] = info
     baseline = configs[0].name
     comparisons = []
     for config in configs[1:]:
+        if config.name in failures:
+            continue
         for job in jobs:
             ref = frames[(baseline, job.pid, job.seed)]
             test = frames[(config.name, job.pid, job.seed)]
@@ -167,4 +182,5 @@ def run_shard(out: str, jobs: list[Job], configs: list[EvalConfig], backend, set
                 "lpips": None if lp is None else [M.json_number(v) for v in lp],
                 "psnr_video_db": M.json_number(M.psnr_from_mse(float(np.mean(mse)))),
             })
-    return {"videos": videos, "config_info": config_info, "comparisons": comparisons, "counts": counts}
+    return {"videos": videos, "config_info": config_info, "comparisons": comparisons, "counts": counts,
+            "failures": failures}

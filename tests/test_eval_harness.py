@@ -35,11 +35,13 @@ Q_BYTES = {"transformer": 1000, "text_encoder": 250, "vae": 300}
 class NoisyBackend:
     """Baseline frames: a fixed function of (prompt, seed) in [16, 239]; config c: baseline +- DELTAS[c]."""
 
-    def __init__(self, model_path=None, settings=None, shape=SHAPE, bad_config=None):
-        self.shape, self.bad_config = shape, bad_config
+    def __init__(self, model_path=None, settings=None, shape=SHAPE, bad_config=None, failing_config=None):
+        self.shape, self.bad_config, self.failing_config = shape, bad_config, failing_config
         self.loaded, self.generated = [], []
 
     def load(self, config):
+        if config.name == self.failing_config:
+            raise ValueError("tile_size 128 does not divide the head dimension 16")
         self.loaded.append(config.name)
         return config, {"load_seconds": 0.5, "component_bytes": dict(BASE_BYTES if config.is_baseline else Q_BYTES),
                         "quant_stats": {} if config.is_baseline else {"transformer": {
@@ -94,11 +96,11 @@ def _strict_load(path):
 
 
 TOP_KEYS = {"schema", "schema_version", "created_utc", "versions", "model", "settings", "number_format", "lpips",
-            "prompts", "configs", "videos", "comparisons", "aggregate", "same_initial_noise"}
+            "prompts", "configs", "videos", "comparisons", "aggregate", "same_initial_noise", "failures"}
 CONFIG_KEYS = {"name", "is_baseline", "weight_kwargs", "kv_kwargs", "bits_per_scalar_nominal", "component_bytes",
                "quantized_linears", "quantized_components", "quantized_components_bytes", "compression_vs_baseline",
                "bits_per_scalar_effective", "load_seconds", "seconds_per_step_mean", "seconds_total_mean",
-               "peak_memory_bytes", "peak_memory_kind", "num_videos"}
+               "peak_memory_bytes", "peak_memory_kind", "num_videos", "error"}
 COMPARISON_KEYS = {"config", "prompt_id", "seed", "num_frames", "psnr_db", "mse", "lpips", "psnr_video_db",
                    "psnr_mean_db", "psnr_min_db", "psnr_max_db", "lpips_mean", "lpips_max"}
 VIDEO_KEYS = {"config", "prompt_id", "seed", "video_file", "frames_file", "seconds_per_step", "seconds_total",
@@ -146,7 +148,7 @@ def test_results_numbers_schema_and_report(tmp_path):
     assert cfg["bf16"]["quantized_linears"] is None and cfg["bf16"]["compression_vs_baseline"] == 1.0
     assert cfg["w6-e8"]["seconds_per_step_mean"] == pytest.approx(0.5)
     assert cfg["w4-e8"]["peak_memory_bytes"] == 1008
-    assert r["same_initial_noise"] is True
+    assert r["same_initial_noise"] is True and r["failures"] == {}
     assert r["model"]["random_weights"] is False
     # report files exist and say what they should
     html = (tmp_path / "index.html").read_text()
@@ -187,6 +189,18 @@ def test_resume_skips_finished_videos(tmp_path):
 def test_frames_mismatch_between_configs_is_a_clear_error(tmp_path):
     with pytest.raises(FramesMismatchError, match=r"w4-e8 vs bf16 on p00-a-robot-aaaaaaaa seed 0.*\(5, 16, 24, 3\).*\(4, 16, 24, 3\)"):
         _evaluate(tmp_path, NoisyBackend(bad_config="w4-e8"), configs="bf16,w4-e8")
+
+
+def test_a_failing_config_is_reported_and_the_rest_evaluated(tmp_path):
+    shard, results = _evaluate(tmp_path, NoisyBackend(failing_config="w6-e8"))
+    assert results["failures"] == {"w6-e8": "ValueError: tile_size 128 does not divide the head dimension 16"}
+    assert {c["config"] for c in results["comparisons"]} == {"w4-e8", "w8-e8"}
+    assert [c["error"] for c in results["configs"]] == [None, None, results["failures"]["w6-e8"], None]
+    assert "w6-e8" not in results["aggregate"]
+    write_report(str(tmp_path), results, log=lambda m: None)
+    assert "FAILED: configuration w6-e8" in (tmp_path / "index.html").read_text()
+    with pytest.raises(ValueError, match="head dimension"):  # a failing baseline is fatal
+        _evaluate(tmp_path / "b", NoisyBackend(failing_config="bf16"))
 
 
 HELPER = textwrap.dedent("""
