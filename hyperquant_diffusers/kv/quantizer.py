@@ -177,12 +177,19 @@ def dither_error_variance(lattice: str) -> float:
     return spec.nsm * spec.volume ** (2.0 / spec.dim)
 
 
-def qjl_error_variance(q: torch.Tensor, r: torch.Tensor, m: int) -> torch.Tensor:
-    """Variance over S of the QJL estimate of ``<q, r>``: ``|r|^2/m (pi/2 |q|^2 - <q, r>^2/|r|^2)``. Shapes (..., D)."""
+def qjl_error_variance(q: torch.Tensor, r: torch.Tensor, m: int, norm_sq_mean=None) -> torch.Tensor:
+    """Variance of the QJL estimate ``n X`` of ``<q, r>`` over the projection S and the stored norm ``n``.
+
+    ``X = sqrt(pi/2)/m sum_j sign(<s_j, r>) <s_j, q>`` has ``E[X] = <q, r>/|r|`` and
+    ``E[X^2] = (pi/2 |q|^2 + (m - 1) <q, r>^2/|r|^2) / m``; ``n`` is independent of S with ``E[n] = |r|`` and
+    ``E[n^2] = norm_sq_mean`` (default ``|r|^2``, an exactly stored norm). Shapes (..., D); float64 result.
+    """
     q, r = q.double(), r.double()
     rn2 = r.square().sum(-1)
-    qr = (q * r).sum(-1)
-    return rn2 / m * (math.pi / 2 * q.square().sum(-1) - qr.square() / rn2.clamp_min(1e-300))
+    c2 = (q * r).sum(-1).square() / rn2.clamp_min(1e-300)
+    ex2 = (math.pi / 2 * q.square().sum(-1) + (m - 1) * c2) / m
+    n2 = rn2 if norm_sq_mean is None else torch.as_tensor(norm_sq_mean, dtype=torch.float64)
+    return n2 * ex2 - c2 * rn2
 
 
 # ---- rate calibration -----------------------------------------------------------------------------------
