@@ -21,6 +21,7 @@ from hyperquant_diffusers import HyperQuantConfig, LatticeLinear, memory_footpri
 from hyperquant_diffusers.testing import run_tiny_pipeline
 
 TILE = 64  # the tiny models' block linears have in_features 64/128/256
+PSNR_LTX2_SNIPPET_MIN = 30.0
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -161,27 +162,30 @@ def test_ltx2_transformer_snippet_default_tile_128(tiny_ltx2_path, tmp_path):
 
 
 def test_ltx2_pipeline_snippet_save_reload(tiny_ltx2_path, tmp_path):
+    """The issue's LTX-2 snippet verbatim (default tile 128): PipelineQuantizationConfig -> save -> reload."""
     ref = run_tiny_pipeline(LTX2Pipeline.from_pretrained(tiny_ltx2_path))
     pipe = LTX2Pipeline.from_pretrained(tiny_ltx2_path, quantization_config=PipelineQuantizationConfig(
-        quant_backend="hyperquant", quant_kwargs={"bits": 6.0, "lattice": "E8", "tile_size": TILE},
+        quant_backend="hyperquant", quant_kwargs={"bits": 4.0, "lattice": "E8"},
         components_to_quantize=["transformer", "text_encoder"]))
-    # LTX-2 blocks: 6 attentions x 4 + 2 feed-forwards x 2 = 28 per block; Gemma 3: 7 per layer x 2 minus the
-    # k/v projections (32x64 = 2048 < min_weight_numel)
-    assert n_lattice(pipe.transformer) == 56 and n_lattice(pipe.text_encoder) == 10
+    # tile 128: the blocks' in_features=256 linears (ff / audio_ff down projections, 2 blocks) and Gemma 3's
+    # mlp.down_proj (in_features 128, 2 layers); everything else is listed with its reason
+    assert n_lattice(pipe.transformer) == 4 and n_lattice(pipe.text_encoder) == 2
     te_skip = pipe.text_encoder._hyperquant_skipped
-    assert "too small" in te_skip["model.language_model.layers.0.self_attn.k_proj"]
+    assert "not a multiple of tile_size=128" in te_skip["model.language_model.layers.0.self_attn.q_proj"]
     assert "default exclusion" in te_skip["lm_head"]
+    assert isinstance(pipe.text_encoder.get_submodule("model.language_model.layers.1.mlp.down_proj"), LatticeLinear)
     assert type(pipe.connectors.text_proj_in) is nn.Linear  # connectors are not in components_to_quantize
     frames = run_tiny_pipeline(pipe)
     assert frames.shape == (9, 32, 32, 3)
     p = psnr(frames, ref)
-    print(f"LTX-2 6 bps (transformer+Gemma3) PSNR vs float: {p:.1f} dB")
-    assert p > 28.0  # measured ~34.8 dB
+    print(f"LTX-2 snippet (4 bps, tile 128) PSNR vs float: {p:.1f} dB")
+    assert p > PSNR_LTX2_SNIPPET_MIN
     out = str(tmp_path / "q")
     pipe.save_pretrained(out)
     pipe2 = LTX2Pipeline.from_pretrained(out)
+    assert n_lattice(pipe2.transformer) == 4 and n_lattice(pipe2.text_encoder) == 2
     assert _state_equal(pipe.transformer, pipe2.transformer) and _state_equal(pipe.text_encoder, pipe2.text_encoder)
-    np.testing.assert_allclose(run_tiny_pipeline(pipe2), frames, atol=1e-5, rtol=0)
+    # (frames of a reloaded pipeline are compared bit-for-bit in the LTX-Video test; LTX-2 runs are slow on CPU)
 
 
 def test_quant_mapping_per_component(tiny_ltx_path):
