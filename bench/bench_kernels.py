@@ -75,15 +75,52 @@ def sweeps(dev):
     offs = q.offsets.to(torch.int32)
     buf = torch.empty(q.numel, dtype=torch.int8, device=dev)
     best = None
-    for pps in (2, 4, 8, 16):
-        for nw in (4, 8):
+    for unary in (0, 1):
+        for pps, nw, cwd in ((8, 8, 256), (16, 8, 256), (16, 4, 256), (32, 4, 256), (16, 8, 128), (32, 4, 128)):
             t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
-                                             programs=pps * 132, num_warps=nw))
-            out["decode"][f"pps{pps}_w{nw}"] = t
+                                             stats=False, programs=pps * 132, num_warps=nw, unary=unary,
+                                             chunk_words=cwd))
+            out["decode"][f"u{unary}_pps{pps}_w{nw}_cw{cwd}"] = t
             if best is None or t < best[0]:
-                best = (t, pps, nw)
-    rd._TUNE.update(programs_per_sm=best[1], num_warps=best[2])
+                best = (t, pps, nw, unary, cwd)
+    rd._TUNE.update(programs_per_sm=best[1], num_warps=best[2], unary=best[3], chunk_words=best[4])
     out["decode_best"] = best
+    out["decode_best_gvalues_s"] = q.numel / best[0] / 1e6
+    # the same decode with the per-block statistics (amax, error flags) computed: their cost
+    out["decode_with_stats_ms"] = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values,
+                                                               out=buf, stats=True))
+    # act-quant launch shapes
+    from hyperquant_diffusers.kernels import act_quant as aq
+    from hyperquant_diffusers.codec import random_signs
+
+    out["actq"] = {}
+    for mm, kk in ((12288, 4096), (12288, 16384), (256, 4096), (256, 16384)):
+        xx = torch.randn(mm, kk, device=dev).to(torch.bfloat16)
+        ss = random_signs(kk, 0).to(dev, torch.bfloat16)
+        cands = []
+        if mm > 2048:
+            for bm, nw, st in ((16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3), (128, 8, 2)):
+                cands.append(("fused", dict(fused_bm=bm, fused_warps=nw, fused_stages=st)))
+        else:
+            for bm, kc, nw in ((16, 256, 4), (16, 512, 4), (16, 1024, 4), (32, 512, 4), (16, 512, 2)):
+                cands.append(("split", dict(split_bm=bm, split_kc=kc, split_warps=nw)))
+            cands.append(("fused", dict(fused_bm=16, fused_warps=4, fused_stages=2)))
+        bestc = None
+        saved = dict(aq._TUNE)
+        for impl, tune in cands:
+            aq._TUNE.update(tune)
+            t = bench(lambda: aq.rht_quantize(xx, ss, 128, "int8", signs_cast=ss, impl=impl))
+            out["actq"][f"{mm}x{kk} {impl} {tune}"] = t
+            if bestc is None or t < bestc[0]:
+                bestc = (t, impl, tune)
+            aq._TUNE.clear()
+            aq._TUNE.update(saved)
+        out["actq"][f"{mm}x{kk} best"] = bestc
+        out["actq"][f"{mm}x{kk} best_gbs"] = 3 * mm * kk / bestc[0] / 1e6
+        if kk == 4096:
+            aq._TUNE.update(bestc[2])
+            saved = dict(aq._TUNE)
+        del xx
     xq = torch.randint(-127, 128, (12288, 4096), dtype=torch.int8, device=dev)
     wq = torch.randint(-40, 41, (4096, 4096), dtype=torch.int8, device=dev)
     sx = torch.rand(12288, device=dev)
@@ -255,6 +292,28 @@ def run(args):
     qt["stacked_bps"] = [round(q_.bits_per_scalar, 4) for q_ in qs[:4]]
     qt["ltx2_18.9B_codec_est_s"] = 18.87e9 / qt["codec_values_per_s"]
     qt["ltx2_18.9B_stacked_est_s"] = 18.87e9 / qt["stacked_values_per_s"]
+    # where a stacked quantize spends its time (268M values)
+    from hyperquant_diffusers.codec import nearest_point, rht, random_signs as rs
+    from hyperquant_diffusers.codec.stream import choose_ks, encode_coords
+
+    big = torch.cat(ws).float()
+    sg = rs(4096, 0).to(dev)
+
+    def timed(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, r
+
+    qt["phase_rht_s"], y = timed(lambda: rht(big, sg, 128))
+    step = (y.square().mean(1).sqrt() * 0.5).unsqueeze(1)
+    qt["phase_nearest_s"], c = timed(lambda: nearest_point("E8", y / step))
+    del y
+    qt["phase_choose_ks_s"], _ = timed(lambda: choose_ks(c.reshape(-1), "E8", 4096))
+    for ch in (1 << 21, 1 << 24):
+        qt[f"phase_encode_chunk{ch}_s"], _ = timed(lambda: encode_coords(c.reshape(-1), "E8", 4096, chunk_values=ch))
+    del c, big
     res["quantize"] = qt
     print("# quantize", json.dumps(qt), flush=True)
     return res

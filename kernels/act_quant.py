@@ -45,9 +45,19 @@ def hadamard_pm1(tile: int, dtype, device) -> torch.Tensor:
 
 @jit_cache
 def _kernel():
-    global tl
+    global tl, _rht_tile
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE: tl.constexpr):
+        # one (BM, T) tile of rht(x) * sqrt(T): sign flip, then a tensor-core product with the ±1 Hadamard matrix
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=rmask[:, None], other=0.0)
+        s = tl.load(s_ptr + cols)
+        xs = x * s[None, :]
+        if IEEE:
+            return tl.dot(xs, h, input_precision="ieee")
+        return tl.dot(xs, h)
 
     @triton.jit
     def rht_quant_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
@@ -61,42 +71,76 @@ def _kernel():
         rows64 = rows.to(tl.int64)
         amax = tl.zeros([BM], dtype=tl.float32)
         for k0 in range(0, K, T):
-            cols = k0 + tt
-            x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=rmask[:, None], other=0.0)
-            s = tl.load(s_ptr + cols)
-            xs = x * s[None, :]
-            if IEEE:
-                y = tl.dot(xs, h, input_precision="ieee")
-            else:
-                y = tl.dot(xs, h)
+            y = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, k0 + tt, stride_xm, IEEE)
             amax = tl.maximum(amax, tl.max(tl.abs(y), 1))
         amax_safe = tl.where(amax > 0, amax, 1.0)
         tl.store(sx_ptr + rows, amax_safe * inv_sqrt_t / QMAX, mask=rmask)
         inv = QMAX / amax_safe
         for k0 in range(0, K, T):
             cols = k0 + tt
-            x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=rmask[:, None], other=0.0)
-            s = tl.load(s_ptr + cols)
-            xs = x * s[None, :]
-            if IEEE:
-                y = tl.dot(xs, h, input_precision="ieee")
-            else:
-                y = tl.dot(xs, h)
-            v = y * inv[:, None]
+            v = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE) * inv[:, None]
             if FP8:
                 qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
             else:
                 qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
             tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], qv, mask=rmask[:, None])
 
-    return rht_quant_kernel
+    @triton.jit
+    def rht_amax_split_kernel(x_ptr, s_ptr, h_ptr, amax_ptr, M, K, stride_xm, KC: tl.constexpr,
+                              T: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr):
+        # split-K pass 1 (small M): partial row maxima of |rht(x)| * sqrt(T) over KC columns, atomically merged
+        # (non-negative floats order like their int32 bit patterns)
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        tt = tl.arange(0, T)
+        h = tl.load(h_ptr + tt[:, None] * T + tt[None, :])
+        rows64 = rows.to(tl.int64)
+        amax = tl.zeros([BM], dtype=tl.float32)
+        kb = tl.program_id(1) * KC
+        for k0 in range(kb, kb + KC, T):
+            y = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, k0 + tt, stride_xm, IEEE)
+            amax = tl.maximum(amax, tl.max(tl.abs(y), 1))
+        tl.atomic_max(amax_ptr + rows, amax.to(tl.int32, bitcast=True), mask=rmask)
+
+    @triton.jit
+    def rht_quant_split_kernel(x_ptr, s_ptr, h_ptr, amax_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm,
+                               inv_sqrt_t, KC: tl.constexpr, T: tl.constexpr, BM: tl.constexpr,
+                               FP8: tl.constexpr, QMAX: tl.constexpr, IEEE: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        tt = tl.arange(0, T)
+        h = tl.load(h_ptr + tt[:, None] * T + tt[None, :])
+        rows64 = rows.to(tl.int64)
+        amax = tl.load(amax_ptr + rows, mask=rmask, other=0).to(tl.float32, bitcast=True)
+        amax_safe = tl.where(amax > 0, amax, 1.0)
+        if tl.program_id(1) == 0:
+            tl.store(sx_ptr + rows, amax_safe * inv_sqrt_t / QMAX, mask=rmask)
+        inv = QMAX / amax_safe
+        kb = tl.program_id(1) * KC
+        for k0 in range(kb, kb + KC, T):
+            cols = k0 + tt
+            v = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE) * inv[:, None]
+            if FP8:
+                qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
+            else:
+                qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
+            tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], qv, mask=rmask[:, None])
+
+    return rht_quant_kernel, rht_amax_split_kernel, rht_quant_split_kernel
+
+
+#: launch shapes; ``bench/bench_kernels.py`` sweeps them on the device (results in bench/RESULTS.md).
+#: fused: one program per BM rows walking all of K twice; split: (rows / BM) x (K / KC) programs, two launches.
+_TUNE = {"fused_bm": 64, "fused_warps": 8, "fused_stages": 2, "split_max_m": 2048, "split_bm": 16,
+         "split_kc": 512, "split_warps": 4}
 
 
 def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "int8", *,
-                 signs_cast: torch.Tensor | None = None):
+                 signs_cast: torch.Tensor | None = None, impl: str = "auto"):
     """Fused RHT + per-token quantization. ``x`` (M, K) bf16/fp16/fp32 (row stride free, unit column stride),
     ``signs`` ±1 (K,); ``fmt`` "int8" or "fp8". Returns (codes (M, K) int8 / float8_e4m3fn, scale float32 (M,)).
-    ``signs_cast``: the signs already in x's dtype on x's device (avoids a per-call cast)."""
+    ``signs_cast``: the signs already in x's dtype on x's device (avoids a per-call cast). ``impl``: "fused" (one
+    launch, a program owns whole rows), "split" (split-K in two launches: more programs for small M), "auto"."""
     require_triton()
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("rht_quantize expects a 2-D activation with unit stride along K")
@@ -110,13 +154,27 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     h = hadamard_pm1(tile, x.dtype, x.device)
     q = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     sx = torch.empty(m, device=x.device, dtype=torch.float32)
-    bm = 16 if m <= 4096 else 64
-    if tile >= 512:
-        bm = 16
-    grid = (triton_cdiv(m, bm),)
-    _kernel()[grid](x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile, BM=bm,
-                    FP8=fp8, QMAX=FP8_MAX if fp8 else INT8_MAX, IEEE=x.dtype == torch.float32,
-                    num_warps=4 if bm == 16 else 8)
+    qmax = FP8_MAX if fp8 else INT8_MAX
+    ieee = x.dtype == torch.float32
+    fused, amax_k, quant_k = _kernel()
+    tu = _TUNE
+    if impl == "auto":
+        impl = "split" if m <= tu["split_max_m"] else "fused"
+    if impl == "split":
+        kc = max(tile, min(tu["split_kc"], k))
+        while k % kc:
+            kc //= 2
+        bm = tu["split_bm"]
+        grid = (triton_cdiv(m, bm), k // kc)
+        amax = torch.zeros(m, device=x.device, dtype=torch.int32)
+        amax_k[grid](x, s, h, amax, m, k, x.stride(0), KC=kc, T=tile, BM=bm, IEEE=ieee, num_warps=tu["split_warps"])
+        quant_k[grid](x, s, h, amax, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), KC=kc, T=tile,
+                      BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, num_warps=tu["split_warps"])
+        return q, sx
+    bm = tu["fused_bm"] if tile < 512 else 16
+    fused[(triton_cdiv(m, bm),)](x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile,
+                                 BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, num_warps=tu["fused_warps"],
+                                 num_stages=tu["fused_stages"])
     return q, sx
 
 

@@ -81,7 +81,7 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     first = not cache.get("checked")
     try:
         rice_decode(module.hq_words, module.hq_offsets, module.hq_ks, n, module.lattice, module.block_values,
-                    out=buf, out_dtype=wdtype, check=first)
+                    out=buf, out_dtype=wdtype, check=first, stats=first)
     except ValueError:
         if not first:
             raise

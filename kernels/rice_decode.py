@@ -71,7 +71,8 @@ def _kernel():
     @triton.jit
     def rice_decode_kernel(words_ptr, offs_ptr, ks_ptr, out_ptr, scratch_ptr, err_ptr, amax_ptr, n, nb,
                            BV: tl.constexpr, LAT: tl.constexpr, D: tl.constexpr, CW: tl.constexpr,
-                           OUT_FP8: tl.constexpr, ESC_Q: tl.constexpr):
+                           OUT_FP8: tl.constexpr, ESC_Q: tl.constexpr, CHECK: tl.constexpr,
+                           UNARY: tl.constexpr):
         G: tl.constexpr = BV // D
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -131,14 +132,23 @@ def _kernel():
                 inv = w ^ 0xFFFFFFFF
                 z = _popc(inv)
                 zr = tl.cumsum(z, 0) - z + carry
-                maxz = tl.max(z, 0)
-                for j in range(0, maxz):
-                    lowbit = inv & ((inv ^ 0xFFFFFFFF) + 1)
-                    bp = _popc(lowbit - 1)
-                    r = zr + j
-                    ok = (inv != 0) & (r < cnt)
-                    tl.store(sp + r, wi * 32 + bp - un_start - r, mask=ok)
-                    inv = inv & (inv - 1)
+                if UNARY == 0:
+                    # walk each word's zeros: lowest set bit of the inverted word, up to the chunk's max count
+                    maxz = tl.max(z, 0)
+                    for j in range(0, maxz):
+                        lowbit = inv & ((inv ^ 0xFFFFFFFF) + 1)
+                        bp = _popc(lowbit - 1)
+                        r = zr + j
+                        ok = (inv != 0) & (r < cnt)
+                        tl.store(sp + r, wi * 32 + bp - un_start - r, mask=ok)
+                        inv = inv & (inv - 1)
+                else:
+                    # every bit at once: (words, 32) zero indicators, rank = word rank + prefix within the word
+                    jj = tl.arange(0, 32)
+                    zb = ((inv[:, None] >> jj[None, :].to(tl.uint32)) & 1).to(tl.int32)
+                    r2 = zr[:, None] + tl.cumsum(zb, 1) - zb
+                    ok2 = (zb == 1) & (r2 < cnt)
+                    tl.store(sp + r2, wi[:, None] * 32 + jj[None, :] - un_start - r2, mask=ok2)
                 carry += tl.sum(z, 0)
                 c += 1
             err = err | (carry < cnt).to(tl.int32)
@@ -146,7 +156,8 @@ def _kernel():
             A = tl.load(sp + idx, mask=valid, other=0)
             Ap = tl.load(sp + idx - 1, mask=valid & (idx > 0), other=0)
             q = A - Ap
-            err = err | (tl.max(tl.max(((q > ESC_Q) | (q < 0)) & valid, 1), 0).to(tl.int32) * 4)
+            if CHECK:
+                err = err | (tl.max(tl.max(((q > ESC_Q) | (q < 0)) & valid, 1), 0).to(tl.int32) * 4)
             a_last = tl.load(sp + tl.maximum(cnt - 1, 0))
             esc_start = un_start + a_last + cnt
             low = _read(wp, low_pos, keff, valid).to(tl.int32)
@@ -159,7 +170,8 @@ def _kernel():
                 erank = (tl.cumsum(eg, 0) - eg)[:, None] + tl.cumsum(e32, 1) - e32
                 epos = esc_start + erank * 32
                 ev32 = _read(wp, epos, erank * 0 + 32, esc & (epos + 32 <= end_bit)).to(tl.int32)
-                err = err | (tl.max(tl.max(esc & (epos + 32 > end_bit), 1), 0).to(tl.int32) * 2)
+                if CHECK:
+                    err = err | (tl.max(tl.max(esc & (epos + 32 > end_bit), 1), 0).to(tl.int32) * 2)
                 m = tl.where(esc, ev32, m)
             tail_start = esc_start + n_esc * 32
             # ---- rebuild stripped bits, signs -----------------------------------------------------------
@@ -180,7 +192,8 @@ def _kernel():
             srank = (tl.cumsum(pg, 0) - pg)[:, None] + tl.cumsum(p32, 1) - p32
             spos = tail_start + srank
             sok = present & (spos < end_bit)
-            err = err | (tl.max(tl.max(present & (spos >= end_bit), 1), 0).to(tl.int32) * 2)
+            if CHECK:
+                err = err | (tl.max(tl.max(present & (spos >= end_bit), 1), 0).to(tl.int32) * 2)
             sbit = (tl.load(wp + (spos >> 5), mask=sok, other=0) >> (spos & 31)) & 1
             neg = sok & (sbit == 1)
             if LAT == 3:
@@ -191,9 +204,11 @@ def _kernel():
             else:
                 val = mag
             cval = tl.where(neg, -val, val)
-            amax = tl.max(tl.max(tl.where(valid, tl.abs(cval), 0), 1), 0)
-            tl.store(amax_ptr + b, amax)
-            tl.store(err_ptr + b, err)
+            if CHECK:
+                amax = tl.max(tl.max(tl.where(valid, tl.abs(cval), 0), 1), 0)
+            if CHECK:
+                tl.store(amax_ptr + b, amax)
+                tl.store(err_ptr + b, err)
             if OUT_FP8:
                 o = tl.minimum(tl.maximum(cval, -448), 448).to(tl.float32).to(tl.float8e4nv)
             else:
@@ -205,7 +220,7 @@ def _kernel():
 
 
 #: launch shape (bench/bench_kernels.py sweeps it on the device; see bench/RESULTS.md)
-_TUNE = {"programs_per_sm": 4, "num_warps": 8}
+_TUNE = {"programs_per_sm": 16, "num_warps": 8, "unary": 0, "chunk_words": _CHUNK_WORDS}
 _SCRATCH: dict = {}
 
 
@@ -220,14 +235,17 @@ def _scratch(device, nprog: int, bv: int) -> torch.Tensor:
 
 def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n: int, lattice: str,
                 block_values: int, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int8,
-                check: bool = False, programs: int | None = None, num_warps: int | None = None):
+                check: bool = False, stats: bool = True, programs: int | None = None, num_warps: int | None = None,
+                unary: int | None = None, chunk_words: int | None = None):
     """Decode a codec block stream on the GPU (or the Triton interpreter).
 
     ``words`` int32 (n_words,), ``offsets`` int32/int64 (n_blocks+1,) word offsets, ``ks`` uint8 (n_blocks, 1),
     ``n`` coordinates, ``lattice`` in {"Z", "D4", "E8"}. Writes ``out`` (n,) of ``out_dtype`` (int8 or
     torch.float8_e4m3fn; a view of a reused buffer may be passed) and returns ``(out, amax, err)``: per block
-    ``max |c|`` int32 (n_blocks,) and error flags int32 (n_blocks,). ``check=True`` synchronizes and raises
-    ``RiceStreamError`` on any error flag and ``ValueError`` if a coordinate was clamped.
+    ``max |c|`` int32 (n_blocks,) and error flags int32 (n_blocks,), computed when ``stats`` (default) or
+    ``check``; ``stats=False, check=False`` is the fast path for a stream already checked once (amax and err are
+    then left unwritten). ``check=True`` synchronizes and raises ``RiceStreamError`` on any error flag and
+    ``ValueError`` if a coordinate was clamped.
     """
     require_triton()
     lat = str(lattice).upper()
@@ -251,8 +269,10 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     d = {"E8": 8, "D4": 4, "Z": 8}[lat]
     if nb:
         _kernel()[(nprog,)](words, offsets, ks.reshape(-1), out, scratch, err, amax, int(n), nb, BV=bv,
-                            LAT=_LAT_CODE[lat], D=d, CW=_CHUNK_WORDS, OUT_FP8=out_dtype == torch.float8_e4m3fn,
-                            ESC_Q=ESCAPE_Q, num_warps=num_warps or _TUNE["num_warps"])
+                            LAT=_LAT_CODE[lat], D=d, CW=chunk_words or _TUNE["chunk_words"],
+                            OUT_FP8=out_dtype == torch.float8_e4m3fn, ESC_Q=ESCAPE_Q, CHECK=bool(stats or check),
+                            UNARY=_TUNE["unary"] if unary is None else unary,
+                            num_warps=num_warps or _TUNE["num_warps"])
     if check and nb:
         if int(err.max()) != 0:
             bad = int((err != 0).nonzero()[0])

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hyperquant_diffusers.codec import quantize, random_signs, rht  # noqa: E402
+from hyperquant_diffusers.codec.rice import RiceStreamError  # noqa: E402
 from hyperquant_diffusers.codec.stream import decode_coords, encode_coords  # noqa: E402
 from hyperquant_diffusers.kernels import fp4  # noqa: E402
 from hyperquant_diffusers.kernels._triton import triton_available  # noqa: E402
@@ -129,7 +130,8 @@ def test_rice_decode_kernel_bit_exact(lattice, bits):
 
 
 @needs_triton
-def test_rice_decode_kernel_escapes_and_partial_block():
+@pytest.mark.parametrize("unary", [0, 1])
+def test_rice_decode_kernel_escapes_and_partial_block(unary):
     # a few huge coordinates force escape codes; 760 values leave a partial last block
     g = torch.Generator().manual_seed(5)
     c = (torch.randint(-3, 4, (95, 8), generator=g) * 2)
@@ -140,15 +142,17 @@ def test_rice_decode_kernel_escapes_and_partial_block():
     c = c.reshape(-1).to(torch.int32).to(_DEV)
     assert int(c.sum()) % 2 == 0
     words, offs, ks = encode_coords(c, "E8", 256)
-    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 256)
+    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 256, unary=unary)
     assert int(err.abs().sum()) == 0
     assert torch.equal(out.to(torch.int32), c)
     assert int(amax.max()) == int(c.abs().max())
     # a truncated stream is flagged, never read past
     bad_offs = offs.clone()
     bad_offs[1] = bad_offs[1] - 3
-    _, _, err2 = rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256)
+    _, _, err2 = rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, unary=unary)
     assert int(err2[0]) != 0
+    with pytest.raises(RiceStreamError):
+        rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, check=True)
 
 
 @needs_triton
