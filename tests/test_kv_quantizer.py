@@ -117,7 +117,7 @@ def test_added_variance_per_method_and_none_is_deterministic():
 @pytest.mark.parametrize("bits", [2.0, 3.0, 4.0, 6.0])
 def test_stored_size_counts_side_information(bits):
     gen = torch.Generator().manual_seed(4)
-    # a quarter of one prompt row of LTX-2's video text K (1024 tokens x 32 heads x 128)
+    # a slice of LTX-2's video text K: 256 tokens x 8 heads x head dim 128
     x = (_heavy(gen, 256, 8, 128) * torch.rand(256, 1, 1, generator=gen)).to(torch.bfloat16)
     quant = KVQuantizer(KVQuantConfig(bits=bits, lattice="E8", method="dither"), 128, seed=1)
     ck = quant.compress(x, call_seed=5)

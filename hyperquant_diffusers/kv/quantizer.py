@@ -76,8 +76,8 @@ class KVQuantConfig:
 
     ``bits``: target rate in bits per value, side information counted (1.5 to 8).
     ``lattice``: "E8", "D4", "A2" or "Z". ``method``: one of :data:`METHODS`.
-    ``tile_size``: RHT tile along the head dimension; ``None`` = the head dimension itself (must then be a power of
-    two in [16, 1024]). ``seed``: base seed of the RHT signs, dither and QJL projections.
+    ``tile_size``: RHT tile along the head dimension; ``None`` or anything >= the head dimension = the head dimension
+    itself (which must then be a power of two in [16, 1024]). ``seed``: base seed of the RHT signs, dither and QJL projections.
     """
 
     bits: float = 4.0
@@ -103,7 +103,9 @@ class KVQuantConfig:
         spec = lattice_spec(self.lattice)
         if d % spec.dim:
             raise ValueError(f"head dimension {d} is not a multiple of the {spec.name} lattice dimension {spec.dim}")
-        t = self.tile_size if self.tile_size is not None else d
+        # the RHT runs within one head: a tile longer than the head (e.g. a weight tile passed through) means "the
+        # whole head"
+        t = d if self.tile_size is None or self.tile_size >= d else self.tile_size
         try:
             t = check_tile_size(t)
         except ValueError as e:
