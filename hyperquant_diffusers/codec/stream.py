@@ -244,3 +244,17 @@ def index_entropy_bits(c: torch.Tensor, lattice: str) -> float:
             sel = (cls == cl) & (k_shift == sh)
             total += h(m[sel])
     return total
+
+
+def vector_bits(c: torch.Tensor, lattice: str, ks: torch.Tensor, block_values: int) -> torch.Tensor:
+    """Bits each lattice vector of ``c`` (n,) costs in the block stream with Rice parameters ``ks``.
+
+    Returns int64 (n // dim,): Rice-coded magnitudes + sign bits + the parity bit; block word padding is not
+    attributed to vectors.
+    """
+    spec = lattice_spec(lattice)
+    c = c.reshape(-1)
+    lay = _layout(c.numel(), lattice, block_values, c.device)
+    _, m, k_shift, present, _ = _symbols(c, lattice)
+    cost = rice_cost(m, _k_eff(ks, lay, k_shift, block_values)) + present.to(torch.int64)
+    return cost.view(-1, spec.dim).sum(1) + (1 if lay["has_parity"] else 0)

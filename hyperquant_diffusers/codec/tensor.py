@@ -13,6 +13,7 @@ from .constants import (BLOB_MAGIC, DEFAULT_BLOCK_VALUES, DEFAULT_TILE, FORMAT_V
                         MIN_BLOCK_VALUES, check_bits, check_tile_size, lattice_spec)
 from .hadamard import inverse_rht, random_signs, rht
 from .lattices import coords_to_points, nearest_point
+from .rdo import RDO_SHRINKS, rd_nearest_point
 from .rice import RiceStreamError
 from .stream import decode_coords, encode_coords, stream_bits
 
@@ -318,10 +319,10 @@ def _sample_rows(y: torch.Tensor) -> torch.Tensor:
 
 
 def _side_bits(rows: int, k: int, lattice: str, block_values: int) -> float:
-    """Bits of every side field for a tensor of this geometry (header estimated at 400 bytes, padding 16 bits)."""
+    """Bits of every side field for a tensor of this geometry (header estimated at 256 bytes, padding 16 bits)."""
     spec = lattice_spec(lattice)
     nb = (rows * k + block_values - 1) // block_values
-    return 8 * (4 + 6 + 400) + k + 32 * rows + 8 * nb * spec.classes + 32 * (nb + 1) + 16 * nb
+    return 8 * (4 + 6 + 256) + k + 32 * rows + 8 * nb * spec.classes + 32 * (nb + 1) + 16 * nb
 
 
 def quantize(
@@ -335,13 +336,15 @@ def quantize(
     block_values: int = DEFAULT_BLOCK_VALUES,
     step_mode: str = "row",
     tol_bits: float = 0.003,
+    rdo: bool = True,
 ) -> LatticeTensor:
     """Quantize ``w`` (..., K) with HyperQuant; runs on ``w``'s device.
 
     Give ``bits`` (target total bits per scalar, all side information counted, in [1, 8]) or ``snr_db`` (target
     signal-to-noise ratio, dB) — if ``snr_db`` is given it wins. One step size per row (``step_mode="row"``,
     proportional to the row's RMS so every row gets the same SNR) or per tensor (``"tensor"``); a single
-    multiplier is searched on a sample of rows so the whole tensor lands on the target.
+    multiplier is searched on a sample of rows so the whole tensor lands on the target. ``rdo`` picks each
+    lattice point rate–distortion optimally for the Rice code (see :mod:`.rdo`) instead of the nearest one.
     """
     spec = lattice_spec(lattice)
     tile_size = check_tile_size(tile_size)
@@ -371,8 +374,10 @@ def quantize(
     n_s = ys.numel()
     vol = spec.volume ** (1.0 / spec.dim)
 
+    shrinks = RDO_SHRINKS if rdo else ()
+
     def measure(alpha: float) -> float:
-        c = nearest_point(spec.name, ys / alpha)
+        c = rd_nearest_point(spec.name, ys / alpha, bv, shrinks)
         if snr_db is not None:
             err = (ys - coords_to_points(spec.name, c) * alpha).square().sum()
             return 10.0 * math.log10(float(ys.square().sum()) / max(float(err), 1e-300))
@@ -416,7 +421,7 @@ def quantize(
         log_a = nxt
     alpha = 2.0 ** log_a
     steps = (sigma * alpha).to(torch.float32)
-    c = nearest_point(spec.name, y / steps.unsqueeze(1))
+    c = rd_nearest_point(spec.name, y / steps.unsqueeze(1), bv, shrinks)
     words, offsets, ks = encode_coords(c.reshape(-1), spec.name, bv)
     return LatticeTensor(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode, signs, steps,
                          words, offsets, ks)
