@@ -75,15 +75,17 @@ def sweeps(dev):
     offs = q.offsets.to(torch.int32)
     buf = torch.empty(q.numel, dtype=torch.int8, device=dev)
     best = None
-    for unary in (0, 1):
-        for pps, nw, cwd in ((8, 8, 256), (16, 8, 256), (16, 4, 256), (32, 4, 256), (16, 8, 128), (32, 4, 128)):
-            t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
-                                             stats=False, programs=pps * 132, num_warps=nw, unary=unary,
-                                             chunk_words=cwd))
-            out["decode"][f"u{unary}_pps{pps}_w{nw}_cw{cwd}"] = t
-            if best is None or t < best[0]:
-                best = (t, pps, nw, unary, cwd)
-    rd._TUNE.update(programs_per_sm=best[1], num_warps=best[2], unary=best[3], chunk_words=best[4])
+    for unary, pps, nw, cwd, sub in ((0, 16, 8, 256, 4096), (0, 16, 8, 256, 1024), (0, 16, 4, 256, 1024),
+                                     (0, 32, 4, 256, 512), (0, 16, 8, 256, 512), (0, 32, 4, 256, 1024),
+                                     (0, 8, 8, 256, 2048), (1, 32, 4, 256, 1024), (0, 32, 2, 256, 512),
+                                     (0, 64, 2, 256, 256)):
+        t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
+                                         stats=False, programs=pps * 132, num_warps=nw, unary=unary,
+                                         chunk_words=cwd, sub=sub))
+        out["decode"][f"u{unary}_pps{pps}_w{nw}_cw{cwd}_sub{sub}"] = t
+        if best is None or t < best[0]:
+            best = (t, pps, nw, unary, cwd, sub)
+    rd._TUNE.update(programs_per_sm=best[1], num_warps=best[2], unary=best[3], chunk_words=best[4], sub=best[5])
     out["decode_best"] = best
     out["decode_best_gvalues_s"] = q.numel / best[0] / 1e6
     # the same decode with the per-block statistics (amax, error flags) computed: their cost
@@ -139,6 +141,24 @@ def sweeps(dev):
             bestg = (t, cfg)
     int8_gemm._CONFIGS["large"] = bestg[1]
     out["gemm_best"] = bestg
+    bestt = None
+    for cfg in ((128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4),
+                (128, 128, 128, 8, 4, 4), (128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 4)):
+        try:
+            t = bench(lambda: int8_gemm.int8_gemm_tma(xq, sx, wq, sw, b, config=cfg))
+        except Exception as e:
+            out["gemm"]["tma" + str(cfg)] = repr(e)[:120]
+            continue
+        out["gemm"]["tma" + str(cfg)] = t
+        if bestt is None or t < bestt[0]:
+            bestt = (t, cfg)
+    if bestt is not None:
+        int8_gemm._TMA["config"] = bestt[1]
+        out["gemm_tma_best"] = bestt
+        out["gemm_tma_best_tops"] = 2 * 12288 * 4096 * 4096 / bestt[0] / 1e9
+        y1 = int8_gemm.int8_gemm_tma(xq, sx, wq, sw, b)
+        y0 = int8_gemm.int8_gemm_triton(xq, sx, wq, sw, b)
+        out["tma_vs_ptr_max_abs_diff"] = float((y1.float() - y0.float()).abs().max())
     out["gemm_best_tops"] = 2 * 12288 * 4096 * 4096 / bestg[0] / 1e9
     print("# sweeps", json.dumps(out), flush=True)
     return out
@@ -167,8 +187,8 @@ def run(args):
     from hyperquant_diffusers.kernels import fp4
     from hyperquant_diffusers.kernels.act_quant import rht_quantize
     from hyperquant_diffusers.kernels.dispatch import weight_codes
-    from hyperquant_diffusers.kernels.int8_gemm import (fp8_linear, int8_gemm_int_mm, int8_gemm_triton,
-                                                        set_int8_path)
+    from hyperquant_diffusers.kernels.int8_gemm import (fp8_linear, int8_gemm_int_mm, int8_gemm_tma,
+                                                        int8_gemm_triton, set_int8_path)
     from hyperquant_diffusers.kernels.quantize import quantize_many
     from hyperquant_diffusers.kernels.rice_decode import rice_decode
 
@@ -227,7 +247,10 @@ def run(args):
             row["decode_fp8_ms"] = bench(lambda: weight_codes(comp, "fp8"))
             row["cast_fp8_ms"] = bench(lambda: wq.to(torch.float8_e4m3fn))
             # end to end, each residency x MMA; int8 GEMM path chosen per run
-            for path in ("triton", "int_mm"):
+            tma_ok = "gemm_tma_best" in res["sweeps"]
+            paths = ("triton", "tma", "int_mm") if tma_ok else ("triton", "int_mm")
+            row["gemm_tma_ms"] = bench(lambda: int8_gemm_tma(xq, sx, wq, sw, bias)) if tma_ok else float("nan")
+            for path in paths:
                 set_int8_path(path)
                 for mod, rname in ((i8, "int8res"), (comp, "compres")):
                     mod.mma = "int8"
@@ -235,7 +258,7 @@ def run(args):
                     if rname == "int8res":
                         y = mod(x)
                         row[f"err_int8_{path}_vs_fp64"] = rel(y, ref64)
-            best = min(("triton", "int_mm"), key=lambda p: row[f"e2e_int8res_int8_{p}_ms"])
+            best = min(paths, key=lambda p: row[f"e2e_int8res_int8_{p}_ms"])
             row["int8_path"] = best
             set_int8_path(best)
             for mod, rname in ((i8, "int8res"), (comp, "compres")):
@@ -332,11 +355,11 @@ def table(res):
                      f"{c('compres_int8')} | {c('compres_fp8')} | {r['int8_path']} | "
                      f"{100 * r['compres_vs_int8res_int8']:+.0f}% | {r['err_int8_triton_vs_fp64']:.2e} | "
                      f"{r['err_fp8_vs_fp64']:.2e} | {r['err_nvfp4_vs_fp64']:.2e} | {r['err_mxfp4_vs_fp64']:.2e} |")
-    lines += ["", "| shape | M | actq int8 | actq fp8 | GEMM triton | GEMM _int_mm+epi | GEMM fp8 | decode int8 | "
-              "decode fp8 | cast fp8 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| shape | M | actq int8 | actq fp8 | GEMM triton | GEMM tma | GEMM _int_mm+epi | GEMM fp8 | decode int8 | "
+              "decode fp8 | cast fp8 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['shape']} | {r['M']} | {r['actq_int8_ms']:.3f} | {r['actq_fp8_ms']:.3f} | "
-                     f"{r['gemm_triton_ms']:.3f} | {r['gemm_int_mm_ms']:.3f} | {r['gemm_fp8_ms']:.3f} | "
+                     f"{r['gemm_triton_ms']:.3f} | {r['gemm_tma_ms']:.3f} | {r['gemm_int_mm_ms']:.3f} | {r['gemm_fp8_ms']:.3f} | "
                      f"{r['decode_int8_ms']:.3f} | {r['decode_fp8_ms']:.3f} | {r['cast_fp8_ms']:.3f} |")
     lines += ["", "| shape | bit-exact | decode ms | Gvalues/s | stream GB/s | stream bps | codec quantize s | "
               "lattice err | nvfp4 cast err | mxfp4 cast err |", "|---|---|---|---|---|---|---|---|---|---|"]

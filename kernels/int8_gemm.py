@@ -83,7 +83,38 @@ def _kernels():
             y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(c_ptr + off, y.to(c_ptr.dtype.element_ty), mask=mask)
 
-    return int8_gemm_kernel, epilogue_kernel
+    @triton.jit
+    def int8_gemm_tma_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_cm,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, STAGES: tl.constexpr):
+        # same tiling, operands through Hopper's tensor-memory-accelerator descriptors (bulk async copies)
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        group = GROUP_M * num_n
+        gid = pid // group
+        first_m = gid * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % gsize
+        pid_n = (pid % group) // gsize
+        om = pid_m * BM
+        on = pid_n * BN
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for k0 in tl.range(0, K, BK, num_stages=STAGES):
+            a = a_desc.load([om, k0])
+            b = b_desc.load([on, k0])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        rm = om + tl.arange(0, BM)
+        rn = on + tl.arange(0, BN)
+        sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
+        sb = tl.load(sb_ptr + rn, mask=rn < N, other=0.0)
+        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+    return int8_gemm_kernel, epilogue_kernel, int8_gemm_tma_kernel
 
 
 def _pick(m: int, n: int) -> tuple:
@@ -110,6 +141,27 @@ def int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tup
     return out
 
 
+_TMA = {"config": (128, 256, 128, 8, 8, 3), "small": (64, 128, 128, 8, 4, 4), "enabled": True}
+
+
+def int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None):
+    """Triton int8 GEMM with TMA descriptor loads (Hopper) and the same fused epilogue."""
+    require_triton()
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = xq.shape
+    n = wq.shape[0]
+    bm, bn, bk, gm, warps, stages = config or (_TMA["small"] if m <= 256 else _TMA["config"])
+    a_desc = TensorDescriptor.from_tensor(xq, [bm, bk])
+    b_desc = TensorDescriptor.from_tensor(wq, [bn, bk])
+    out = torch.empty(m, n, device=xq.device, dtype=out_dtype)
+    grid = (((m + bm - 1) // bm) * ((n + bn - 1) // bn),)
+    _kernels()[2][grid](a_desc, b_desc, out, sx, sw, bias if bias is not None else sx, m, n, k, out.stride(0),
+                        BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages,
+                        num_warps=warps)
+    return out
+
+
 def int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
     """``torch._int_mm`` (cuBLAS, int32 out) + one Triton epilogue pass (scales, bias, cast)."""
     require_triton()
@@ -131,14 +183,16 @@ _INT8_PATH = {"path": "triton"}
 
 
 def set_int8_path(path: str) -> None:
-    if path not in ("triton", "int_mm"):
-        raise ValueError(f"int8 path must be 'triton' or 'int_mm', got {path!r}")
+    if path not in ("triton", "int_mm", "tma"):
+        raise ValueError(f"int8 path must be 'triton', 'tma' or 'int_mm', got {path!r}")
     _INT8_PATH["path"] = path
 
 
 def int8_linear(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
     if _INT8_PATH["path"] == "int_mm":
         return int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype)
+    if _INT8_PATH["path"] == "tma":
+        return int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype)
     return int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype)
 
 

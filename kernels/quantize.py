@@ -18,7 +18,26 @@ from __future__ import annotations
 
 import torch
 
+import contextlib
+import functools
+
 from hyperquant_diffusers.codec import LatticeTensor, quantize
+from hyperquant_diffusers.codec import tensor as _codec_tensor
+
+#: coordinates per encode_coords chunk for stacked groups: the codec's default (2M) spends ~0.8 s of a 268M-value
+#: group in per-chunk launches and host syncs; 16M takes ~0.37 s (bench/RESULTS.md, H100)
+ENCODE_CHUNK = 1 << 24
+
+
+@contextlib.contextmanager
+def _encode_chunk(chunk_values: int):
+    # codec.quantize has no chunk argument (requested from the codec owner): bind one for the duration of the call
+    orig = _codec_tensor.encode_coords
+    _codec_tensor.encode_coords = functools.partial(orig, chunk_values=chunk_values)
+    try:
+        yield
+    finally:
+        _codec_tensor.encode_coords = orig
 
 
 def split_stacked(q: LatticeTensor, n_layers: int) -> list[LatticeTensor]:
@@ -43,7 +62,8 @@ def split_stacked(q: LatticeTensor, n_layers: int) -> list[LatticeTensor]:
 
 
 def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E8", tile_size: int = 128,
-                  seed: int = 0, block_values: int = 4096, max_values: int = 1 << 28) -> list[LatticeTensor]:
+                  seed: int = 0, block_values: int = 4096, max_values: int = 1 << 29,
+                  encode_chunk: int = ENCODE_CHUNK) -> list[LatticeTensor]:
     """Quantize same-shape 2-D weights in stacked groups of at most ``max_values`` values; one LatticeTensor
     per weight, in order. Weights whose size is not a whole number of blocks are quantized one by one."""
     if not weights:
@@ -60,7 +80,9 @@ def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E
     for g0 in range(0, len(weights), group):
         chunk = weights[g0:g0 + group]
         stacked = torch.cat([w.detach() for w in chunk], 0) if len(chunk) > 1 else chunk[0].detach()
-        q = quantize(stacked, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed, block_values=block_values)
+        with _encode_chunk(encode_chunk):
+            q = quantize(stacked, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed,
+                         block_values=block_values)
         del stacked
         out.extend(split_stacked(q, len(chunk)))
     return out

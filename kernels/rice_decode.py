@@ -72,16 +72,18 @@ def _kernel():
     def rice_decode_kernel(words_ptr, offs_ptr, ks_ptr, out_ptr, scratch_ptr, err_ptr, amax_ptr, n, nb,
                            BV: tl.constexpr, LAT: tl.constexpr, D: tl.constexpr, CW: tl.constexpr,
                            OUT_FP8: tl.constexpr, ESC_Q: tl.constexpr, CHECK: tl.constexpr,
-                           UNARY: tl.constexpr):
-        G: tl.constexpr = BV // D
+                           UNARY: tl.constexpr, SUB: tl.constexpr, HWN: tl.constexpr):
+        # The block-level unary scan fills the scratch row; the per-value work then runs over sub-chunks of SUB
+        # values with scalar carries (even-vector count, escape rank, sign rank), which bounds register use.
+        SG: tl.constexpr = SUB // D
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
-        gi = tl.arange(0, G)
+        gi = tl.arange(0, SG)
         pj = tl.arange(0, D)
-        idx = gi[:, None] * D + pj[None, :]                     # (G, D) value index within the block
-        pos = idx % D if LAT != 0 else idx * 0                  # coordinate index within its vector
+        lidx = gi[:, None] * D + pj[None, :]                    # (SG, D) value index within a sub-chunk
+        pos = lidx % D if LAT != 0 else lidx * 0                # coordinate index within its vector
         cw = tl.arange(0, CW)
-        sp = scratch_ptr + pid.to(tl.int64) * BV
+        sp = scratch_ptr + (pid + 0 * n).to(tl.int64) * BV
         for b in range(pid, nb, nprog):
             w0 = tl.load(offs_ptr + b).to(tl.int64)
             w1 = tl.load(offs_ptr + b + 1).to(tl.int64)
@@ -90,33 +92,28 @@ def _kernel():
             end_bit = nwords * 32
             v0 = (w0 * 0 + b) * BV
             cnt = tl.minimum(n - v0, BV).to(tl.int32)
-            valid = idx < cnt
             k = tl.load(ks_ptr + b).to(tl.int32)
             kpos = (k > 0).to(tl.int32)
             err = cnt * 0
+            amax = cnt * 0
             if LAT == 3:
-                # E8: one parity bit per vector in the head; even vectors strip the last magnitude's low bit
+                # E8: one parity bit per vector in the head; even vectors strip their last magnitude's low bit
                 ng = cnt // 8
-                gmask = gi < ng
-                par = ((tl.load(wp + (gi >> 5), mask=gmask, other=0) >> (gi & 31)) & 1).to(tl.int32)
-                odd = par == 1
-                ev = (gmask & (par == 0)).to(tl.int32)
-                evens_before = tl.cumsum(ev, 0) - ev
-                strip = (pos == 7) & (par[:, None] == 0)
+                hw = tl.arange(0, HWN)
+                hwv = tl.load(wp + hw, mask=hw * 32 < ng, other=0).to(tl.uint32, bitcast=True)
+                nbits = tl.minimum(tl.maximum(ng - hw * 32, 0), 32)
+                one = tl.full([HWN], 1, tl.uint32)
+                hmask = tl.where(nbits >= 32, tl.full([HWN], 0xFFFFFFFF, tl.uint32),
+                                 (one << tl.minimum(nbits, 31).to(tl.uint32)) - 1)
+                n_even = ng - tl.sum(_popc(hwv & hmask), 0)
                 head = ng
-                low_pos = head + idx * k - kpos * evens_before[:, None]
-                total_low = cnt * k - kpos * tl.sum(ev, 0)
+                total_low = cnt * k - kpos * n_even
             elif LAT == 2:
-                strip = pos == 3
                 head = cnt * 0
-                low_pos = idx * k - kpos * gi[:, None]
                 total_low = cnt * k - kpos * (cnt // 4)
             else:
-                strip = idx < 0
                 head = cnt * 0
-                low_pos = idx * k
                 total_low = cnt * k
-            keff = tl.maximum(k - strip.to(tl.int32), 0)
             un_start = head + total_low
             # ---- unary section: scatter A_r = ones before terminator r ------------------------------------
             carry = cnt * 0
@@ -153,74 +150,107 @@ def _kernel():
                 c += 1
             err = err | (carry < cnt).to(tl.int32)
             tl.debug_barrier()
-            A = tl.load(sp + idx, mask=valid, other=0)
-            Ap = tl.load(sp + idx - 1, mask=valid & (idx > 0), other=0)
-            q = A - Ap
-            if CHECK:
-                err = err | (tl.max(tl.max(((q > ESC_Q) | (q < 0)) & valid, 1), 0).to(tl.int32) * 4)
             a_last = tl.load(sp + tl.maximum(cnt - 1, 0))
             esc_start = un_start + a_last + cnt
-            low = _read(wp, low_pos, keff, valid).to(tl.int32)
-            m = (tl.minimum(q, ESC_Q - 1) << keff) | low
-            esc = (q == ESC_Q) & valid
-            n_esc = tl.sum(tl.sum(esc.to(tl.int32), 1), 0)
-            if n_esc > 0:
+            # escapes before the signs: count them first (q_r = A_r - A_{r-1} == ESC_Q)
+            n_esc = cnt * 0
+            for s0 in range(0, BV, SUB):
+                li = s0 + lidx
+                v = li < cnt
+                A = tl.load(sp + li, mask=v, other=0)
+                Ap = tl.load(sp + li - 1, mask=v & (li > 0), other=0)
+                n_esc += tl.sum(tl.sum((((A - Ap) == ESC_Q) & v).to(tl.int32), 1), 0)
+            tail_start = esc_start + n_esc * 32
+            ev_carry = cnt * 0
+            esc_carry = cnt * 0
+            sign_carry = cnt * 0
+            for s0 in range(0, BV, SUB):
+                idx = s0 + lidx
+                valid = idx < cnt
+                gg = s0 // D + gi
+                if LAT == 3:
+                    gmask = gg < ng
+                    par = ((tl.load(wp + (gg >> 5), mask=gmask, other=0) >> (gg & 31)) & 1).to(tl.int32)
+                    odd = par == 1
+                    ev = (gmask & (par == 0)).to(tl.int32)
+                    evens_before = ev_carry + tl.cumsum(ev, 0) - ev
+                    ev_carry += tl.sum(ev, 0)
+                    strip = (pos == 7) & (par[:, None] == 0)
+                    low_pos = head + idx * k - kpos * evens_before[:, None]
+                elif LAT == 2:
+                    strip = pos == 3
+                    low_pos = idx * k - kpos * gg[:, None]
+                else:
+                    strip = idx < 0
+                    low_pos = idx * k
+                keff = tl.maximum(k - strip.to(tl.int32), 0)
+                A = tl.load(sp + idx, mask=valid, other=0)
+                Ap = tl.load(sp + idx - 1, mask=valid & (idx > 0), other=0)
+                q = A - Ap
+                if CHECK:
+                    err = err | (tl.max(tl.max(((q > ESC_Q) | (q < 0)) & valid, 1), 0).to(tl.int32) * 4)
+                low = _read(wp, low_pos, keff, valid).to(tl.int32)
+                m = (tl.minimum(q, ESC_Q - 1) << keff) | low
+                esc = (q == ESC_Q) & valid
                 e32 = esc.to(tl.int32)
                 eg = tl.sum(e32, 1)
-                erank = (tl.cumsum(eg, 0) - eg)[:, None] + tl.cumsum(e32, 1) - e32
-                epos = esc_start + erank * 32
-                ev32 = _read(wp, epos, erank * 0 + 32, esc & (epos + 32 <= end_bit)).to(tl.int32)
+                n_e = tl.sum(eg, 0)
+                if n_e > 0:
+                    erank = esc_carry + (tl.cumsum(eg, 0) - eg)[:, None] + tl.cumsum(e32, 1) - e32
+                    epos = esc_start + erank * 32
+                    ev32 = _read(wp, epos, erank * 0 + 32, esc & (epos + 32 <= end_bit)).to(tl.int32)
+                    if CHECK:
+                        err = err | (tl.max(tl.max(esc & (epos + 32 > end_bit), 1), 0).to(tl.int32) * 2)
+                    m = tl.where(esc, ev32, m)
+                esc_carry += n_e
+                # ---- rebuild stripped bits, signs -------------------------------------------------------
+                if LAT == 3:
+                    s7 = tl.sum(tl.where(pos < 7, m, 0), 1) & 1
+                    mag = tl.where(strip, 2 * m + s7[:, None], m)
+                    present = ((mag != 0) | odd[:, None]) & ~((pos == 7) & odd[:, None])
+                elif LAT == 2:
+                    s3 = tl.sum(tl.where(pos < 3, m, 0), 1) & 1
+                    mag = tl.where(strip, 2 * m + s3[:, None], m)
+                    present = mag != 0
+                else:
+                    mag = m
+                    present = mag != 0
+                present = present & valid
+                p32 = present.to(tl.int32)
+                pg = tl.sum(p32, 1)
+                srank = sign_carry + (tl.cumsum(pg, 0) - pg)[:, None] + tl.cumsum(p32, 1) - p32
+                sign_carry += tl.sum(pg, 0)
+                spos = tail_start + srank
+                sok = present & (spos < end_bit)
                 if CHECK:
-                    err = err | (tl.max(tl.max(esc & (epos + 32 > end_bit), 1), 0).to(tl.int32) * 2)
-                m = tl.where(esc, ev32, m)
-            tail_start = esc_start + n_esc * 32
-            # ---- rebuild stripped bits, signs -----------------------------------------------------------
-            if LAT == 3:
-                s7 = tl.sum(tl.where(pos < 7, m, 0), 1) & 1
-                mag = tl.where(strip, 2 * m + s7[:, None], m)
-                present = ((mag != 0) | odd[:, None]) & ~((pos == 7) & odd[:, None])
-            elif LAT == 2:
-                s3 = tl.sum(tl.where(pos < 3, m, 0), 1) & 1
-                mag = tl.where(strip, 2 * m + s3[:, None], m)
-                present = mag != 0
-            else:
-                mag = m
-                present = mag != 0
-            present = present & valid
-            p32 = present.to(tl.int32)
-            pg = tl.sum(p32, 1)
-            srank = (tl.cumsum(pg, 0) - pg)[:, None] + tl.cumsum(p32, 1) - p32
-            spos = tail_start + srank
-            sok = present & (spos < end_bit)
-            if CHECK:
-                err = err | (tl.max(tl.max(present & (spos >= end_bit), 1), 0).to(tl.int32) * 2)
-            sbit = (tl.load(wp + (spos >> 5), mask=sok, other=0) >> (spos & 31)) & 1
-            neg = sok & (sbit == 1)
-            if LAT == 3:
-                val = 2 * mag + par[:, None]
-                nneg = tl.sum(tl.where(pos < 7, neg.to(tl.int32), 0), 1)
-                neg7 = ((tl.sum(tl.where(valid, mag, 0), 1) - nneg) & 1) == 1
-                neg = tl.where((pos == 7) & odd[:, None], neg7[:, None], neg)
-            else:
-                val = mag
-            cval = tl.where(neg, -val, val)
-            if CHECK:
-                amax = tl.max(tl.max(tl.where(valid, tl.abs(cval), 0), 1), 0)
+                    err = err | (tl.max(tl.max(present & (spos >= end_bit), 1), 0).to(tl.int32) * 2)
+                sbit = (tl.load(wp + (spos >> 5), mask=sok, other=0) >> (spos & 31)) & 1
+                neg = sok & (sbit == 1)
+                if LAT == 3:
+                    val = 2 * mag + par[:, None]
+                    nneg = tl.sum(tl.where(pos < 7, neg.to(tl.int32), 0), 1)
+                    neg7 = ((tl.sum(tl.where(valid, mag, 0), 1) - nneg) & 1) == 1
+                    neg = tl.where((pos == 7) & odd[:, None], neg7[:, None], neg)
+                else:
+                    val = mag
+                cval = tl.where(neg, -val, val)
+                if CHECK:
+                    amax = tl.maximum(amax, tl.max(tl.max(tl.where(valid, tl.abs(cval), 0), 1), 0))
+                if OUT_FP8:
+                    o = tl.minimum(tl.maximum(cval, -448), 448).to(tl.float32).to(tl.float8e4nv)
+                else:
+                    o = tl.minimum(tl.maximum(cval, -127), 127).to(tl.int8)
+                tl.store(out_ptr + v0 + idx, o, mask=valid)
             if CHECK:
                 tl.store(amax_ptr + b, amax)
                 tl.store(err_ptr + b, err)
-            if OUT_FP8:
-                o = tl.minimum(tl.maximum(cval, -448), 448).to(tl.float32).to(tl.float8e4nv)
-            else:
-                o = tl.minimum(tl.maximum(cval, -127), 127).to(tl.int8)
-            tl.store(out_ptr + v0 + idx, o, mask=valid)
             tl.debug_barrier()   # the next block reuses this program's scratch row
 
     return rice_decode_kernel
 
 
 #: launch shape (bench/bench_kernels.py sweeps it on the device; see bench/RESULTS.md)
-_TUNE = {"programs_per_sm": 16, "num_warps": 8, "unary": 0, "chunk_words": _CHUNK_WORDS}
+_TUNE = {"programs_per_sm": 16, "num_warps": 8, "unary": 0, "chunk_words": _CHUNK_WORDS, "sub": 1024}
 _SCRATCH: dict = {}
 
 
@@ -236,7 +266,7 @@ def _scratch(device, nprog: int, bv: int) -> torch.Tensor:
 def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n: int, lattice: str,
                 block_values: int, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int8,
                 check: bool = False, stats: bool = True, programs: int | None = None, num_warps: int | None = None,
-                unary: int | None = None, chunk_words: int | None = None):
+                unary: int | None = None, chunk_words: int | None = None, sub: int | None = None):
     """Decode a codec block stream on the GPU (or the Triton interpreter).
 
     ``words`` int32 (n_words,), ``offsets`` int32/int64 (n_blocks+1,) word offsets, ``ks`` uint8 (n_blocks, 1),
@@ -272,6 +302,7 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
                             LAT=_LAT_CODE[lat], D=d, CW=chunk_words or _TUNE["chunk_words"],
                             OUT_FP8=out_dtype == torch.float8_e4m3fn, ESC_Q=ESCAPE_Q, CHECK=bool(stats or check),
                             UNARY=_TUNE["unary"] if unary is None else unary,
+                            SUB=min(bv, sub or _TUNE["sub"]), HWN=max(1, bv // 256),
                             num_warps=num_warps or _TUNE["num_warps"])
     if check and nb:
         if int(err.max()) != 0:

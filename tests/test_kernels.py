@@ -121,7 +121,7 @@ def _stream(lattice, bits, bv, rows=8, k=256, seed=0):
 @pytest.mark.parametrize("lattice,bits", [("E8", 4.0), ("D4", 3.0), ("Z", 5.0)])
 def test_rice_decode_kernel_bit_exact(lattice, bits):
     q = _stream(lattice, bits, 256)
-    out, amax, err = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, 256)
+    out, amax, err = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, 256, sub=128)
     ref = decode_coords(q.words, q.offsets, q.ks, q.numel, lattice, 256)
     assert int(err.abs().sum()) == 0
     assert torch.equal(out.to(torch.int32), ref.clamp(-127, 127))
@@ -142,7 +142,9 @@ def test_rice_decode_kernel_escapes_and_partial_block(unary):
     c = c.reshape(-1).to(torch.int32).to(_DEV)
     assert int(c.sum()) % 2 == 0
     words, offs, ks = encode_coords(c, "E8", 256)
-    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 256, unary=unary)
+    # unary=1 also splits each block into sub-chunks of 64 values (the carries across sub-chunks)
+    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 256, unary=unary,
+                                 sub=64 if unary else None)
     assert int(err.abs().sum()) == 0
     assert torch.equal(out.to(torch.int32), c)
     assert int(amax.max()) == int(c.abs().max())
@@ -230,10 +232,10 @@ def test_gpu_act_quant_bf16(fmt):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("path", ["triton", "int_mm", "fp8"])
+@pytest.mark.parametrize("path", ["triton", "tma", "int_mm", "fp8"])
 @pytest.mark.parametrize("m", [256, 1000])
 def test_gpu_quantized_gemm_paths_vs_float64(path, m):
-    from hyperquant_diffusers.kernels.int8_gemm import fp8_linear, int8_gemm_int_mm, int8_gemm_triton
+    from hyperquant_diffusers.kernels.int8_gemm import fp8_linear, int8_gemm_int_mm, int8_gemm_tma, int8_gemm_triton
 
     torch.manual_seed(12)
     n, k = 768, 1024
@@ -251,7 +253,7 @@ def test_gpu_quantized_gemm_paths_vs_float64(path, m):
         ref = quantized_linear_reference(x8.float(), sx * 127 / 448, w8.float(), sw, b.float())
         assert _rel(y, ref) < 1e-2
         return
-    fn = int8_gemm_triton if path == "triton" else int8_gemm_int_mm
+    fn = {"triton": int8_gemm_triton, "tma": int8_gemm_tma, "int_mm": int8_gemm_int_mm}[path]
     out = fn(xq, sx, wq, sw, b, out_dtype=torch.bfloat16)
     assert not bool(out.isnan().any())
     assert _rel(out, quantized_linear_reference(xq, sx, wq, sw, b)) < 1e-2  # bf16 output rounding
