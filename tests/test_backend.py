@@ -95,7 +95,10 @@ def test_ltx_save_reload_bit_exact_without_requantizing(ltx_q6, monkeypatch):
     assert n_lattice(pipe2.transformer) == 20 and n_lattice(pipe2.text_encoder) == 14
     assert _state_equal(pipe.transformer, pipe2.transformer)
     assert _state_equal(pipe.text_encoder, pipe2.text_encoder)
-    np.testing.assert_array_equal(run_tiny_pipeline(pipe2), run_tiny_pipeline(pipe))
+    # Same codes, same model -> same video. Not asserted bit-for-bit: CPU BLAS may round an (unquantized) float
+    # Linear differently for bit-identical weights and inputs at other memory addresses (seen: 9e-8 in LTX-2's
+    # timestep embedder), so frames are compared at 1e-5; the checkpoint tensors above are compared exactly.
+    np.testing.assert_allclose(run_tiny_pipeline(pipe2), run_tiny_pipeline(pipe), atol=1e-5, rtol=0)
     # the checkpoint is safetensors only (no pickle) and carries version + config
     files = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs]
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
