@@ -184,6 +184,12 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
         """True when this config describes already-quantized weights (it carries a ``layout``)."""
         return bool(self.layout)
 
+    def fresh_copy(self) -> "HyperQuantConfig":
+        """A copy without ``layout`` (for quantizing another model with the same settings)."""
+        d = self.to_dict()
+        d.pop("layout", None)
+        return HyperQuantConfig.from_dict(d)
+
     def quantize_kwargs(self) -> dict[str, Any]:
         """Arguments of :func:`hyperquant_diffusers.codec.quantize` for a weight."""
         return {"bits": self.bits, "lattice": self.lattice, "tile_size": self.tile_size, "seed": self.seed,

@@ -184,3 +184,17 @@ def test_save_pretrained_atomic(small_ckpt, tmp_path):
         hyperquant_diffusers.save_pretrained_atomic(Boom(), out)
     assert os.path.exists(out / ST) and not os.path.exists(out / "partial")
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".hq-")]
+
+
+def test_one_config_reused_for_two_models(tiny_ltx_path, tiny_ltx2_path, tmp_path):
+    """A user config object reused across from_pretrained calls must not leak one model's layout into another."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    cfg = HyperQuantConfig(bits=4.0, tile_size=128)
+    a = LTXVideoTransformer3DModel.from_pretrained(tiny_ltx_path, subfolder="transformer", quantization_config=cfg)
+    b = LTX2VideoTransformer3DModel.from_pretrained(tiny_ltx2_path, subfolder="transformer", quantization_config=cfg)
+    assert cfg.layout is None
+    assert len(a.config.quantization_config.layout) == 2 and len(b.config.quantization_config.layout) == 4
+    a.save_pretrained(tmp_path / "a")
+    a2 = LTXVideoTransformer3DModel.from_pretrained(tmp_path / "a")
+    assert sorted(a2.config.quantization_config.layout) == sorted(a.config.quantization_config.layout)

@@ -17,9 +17,11 @@ class HyperQuantHfQuantizer(HfQuantizer):
     required_packages = None
 
     def __init__(self, quantization_config, **kwargs):
+        if not kwargs.get("pre_quantized", True):
+            # Quantizing fresh weights: work on a private copy, so that one user config reused for several
+            # from_pretrained calls does not carry one model's layout into another.
+            quantization_config = quantization_config.fresh_copy()
         super().__init__(quantization_config, **kwargs)
-        if quantization_config.is_prequantized:
-            self.pre_quantized = True
 
     def validate_environment(self, *args, **kwargs):
         return None
