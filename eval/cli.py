@@ -2,7 +2,11 @@
 
     hyperquant-eval --out report/                                   # embedded tiny model (random weights), offline
     hyperquant-eval --model PATH_OR_ID --prompts samples/prompts.txt --configs bf16,w4-e8,w4-e8+kv4 --out report/
-    accelerate launch -m hyperquant_diffusers.eval.cli --model ... --out report/   # prompts split over GPUs
+    accelerate launch --multi_gpu --num_processes 8 -m hyperquant_diffusers.eval.cli --model ... --out report/
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m hyperquant_diffusers.eval.cli --out report/   # CPU processes
+
+Several processes split the (prompt, seed) jobs with accelerate's PartialState and rank 0 merges the report; the
+output folder must be shared. (`accelerate launch --cpu` starts ONE process; use torchrun for several on CPU.)
 
 Re-running with the same arguments resumes: finished videos are reused (see :mod:`.store`), only the report is
 rebuilt. Exit status 2 with a one-line message for bad input (unknown config, missing prompt file, ...); 1 when a
@@ -45,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=24.0, help="frame rate of the videos (default 24)")
     p.add_argument("--dtype", default="bf16", help="baseline / activation dtype: bf16 (default), fp16, fp32")
     p.add_argument("--device", help="default: this process's accelerate device (cuda:N or cpu)")
-    p.add_argument("--pipeline-kwargs", default="{}", help="JSON object passed to the pipeline call verbatim")
+    p.add_argument("--quant-kwargs", help="JSON object of extra HyperQuantConfig kwargs for every quantized config, "
+                                          "e.g. '{\"tile_size\": 64}'; default {} (embedded model: "
+                                          "{\"tile_size\": 16, \"min_weight_numel\": 16384})")
+    p.add_argument("--no-resume", action="store_true", help="regenerate every video even if a finished one is stored")
+    p.add_argument("--pipeline-kwargs", help="JSON object passed to the pipeline call verbatim")
     p.add_argument("--lpips-backbone", default="auto",
                    help="'auto' (torch hub cache, else one download try), 'off', or a path to torchvision's "
                         "alexnet-owt-7be5be79.pth")
@@ -69,9 +77,22 @@ def _parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def _json_object(flag: str, text: str | None, default: dict) -> dict:
+    if text is None:
+        return dict(default)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{flag} must be a JSON object")
+    return obj
+
+
 def resolve_inputs(args) -> dict:
     """Validate everything that does not need a model (fast, before any loading). Raises ValueError & co."""
-    from .pipeline import EMBEDDED_EXTRA, EMBEDDED_MODEL_ID, EMBEDDED_SETTINGS, MODEL_SETTINGS, kv_available
+    from .pipeline import (EMBEDDED_EXTRA, EMBEDDED_MODEL_ID, EMBEDDED_QUANT_KWARGS, EMBEDDED_SETTINGS,
+                           MODEL_SETTINGS, kv_available)
     from .prompts import read_prompts
     from .store import prompt_id
 
@@ -84,12 +105,7 @@ def resolve_inputs(args) -> dict:
     configs_text = args.configs or (DEFAULT_CONFIGS_WITH_KV if kv_available() else DEFAULT_CONFIGS)
     configs = parse_config_list(configs_text)
     seeds = _parse_seeds(args.seeds)
-    try:
-        extra = json.loads(args.pipeline_kwargs)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--pipeline-kwargs is not valid JSON: {exc}") from None
-    if not isinstance(extra, dict):
-        raise ValueError("--pipeline-kwargs must be a JSON object")
+    extra = _json_object("--pipeline-kwargs", args.pipeline_kwargs, {})
     embedded = args.model is None
     if embedded:
         extra = {**EMBEDDED_EXTRA, **extra}
@@ -101,7 +117,9 @@ def resolve_inputs(args) -> dict:
                     guidance_scale=pick(args.guidance_scale, "guidance_scale"),
                     negative_prompt=args.negative_prompt,
                     max_sequence_length=pick(args.max_sequence_length, "max_sequence_length"),
-                    frame_rate=args.fps, dtype=args.dtype, extra=extra)
+                    frame_rate=args.fps, dtype=args.dtype, extra=extra,
+                    quant_kwargs=_json_object("--quant-kwargs", args.quant_kwargs,
+                                              EMBEDDED_QUANT_KWARGS if embedded else {}))
     for k in ("frames", "height", "width", "steps"):
         if settings[k] < 1:
             raise ValueError(f"--{k} must be positive, got {settings[k]}")
@@ -164,7 +182,7 @@ def run(args, inputs: dict | None = None, backend_factory=None) -> dict:
                    position=rank, leave=True)
     try:
         backend = (backend_factory or PipelineBackend)(model_path, settings)
-        record = run_shard(out, jobs, inputs["configs"], backend, settings, lp,
+        record = run_shard(out, jobs, inputs["configs"], backend, settings, lp, resume=not args.no_resume,
                            progress=bar.update if bar else None, log=(bar.write if bar else log))
     finally:
         if bar is not None:

@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=float, help="weight bits per scalar (1..8); omit for unquantized weights")
     p.add_argument("--lattice", default="E8", help="Z, A2, D4 or E8 (default E8)")
     p.add_argument("--kv-bits", type=float, help="quantize attention K/V at this rate (needs hyperquant_diffusers.kv)")
+    p.add_argument("--quant-kwargs", help="JSON object of extra HyperQuantConfig kwargs (e.g. '{\"tile_size\": 64}')")
     p.add_argument("--frames", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=24.0)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--pipeline-kwargs", default="{}", help="JSON object passed to the pipeline call verbatim")
+    p.add_argument("--pipeline-kwargs", help="JSON object passed to the pipeline call verbatim")
     p.add_argument("--out", default="video.mp4", help=".mp4 (GIF fallback without ffmpeg) or .gif")
     p.add_argument("--save-frames", action="store_true", help="also save the uint8 frames as <out>.npy")
     p.add_argument("--cache-dir", help="where the embedded model is built")
@@ -59,7 +60,8 @@ def config_name(args) -> str:
 
 
 def main(argv=None) -> int:
-    from .pipeline import (EMBEDDED_EXTRA, EMBEDDED_SETTINGS, MODEL_SETTINGS, BackendUnavailableError,
+    from .pipeline import (EMBEDDED_EXTRA, EMBEDDED_QUANT_KWARGS, EMBEDDED_SETTINGS, MODEL_SETTINGS,
+                           BackendUnavailableError,
                            component_bytes, default_model_path, generate, load_pipeline, quant_stats, torch_dtype)
     from .video import save_frames_npy, write_video
 
@@ -68,9 +70,10 @@ def main(argv=None) -> int:
         config = parse_config(config_name(args))
         if os.path.splitext(args.out)[1].lower() not in (".mp4", ".gif"):
             raise ValueError(f"--out {args.out!r}: use a .mp4 or .gif file name")
-        extra = json.loads(args.pipeline_kwargs)
-        if not isinstance(extra, dict):
-            raise ValueError("--pipeline-kwargs must be a JSON object")
+        from .cli import _json_object
+
+        extra = _json_object("--pipeline-kwargs", args.pipeline_kwargs, {})
+        qkw = _json_object("--quant-kwargs", args.quant_kwargs, EMBEDDED_QUANT_KWARGS if args.model is None else {})
         torch_dtype(args.dtype)
     except (ConfigNameError, ValueError) as exc:
         print(f"hyperquant-generate: error: {exc}", file=sys.stderr)
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = default_model_path(args.cache_dir) if embedded else args.model
-        pipe = load_pipeline(model, config, dtype=args.dtype, device=device)
+        pipe = load_pipeline(model, config, dtype=args.dtype, device=device, quant_overrides=qkw)
         res = generate(pipe, progress=True, prompt=args.prompt, seed=args.seed, frames=pick(args.frames, "frames"),
                        height=pick(args.height, "height"), width=pick(args.width, "width"),
                        steps=pick(args.steps, "steps"), guidance_scale=pick(args.guidance_scale, "guidance_scale"),

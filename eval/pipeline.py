@@ -37,6 +37,11 @@ EMBEDDED_NOTE = ("The embedded default model is a tiny LTX-2 pipeline (2 transfo
 #: Generation settings of the embedded default (small enough for a few minutes on 2 CPU cores).
 EMBEDDED_SETTINGS = {"frames": 9, "height": 32, "width": 32, "steps": 2, "guidance_scale": 1.0,
                      "max_sequence_length": 16, "frame_rate": 24.0}
+#: HyperQuantConfig kwargs of the embedded default. Its attention heads are 16 wide, so K/V need an RHT tile of
+#: 16 (the backend's default, 128, cannot rotate them); with tile 16 every 64-wide linear would qualify, and
+#: quantizing ~70 layers takes minutes on a loaded 2-core CPU, so only layers with >= 16384 weights (the
+#: feed-forward projections) are quantized, which keeps the first command to a few minutes.
+EMBEDDED_QUANT_KWARGS = {"tile_size": 16, "min_weight_numel": 16384}
 #: Pipeline-call extras for the embedded default: no spatio-temporal / modality guidance, so one transformer
 #: pass per step (3x faster on CPU); a user's --pipeline-kwargs override these.
 EMBEDDED_EXTRA = {"stg_scale": 0.0, "audio_stg_scale": 0.0, "modality_scale": 1.0, "audio_modality_scale": 1.0}
@@ -101,8 +106,9 @@ def kv_available() -> bool:
     return True
 
 
-def quantization_config(config: EvalConfig, components=COMPONENTS_TO_QUANTIZE):
-    """The ``PipelineQuantizationConfig`` for ``config`` (``None`` for the baseline)."""
+def quantization_config(config: EvalConfig, components=COMPONENTS_TO_QUANTIZE, overrides: dict | None = None):
+    """The ``PipelineQuantizationConfig`` for ``config`` (``None`` for the baseline); ``overrides`` are extra
+    ``HyperQuantConfig`` kwargs applied to every quantized configuration (e.g. ``tile_size``)."""
     if config.is_baseline:
         return None
     try:
@@ -119,16 +125,18 @@ def quantization_config(config: EvalConfig, components=COMPONENTS_TO_QUANTIZE):
             "which is not importable here")
     from diffusers import PipelineQuantizationConfig
 
-    return PipelineQuantizationConfig(quant_backend="hyperquant", quant_kwargs=dict(config.quant_kwargs),
+    kwargs = {**dict(overrides or {}), **dict(config.quant_kwargs)}
+    return PipelineQuantizationConfig(quant_backend="hyperquant", quant_kwargs=kwargs,
                                       components_to_quantize=list(components))
 
 
-def load_pipeline(model: str, config: EvalConfig, *, dtype: str = "bf16", device: str = "cpu"):
+def load_pipeline(model: str, config: EvalConfig, *, dtype: str = "bf16", device: str = "cpu",
+                  quant_overrides: dict | None = None):
     """Load ``model`` (folder or hub id) with ``config``'s quantization; returns the pipeline on ``device``."""
     import torch  # noqa: F401
     from diffusers import DiffusionPipeline
 
-    qc = quantization_config(config)
+    qc = quantization_config(config, overrides=quant_overrides)
     kwargs = {"dtype": torch_dtype(dtype)}
     if qc is not None:
         kwargs["quantization_config"] = qc

@@ -5,7 +5,7 @@ Schema (``schema_version`` 1; keys are always present, unknown values are ``null
     schema, schema_version, created_utc, versions{hyperquant_diffusers, diffusers, torch}
     model{id, embedded_default, random_weights, note}
     settings{model_id, embedded, frames, height, width, steps, guidance_scale, negative_prompt,
-             max_sequence_length, frame_rate, dtype, device, extra, seeds, num_processes}
+             max_sequence_length, frame_rate, dtype, device, quant_kwargs, extra, seeds, num_processes}
     number_format                      text: units and how non-finite numbers are written
     lpips{available, net, lpips_version, backbone_source, backbone_sha256, reference_backbone,
           unavailable_reason, upsample_factor}

@@ -35,6 +35,7 @@ class Settings:
     frame_rate: float | None = 24.0
     dtype: str = "bf16"
     device: str = "cpu"
+    quant_kwargs: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def generation_kwargs(self) -> dict:
@@ -66,7 +67,8 @@ class PipelineBackend:
         from .pipeline import component_bytes, load_pipeline, quant_stats
 
         t = time.perf_counter()
-        pipe = load_pipeline(self.model_path, config, dtype=self.settings.dtype, device=self.settings.device)
+        pipe = load_pipeline(self.model_path, config, dtype=self.settings.dtype, device=self.settings.device,
+                             quant_overrides=self.settings.quant_kwargs)
         info = {"load_seconds": time.perf_counter() - t, "component_bytes": component_bytes(pipe),
                 "quant_stats": quant_stats(pipe)}
         return pipe, info
@@ -93,7 +95,7 @@ def config_info_path(out: str, config: EvalConfig) -> str:
 
 
 def run_shard(out: str, jobs: list[Job], configs: list[EvalConfig], backend, settings: Settings, lpips_info=None,
-              progress=None, log=print) -> dict:
+              progress=None, log=print, resume: bool = True) -> dict:
     """Generate (or resume) every configuration for ``jobs`` and measure them against ``configs[0]`` (the
     baseline). Returns the shard record (see :func:`report.build_results` for how shards become results.json).
 
@@ -113,7 +115,7 @@ def run_shard(out: str, jobs: list[Job], configs: list[EvalConfig], backend, set
         todo = []
         for job in jobs:
             fp = video_fingerprint(settings, config, job)
-            hit = store.load(config.name, job.pid, job.seed, fp)
+            hit = store.load(config.name, job.pid, job.seed, fp) if resume else None
             if hit is None:
                 todo.append((job, fp))
             else:
@@ -124,7 +126,7 @@ def run_shard(out: str, jobs: list[Job], configs: list[EvalConfig], backend, set
                     progress(1)
         info_file = config_info_path(out, config)
         cfg_fp = fingerprint({"settings": settings.to_json(), "config": config.to_json()})
-        info = read_json(info_file) if os.path.isfile(info_file) else None
+        info = read_json(info_file) if (resume and os.path.isfile(info_file)) else None
         if info is not None and info.get("fingerprint") != cfg_fp:
             info = None
         try:

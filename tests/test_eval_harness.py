@@ -107,7 +107,8 @@ VIDEO_KEYS = {"config", "prompt_id", "seed", "video_file", "frames_file", "secon
               "peak_memory_bytes", "peak_memory_kind", "initial_noise_sha256"}
 AGG_KEYS = {"psnr_mean_db", "psnr_min_db", "lpips_mean", "per_frame_psnr_db", "num_videos"}
 SETTINGS_KEYS = {"model_id", "embedded", "frames", "height", "width", "steps", "guidance_scale", "negative_prompt",
-                 "max_sequence_length", "frame_rate", "dtype", "device", "extra", "seeds", "num_processes"}
+                 "max_sequence_length", "frame_rate", "dtype", "device", "quant_kwargs", "extra", "seeds",
+                 "num_processes"}
 
 
 def test_results_numbers_schema_and_report(tmp_path):
