@@ -233,7 +233,8 @@ def test_works_on_quantized_linears():
     from hyperquant_diffusers.quantizers.core import quantize_linears
 
     m = _ltx2()
-    quantize_linears(m, HyperQuantConfig(bits=6.0, tile_size=16, min_weight_numel=1), progress=False)
+    quantize_linears(m, HyperQuantConfig(bits=6.0, tile_size=16, min_weight_numel=1,
+                                         modules_to_convert=["attn1.to_", "attn2.to_"]), progress=False)
     assert isinstance(m.transformer_blocks[0].attn2.to_k, LatticeLinear)
     inp = _ltx2_inputs()
     ref = _run(m, inp)

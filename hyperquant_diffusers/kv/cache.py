@@ -48,16 +48,27 @@ def _numel(t) -> int:
 
 class TextKVStore:
     """Every cached text K/V pair, shared by all cache contexts. Counters: ``computed`` (layer K/V pairs projected
-    and stored), ``reused`` (layer K/V pairs served from the cache)."""
+    and stored), ``reused`` (layer K/V pairs served from the cache); ``peak``: the :meth:`stats` memory figures
+    when the cache was largest (pipelines empty the cache at the end of a generation through
+    ``reset_stateful_hooks``, so the peak is what a generation held)."""
 
     def __init__(self):
         self.entries: dict[int, _Entry] = {}
         self._next = 0
         self.computed = 0
         self.reused = 0
+        self.peak = self._memory()
 
     def clear(self) -> None:
         self.entries.clear()
+
+    def add_pair(self, eid: int, key: str, k, v) -> None:
+        """Store layer ``key``'s (K, V) for entry ``eid`` and update the peak."""
+        self.entries[eid].kv[key] = (k, v)
+        self.computed += 1
+        cur = self._memory()  # O(pairs): a few hundred per generation at most
+        if cur["total_bytes"] > self.peak["total_bytes"]:
+            self.peak = cur
 
     def find_or_add(self, stream: str, row: torch.Tensor) -> int:
         for eid, e in self.entries.items():
@@ -74,8 +85,14 @@ class TextKVStore:
             del self.entries[eid]
 
     def stats(self) -> dict:
-        """Memory held, in bytes: ``kv_bytes`` (stored K/V, side information included), ``kv_bf16_bytes`` (the
-        same K/V in bfloat16), ``reference_bytes`` (copies of the prompt rows kept to detect a changed prompt)."""
+        """Memory held now, in bytes: ``kv_bytes`` (stored K/V, side information included), ``kv_bf16_bytes`` (the
+        same K/V in bfloat16), ``reference_bytes`` (copies of the prompt rows kept to detect a changed prompt);
+        ``computed`` / ``reused`` counters; ``peak``: the same memory figures at the largest point so far."""
+        out = self._memory()
+        out.update(computed=self.computed, reused=self.reused, peak=dict(self.peak))
+        return out
+
+    def _memory(self) -> dict:
         kv = ref = numel = pairs = 0
         for e in self.entries.values():
             ref += _nbytes(e.raw)
@@ -92,8 +109,6 @@ class TextKVStore:
             "bits_per_value": (8.0 * kv / numel) if numel else None,
             "reference_bytes": ref,
             "total_bytes": kv + ref,
-            "computed": self.computed,
-            "reused": self.reused,
         }
 
 

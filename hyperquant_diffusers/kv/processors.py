@@ -90,8 +90,7 @@ class _KVCore:
             rows = [ids.index(e) for e in missing]
             k, v = project(encoder_hidden_states[rows])
             for j, e in enumerate(missing):
-                store.entries[e].kv[self.key] = (self._pack(k[j], 0), self._pack(v[j], 1))
-            store.computed += len(missing)
+                store.add_pair(e, self.key, self._pack(k[j], 0), self._pack(v[j], 1))
         store.reused += len(uniq) - len(missing)
         dec = {e: tuple(self._unpack(p) for p in store.entries[e].kv[self.key]) for e in uniq}
         k = torch.stack([dec[e][0] for e in ids])
