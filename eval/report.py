@@ -113,7 +113,8 @@ def settings_text(results: dict) -> str:
     s = results["settings"]
     return (f"model {s['model_id']}; {s['frames']} frames at {s['height']}×{s['width']}, {s['steps']} steps, "
             f"guidance {s['guidance_scale'] if s['guidance_scale'] is not None else 'pipeline default'}, "
-            f"dtype {s['dtype']}, device {s['device']}, seeds {s['seeds']}, {s['num_processes']} process(es)")
+            f"dtype {s['dtype']}, device {s['device']}, seeds {s['seeds']}, {s['num_processes']} process(es)"
+            + (f"; HyperQuantConfig extras for every quantized config: {s['quant_kwargs']}" if s.get("quant_kwargs") else ""))
 
 
 def _memory_kind(results: dict) -> str:
@@ -144,7 +145,7 @@ h1{font-size:1.5em;margin:.2em 0} h2{font-size:1.15em;margin-top:1.6em;border-bo
 .fail{background:#fde8e8;border:1px solid #d33;border-radius:6px;padding:8px 12px;margin:10px 0;font-size:.92em}
 .note{background:#f3f6fa;border:1px solid #cdd8e4;border-radius:6px;padding:8px 12px;margin:10px 0;font-size:.92em}
 table{border-collapse:collapse;font-size:.88em;margin:8px 0} th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}
-th{background:#f5f5f7} td:first-child,th:first-child{text-align:left} tbody tr:nth-child(even){background:#fafafa}
+th{background:#f5f5f7} td:first-child,th:first-child{text-align:left} table.summary td:first-child{white-space:nowrap} tbody tr:nth-child(even){background:#fafafa}
 img{max-width:100%;height:auto;image-rendering:pixelated} .fig{margin:8px 0}
 .prompt{margin:14px 0 22px} .videos{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
 .videos figure{margin:0;text-align:center;font-size:.8em} video{width:160px;image-rendering:pixelated;background:#000}

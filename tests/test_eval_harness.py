@@ -164,6 +164,31 @@ def test_results_numbers_schema_and_report(tmp_path):
         assert (tmp_path / v["video_file"]).is_file() and (tmp_path / v["frames_file"]).is_file()
 
 
+def test_lpips_in_results_and_report_with_injected_trunk(tmp_path):
+    """INJECTED random AlexNet trunk (labelled non-reference): the report must say its numbers are not LPIPS."""
+    import torch
+    import torchvision
+
+    from hyperquant_diffusers.eval.lpips_backbone import build_lpips_from_state_dict
+
+    torch.manual_seed(0)
+    info = build_lpips_from_state_dict(torchvision.models.alexnet(weights=None).state_dict(),
+                                       "injected random test trunk", is_reference=False)
+    cfgs = parse_config_list("bf16,w4-e8,w8-e8")
+    settings = _settings()
+    shard = run_shard(str(tmp_path), JOBS[:2], cfgs, NoisyBackend(), settings, info, log=lambda m: None)
+    lp_json = {**info.to_json(), "upsample_factor": 4}
+    results = build_results([shard], cfgs, PROMPTS, settings.to_json(), lp_json, seeds=[0, 1], num_processes=1)
+    by = {c["config"]: c for c in results["comparisons"] if c["prompt_id"].startswith("p00")}
+    assert by["w8-e8"]["lpips"] == [0.0] * SHAPE[0] and by["w8-e8"]["lpips_mean"] == 0.0
+    assert all(x > 0 for x in by["w4-e8"]["lpips"])
+    assert by["w4-e8"]["lpips_mean"] == pytest.approx(np.mean(by["w4-e8"]["lpips"]))
+    paths = write_report(str(tmp_path), results, log=lambda m: None)
+    assert paths["lpips_bars"] and (tmp_path / paths["lpips_bars"]).stat().st_size > 1000
+    html = (tmp_path / "index.html").read_text()
+    assert "INJECTED, NON-REFERENCE" in html and "enlarged ×4" in html
+
+
 def test_resume_skips_finished_videos(tmp_path):
     first = NoisyBackend()
     _evaluate(tmp_path, first)
