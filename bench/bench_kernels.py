@@ -75,10 +75,10 @@ def sweeps(dev):
     offs = q.offsets.to(torch.int32)
     buf = torch.empty(q.numel, dtype=torch.int8, device=dev)
     best = None
-    for unary, pps, nw, cwd, sub in ((0, 16, 8, 256, 4096), (0, 16, 8, 256, 1024), (0, 16, 4, 256, 1024),
-                                     (0, 32, 4, 256, 512), (0, 16, 8, 256, 512), (0, 32, 4, 256, 1024),
-                                     (0, 8, 8, 256, 2048), (1, 32, 4, 256, 1024), (0, 32, 2, 256, 512),
-                                     (0, 64, 2, 256, 256)):
+    for unary, pps, nw, cwd, sub in ((0, 8, 8, 256, 2048), (0, 16, 4, 256, 1024), (2, 16, 8, 256, 1024),
+                                     (2, 16, 4, 256, 1024), (2, 32, 4, 128, 1024), (2, 8, 8, 256, 4096),
+                                     (2, 16, 8, 128, 2048), (2, 8, 16, 256, 4096), (2, 32, 4, 256, 512),
+                                     (2, 4, 16, 256, 2048)):
         t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
                                          stats=False, programs=pps * 132, num_warps=nw, unary=unary,
                                          chunk_words=cwd, sub=sub))
@@ -101,7 +101,7 @@ def sweeps(dev):
         ss = random_signs(kk, 0).to(dev, torch.bfloat16)
         cands = []
         if mm > 2048:
-            for bm, nw, st in ((16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3), (128, 8, 2)):
+            for bm, nw, st in ((32, 4, 3), (32, 4, 4), (32, 8, 3), (64, 8, 3), (64, 8, 4), (64, 4, 3), (128, 8, 3)):
                 cands.append(("fused", dict(fused_bm=bm, fused_warps=nw, fused_stages=st)))
         else:
             for bm, kc, nw in ((16, 256, 4), (16, 512, 4), (16, 1024, 4), (32, 512, 4), (16, 512, 2)):

@@ -131,8 +131,8 @@ def _kernel():
 
 #: launch shapes; ``bench/bench_kernels.py`` sweeps them on the device (results in bench/RESULTS.md).
 #: fused: one program per BM rows walking all of K twice; split: (rows / BM) x (K / KC) programs, two launches.
-_TUNE = {"fused_bm": 64, "fused_warps": 8, "fused_stages": 2, "split_max_m": 2048, "split_bm": 16,
-         "split_kc": 512, "split_warps": 4}
+_TUNE = {"fused_bm": 64, "fused_warps": 8, "fused_stages": 3, "split_max_m": 2048, "split_bm": 16,
+         "split_kc": 256, "split_warps": 4}
 
 
 def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "int8", *,

@@ -141,7 +141,9 @@ def int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tup
     return out
 
 
-_TMA = {"config": (128, 256, 128, 8, 8, 3), "small": (64, 128, 128, 8, 4, 4), "enabled": True}
+#: tiles of the TMA GEMM (best of the bench/bench_kernels.py sweep on the H100 at M = 12288: 0.343 ms, 1.20 POPS
+#: for 12288x4096x4096), and for M <= 256
+_TMA = {"config": (128, 256, 128, 8, 8, 4), "small": (64, 128, 128, 8, 4, 4)}
 
 
 def int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None):
@@ -177,21 +179,21 @@ def int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
     return out
 
 
-#: which int8 path :func:`int8_linear` uses; bench/bench_kernels.py measured the Triton GEMM faster on the H100
-#: at M = 12288 (see bench/RESULTS.md); switch with ``set_int8_path``.
-_INT8_PATH = {"path": "triton"}
+#: which int8 path :func:`int8_linear` uses. "auto": the TMA GEMM above 256 tokens (fastest end to end at
+#: M = 12288 on every LTX-2 shape), the pointer GEMM at or below (bench/RESULTS.md); switch with ``set_int8_path``.
+_INT8_PATH = {"path": "auto"}
 
 
 def set_int8_path(path: str) -> None:
-    if path not in ("triton", "int_mm", "tma"):
-        raise ValueError(f"int8 path must be 'triton', 'tma' or 'int_mm', got {path!r}")
+    if path not in ("auto", "triton", "int_mm", "tma"):
+        raise ValueError(f"int8 path must be 'auto', 'triton', 'tma' or 'int_mm', got {path!r}")
     _INT8_PATH["path"] = path
 
 
 def int8_linear(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
     if _INT8_PATH["path"] == "int_mm":
         return int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype)
-    if _INT8_PATH["path"] == "tma":
+    if _INT8_PATH["path"] == "tma" or (_INT8_PATH["path"] == "auto" and xq.shape[0] > 256):
         return int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype)
     return int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype)
 

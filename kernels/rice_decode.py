@@ -119,6 +119,8 @@ def _kernel():
             carry = cnt * 0
             wstart = un_start >> 5
             c = cnt * 0
+            if UNARY == 2:
+                hist = tl.zeros([BV], dtype=tl.int32)
             while (carry < cnt) & (wstart + c * CW < nwords):
                 wi = wstart + c * CW + cw
                 wm = wi < nwords
@@ -139,6 +141,18 @@ def _kernel():
                         ok = (inv != 0) & (r < cnt)
                         tl.store(sp + r, wi * 32 + bp - un_start - r, mask=ok)
                         inv = inv & (inv - 1)
+                elif UNARY == 2:
+                    # no scatter: each one-bit belongs to the value whose terminator comes next, i.e. to value
+                    # (zeros before it); q = histogram of that index over the one-bits. Bits before the section,
+                    # past the block or past the last terminator go to bin 0 and are subtracted again.
+                    jj = tl.arange(0, 32)
+                    zb = ((inv[:, None] >> jj[None, :].to(tl.uint32)) & 1).to(tl.int32)
+                    r2 = zr[:, None] + tl.cumsum(zb, 1) - zb
+                    bitpos = wi[:, None] * 32 + jj[None, :]
+                    inc = (zb == 0) & (bitpos >= un_start) & (r2 < cnt) & wm[:, None]
+                    n_out = CW * 32 - tl.sum(tl.sum(inc.to(tl.int32), 1), 0)
+                    h = tl.histogram(tl.reshape(tl.where(inc, r2, 0), [CW * 32]), BV)
+                    hist += tl.where(tl.arange(0, BV) == 0, h - n_out, h)
                 else:
                     # every bit at once: (words, 32) zero indicators, rank = word rank + prefix within the word
                     jj = tl.arange(0, 32)
@@ -149,17 +163,25 @@ def _kernel():
                 carry += tl.sum(z, 0)
                 c += 1
             err = err | (carry < cnt).to(tl.int32)
-            tl.debug_barrier()
-            a_last = tl.load(sp + tl.maximum(cnt - 1, 0))
-            esc_start = un_start + a_last + cnt
-            # escapes before the signs: count them first (q_r = A_r - A_{r-1} == ESC_Q)
-            n_esc = cnt * 0
-            for s0 in range(0, BV, SUB):
-                li = s0 + lidx
-                v = li < cnt
-                A = tl.load(sp + li, mask=v, other=0)
-                Ap = tl.load(sp + li - 1, mask=v & (li > 0), other=0)
-                n_esc += tl.sum(tl.sum((((A - Ap) == ESC_Q) & v).to(tl.int32), 1), 0)
+            if UNARY == 2:
+                # quotients straight from the histogram, stored coalesced for the per-value sub-chunks
+                bi = tl.arange(0, BV)
+                tl.store(sp + bi, hist)
+                esc_start = un_start + cnt + tl.sum(tl.where(bi < cnt, hist, 0), 0)
+                n_esc = tl.sum(((hist == ESC_Q) & (bi < cnt)).to(tl.int32), 0)
+                tl.debug_barrier()
+            else:
+                tl.debug_barrier()
+                a_last = tl.load(sp + tl.maximum(cnt - 1, 0))
+                esc_start = un_start + a_last + cnt
+                # escapes before the signs: count them first (q_r = A_r - A_{r-1} == ESC_Q)
+                n_esc = cnt * 0
+                for s0 in range(0, BV, SUB):
+                    li = s0 + lidx
+                    v = li < cnt
+                    A = tl.load(sp + li, mask=v, other=0)
+                    Ap = tl.load(sp + li - 1, mask=v & (li > 0), other=0)
+                    n_esc += tl.sum(tl.sum((((A - Ap) == ESC_Q) & v).to(tl.int32), 1), 0)
             tail_start = esc_start + n_esc * 32
             ev_carry = cnt * 0
             esc_carry = cnt * 0
@@ -184,9 +206,12 @@ def _kernel():
                     strip = idx < 0
                     low_pos = idx * k
                 keff = tl.maximum(k - strip.to(tl.int32), 0)
-                A = tl.load(sp + idx, mask=valid, other=0)
-                Ap = tl.load(sp + idx - 1, mask=valid & (idx > 0), other=0)
-                q = A - Ap
+                if UNARY == 2:
+                    q = tl.load(sp + idx, mask=valid, other=0)
+                else:
+                    A = tl.load(sp + idx, mask=valid, other=0)
+                    Ap = tl.load(sp + idx - 1, mask=valid & (idx > 0), other=0)
+                    q = A - Ap
                 if CHECK:
                     err = err | (tl.max(tl.max(((q > ESC_Q) | (q < 0)) & valid, 1), 0).to(tl.int32) * 4)
                 low = _read(wp, low_pos, keff, valid).to(tl.int32)
@@ -250,7 +275,7 @@ def _kernel():
 
 
 #: launch shape (bench/bench_kernels.py sweeps it on the device; see bench/RESULTS.md)
-_TUNE = {"programs_per_sm": 16, "num_warps": 8, "unary": 0, "chunk_words": _CHUNK_WORDS, "sub": 1024}
+_TUNE = {"programs_per_sm": 8, "num_warps": 8, "unary": 0, "chunk_words": _CHUNK_WORDS, "sub": 2048}
 _SCRATCH: dict = {}
 
 

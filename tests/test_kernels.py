@@ -121,7 +121,7 @@ def _stream(lattice, bits, bv, rows=8, k=256, seed=0):
 @pytest.mark.parametrize("lattice,bits", [("E8", 4.0), ("D4", 3.0), ("Z", 5.0)])
 def test_rice_decode_kernel_bit_exact(lattice, bits):
     q = _stream(lattice, bits, 256)
-    out, amax, err = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, 256, sub=128)
+    out, amax, err = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, 256, sub=128, unary=2)
     ref = decode_coords(q.words, q.offsets, q.ks, q.numel, lattice, 256)
     assert int(err.abs().sum()) == 0
     assert torch.equal(out.to(torch.int32), ref.clamp(-127, 127))
@@ -130,7 +130,7 @@ def test_rice_decode_kernel_bit_exact(lattice, bits):
 
 
 @needs_triton
-@pytest.mark.parametrize("unary", [0, 1])
+@pytest.mark.parametrize("unary", [0, 1, 2])
 def test_rice_decode_kernel_escapes_and_partial_block(unary):
     # a few huge coordinates force escape codes; 760 values leave a partial last block
     g = torch.Generator().manual_seed(5)
