@@ -397,7 +397,8 @@ def quantize(
         log_a = _GAUSS_H - target - math.log2(vol)
         slope = -1.0
         tol = tol_bits
-    # Secant search on log2(alpha); the rate/SNR is monotone in alpha, so keep a bracket as a safeguard.
+    # Secant search on log2(alpha). Rate and SNR both fall as alpha grows, so f > 0 means alpha is too small;
+    # the bracket [lo, hi] keeps a wild secant step from leaving the region where the root lies.
     lo = hi = None
     f_prev = x_prev = None
     for _ in range(30):
@@ -405,18 +406,16 @@ def quantize(
         if abs(f) <= tol:
             break
         if f > 0:
-            lo = log_a if snr_db is None else lo
-            hi = log_a if snr_db is not None else hi
+            lo = log_a
         else:
-            hi = log_a if snr_db is None else hi
-            lo = log_a if snr_db is not None else lo
+            hi = log_a
         if f_prev is not None and f != f_prev:
             s = (f - f_prev) / (log_a - x_prev)
             if s < 0:
                 slope = s
         x_prev, f_prev = log_a, f
         nxt = log_a - f / slope
-        if lo is not None and hi is not None and not (min(lo, hi) < nxt < max(lo, hi)):
+        if lo is not None and hi is not None and not lo < nxt < hi:
             nxt = 0.5 * (lo + hi)
         log_a = nxt
     alpha = 2.0 ** log_a
