@@ -250,7 +250,12 @@ def main(argv=None):
     torch.cuda.empty_cache()
     for bits in args.bits:
         run = {"bits": bits}
-        model, run["bf16_load_s"], run["page_cache_dropped"] = load_bf16(bf16_path, args.layers)
+        res["runs"].append(run)  # filled in place: a partial run is still written if the job is cut short
+        if bits == args.bits[0]:
+            model, run["bf16_load_s"], run["page_cache_dropped"] = load_bf16(bf16_path, args.layers)
+        else:  # same seed, same weights as the checkpoint; loading was measured once
+            model = build_meta(args.layers).to_empty(device="cuda")
+            init_random(model)
         torch.cuda.reset_peak_memory_stats()
         run["quantize_s"], run["n_quantized"], layout, skipped = quantize_model(model, bits)
         run["quantize_peak_gib"] = torch.cuda.max_memory_allocated() / GiB
@@ -297,7 +302,6 @@ def main(argv=None):
             del out
             if residency == "int8":
                 release_decode_buffers()
-        res["runs"].append(run)
         emit(f"run{bits}", run)
         del model
         gc.collect()
@@ -327,10 +331,11 @@ def summary(res):
                          f"({d['peak_vs_bf16']:.2f}) | {d['s_per_step']:.3f} ({d['step_vs_bf16']:.2f}) | "
                          f"{d['rel_l2_video']:.4f} | {d['rel_l2_audio']:.4f} |")
         lines.append(f"bps {r['bits']}: realized {r['bits_per_scalar']:.3f} bits/weight, quantize {r['quantize_s']:.1f} s "
-                     f"({r['n_quantized']} linears, {r['n_skipped']} skipped), bf16 load {r['bf16_load_s']:.1f} s"
+                     f"({r['n_quantized']} linears, {r['n_skipped']} skipped)"
+                     + (f", bf16 load {r['bf16_load_s']:.1f} s" if "bf16_load_s" in r else "")
                      + (f", compressed load {r['compressed_load_s']:.1f} s" if "compressed_load_s" in r else "")
                      + f", int8 decode {r.get('int8_from_compressed_decode_s') or 0:.2f} s"
-                     + f", page cache dropped: {r['page_cache_dropped']}")
+                     + f", page cache dropped: {r.get('page_cache_dropped')}")
     return "\n".join(lines)
 
 
