@@ -62,7 +62,7 @@ def split_stacked(q: LatticeTensor, n_layers: int) -> list[LatticeTensor]:
 
 
 def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E8", tile_size: int = 128,
-                  seed: int = 0, block_values: int = 4096, max_values: int = 1 << 29,
+                  seed: int = 0, block_values: int = 4096, max_values: int = 1 << 28,
                   encode_chunk: int = ENCODE_CHUNK) -> list[LatticeTensor]:
     """Quantize same-shape 2-D weights in stacked groups of at most ``max_values`` values; one LatticeTensor
     per weight, in order. Weights whose size is not a whole number of blocks are quantized one by one."""
