@@ -132,20 +132,22 @@ def test_checkpoint_bytes_about_bits_over_16(ltx_q6):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Quality falls monotonically with the rate (LTX-Video transformer, float T5).
+# Quality falls monotonically with the rate (LTX-Video transformer block 1, float T5).
 def test_ltx_psnr_monotone_in_bits(tiny_ltx_path, ltx_float_frames):
     te_free = LTXPipeline.from_pretrained(tiny_ltx_path)
     results = {}
     for bits in (6.0, 4.0, 2.5):
         tr = LTXVideoTransformer3DModel.from_pretrained(
             tiny_ltx_path, subfolder="transformer",
-            quantization_config=HyperQuantConfig(bits=bits, lattice="E8", tile_size=TILE))
+            quantization_config=HyperQuantConfig(bits=bits, lattice="E8", tile_size=TILE,
+                                                 modules_to_convert=["transformer_blocks.1."]))
+        assert n_lattice(tr) == 10  # block 1 only: keeps this sweep fast (CPU quantization ~0.5 s/layer)
         te_free.transformer = tr
         results[bits] = psnr(run_tiny_pipeline(te_free), ltx_float_frames)
     print("LTX-Video transformer PSNR vs float by bits:", {k: round(v, 1) for k, v in results.items()})
     vals = [results[b] for b in (6.0, 4.0, 2.5)]
     assert all(a > b for a, b in zip(vals, vals[1:])), results
-    assert results[6.0] > 45.0 and results[2.5] < results[6.0] - 10.0
+    assert results[6.0] > 50.0 and results[2.5] < results[6.0] - 10.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
