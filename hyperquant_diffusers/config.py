@@ -101,8 +101,9 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
             the budget). Default 4096.
         seed: seed of the RHT random signs.
         block_values: lattice coordinates per independently decodable Rice block (power of two).
-        kv_bits, kv_lattice, kv_bias_correction, cache_text_kv: attention K/V compression (issue 5), applied to
-            diffusers transformers after loading through ``hyperquant_diffusers.kv.enable_kv_compression``.
+        kv_bits, kv_lattice, kv_bias_correction, cache_text_kv, kv_tile_size: attention K/V compression (issue 5),
+            applied to diffusers transformers after loading through ``hyperquant_diffusers.kv.enable_kv_compression``
+            (``kv_tile_size``: RHT tile along the head dimension; ``None`` = the head dimension).
         layout, format_version: written by the backend after quantization; do not set by hand.
     """
 
@@ -122,6 +123,7 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
         kv_lattice: str = "E8",
         kv_bias_correction: str = "dither",
         cache_text_kv: bool = False,
+        kv_tile_size: int | None = None,
         layout: dict | None = None,
         format_version: int = CHECKPOINT_FORMAT_VERSION,
         **kwargs,
@@ -154,6 +156,8 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
         if not isinstance(cache_text_kv, bool):
             raise HyperQuantConfigError(f"cache_text_kv must be True or False, got {cache_text_kv!r}")
         self.cache_text_kv = cache_text_kv
+        self.kv_tile_size = (None if kv_tile_size is None
+                             else _check_pow2("kv_tile_size", kv_tile_size, MIN_TILE, MAX_TILE))
         if self.bits is None and self.kv_bits is None and not self.cache_text_kv:
             raise HyperQuantConfigError("nothing to do: bits=None and neither kv_bits nor cache_text_kv is set")
         if format_version != CHECKPOINT_FORMAT_VERSION:
@@ -204,7 +208,7 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
             "modules_to_convert": None if self.modules_to_convert is None else list(self.modules_to_convert),
             "min_weight_numel": self.min_weight_numel, "seed": self.seed, "block_values": self.block_values,
             "kv_bits": self.kv_bits, "kv_lattice": self.kv_lattice, "kv_bias_correction": self.kv_bias_correction,
-            "cache_text_kv": self.cache_text_kv,
+            "cache_text_kv": self.cache_text_kv, "kv_tile_size": self.kv_tile_size,
         }
         if self.layout:
             d["layout"] = copy.deepcopy(self.layout)

@@ -228,7 +228,8 @@ def test_kv_knobs_call_kv_contract(tiny_ltx_path, monkeypatch):
     calls = []
     monkeypatch.setattr(kv, "enable_kv_compression", lambda model, **kw: calls.append((type(model).__name__, kw)),
                         raising=False)
-    cfg = HyperQuantConfig(bits=None, kv_bits=4.0, kv_bias_correction="qjl", cache_text_kv=True, tile_size=16)
+    cfg = HyperQuantConfig(bits=None, kv_bits=4.0, kv_bias_correction="qjl", cache_text_kv=True,
+                           kv_tile_size=16)
     tr = LTXVideoTransformer3DModel.from_pretrained(tiny_ltx_path, subfolder="transformer", quantization_config=cfg)
     assert n_lattice(tr) == 0
     assert calls == [("LTXVideoTransformer3DModel", {"kv_bits": 4.0, "lattice": "E8", "bias_correction": "qjl",

@@ -217,4 +217,4 @@ def maybe_enable_kv(model: nn.Module, config: HyperQuantConfig) -> None:
             f"which this installation does not provide ({e})") from e
     enable_kv_compression(model, kv_bits=config.kv_bits, lattice=config.kv_lattice,
                           bias_correction=config.kv_bias_correction, cache_text_kv=config.cache_text_kv,
-                          tile_size=config.tile_size)
+                          tile_size=config.kv_tile_size)
