@@ -130,6 +130,10 @@ def test_stored_size_counts_side_information(bits):
     assert torch.equal(y, quant.fake_quantize(x, call_seed=5))
     if bits == 4.0:
         assert x.numel() * 2 / ck.nbytes >= 3.7
+    # the "int8" cache format holds the same codes uncoded: same reconstruction, one byte (two past +-127) a value
+    c8 = quant.compress(x, call_seed=5, fmt="int8")
+    assert torch.equal(c8.dequantize(), y)
+    assert c8.nbytes == c8.codes.numel() * c8.codes.element_size() + ck.steps.numel() + 32
 
 
 def test_quality_rises_with_bits():
@@ -156,5 +160,7 @@ def test_bad_settings_are_named():
         KVQuantizer(KVQuantConfig(bits=1.5, lattice="A2"), 128)
     with pytest.raises(ValueError, match="use more bits"):
         KVQuantizer(KVQuantConfig(bits=2.0, method="qjl"), 16)
+    with pytest.raises(ValueError, match="cache format must be one of"):
+        KVQuantizer(KVQuantConfig(), 64).compress(torch.randn(3, 64), 0, fmt="zip")
     with pytest.raises(ValueError, match="expected K/V vectors of 64"):
         KVQuantizer(KVQuantConfig(), 64).fake_quantize(torch.randn(3, 32), 0)

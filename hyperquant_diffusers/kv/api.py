@@ -8,7 +8,7 @@ import torch
 
 from . import cache as _cache
 from .processors import HQKVLTX2AttnProcessor, HQKVLTXAttnProcessor, _KVCore
-from .quantizer import KVQuantConfig
+from .quantizer import CACHE_FORMATS, KVQuantConfig
 
 #: LTX-2 block attention name -> (role, text stream)
 _LTX2_ROLES = {
@@ -67,7 +67,8 @@ class KVCompressionHandle:
         out.update(kv_bits=None if self.config is None else self.config.bits,
                    lattice=None if self.config is None else self.config.lattice,
                    bias_correction=None if self.config is None else self.config.method,
-                   cache_text_kv=self.cache_text_kv, attention_layers=roles)
+                   cache_text_kv=self.cache_text_kv, attention_layers=roles,
+                   cache_format=next(iter(self.processors.values())).core.cache_format if self.processors else None)
         return out
 
     def reset(self) -> None:
@@ -79,7 +80,8 @@ class KVCompressionHandle:
 
 def enable_kv_compression(model: torch.nn.Module, kv_bits: float | None = 4.0, lattice: str = "E8",
                           bias_correction: str = "dither", cache_text_kv: bool = True,
-                          tile_size: int | None = None, seed: int = 0) -> KVCompressionHandle:
+                          tile_size: int | None = None, seed: int = 0,
+                          cache_format: str = "rice") -> KVCompressionHandle:
     """Compress the attention K/V of an LTX-Video or LTX-2 transformer (e.g. ``pipe.transformer``).
 
     Self-attention (and LTX-2's audio<->video) K/V are quantized on the fly at ``kv_bits`` bits per value
@@ -87,7 +89,9 @@ def enable_kv_compression(model: torch.nn.Module, kv_bits: float | None = 4.0, l
     a float16 step per token and head, ``bias_correction`` in {"dither", "qjl", "none"}). With ``cache_text_kv``
     the text cross-attention K/V are computed once per prompt, stored compressed and reused at every step and for
     every batch row / CFG branch with the same prompt embeddings; otherwise they are quantized on the fly too.
-    ``kv_bits=None`` turns quantization off (the cache then holds exact K/V).
+    ``kv_bits=None`` turns quantization off (the cache then holds exact K/V). ``cache_format``: how the cache holds
+    the lattice codes: "rice" (entropy coded: about ``kv_bits`` per value, side information included, decoded at
+    every use) or "int8" (the same codes as int8: same output, ~8 bits per value, decoded by a cast).
 
     Works whatever the projections are (``nn.Linear`` or quantized linear layers). Raises ``ValueError`` for an
     unsupported model, bad settings, a model already compressed, or a timestep-dependent text side with
@@ -100,6 +104,8 @@ def enable_kv_compression(model: torch.nn.Module, kv_bits: float | None = 4.0, l
         raise ValueError(f"bias_correction must be one of ('dither', 'qjl', 'none'), got {bias_correction!r}")
     cfg = None if kv_bits is None else KVQuantConfig(bits=kv_bits, lattice=lattice, method=bias_correction,
                                                      tile_size=tile_size, seed=seed)
+    if cache_format not in CACHE_FORMATS:
+        raise ValueError(f"cache_format must be one of {CACHE_FORMATS}, got {cache_format!r}")
     if cache_text_kv and family == "ltx2" and _text_side_timestep_dependent(model):
         raise ValueError(_refusal(model))
 
@@ -127,7 +133,7 @@ def enable_kv_compression(model: torch.nn.Module, kv_bits: float | None = 4.0, l
             if attn is None:
                 continue
             core = _KVCore(role, index, attn.head_dim if hasattr(attn, "head_dim") else attn.inner_dim // attn.heads,
-                           cfg, hook=hook, stream=stream, cache=bool(cache_text_kv))
+                           cfg, hook=hook, stream=stream, cache=bool(cache_text_kv), cache_format=cache_format)
             plan.append((f"transformer_blocks.{bi}.{attr}", attn, proc_cls(core, attn.processor)))
             index += 1
     for name, attn, proc in plan:

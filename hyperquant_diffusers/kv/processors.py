@@ -31,11 +31,11 @@ class _KVCore:
     """The K/V handling shared by both processors. ``index``: the layer's position (fixes its seeds)."""
 
     def __init__(self, role: str, index: int, head_dim: int, cfg: KVQuantConfig | None, hook=None,
-                 stream: str | None = None, cache: bool = False):
+                 stream: str | None = None, cache: bool = False, cache_format: str = "rice"):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.role, self.index, self.head_dim, self.cfg = role, int(index), int(head_dim), cfg
-        self.hook, self.stream, self.cache = hook, stream, bool(cache)
+        self.hook, self.stream, self.cache, self.cache_format = hook, stream, bool(cache), cache_format
         self.key = f"{index}"
         base = (cfg.seed if cfg is not None else 0) * 1_000_003 + 7919 * self.index
         self.base = base
@@ -61,7 +61,7 @@ class _KVCore:
         q = self.kq if which == 0 else self.vq
         if q is None:
             return x.detach()
-        return q.compress(x.detach().unflatten(-1, (-1, self.head_dim)), self._text_seed(which))
+        return q.compress(x.detach().unflatten(-1, (-1, self.head_dim)), self._text_seed(which), self.cache_format)
 
     @staticmethod
     def _unpack(p) -> torch.Tensor:

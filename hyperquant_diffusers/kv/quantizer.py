@@ -39,6 +39,8 @@ from ..codec.stream import decode_coords, encode_coords, stream_bits
 METHODS = ("dither", "qjl", "none")
 #: Allowed rate range, bits per K/V value (everything stored counted).
 MIN_KV_BITS, MAX_KV_BITS = 1.5, 8.0
+#: How a cached K/V tensor holds its lattice codes (see :meth:`KVQuantizer.compress`).
+CACHE_FORMATS = ("rice", "int8")
 #: Coordinates per Rice block of a stored K/V stream.
 BLOCK_VALUES = 4096
 #: Bytes of a stored K/V tensor's fixed header (shape, dtype, seeds, lattice) — counted in ``nbytes``.
@@ -334,13 +336,23 @@ class KVQuantizer:
         rot = self.quantize_rotated(x, call_seed)
         return inverse_rht(rot.y_hat, self._signs(x.device), self.tile).reshape(x.shape).to(x.dtype)
 
-    def compress(self, x: torch.Tensor, call_seed: int) -> "CompressedKV":
-        """Quantize ``x`` (..., D) and store it entropy coded (:class:`CompressedKV`)."""
+    def compress(self, x: torch.Tensor, call_seed: int, fmt: str = "rice") -> "CompressedKV":
+        """Quantize ``x`` (..., D) and store it (:class:`CompressedKV`).
+
+        ``fmt="rice"``: lattice codes entropy coded with the codec's Rice block stream (about ``bits`` per value,
+        everything counted; decoding walks the stream). ``fmt="int8"``: the same codes as int8 (int16 if any
+        exceeds +-127): same reconstruction, 8 (16) bits per value plus side fields, decoded by a cast.
+        """
+        if fmt not in CACHE_FORMATS:
+            raise ValueError(f"cache format must be one of {CACHE_FORMATS}, got {fmt!r}")
         rot = self.quantize_rotated(x, call_seed)
+        bits = None if rot.qjl_bits is None else _pack_bits(rot.qjl_bits)
+        if fmt == "int8":
+            small = rot.coords.numel() == 0 or int(rot.coords.abs().max()) <= 127
+            codes = rot.coords.to(torch.int8 if small else torch.int16)
+            return CompressedKV(self, tuple(x.shape), x.dtype, int(call_seed), None, None, None, rot.steps, bits,
+                                rot.qjl_norm, codes=codes)
         words, offsets, ks = encode_coords(rot.coords.reshape(-1), self.cfg.lattice, BLOCK_VALUES)
-        bits = None
-        if rot.qjl_bits is not None:
-            bits = _pack_bits(rot.qjl_bits)
         return CompressedKV(self, tuple(x.shape), x.dtype, int(call_seed), words, offsets.to(torch.int32), ks,
                             rot.steps, bits, rot.qjl_norm)
 
@@ -359,19 +371,21 @@ def _unpack_bits(p: torch.Tensor) -> torch.Tensor:
 @dataclass
 class CompressedKV:
     """A K or V tensor as it is held in memory: the Rice stream of its lattice codes (``words`` int32,
-    ``offsets`` int32 per block, ``ks`` uint8 Rice parameters), the int8 step code per vector, for QJL the packed
+    ``offsets`` int32 per block, ``ks`` uint8 Rice parameters) or the codes themselves (``codes`` int8/int16
+    (rows, D), format "int8"), the int8 step code per vector, for QJL the packed
     sign bits (uint8 (rows, m/8)) and int8 residual-norm codes, and the seed of its dither / QJL draws."""
 
     quantizer: KVQuantizer
     shape: tuple
     dtype: torch.dtype
     call_seed: int
-    words: torch.Tensor
-    offsets: torch.Tensor
-    ks: torch.Tensor
+    words: torch.Tensor | None
+    offsets: torch.Tensor | None
+    ks: torch.Tensor | None
     steps: torch.Tensor
     qjl_bits: torch.Tensor | None = None
     qjl_norm: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -381,7 +395,7 @@ class CompressedKV:
     def nbytes(self) -> int:
         """Bytes held: every stored array plus :data:`HEADER_BYTES`."""
         n = HEADER_BYTES
-        for t in (self.words, self.offsets, self.ks, self.steps, self.qjl_bits, self.qjl_norm):
+        for t in (self.words, self.offsets, self.ks, self.steps, self.qjl_bits, self.qjl_norm, self.codes):
             if t is not None:
                 n += t.numel() * t.element_size()
         return n
@@ -394,9 +408,12 @@ class CompressedKV:
         """Reconstruction, original shape and dtype, on the stream's device."""
         q = self.quantizer
         lat = q.cfg.lattice
-        dev = self.words.device
-        c = decode_coords(self.words, self.offsets.to(torch.int64), self.ks, self.numel, lat, BLOCK_VALUES)
-        c = c.reshape(-1, q.head_dim)
+        dev = self.steps.device
+        if self.codes is not None:
+            c = self.codes.to(torch.int32)
+        else:
+            c = decode_coords(self.words, self.offsets.to(torch.int64), self.ks, self.numel, lat, BLOCK_VALUES)
+            c = c.reshape(-1, q.head_dim)
         steps = decode_log8(self.steps).unsqueeze(1)
         pts = coords_to_points(lat, c)
         if q.cfg.method == "dither":
