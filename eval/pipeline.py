@@ -132,8 +132,15 @@ def quantization_config(config: EvalConfig, components=COMPONENTS_TO_QUANTIZE, o
 
 def load_pipeline(model: str, config: EvalConfig, *, dtype: str = "bf16", device: str = "cpu",
                   quant_overrides: dict | None = None):
-    """Load ``model`` (folder or hub id) with ``config``'s quantization; returns the pipeline on ``device``."""
-    import torch  # noqa: F401
+    """Load ``model`` (folder or hub id) with ``config``'s quantization; returns the pipeline on ``device``.
+
+    On CUDA the weights load straight onto the GPU (``device_map="cuda"`` after selecting ``device``), so the
+    backend quantizes there instead of on the CPU; if diffusers refuses that map for this pipeline, it loads on
+    the CPU and moves (slower quantization, same result) and says so on stderr.
+    """
+    import sys
+
+    import torch
     from diffusers import DiffusionPipeline
 
     qc = quantization_config(config, overrides=quant_overrides)
@@ -142,7 +149,16 @@ def load_pipeline(model: str, config: EvalConfig, *, dtype: str = "bf16", device
         kwargs["quantization_config"] = qc
     if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
         raise FileNotFoundError(f"--model {model!r}: folder has no model_index.json (not a diffusers pipeline)")
-    pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    pipe = None
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(torch.device(device))
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, device_map="cuda", **kwargs)
+        except (ValueError, NotImplementedError, TypeError) as exc:
+            print(f"note: loading {model} with device_map='cuda' failed ({type(exc).__name__}: {exc}); loading on "
+                  "the CPU and moving it", file=sys.stderr)
+    if pipe is None:
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
     pipe.to(device)
     return pipe
 
