@@ -198,3 +198,21 @@ def test_one_config_reused_for_two_models(tiny_ltx_path, tiny_ltx2_path, tmp_pat
     a.save_pretrained(tmp_path / "a")
     a2 = LTXVideoTransformer3DModel.from_pretrained(tmp_path / "a")
     assert sorted(a2.config.quantization_config.layout) == sorted(a.config.quantization_config.layout)
+
+
+def test_residency_memory_and_int8_overflow_fallback():
+    torch.manual_seed(1)
+    lin = nn.Linear(128, 64)
+    m_c = LatticeLinear.from_linear(lin, bits=4.0, tile_size=128, residency="compressed")
+    m_i = LatticeLinear.from_linear(lin, bits=4.0, tile_size=128, residency="int8")
+    # compressed-resident: exactly the stored stream (+ float32 signs for the RHT); int8: codes + scales + signs
+    assert m_c.resident_nbytes() == m_c.stored_nbytes() + 4 * 128
+    assert m_i.resident_nbytes() == 64 * 128 + 4 * 64 + 4 * 128
+    assert m_c.stored_nbytes() == m_i.stored_nbytes()  # int8 re-encodes the identical stream
+    assert m_c.stored_nbytes() < 0.3 * 2 * 64 * 128
+    x = torch.randn(5, 128)
+    assert torch.equal(m_c(x), m_i(x))
+    # Z at 8 bps: coordinates beyond +-127, so the int8 cast would clip -> the layer stays compressed-resident
+    m_z = LatticeLinear.from_linear(lin, bits=8.0, lattice="Z", tile_size=128, residency="int8")
+    assert m_z.residency == "compressed" and m_z.codes is None and "residency=compressed" in repr(m_z)
+    assert int(m_z.lattice_tensor().decode_coords().abs().max()) > 127
