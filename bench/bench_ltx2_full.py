@@ -103,6 +103,47 @@ def step_stats(model, inputs, steps: int):
     return statistics.median(times), peak, [o.float() for o in out]
 
 
+@torch.no_grad()
+def profile_step(model, inputs, tag, out_dir):
+    """One step under torch.profiler: device time per kernel family (printed) and the top kernels (file)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(**inputs)
+        sync()
+    fam = {}
+    total = 0.0
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0.0)
+        if not t:
+            continue
+        n = e.key.lower()
+        if "rice_decode" in n:
+            k = "rice_decode"
+        elif "rht_quant" in n or "rht_amax" in n:
+            k = "act_quant (rht)"
+        elif "int8_gemm" in n:
+            k = "int8_gemm"
+        elif "flash" in n or "attention" in n or "fmha" in n or "sdpa" in n:
+            k = "attention"
+        elif "gemm" in n or "cutlass" in n or "sm90" in n or "nvjet" in n or "matmul" in n:
+            k = "bf16/fp8 gemm (cuBLAS)"
+        else:
+            k = "other (elementwise, norms, rope, ...)"
+        fam[k] = fam.get(k, 0.0) + t
+        total += t
+    fam = {k: round(v / 1e3, 2) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])}
+    fam["total_ms"] = round(total / 1e3, 2)
+    if out_dir:
+        with open(os.path.join(out_dir, f"profile_{tag}.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
+                                              max_name_column_width=90))
+    return fam
+
+
 def rel_l2(out, ref):
     return [float((a - b).norm() / b.norm()) for a, b in zip(out, ref)]
 
@@ -114,7 +155,7 @@ def weight_bytes(model):
     return fp["total_bytes"], fp
 
 
-def quantize_model(model, bits: float):
+def quantize_model(model, bits: float, group_values: int = 1 << 28):
     """Quantize the backend's conversion plan, stacked per shape; returns (seconds, n_layers, layout)."""
     from hyperquant_diffusers.config import HyperQuantConfig
     from hyperquant_diffusers.kernels.quantize import quantize_many
@@ -133,7 +174,7 @@ def quantize_model(model, bits: float):
     for _, names in groups.items():
         lins = [convert[n] for n in names]
         qs = quantize_many([lin.weight for lin in lins], bits=bits, lattice="E8", tile_size=cfg.tile_size,
-                           seed=cfg.seed, block_values=cfg.block_values)
+                           seed=cfg.seed, block_values=cfg.block_values, max_values=group_values)
         for name, lin, q in zip(names, lins, qs):
             new = LatticeLinear.from_lattice_tensor(q, lin.bias, bits=bits, mma="int8", residency="compressed")
             _set_submodule(model, name, new)
@@ -218,6 +259,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--ckpt-dir", default="/tmp/hq_ckpt")
+    ap.add_argument("--group-values", type=int, default=1 << 28,
+                    help="values per stacked quantize group (peak memory of quantization grows with it)")
+    ap.add_argument("--profile-dir", default=None, help="profile one step of bf16 and each mode of the first rate")
     ap.add_argument("--all-modes-bits", type=float, nargs="*", default=[4.0],
                     help="rates that get every residency x MMA (others: compressed+int8 and int8+int8 only)")
     args = ap.parse_args(argv)
@@ -242,6 +286,8 @@ def main(argv=None):
     s, peak, ref = step_stats(model, inputs, args.steps)
     res["bf16"] = {"params_B": n_params / 1e9, "weight_gib": wb / GiB, "s_per_step": s, "peak_gib": peak,
                    "build_s": time.perf_counter() - t0}
+    if args.profile_dir:
+        res["bf16"]["profile_ms"] = profile_step(model, inputs, "bf16", args.profile_dir)
     emit("bf16", res["bf16"])
     bf16_path = os.path.join(args.ckpt_dir, "bf16.safetensors")
     res["bf16"]["save_s"], res["bf16"]["ckpt_bytes"] = save_st(model, bf16_path)
@@ -257,7 +303,7 @@ def main(argv=None):
             model = build_meta(args.layers).to_empty(device="cuda")
             init_random(model)
         torch.cuda.reset_peak_memory_stats()
-        run["quantize_s"], run["n_quantized"], layout, skipped = quantize_model(model, bits)
+        run["quantize_s"], run["n_quantized"], layout, skipped = quantize_model(model, bits, args.group_values)
         run["quantize_peak_gib"] = torch.cuda.max_memory_allocated() / GiB
         run["n_skipped"] = len(skipped)
         from hyperquant_diffusers.nn import LatticeLinear
@@ -297,6 +343,8 @@ def main(argv=None):
                  "decode_buffer_gib": decode_buffer_nbytes() / GiB, "s_per_step": s, "peak_gib": peak,
                  "step_vs_bf16": s / res["bf16"]["s_per_step"], "peak_vs_bf16": peak / res["bf16"]["peak_gib"],
                  "rel_l2_video": rel_l2(out, ref)[0], "rel_l2_audio": rel_l2(out, ref)[1]}
+            if args.profile_dir and bits == args.bits[0]:
+                d["profile_ms"] = profile_step(model, inputs, f"{bits}_{residency}_{mma}", args.profile_dir)
             run[f"{residency}_{mma}"] = d
             emit(f"mode {bits} {residency} {mma}", d)
             del out
