@@ -12,8 +12,9 @@ real head dimensions. GPU: ``--full-size --device cuda`` builds the default-conf
 
 Time per step is the median over ``--repeat`` transformer calls of a CFG batch (2 rows), after one warm-up call
 that fills the cache. Variants: ``recompute`` (diffusers' own processors: text K/V projected every call),
-``cache-exact`` (text K/V cached uncompressed, kv_bits=None), ``cache-<b>bps`` (text K/V cached compressed at b
-bits; self-attention K/V quantized on the fly too, which costs time on this reference path).
+``cache-exact`` (text K/V cached uncompressed, kv_bits=None), ``cache-<b>bps`` (text K/V cached Rice coded at b
+bits; self-attention K/V quantized on the fly too, which costs time on this reference path), ``cache-<b>bps-int8``
+(the same codes held as int8), ``nocache-<b>bps`` (everything quantized on the fly, text K/V recomputed).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def build_model(full_size: bool, device: str, dtype: torch.dtype):
+def build_model(full_size: bool, device: str, dtype: torch.dtype, layers: int | None = None):
     from diffusers import LTX2VideoTransformer3DModel
 
     if not full_size:
@@ -46,7 +47,7 @@ def build_model(full_size: bool, device: str, dtype: torch.dtype):
             rope_type="split")
         return m.to(device=device, dtype=dtype).eval()
     with torch.device("meta"):
-        m = LTX2VideoTransformer3DModel()
+        m = LTX2VideoTransformer3DModel(**({} if layers is None else {"num_layers": layers}))
     m = m.to_empty(device=device).to(dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -127,10 +128,18 @@ def shape_level(bits_list, device, seed=0):
             y = ck.dequantize()
             _sync(device)
             t2 = time.perf_counter()
+            c8 = q.compress(x, call_seed=1, fmt="int8")
+            _sync(device)
+            t3 = time.perf_counter()
+            c8.dequantize()
+            _sync(device)
+            t4 = time.perf_counter()
             err = (y.float() - x.float()).square().sum() / x.float().square().sum()
             rows.append(dict(tensor=name, bits=bits, bytes=ck.nbytes, bf16_bytes=x.numel() * 2,
                              ratio=x.numel() * 2 / ck.nbytes, bits_per_value=ck.bits_per_value,
-                             snr_db=float(-10 * torch.log10(err)), compress_s=t1 - t0, decompress_s=t2 - t1))
+                             snr_db=float(-10 * torch.log10(err)), compress_s=t1 - t0, decompress_s=t2 - t1,
+                             int8_bytes=c8.nbytes, int8_ratio=x.numel() * 2 / c8.nbytes,
+                             int8_decompress_s=t4 - t3))
     return rows
 
 
@@ -138,6 +147,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full-size", action="store_true", help="default-config LTX-2 transformer (48 layers)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--layers", type=int, default=None, help="full-size only: fewer blocks (smoke tests)")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--frames", type=int, default=121)
     ap.add_argument("--height", type=int, default=512)
@@ -155,7 +165,7 @@ def main(argv=None):
         args.text_len = 1024 if args.full_size else 16
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                           else torch.float32)
-    out = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=platform.platform(),
+    out = dict(layers=args.layers, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=platform.platform(),
                processor=platform.processor() or platform.machine(), torch=torch.__version__,
                threads=torch.get_num_threads(), device=args.device, dtype=str(dtype), full_size=args.full_size)
     if args.device.startswith("cuda"):
@@ -164,27 +174,29 @@ def main(argv=None):
     if not args.no_shape_level:
         out["shape_level"] = shape_level(args.bits, args.device)
         print("\nfull-size-shaped text K/V, E8 + dither (bytes include every side field):")
-        print(f"{'tensor':32s} {'bps':>5s} {'bytes':>10s} {'bf16':>10s} {'ratio':>6s} {'SNR dB':>7s} "
-              f"{'comp s':>7s} {'decomp s':>8s}")
+        print(f"{'tensor':30s} {'bps':>4s} {'bytes':>9s} {'bf16':>9s} {'ratio':>6s} {'SNR dB':>7s} "
+              f"{'comp s':>7s} {'decomp s':>8s} | {'int8 ratio':>10s} {'decomp s':>8s}")
         for r in out["shape_level"]:
-            print(f"{r['tensor']:32s} {r['bits']:5.1f} {r['bytes']:10d} {r['bf16_bytes']:10d} {r['ratio']:6.2f} "
-                  f"{r['snr_db']:7.2f} {r['compress_s']:7.3f} {r['decompress_s']:8.3f}")
+            print(f"{r['tensor']:30s} {r['bits']:4.1f} {r['bytes']:9d} {r['bf16_bytes']:9d} {r['ratio']:6.2f} "
+                  f"{r['snr_db']:7.2f} {r['compress_s']:7.3f} {r['decompress_s']:8.3f} | {r['int8_ratio']:10.2f} "
+                  f"{r['int8_decompress_s']:8.3f}")
 
-    m = build_model(args.full_size, args.device, dtype)
+    m = build_model(args.full_size, args.device, dtype, args.layers)
     inputs, geo = make_inputs(m, args, args.device, dtype)
     out["geometry"] = geo
     variants = [("recompute", {}), ("cache-exact", dict(kv_bits=None, cache_text_kv=True))]
     for b in args.bits:
         variants.append((f"cache-{b:g}bps", dict(kv_bits=b, cache_text_kv=True)))
+        variants.append((f"cache-{b:g}bps-int8", dict(kv_bits=b, cache_text_kv=True, cache_format="int8")))
         variants.append((f"nocache-{b:g}bps", dict(kv_bits=b, cache_text_kv=False)))
     res = {}
     print(f"\nmodel: {'full-size' if args.full_size else 'tiny'} LTX-2, {geo}, {dtype}, {args.device}")
-    print(f"{'variant':16s} {'s/step':>9s} {'text KV bytes':>14s} {'bf16 bytes':>12s} {'ratio':>6s} {'ref bytes':>10s}")
+    print(f"{'variant':18s} {'s/step':>9s} {'text KV bytes':>14s} {'bf16 bytes':>12s} {'ratio':>6s} {'ref bytes':>10s}")
     for name, kv in variants:
         try:
             t, st = time_variant(m, inputs, args.device, args.repeat, **kv)
         except ValueError as e:  # e.g. a rate below the Rice floor at this head dimension
-            print(f"{name:16s} skipped: {e}")
+            print(f"{name:18s} skipped: {e}")
             res[name] = dict(skipped=str(e))
             continue
         row = dict(s_per_step=t)
@@ -194,7 +206,7 @@ def main(argv=None):
                        reference_bytes=pk["reference_bytes"], entries=pk["entries"])
         res[name] = row
         ratio = f"{row['ratio']:6.2f}" if row.get("ratio") else "     -"
-        print(f"{name:16s} {t:9.4f} {row.get('kv_bytes', 0):14d} {row.get('kv_bf16_bytes', 0):12d} {ratio} "
+        print(f"{name:18s} {t:9.4f} {row.get('kv_bytes', 0):14d} {row.get('kv_bf16_bytes', 0):12d} {ratio} "
               f"{row.get('reference_bytes', 0):10d}")
     base = res["recompute"]["s_per_step"]
     saved = base - res["cache-exact"]["s_per_step"]
