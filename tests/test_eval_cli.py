@@ -102,3 +102,13 @@ def test_embedded_default_end_to_end_and_resume(tmp_path, tiny_ltx2_path, capsys
     r2 = json.load(open(out / "results.json"))
     assert r2["run"] == {"generated": 0, "resumed": 2}
     assert r2["comparisons"][0]["psnr_db"] == c["psnr_db"]
+
+
+def test_default_prompt_file_and_fallback_agree():
+    """samples/prompts.txt is the default; installs without the repo fall back to the same list in code."""
+    from hyperquant_diffusers.eval.prompts import DEFAULT_PROMPTS, FALLBACK_PROMPTS, read_prompts
+
+    assert os.path.isfile(DEFAULT_PROMPTS)
+    assert tuple(p["text"] for p in read_prompts(None)) == FALLBACK_PROMPTS
+    ids = [p["id"] for p in read_prompts(None)]
+    assert ids[0].startswith("p00-a-robot-dancing") and len(set(ids)) == len(ids)

@@ -149,3 +149,30 @@ def test_lpips_backbone_resolution_offline(tmp_path, monkeypatch):
     torch.save({"features.0.weight": torch.zeros(3, 3)}, bad)
     with pytest.raises(ValueError, match="features.0.weight"):
         load_lpips(str(bad))
+
+
+def test_video_files_mp4_and_gif_fallback(tmp_path, monkeypatch):
+    import imageio.v2 as imageio2
+    import imageio.v3 as iio
+
+    from hyperquant_diffusers.eval.video import load_frames_npy, save_frames_npy, to_uint8_frames, write_video
+
+    # float (F, C, H, W) in [0, 1] -> uint8 (F, H, W, 3), rounded
+    f = to_uint8_frames(torch.full((2, 3, 4, 5), 0.5))
+    assert f.shape == (2, 4, 5, 3) and f.dtype == np.uint8 and np.all(f == 128)
+    # few flat colours (exact in a GIF palette); odd size is padded to even for yuv420p
+    frames = np.zeros((4, 17, 21, 3), dtype=np.uint8)
+    for i in range(4):
+        frames[i, :, : 10 + i] = (200, 30 * i, 60)
+    mp4 = write_video(str(tmp_path / "a.mp4"), frames, fps=8)
+    back = iio.imread(mp4)
+    assert mp4.endswith(".mp4") and back.shape == (4, 18, 22, 3)
+    assert np.abs(back[:, :17, :21].astype(int) - frames).mean() < 8  # lossy H.264, but the same picture
+    # no usable ffmpeg -> GIF next to it, frames exact
+    monkeypatch.setattr(imageio2, "get_writer", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no ffmpeg")))
+    gif = write_video(str(tmp_path / "b.mp4"), frames, fps=8)
+    assert gif.endswith("b.gif") and not os.path.exists(tmp_path / "b.mp4")
+    np.testing.assert_array_equal(np.asarray(iio.imread(gif, index=None))[..., :3], frames)
+    save_frames_npy(str(tmp_path / "f.npy"), frames)
+    np.testing.assert_array_equal(load_frames_npy(str(tmp_path / "f.npy")), frames)
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []  # no temp files left behind
