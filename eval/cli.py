@@ -194,8 +194,6 @@ def run(args, inputs: dict | None = None, backend_factory=None) -> dict:
     lp_json = {**lp.to_json(), "upsample_factor": lpips_upsample_factor(settings.height, settings.width)}
     results = build_results(shards, inputs["configs"], inputs["prompts"], settings.to_json(), lp_json,
                             seeds=inputs["seeds"], num_processes=world)
-    results["run"] = {"generated": sum(s["counts"]["generated"] for s in shards),
-                      "resumed": sum(s["counts"]["resumed"] for s in shards)}
     write_report(out, results, log=log)
     log(f"report: {os.path.join(out, 'index.html')} ({results['run']['generated']} generated, "
         f"{results['run']['resumed']} resumed)")

@@ -174,6 +174,8 @@ def build_results(shards: list[dict], configs: list[EvalConfig], prompts: list[d
         "aggregate": aggregate,
         "same_initial_noise": same,
         "failures": failures,
+        "run": {"generated": sum(s.get("counts", {}).get("generated", 0) for s in shards),
+                "resumed": sum(s.get("counts", {}).get("resumed", 0) for s in shards)},
     }
 
 

@@ -85,9 +85,17 @@ class PipelineBackend:
         free_memory()
 
 
+def settings_fingerprint_payload(settings: Settings) -> dict:
+    """Settings as they identify a video: the device TYPE only (cuda:0 and cuda:3 give the same frames, so a
+    resumed run on another number of GPUs reuses videos)."""
+    payload = settings.to_json()
+    payload["device"] = str(payload["device"]).split(":")[0]
+    return payload
+
+
 def video_fingerprint(settings: Settings, config: EvalConfig, job: Job) -> str:
-    payload = {k: v for k, v in settings.to_json().items()}
-    return fingerprint({"settings": payload, "config": config.to_json(), "prompt": job.prompt, "seed": job.seed})
+    return fingerprint({"settings": settings_fingerprint_payload(settings), "config": config.to_json(),
+                        "prompt": job.prompt, "seed": job.seed})
 
 
 def config_info_path(out: str, config: EvalConfig) -> str:
@@ -125,7 +133,7 @@ def run_shard(out: str, jobs: list[Job], configs: list[EvalConfig], backend, set
                 if progress:
                     progress(1)
         info_file = config_info_path(out, config)
-        cfg_fp = fingerprint({"settings": settings.to_json(), "config": config.to_json()})
+        cfg_fp = fingerprint({"settings": settings_fingerprint_payload(settings), "config": config.to_json()})
         info = read_json(info_file) if (resume and os.path.isfile(info_file)) else None
         if info is not None and info.get("fingerprint") != cfg_fp:
             info = None

@@ -96,7 +96,7 @@ def _strict_load(path):
 
 
 TOP_KEYS = {"schema", "schema_version", "created_utc", "versions", "model", "settings", "number_format", "lpips",
-            "prompts", "configs", "videos", "comparisons", "aggregate", "same_initial_noise", "failures"}
+            "prompts", "configs", "videos", "comparisons", "aggregate", "same_initial_noise", "failures", "run"}
 CONFIG_KEYS = {"name", "is_baseline", "weight_kwargs", "kv_kwargs", "bits_per_scalar_nominal", "component_bytes",
                "quantized_linears", "quantized_components", "quantized_components_bytes", "compression_vs_baseline",
                "bits_per_scalar_effective", "load_seconds", "seconds_per_step_mean", "seconds_total_mean",
@@ -114,7 +114,7 @@ SETTINGS_KEYS = {"model_id", "embedded", "frames", "height", "width", "steps", "
 def test_results_numbers_schema_and_report(tmp_path):
     backend = NoisyBackend()
     shard, results = _evaluate(tmp_path, backend)
-    assert shard["counts"] == {"generated": 12, "resumed": 0}
+    assert shard["counts"] == {"generated": 12, "resumed": 0} and results["run"] == {"generated": 12, "resumed": 0}
     paths = write_report(str(tmp_path), results, log=lambda m: None)
     r = _strict_load(tmp_path / "results.json")
     # stable schema
@@ -206,6 +206,14 @@ def test_resume_skips_finished_videos(tmp_path):
     fourth = NoisyBackend()
     _evaluate(tmp_path, fourth, configs="bf16,w4-e8,w6-e8,w8-e8,w3-d4")
     assert {g[0] for g in fourth.generated} == {"w3-d4"} and len(fourth.generated) == 3
+    # another GPU index is the same device type: videos are reused
+    moved = NoisyBackend()
+    _evaluate(tmp_path, moved, configs="bf16,w4-e8,w6-e8,w8-e8,w3-d4", settings=_settings(device="cuda:3"))
+    _evaluate(tmp_path, NoisyBackend(), configs="bf16,w4-e8,w6-e8,w8-e8,w3-d4", settings=_settings(device="cuda:1"))
+    assert len(moved.generated) == 15  # cpu -> cuda: regenerated
+    again_gpu = NoisyBackend()
+    _evaluate(tmp_path, again_gpu, configs="bf16,w4-e8,w6-e8,w8-e8,w3-d4", settings=_settings(device="cuda:0"))
+    assert again_gpu.generated == []
     # changed settings (more steps) invalidate everything
     fifth = NoisyBackend()
     _evaluate(tmp_path, fifth, settings=_settings(steps=3))
