@@ -116,9 +116,14 @@ def quantization_config(config: EvalConfig, components=COMPONENTS_TO_QUANTIZE, o
 
         hyperquant_diffusers.HyperQuantConfig  # noqa: B018  (registers the "hyperquant" backend on import)
     except (ImportError, AttributeError) as exc:
+        import hyperquant_diffusers
+
+        hint = ("; hyperquant_diffusers was imported as a namespace package, without running its __init__ (a stale "
+                "editable install: run `pip install -e .` again in the repository)"
+                if getattr(hyperquant_diffusers, "__file__", None) is None else "")
         raise BackendUnavailableError(
             f"config {config.name!r} needs the HyperQuant diffusers backend (hyperquant_diffusers.HyperQuantConfig), "
-            f"which is not importable here: {exc}") from exc
+            f"which is not importable here: {exc}{hint}") from exc
     if config.uses_kv and not kv_available():
         raise BackendUnavailableError(
             f"config {config.name!r} needs hyperquant_diffusers.kv.enable_kv_compression (K/V quantization), "
