@@ -396,7 +396,8 @@ def quantize(
                              f"alone takes {bits - target:.2f}; leave it unquantized")
         log_a = _GAUSS_H - target - math.log2(vol)
         slope = -1.0
-        tol = tol_bits
+        # a small tensor's rate is dominated by side fields and sampling noise; 0.01 bps is as close as it matters
+        tol = tol_bits if rows * k >= _SEARCH_VALUES else max(tol_bits, 0.01)
     # Secant search on log2(alpha). Rate and SNR both fall as alpha grows, so f > 0 means alpha is too small;
     # the bracket [lo, hi] keeps a wild secant step from leaving the region where the root lies.
     lo = hi = None
