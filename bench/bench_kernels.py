@@ -101,8 +101,9 @@ def sweeps(dev):
         ss = random_signs(kk, 0).to(dev, torch.bfloat16)
         cands = []
         if mm > 2048:
-            for bm, nw, st in ((32, 4, 3), (32, 4, 4), (32, 8, 3), (64, 8, 3), (64, 8, 4), (64, 4, 3), (128, 8, 3)):
-                cands.append(("fused", dict(fused_bm=bm, fused_warps=nw, fused_stages=st)))
+            for bm, nw, st, pps in ((64, 8, 4, 0), (64, 8, 3, 0), (32, 4, 4, 1), (32, 8, 4, 1), (32, 4, 3, 2),
+                                    (64, 8, 4, 1), (16, 4, 4, 2), (32, 4, 4, 2), (16, 4, 4, 4), (64, 4, 4, 1)):
+                cands.append(("fused", dict(fused_bm=bm, fused_warps=nw, fused_stages=st, fused_pps=pps)))
         else:
             for bm, kc, nw in ((16, 256, 4), (16, 512, 4), (16, 1024, 4), (32, 512, 4), (16, 512, 2)):
                 cands.append(("split", dict(split_bm=bm, split_kc=kc, split_warps=nw)))

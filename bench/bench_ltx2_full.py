@@ -259,6 +259,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--ckpt-dir", default="/tmp/hq_ckpt")
+    ap.add_argument("--tune", action="store_true",
+                    help="first run bench_kernels' launch-shape sweeps (decode, act-quant, GEMM) and use the best")
+    ap.add_argument("--skip-load-test", action="store_true", help="no checkpoint save/load timing")
     ap.add_argument("--group-values", type=int, default=1 << 28,
                     help="values per stacked quantize group (peak memory of quantization grows with it)")
     ap.add_argument("--profile-dir", default=None, help="profile one step of bf16 and each mode of the first rate")
@@ -275,6 +278,15 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
 
+    if args.tune:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_kernels
+
+        sw = bench_kernels.sweeps(torch.device("cuda"))
+        res["tune"] = {"decode_best": sw["decode_best"], "gemm_tma_best": sw.get("gemm_tma_best"),
+                       "actq": {k: v for k, v in sw["actq"].items() if "best" in k}}
+        gc.collect()
+        torch.cuda.empty_cache()
     inputs = make_inputs()
     # ---- bf16 ----
     t0 = time.perf_counter()
@@ -290,14 +302,15 @@ def main(argv=None):
         res["bf16"]["profile_ms"] = profile_step(model, inputs, "bf16", args.profile_dir)
     emit("bf16", res["bf16"])
     bf16_path = os.path.join(args.ckpt_dir, "bf16.safetensors")
-    res["bf16"]["save_s"], res["bf16"]["ckpt_bytes"] = save_st(model, bf16_path)
+    if not args.skip_load_test:
+        res["bf16"]["save_s"], res["bf16"]["ckpt_bytes"] = save_st(model, bf16_path)
     del model
     gc.collect()
     torch.cuda.empty_cache()
     for bits in args.bits:
         run = {"bits": bits}
         res["runs"].append(run)  # filled in place: a partial run is still written if the job is cut short
-        if bits == args.bits[0]:
+        if bits == args.bits[0] and not args.skip_load_test:
             model, run["bf16_load_s"], run["page_cache_dropped"] = load_bf16(bf16_path, args.layers)
         else:  # same seed, same weights as the checkpoint; loading was measured once
             model = build_meta(args.layers).to_empty(device="cuda")
@@ -312,7 +325,7 @@ def main(argv=None):
         run["bits_per_scalar"] = (sum(m.stored_nbytes() for m in lls) * 8
                                   / sum(m.in_features * m.out_features for m in lls))
         emit(f"quantized{bits}", run)
-        if bits == args.bits[0]:
+        if bits == args.bits[0] and not args.skip_load_test:
             cpath = os.path.join(args.ckpt_dir, f"hq{bits}.safetensors")
             run["compressed_save_s"], run["compressed_ckpt_bytes"] = save_st(model, cpath)
             del model, lls

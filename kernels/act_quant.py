@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ._triton import jit_cache, require_triton
+from ._triton import jit_cache, num_sms, require_triton
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0
@@ -63,27 +63,31 @@ def _kernel():
     def rht_quant_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
                          T: tl.constexpr, BM: tl.constexpr, FP8: tl.constexpr, QMAX: tl.constexpr,
                          IEEE: tl.constexpr):
+        # programs walk row blocks (a persistent grid when launched with fewer programs than blocks: fewer row
+        # blocks in flight keep the second pass's re-read of x inside L2)
         pid = tl.program_id(0)
-        rows = pid * BM + tl.arange(0, BM)
-        rmask = rows < M
+        nprog = tl.num_programs(0)
         tt = tl.arange(0, T)
         h = tl.load(h_ptr + tt[:, None] * T + tt[None, :])
-        rows64 = rows.to(tl.int64)
-        amax = tl.zeros([BM], dtype=tl.float32)
-        for k0 in range(0, K, T):
-            y = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, k0 + tt, stride_xm, IEEE)
-            amax = tl.maximum(amax, tl.max(tl.abs(y), 1))
-        amax_safe = tl.where(amax > 0, amax, 1.0)
-        tl.store(sx_ptr + rows, amax_safe * inv_sqrt_t / QMAX, mask=rmask)
-        inv = QMAX / amax_safe
-        for k0 in range(0, K, T):
-            cols = k0 + tt
-            v = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE) * inv[:, None]
-            if FP8:
-                qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
-            else:
-                qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
-            tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], qv, mask=rmask[:, None])
+        for rb in range(pid, tl.cdiv(M, BM), nprog):
+            rows = rb * BM + tl.arange(0, BM)
+            rmask = rows < M
+            rows64 = rows.to(tl.int64)
+            amax = tl.zeros([BM], dtype=tl.float32)
+            for k0 in range(0, K, T):
+                y = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, k0 + tt, stride_xm, IEEE)
+                amax = tl.maximum(amax, tl.max(tl.abs(y), 1))
+            amax_safe = tl.where(amax > 0, amax, 1.0)
+            tl.store(sx_ptr + rows, amax_safe * inv_sqrt_t / QMAX, mask=rmask)
+            inv = QMAX / amax_safe
+            for k0 in range(0, K, T):
+                cols = k0 + tt
+                v = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE) * inv[:, None]
+                if FP8:
+                    qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
+                else:
+                    qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
+                tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], qv, mask=rmask[:, None])
 
     @triton.jit
     def rht_amax_split_kernel(x_ptr, s_ptr, h_ptr, amax_ptr, M, K, stride_xm, KC: tl.constexpr,
@@ -131,7 +135,7 @@ def _kernel():
 
 #: launch shapes; ``bench/bench_kernels.py`` sweeps them on the device (results in bench/RESULTS.md).
 #: fused: one program per BM rows walking all of K twice; split: (rows / BM) x (K / KC) programs, two launches.
-_TUNE = {"fused_bm": 64, "fused_warps": 8, "fused_stages": 3, "split_max_m": 2048, "split_bm": 16,
+_TUNE = {"fused_bm": 64, "fused_warps": 8, "fused_stages": 3, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
          "split_kc": 256, "split_warps": 4}
 
 
@@ -172,7 +176,10 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
                       BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, num_warps=tu["split_warps"])
         return q, sx
     bm = tu["fused_bm"] if tile < 512 else 16
-    fused[(triton_cdiv(m, bm),)](x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile,
+    nrb = triton_cdiv(m, bm)
+    pps = tu.get("fused_pps", 0)  # programs per SM of a persistent grid; 0: one program per row block
+    grid = (min(nrb, num_sms(x.device.index or 0) * pps) if pps else nrb,)
+    fused[grid](x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile,
                                  BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, num_warps=tu["fused_warps"],
                                  num_stages=tu["fused_stages"])
     return q, sx
