@@ -48,7 +48,7 @@ def build_model(full_size: bool, device: str, dtype: torch.dtype, layers: int | 
         return m.to(device=device, dtype=dtype).eval()
     with torch.device("meta"):
         m = LTX2VideoTransformer3DModel(**({} if layers is None else {"num_layers": layers}))
-    m = m.to_empty(device=device).to(dtype)
+    m = m.to(dtype).to_empty(device=device)  # cast on meta first: never materialize float32 (~70 GiB)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in m.named_parameters():
