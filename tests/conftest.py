@@ -6,17 +6,14 @@
 """
 
 import os
-import sys
 
 import pytest
+import torch
 
-# The editable install in /tmp/tv2 registers `hyperquant_diffusers` as a *namespace* package (it was installed
-# before the package had an __init__.py), which would skip our __init__ (and the backend registration) when the
-# repo root is not on sys.path. Put it first so the real package is imported.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
+# Triton decorates kernels when their module is first imported, and picks interpreter or GPU mode then; any
+# test module may import the kernels first (through LatticeLinear), so choose the mode here, before all of them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
