@@ -135,7 +135,7 @@ def _kernel():
 
 #: launch shapes; ``bench/bench_kernels.py`` sweeps them on the device (results in bench/RESULTS.md).
 #: fused: one program per BM rows walking all of K twice; split: (rows / BM) x (K / KC) programs, two launches.
-_TUNE = {"fused_bm": 64, "fused_warps": 8, "fused_stages": 3, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
+_TUNE = {"fused_bm": 64, "fused_warps": 8, "fused_stages": 4, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
          "split_kc": 256, "split_warps": 4}
 
 
