@@ -18,26 +18,11 @@ from __future__ import annotations
 
 import torch
 
-import contextlib
-import functools
-
 from hyperquant_diffusers.codec import LatticeTensor, quantize
-from hyperquant_diffusers.codec import tensor as _codec_tensor
 
 #: coordinates per encode_coords chunk for stacked groups: the codec's default (2M) spends ~0.8 s of a 268M-value
 #: group in per-chunk launches and host syncs; 16M takes ~0.37 s (bench/RESULTS.md, H100)
 ENCODE_CHUNK = 1 << 24
-
-
-@contextlib.contextmanager
-def _encode_chunk(chunk_values: int):
-    # codec.quantize has no chunk argument (requested from the codec owner): bind one for the duration of the call
-    orig = _codec_tensor.encode_coords
-    _codec_tensor.encode_coords = functools.partial(orig, chunk_values=chunk_values)
-    try:
-        yield
-    finally:
-        _codec_tensor.encode_coords = orig
 
 
 def split_stacked(q: LatticeTensor, n_layers: int) -> list[LatticeTensor]:
@@ -80,9 +65,8 @@ def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E
     for g0 in range(0, len(weights), group):
         chunk = weights[g0:g0 + group]
         stacked = torch.cat([w.detach() for w in chunk], 0) if len(chunk) > 1 else chunk[0].detach()
-        with _encode_chunk(encode_chunk):
-            q = quantize(stacked, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed,
-                         block_values=block_values)
+        q = quantize(stacked, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed,
+                     block_values=block_values, chunk_values=encode_chunk)
         del stacked
         out.extend(split_stacked(q, len(chunk)))
     return out

@@ -337,6 +337,7 @@ def quantize(
     step_mode: str = "row",
     tol_bits: float = 0.003,
     rdo: bool = True,
+    chunk_values: int = 1 << 21,
 ) -> LatticeTensor:
     """Quantize ``w`` (..., K) with HyperQuant; runs on ``w``'s device.
 
@@ -345,6 +346,7 @@ def quantize(
     proportional to the row's RMS so every row gets the same SNR) or per tensor (``"tensor"``); a single
     multiplier is searched on a sample of rows so the whole tensor lands on the target. ``rdo`` picks each
     lattice point rate–distortion optimally for the Rice code (see :mod:`.rdo`) instead of the nearest one.
+    ``chunk_values`` coordinates are Rice-encoded per pass: larger is faster on a GPU, smaller needs less memory.
     """
     spec = lattice_spec(lattice)
     tile_size = check_tile_size(tile_size)
@@ -422,6 +424,6 @@ def quantize(
     alpha = 2.0 ** log_a
     steps = (sigma * alpha).to(torch.float32)
     c = rd_nearest_point(spec.name, y / steps.unsqueeze(1), bv, shrinks)
-    words, offsets, ks = encode_coords(c.reshape(-1), spec.name, bv)
+    words, offsets, ks = encode_coords(c.reshape(-1), spec.name, bv, chunk_values=int(chunk_values))
     return LatticeTensor(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode, signs, steps,
                          words, offsets, ks)
