@@ -276,3 +276,28 @@ def test_gpu_lattice_linear_cuda_forward(residency, mma):
     assert y.shape == (2, 300, 1024) and y.dtype == torch.bfloat16
     # activation quantization (int8 per token after RHT: ~0.3%; fp8: ~2-3%) + bf16 output
     assert _rel(y, ref) < (0.01 if mma == "int8" else 0.05)
+
+
+@pytest.mark.parametrize("lattice", ["E8", "D4"])
+def test_gpu_int8_residency_decode_equals_torch_finalize(lattice):
+    """LatticeLinear.finalize on CUDA decodes with the Triton Rice decoder; here (interpreter on CPU, or the GPU)
+    it must give exactly the codes and scales of the torch decoder."""
+    from hyperquant_diffusers.kernels._triton import triton_available
+    from hyperquant_diffusers.kernels.dispatch import make_int8_resident
+    from hyperquant_diffusers.nn.lattice_linear import LatticeLinear
+
+    if not triton_available():
+        pytest.skip("Triton can run neither on a GPU nor in its interpreter here")
+    from hyperquant_diffusers.codec import quantize
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96)
+    q = quantize(lin.weight.detach(), bits=4.0, lattice=lattice, tile_size=64)
+    ref = LatticeLinear.from_lattice_tensor(q, lin.bias, bits=4.0, residency="int8")  # torch decoder, CPU
+    where = "cuda" if torch.cuda.is_available() else "cpu"
+    qd, bias = q.to(where), lin.bias.to(where)
+    auto = LatticeLinear.from_lattice_tensor(qd, bias, bits=4.0, residency="int8")  # GPU decoder on CUDA
+    assert torch.equal(ref.codes, auto.codes.cpu()) and torch.equal(ref.code_scale, auto.code_scale.cpu())
+    dev = LatticeLinear.from_lattice_tensor(qd, bias, bits=4.0, residency="compressed")
+    assert make_int8_resident(dev) and dev.residency == "int8" and dev.hq_words is None
+    assert torch.equal(ref.codes, dev.codes.cpu()) and torch.equal(ref.code_scale, dev.code_scale.cpu())
