@@ -164,3 +164,18 @@ def test_bad_settings_are_named():
         KVQuantizer(KVQuantConfig(), 64).compress(torch.randn(3, 64), 0, fmt="zip")
     with pytest.raises(ValueError, match="expected K/V vectors of 64"):
         KVQuantizer(KVQuantConfig(), 64).fake_quantize(torch.randn(3, 32), 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+@pytest.mark.parametrize("lattice", ["E8", "D4"])
+def test_cuda_cache_decodes_with_triton_and_matches_torch_decoder(lattice):
+    from hyperquant_diffusers.codec.stream import decode_coords
+    from hyperquant_diffusers.kv.quantizer import BLOCK_VALUES, _gpu_decode
+
+    x = torch.randn(2, 8, 300, 128, device="cuda")
+    ck = KVQuantizer(KVQuantConfig(bits=4.0, lattice=lattice, method="dither"), 128, seed=1).compress(x, call_seed=5)
+    fast = _gpu_decode(ck, lattice)
+    assert fast is not None
+    ref = decode_coords(ck.words, ck.offsets.to(torch.int64), ck.ks, ck.numel, lattice, BLOCK_VALUES)
+    assert torch.equal(fast, ref)

@@ -67,6 +67,20 @@ def encode_log8_unbiased(x: torch.Tensor, generator: torch.Generator) -> torch.T
     return (lo + up.to(lo.dtype)).to(torch.int8)
 
 
+def _gpu_decode(kv: "CompressedKV", lattice: str) -> torch.Tensor | None:
+    """Coordinates of a CUDA-resident stream through the parallel Triton Rice decoder (the torch decoder costs
+    seconds per denoising step on a full-size model: bench/RESULTS.md); None where that decoder does not apply
+    (CPU, A2, no Triton GPU backend, or a coordinate beyond the int8 range it writes)."""
+    if not kv.words.is_cuda or lattice not in ("Z", "D4", "E8"):
+        return None
+    try:
+        from ..kernels.rice_decode import rice_decode
+        out, _, _ = rice_decode(kv.words, kv.offsets, kv.ks, kv.numel, lattice, BLOCK_VALUES, check=True)
+    except (ImportError, RuntimeError, ValueError):
+        return None
+    return out.to(torch.int32)
+
+
 def decode_log8(e: torch.Tensor) -> torch.Tensor:
     """int8 codes -> float32 values ``2^(e/8)``."""
     return torch.exp2(e.to(torch.float32) / STEP_CODES_PER_OCTAVE)
@@ -412,7 +426,9 @@ class CompressedKV:
         if self.codes is not None:
             c = self.codes.to(torch.int32)
         else:
-            c = decode_coords(self.words, self.offsets.to(torch.int64), self.ks, self.numel, lat, BLOCK_VALUES)
+            c = _gpu_decode(self, lat)
+            if c is None:
+                c = decode_coords(self.words, self.offsets.to(torch.int64), self.ks, self.numel, lat, BLOCK_VALUES)
             c = c.reshape(-1, q.head_dim)
         steps = decode_log8(self.steps).unsqueeze(1)
         pts = coords_to_points(lat, c)
