@@ -91,8 +91,14 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     return buf.view(module.out_features, module.in_features), cache["sw"]
 
 
+#: the Triton GEMMs step K by 128; _scaled_mm needs N % 16. Smaller layers take the torch reference path on CUDA
+#: (found by tests/test_backend.py on the device: a tiny T5's 64-wide layers).
+GEMM_K_MULTIPLE, GEMM_N_MULTIPLE = 128, 16
+
+
 def supports(module, x: torch.Tensor) -> bool:
     return (x.is_cuda and module.lattice in _KERNEL_LATTICES and module.mma in ("int8", "fp8")
+            and module.in_features % GEMM_K_MULTIPLE == 0 and module.out_features % GEMM_N_MULTIPLE == 0
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_available())
 
 

@@ -81,6 +81,26 @@ def test_ltx_pipeline_q6_video_close_to_float(ltx_q6, ltx_float_frames):
     assert p > 40.0  # measured ~58 dB
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+def test_checkpoint_on_cuda_and_with_model_cpu_offload(ltx_q6, ltx_float_frames):
+    """The saved 6-bps checkpoint on the GPU, through `.to("cuda")` (int8 tensor-core path) and through
+    `enable_model_cpu_offload()`: both generate the float CPU pipeline's video up to quantization error."""
+    _, out = ltx_q6
+    pipe = LTXPipeline.from_pretrained(out)
+    pipe.to("cuda")
+    assert all(m.codes.is_cuda for m in pipe.transformer.modules() if isinstance(m, LatticeLinear))
+    p_cuda = psnr(run_tiny_pipeline(pipe), ltx_float_frames)
+    del pipe
+    pipe = LTXPipeline.from_pretrained(out)
+    pipe.enable_model_cpu_offload()
+    frames = run_tiny_pipeline(pipe)
+    p_off = psnr(frames, ltx_float_frames)
+    print(f"6 bps on CUDA: {p_cuda:.1f} dB, with model CPU offload: {p_off:.1f} dB")
+    assert frames.shape == (9, 32, 32, 3)
+    assert p_cuda > 30.0 and p_off > 30.0
+
+
 def test_ltx_save_reload_bit_exact_without_requantizing(ltx_q6, monkeypatch):
     pipe, out = ltx_q6
     import hyperquant_diffusers.codec as codec_mod
