@@ -30,3 +30,13 @@ def tiny_ltx_path(tmp_path_factory):
     from hyperquant_diffusers.testing import build_tiny_ltx_pipeline
 
     return build_tiny_ltx_pipeline(str(tmp_path_factory.mktemp("tiny_ltx")))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of many tiny tensor ops: with 2 threads on a loaded 2-core machine each op pays a thread
+    handshake of milliseconds. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

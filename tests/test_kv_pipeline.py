@@ -10,12 +10,7 @@ from hyperquant_diffusers.testing import run_tiny_pipeline
 STEPS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _psnr(a, b):

@@ -7,12 +7,7 @@ from diffusers import LTX2VideoTransformer3DModel, LTXVideoTransformer3DModel
 from hyperquant_diffusers.kv import disable_kv_compression, enable_kv_compression, kv_cache_stats
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 B, F, H, W, L, A = 2, 2, 4, 4, 8, 5

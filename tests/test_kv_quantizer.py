@@ -10,13 +10,7 @@ from hyperquant_diffusers.kv import KVQuantConfig, KVQuantizer, dither_error_var
 from hyperquant_diffusers.kv.quantizer import decode_log8, encode_log8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: with 2 threads on a loaded 2-core machine each op pays a thread handshake (ms).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _heavy(gen, *shape):
