@@ -50,7 +50,7 @@ def fmt_num(x, spec=".2f", suffix="") -> str:
 def summary_rows(results: dict) -> list[list[str]]:
     """Per-configuration table: header row first."""
     rows = [["config", "bits/scalar nominal", "quantized linears", "bits/scalar stored", "linears compression vs bf16",
-             "transformer + text enc. memory vs baseline", "mean PSNR [dB]", "min PSNR [dB]", "mean LPIPS", "s/step",
+             "transformer + text enc. compression vs baseline (baseline bytes ÷ bytes)", "mean PSNR [dB]", "min PSNR [dB]", "mean LPIPS", "s/step",
              "peak memory"]]
     for c in results["configs"]:
         agg = results["aggregate"].get(c["name"], {})
@@ -249,7 +249,7 @@ def _write_md(out: str, results: dict, paths: dict) -> None:
         lines += [("> **" + n.split(".")[0] + ".**" + ".".join(n.split(".")[1:])) if n.startswith("RANDOM") else "> " + n, ""]
     lines += ["## Configurations", "", _md_table(summary_rows(results)), "",
               "bits/scalar stored and linears compression: the quantized linears' compressed tensors against bf16. "
-              "Memory vs baseline: the whole transformer + text encoder as loaded. Peak memory: " + _memory_kind(results) + ".",
+              "Compression vs baseline: the baseline's bytes ÷ this configuration's bytes, the whole transformer + text encoder as loaded (1.10× means 10% smaller). Peak memory: " + _memory_kind(results) + ".",
               "", "## Per prompt", "", _md_table(prompt_rows(results)), "", "## Per-frame PSNR", ""]
     if paths["psnr_curves"]:
         lines += [f"![per-frame PSNR]({paths['psnr_curves']})", ""]
