@@ -211,8 +211,9 @@ def _write_html(out: str, results: dict, paths: dict) -> None:
         parts.append(f"<div class={cls}>{e(n)}</div>")
     parts += ["<h2>Configurations</h2>", _html_table(summary_rows(results), "summary"),
               "<p class=meta><i>bits/scalar stored</i> and <i>linears compression</i>: the quantized linear layers' "
-              "compressed tensors (Rice stream and side information) against their bf16 weights. <i>Memory vs "
-              "baseline</i>: the whole transformer + text encoder as loaded (layers left in float included; int8 "
+              "compressed tensors (Rice stream and side information) against their bf16 weights. <i>Compression "
+              "vs baseline</i>: the baseline's bytes ÷ this configuration's bytes (1.10× means 10% smaller), the whole "
+              "transformer + text encoder as loaded (layers left in float included; int8 "
               "residency keeps decoded codes in memory). Peak memory: the largest over this configuration's videos "
               f"({e(_memory_kind(results))}).</p>",
               "<h2>Per prompt</h2>", _html_table(prompt_rows(results), "prompts")]
