@@ -135,7 +135,6 @@ def main(argv=None) -> None:
     # cost of A2's int8 cast at 4 bps
     q = quantize(sources["gaussian"][0].to(dev), bits=4.0, lattice="A2")
     codes, scale = q.int8_codes()
-    rot = q.rotated()
     base = sources["gaussian"][0].to(dev)
     from hyperquant_diffusers.codec import inverse_rht
 

@@ -7,7 +7,6 @@ the float pipelines themselves (PSNR of the quantized video against the float vi
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest

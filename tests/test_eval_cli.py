@@ -2,7 +2,6 @@
 the embedded tiny LTX-2 pipeline (random weights) through the HyperQuant backend, resumed on a second run."""
 
 import json
-import math
 import os
 import shutil
 

@@ -17,7 +17,6 @@ import textwrap
 import numpy as np
 import pytest
 
-from hyperquant_diffusers.eval import cli
 from hyperquant_diffusers.eval.configs import parse_config_list
 from hyperquant_diffusers.eval.metrics import FramesMismatchError
 from hyperquant_diffusers.eval.pipeline import GenerationResult

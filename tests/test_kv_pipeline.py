@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from hyperquant_diffusers.kv import disable_kv_compression, enable_kv_compression, kv_cache_stats
 from hyperquant_diffusers.testing import run_tiny_pipeline

@@ -92,8 +92,6 @@ def best_rice_k(m: torch.Tensor, k_shift: torch.Tensor | None = None, *, max_k: 
         k_shift = torch.zeros_like(m)
     mean = m.to(torch.float64).mean(dim=1).clamp_min(0.0)
     k0 = torch.floor(torch.log2(mean + 1.0)).to(torch.int64)
-    best_cost = None
-    best_k = None
     # The total cost is convex-ish in k; a window of 3 around the estimate contains the minimum for
     # geometric-like data, and we widen it until the minimum is interior, so the result is exact.
     lo, hi = -1, 1
@@ -104,7 +102,6 @@ def best_rice_k(m: torch.Tensor, k_shift: torch.Tensor | None = None, *, max_k: 
         ], 0)
         idx = costs.argmin(0)
         best_k = ks.gather(0, idx.unsqueeze(0)).squeeze(0)
-        best_cost = costs.gather(0, idx.unsqueeze(0)).squeeze(0)
         at_edge = ((idx == 0) & (ks[0] > 0)) | ((idx == ks.shape[0] - 1) & (ks[-1] < max_k))
         if not bool(at_edge.any()) or hi - lo > 2 * max_k:
             return best_k

@@ -117,7 +117,7 @@ def encode_coords(c: torch.Tensor, lattice: str, block_values: int, chunk_values
     c = c.reshape(-1)
     if c.numel() and int(c.abs().max()) > MAX_ABS_COORD:
         raise ValueError(f"lattice coordinate magnitude exceeds {MAX_ABS_COORD}: step size far too small")
-    lay = _layout(c.numel(), lattice, block_values, c.device)
+    _layout(c.numel(), lattice, block_values, c.device)  # validates the geometry before any work
     ks = choose_ks(c, lattice, block_values)
     per_chunk = max(1, chunk_values // block_values) * block_values
     all_words, all_offsets, base = [], [torch.zeros(1, dtype=torch.int64, device=c.device)], 0

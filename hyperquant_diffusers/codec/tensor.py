@@ -12,9 +12,8 @@ import torch
 from .constants import (BLOB_MAGIC, DEFAULT_BLOCK_VALUES, DEFAULT_TILE, FORMAT_VERSION, MAX_BLOCK_VALUES,
                         MIN_BLOCK_VALUES, check_bits, check_tile_size, lattice_spec)
 from .hadamard import inverse_rht, random_signs, rht
-from .lattices import coords_to_points, nearest_point
+from .lattices import coords_to_points
 from .rdo import RDO_SHRINKS, rd_nearest_point
-from .rice import RiceStreamError
 from .stream import decode_coords, encode_coords, stream_bits
 
 
