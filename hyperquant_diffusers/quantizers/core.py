@@ -36,6 +36,20 @@ _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 _ST_DTYPES = {torch.uint8: "U8", torch.int32: "I32"}
 
 
+class FreshConfigMixin:
+    """What the diffusers and the transformers quantizer share: no extra packages to check, and a private copy
+    of the config when quantizing fresh weights, so that one user config reused for several ``from_pretrained``
+    calls does not carry one model's layout into another. List it before the library's quantizer base."""
+
+    def __init__(self, quantization_config, **kwargs):
+        if not kwargs.get("pre_quantized", True):
+            quantization_config = quantization_config.fresh_copy()
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args, **kwargs):
+        return None
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -5,9 +5,10 @@ from __future__ import annotations
 from diffusers.quantizers.base import DiffusersQuantizer
 
 from . import core
+from .core import FreshConfigMixin
 
 
-class HyperQuantDiffusersQuantizer(DiffusersQuantizer):
+class HyperQuantDiffusersQuantizer(FreshConfigMixin, DiffusersQuantizer):
     """Quantize-on-load and pre-quantized loading of diffusers models (LTX-2 / LTX-Video transformers...).
 
     Fresh weights load in float (on the target device), then each selected linear is quantized in place
@@ -17,16 +18,6 @@ class HyperQuantDiffusersQuantizer(DiffusersQuantizer):
 
     requires_calibration = False
     use_keep_in_fp32_modules = True
-
-    def __init__(self, quantization_config, **kwargs):
-        if not kwargs.get("pre_quantized", True):
-            # Quantizing fresh weights: work on a private copy, so that one user config reused for several
-            # from_pretrained calls does not carry one model's layout into another.
-            quantization_config = quantization_config.fresh_copy()
-        super().__init__(quantization_config, **kwargs)
-
-    def validate_environment(self, *args, **kwargs):
-        return None
 
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
         if self.pre_quantized:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from transformers.quantizers.base import HfQuantizer
 
 from . import core
+from .core import FreshConfigMixin
 
 
-class HyperQuantHfQuantizer(HfQuantizer):
+class HyperQuantHfQuantizer(FreshConfigMixin, HfQuantizer):
     """Same behaviour as the diffusers quantizer, through transformers' loading hooks.
 
     K/V compression knobs are not applied to text encoders (they run once per prompt).
@@ -15,16 +16,6 @@ class HyperQuantHfQuantizer(HfQuantizer):
 
     requires_calibration = False
     required_packages = None
-
-    def __init__(self, quantization_config, **kwargs):
-        if not kwargs.get("pre_quantized", True):
-            # Quantizing fresh weights: work on a private copy, so that one user config reused for several
-            # from_pretrained calls does not carry one model's layout into another.
-            quantization_config = quantization_config.fresh_copy()
-        super().__init__(quantization_config, **kwargs)
-
-    def validate_environment(self, *args, **kwargs):
-        return None
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         cfg = self.quantization_config
