@@ -185,6 +185,40 @@ def test_ltx2_transformer_snippet_default_tile_128(tiny_ltx2_path, tmp_path):
     assert mem["lattice_bytes"] == 4 * (64 * 256 + 64 * 4 + 256 * 4)
 
 
+def test_diffusers_weights_are_quantized_as_they_load(tiny_ltx2_path, monkeypatch):
+    """Fresh diffusers weights are quantized the moment each one loads (never the whole float model at once):
+    every LatticeLinear comes from create_quantized_param, none from the after-load pass, and the result equals
+    quantizing the float weight directly."""
+    import hyperquant_diffusers.quantizers.core as core
+    from hyperquant_diffusers.codec import quantize
+    from hyperquant_diffusers.quantizers.diffusers_quantizer import HyperQuantDiffusersQuantizer
+
+    on_load, after = [], []
+    orig_create = HyperQuantDiffusersQuantizer.create_quantized_param
+    orig_linears = core.quantize_linears
+
+    def create(self, model, value, name, *a, **k):
+        on_load.append(name)
+        return orig_create(self, model, value, name, *a, **k)
+
+    def linears(model, config, **k):
+        after.extend(core.plan_conversion(model, config)[0])
+        return orig_linears(model, config, **k)
+
+    monkeypatch.setattr(HyperQuantDiffusersQuantizer, "create_quantized_param", create)
+    monkeypatch.setattr(core, "quantize_linears", linears)
+    cfg = HyperQuantConfig(bits=4.0, lattice="E8", tile_size=TILE)
+    tr = LTX2VideoTransformer3DModel.from_pretrained(tiny_ltx2_path, subfolder="transformer", quantization_config=cfg)
+    names = sorted(n for n, m in tr.named_modules() if isinstance(m, LatticeLinear))
+    assert len(names) > 10 and sorted(n.rpartition(".")[0] for n in on_load) == names and after == []
+    assert sorted(tr.config.quantization_config.layout) == names
+    ref = LTX2VideoTransformer3DModel.from_pretrained(tiny_ltx2_path, subfolder="transformer")
+    name = names[0]
+    q = quantize(ref.get_submodule(name).weight.detach(), bits=4.0, lattice="E8", tile_size=TILE)
+    assert torch.equal(tr.get_submodule(name).lattice_tensor().decode_coords(), q.decode_coords())
+    assert torch.equal(tr.get_submodule(name).bias, ref.get_submodule(name).bias)
+
+
 def test_ltx2_pipeline_snippet_save_reload(tiny_ltx2_path, tmp_path):
     """The issue's LTX-2 snippet verbatim (default tile 128): PipelineQuantizationConfig -> save -> reload."""
     ref = run_tiny_pipeline(LTX2Pipeline.from_pretrained(tiny_ltx2_path))

@@ -56,30 +56,43 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize_linears(model: nn.Module, config: HyperQuantConfig, *, progress: bool = True) -> dict[str, str]:
+def quantize_linear(model: nn.Module, name: str, lin: nn.Linear, weight: torch.Tensor,
+                    config: HyperQuantConfig) -> dict:
+    """Quantize ``weight`` (the float weight of ``lin``, on the device to quantize on) and put the LatticeLinear in
+    ``lin``'s place in ``model``; returns the module's ``config.layout`` entry. ``lin.bias`` may still be on the
+    meta device (it then loads into the new module later)."""
+    from ..codec import quantize
+
+    try:
+        q = quantize(weight.detach(), **config.quantize_kwargs())
+        new = LatticeLinear.from_lattice_tensor(q, lin.bias, bits=config.bits, mma=config.mma,
+                                                residency=config.residency)
+    except (ValueError, ArithmeticError) as e:
+        raise UnquantizableModuleError(f"module {name!r} ({lin.out_features}x{lin.in_features}) cannot be "
+                                       f"quantized: {e}") from e
+    _set_submodule(model, name, new)
+    return {"shape": [lin.out_features, lin.in_features], "dtype": _DTYPE_NAMES[weight.dtype],
+            "bias": lin.bias is not None, "n_words": new.n_words, "residency": new.residency}
+
+
+def quantize_linears(model: nn.Module, config: HyperQuantConfig, *, progress: bool = True,
+                     done: dict | None = None) -> dict[str, str]:
     """Replace the selected linears of a loaded float ``model`` by LatticeLinear; record ``config.layout``.
 
-    Returns the skipped modules (name -> reason); also stored as ``model._hyperquant_skipped``.
+    ``done``: layout entries of modules already quantized while their weights loaded (see the diffusers
+    quantizer's ``create_quantized_param``); they are kept and not planned again. Returns the skipped modules
+    (name -> reason); also stored as ``model._hyperquant_skipped``.
     """
     from tqdm.auto import tqdm
 
     convert, skipped = plan_conversion(model, config)
-    layout = {}
+    layout = dict(done or {})
     bar = tqdm(convert.items(), total=len(convert), desc="HyperQuant: quantizing linears", unit="layer",
                disable=not progress or len(convert) == 0)
     for name, lin in bar:
         if lin.weight.is_meta:
             raise UnquantizableModuleError(f"module {name!r} has no weights loaded (meta device); cannot quantize")
-        try:
-            new = LatticeLinear.from_linear(lin, bits=config.bits, lattice=config.lattice,
-                                            tile_size=config.tile_size, block_values=config.block_values,
-                                            seed=config.seed, mma=config.mma, residency=config.residency)
-        except (ValueError, ArithmeticError) as e:
-            raise UnquantizableModuleError(f"module {name!r} ({lin.out_features}x{lin.in_features}) cannot be "
-                                           f"quantized: {e}") from e
-        _set_submodule(model, name, new)
-        layout[name] = {"shape": [lin.out_features, lin.in_features], "dtype": _DTYPE_NAMES[lin.weight.dtype],
-                        "bias": lin.bias is not None, "n_words": new.n_words, "residency": new.residency}
+        layout[name] = quantize_linear(model, name, lin, lin.weight, config)
         del lin
     config.layout = layout
     model._hyperquant_skipped = skipped

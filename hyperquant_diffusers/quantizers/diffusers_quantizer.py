@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 
 from . import core
@@ -32,7 +33,33 @@ class HyperQuantDiffusersQuantizer(FreshConfigMixin, DiffusersQuantizer):
                 raise CheckpointFormatError("the model's quantization_config has no 'layout': not a checkpoint "
                                             "saved by the hyperquant backend")
             core.prepare_prequantized(model, self.quantization_config)
+        elif self.quantization_config.bits is not None:
+            # Fresh weights: the modules to quantize are known from the (meta) model; each one is quantized the
+            # moment its weight arrives (create_quantized_param), on the device it loads to, so loading never
+            # holds the whole float model. Modules loaded some other way are caught after loading.
+            convert, _ = core.plan_conversion(model, self.quantization_config)
+            self._pending = set(convert)
+            self._done = {}
+            self._bar = None
         return model
+
+    def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
+        module, _, leaf = param_name.rpartition(".")
+        return not self.pre_quantized and leaf == "weight" and module in getattr(self, "_pending", ())
+
+    def create_quantized_param(self, model, param_value, param_name, target_device, state_dict, unexpected_keys,
+                               **kwargs):
+        from tqdm.auto import tqdm
+
+        name = param_name.rpartition(".")[0]
+        if self._bar is None:
+            self._bar = tqdm(total=len(self._pending), desc="HyperQuant: quantizing linears", unit="layer")
+        device = torch.device(target_device) if not isinstance(target_device, torch.device) else target_device
+        lin = model.get_submodule(name)
+        self._done[name] = core.quantize_linear(model, name, lin, param_value.to(device),
+                                                self.quantization_config)
+        self._pending.discard(name)
+        self._bar.update(1)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
@@ -40,7 +67,10 @@ class HyperQuantDiffusersQuantizer(FreshConfigMixin, DiffusersQuantizer):
             if self.pre_quantized:
                 core.finalize_loaded(model)
             else:
-                core.quantize_linears(model, cfg)
+                if getattr(self, "_bar", None) is not None:
+                    self._bar.close()
+                core.quantize_linears(model, cfg, done=getattr(self, "_done", None))
+                self._pending, self._done, self._bar = set(), {}, None
                 self.pre_quantized = True  # from now on the model holds codes (e.g. for save_pretrained)
         model_cfg = getattr(model, "config", None)
         if model_cfg is not None and model_cfg.get("quantization_config", None) is not cfg:
