@@ -12,8 +12,8 @@ from .core import FreshConfigMixin
 class HyperQuantDiffusersQuantizer(FreshConfigMixin, DiffusersQuantizer):
     """Quantize-on-load and pre-quantized loading of diffusers models (LTX-2 / LTX-Video transformers...).
 
-    Fresh weights load in float (on the target device), then each selected linear is quantized in place
-    (``_process_model_after_weight_loading``). A HyperQuant checkpoint (config carries ``layout``) gets empty
+    Fresh weights: each selected linear's weight is quantized the moment it loads, on its target device
+    (``create_quantized_param``); anything loaded another way is quantized in ``_process_model_after_weight_loading``. A HyperQuant checkpoint (config carries ``layout``) gets empty
     ``LatticeLinear`` modules before loading and its integer code buffers load as-is.
     """
 
