@@ -98,6 +98,16 @@ class _KVCore:
         return k, v
 
 
+def _prepare_mask(attn, hidden_states, encoder_hidden_states, attention_mask):
+    """diffusers' LTX mask preparation: (batch, heads, query, key) additive mask, or None."""
+    if attention_mask is None:
+        return None
+    batch_size, sequence_length, _ = (
+        hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+    attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+    return attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+
 class _Base:
     _attention_backend = None
     _parallel_config = None
@@ -137,11 +147,7 @@ class HQKVLTXAttnProcessor(_Base):
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None) -> torch.Tensor:
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        attention_mask = _prepare_mask(attn, hidden_states, encoder_hidden_states, attention_mask)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         query = attn.norm_q(attn.to_q(hidden_states))
@@ -163,11 +169,7 @@ class HQKVLTX2AttnProcessor(_Base):
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, query_rotary_emb=None, key_rotary_emb=None,
                  perturbation_mask: torch.Tensor | None = None, all_perturbed: bool | None = None) -> torch.Tensor:
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        attention_mask = _prepare_mask(attn, hidden_states, encoder_hidden_states, attention_mask)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         if attn.to_gate_logits is not None:
