@@ -99,7 +99,9 @@ def sweeps(dev):
     for mm, kk in ((12288, 4096), (12288, 16384), (256, 4096), (256, 16384)):
         xx = torch.randn(mm, kk, device=dev).to(torch.bfloat16)
         ss = random_signs(kk, 0).to(dev, torch.bfloat16)
-        cands = []
+        cands = [("onepass", dict(onepass_elems=el, onepass_warps=nw))
+                 for el, nw in ((8192, 4), (8192, 8), (16384, 8), (16384, 16), (32768, 16), (4096, 4))
+                 if el >= kk or el * 2 >= kk]
         if mm > 2048:
             for bm, nw, st, pps in ((64, 8, 4, 0), (64, 8, 3, 0), (32, 4, 4, 1), (32, 8, 4, 1), (32, 4, 3, 2),
                                     (64, 8, 4, 1), (16, 4, 4, 2), (32, 4, 4, 2), (16, 4, 4, 4), (64, 4, 4, 1)):
@@ -120,9 +122,11 @@ def sweeps(dev):
             aq._TUNE.update(saved)
         out["actq"][f"{mm}x{kk} best"] = bestc
         out["actq"][f"{mm}x{kk} best_gbs"] = 3 * mm * kk / bestc[0] / 1e6
-        if kk == 4096:
+        if kk == 4096 and (mm > 2048 or bestc[1] == "onepass"):
             aq._TUNE.update(bestc[2])
             saved = dict(aq._TUNE)
+        out["actq"][f"{mm}x{kk} onepass_vs_fused_or_split"] = min(
+            (t for key, t in out["actq"].items() if key.startswith(f"{mm}x{kk} onepass")), default=None)
         del xx
     xq = torch.randint(-127, 128, (12288, 4096), dtype=torch.int8, device=dev)
     wq = torch.randint(-40, 41, (4096, 4096), dtype=torch.int8, device=dev)
@@ -184,15 +188,91 @@ def layer_case(n, k, dev, bits=4.0, seed=0):
     return w, bias, q, comp, i8, tq
 
 
+def _fp8_is_tma(m: int) -> bool:
+    from hyperquant_diffusers.kernels.int8_gemm import _FP8_PATH
+
+    return _FP8_PATH["path"] == "tma" or (_FP8_PATH["path"] == "auto" and m > 256)
+
+
+def chain_case(dev, m=12288):
+    """The four LTX-2 shapes as one chain of layers (as a block runs them), each residency, and the compressed
+    chain with the side-stream prefetch on and off; plus to_q/to_k/to_v on one input with and without activation
+    sharing. ms per chain (median)."""
+    from hyperquant_diffusers.kernels import dispatch
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    out = {}
+    torch.manual_seed(3)
+    lin = [torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16) for (n, k) in SHAPES]
+    for li in lin:
+        torch.nn.init.normal_(li.weight, 0, 0.02)
+    xs = [torch.randn(m, li.in_features, device=dev).to(torch.bfloat16) for li in lin]
+    i8 = [LatticeLinear.from_linear(li, bits=4.0, residency="int8") for li in lin]
+    cp = [LatticeLinear.from_linear(li, bits=4.0, residency="compressed") for li in lin]
+
+    def chain(mods):
+        return lambda: [mo(x) for mo, x in zip(mods, xs)]
+
+    dispatch.set_activation_sharing(False)
+    out["bf16_ms"] = bench(chain(lin))
+    for mma in ("int8", "fp8"):
+        for mo in i8 + cp:
+            mo.mma = mma
+        out[f"int8res_{mma}_ms"] = bench(chain(i8))
+        dispatch.set_prefetch(False)
+        out[f"compres_{mma}_jit_ms"] = bench(chain(cp))
+        dispatch.set_prefetch(True)
+        chain(cp)()
+        chain(cp)()
+        out[f"compres_{mma}_prefetch_ms"] = bench(chain(cp))
+        ys = chain(cp)()
+        dispatch.set_prefetch(False)
+        out[f"compres_{mma}_prefetch_exact"] = all(torch.equal(a, b) for a, b in zip(ys, chain(cp)()))
+        dispatch.set_prefetch(True)
+        out[f"compres_vs_int8res_{mma}_jit"] = out[f"compres_{mma}_jit_ms"] / out[f"int8res_{mma}_ms"] - 1
+        out[f"compres_vs_int8res_{mma}_prefetch"] = out[f"compres_{mma}_prefetch_ms"] / out[f"int8res_{mma}_ms"] - 1
+    for mo in i8 + cp:
+        mo.mma = "int8"
+    # to_q / to_k / to_v: three 4096x4096 layers on one activation
+    qkv = [LatticeLinear.from_linear(torch.nn.Linear(4096, 4096, device=dev, dtype=torch.bfloat16), bits=4.0)
+           for _ in range(3)]
+    # two inputs used in turn, so every iteration's first layer misses the sharing entry as a new activation would
+    pair = [xs[0], xs[0].clone()]
+    it = {"i": 0}
+
+    def qkv_run(mods, fn=None):
+        def go():
+            it["i"] ^= 1
+            xx = pair[it["i"]]
+            return [fn(mo, xx) if fn else mo(xx) for mo in mods]
+        return go
+
+    out["qkv_bf16_ms"] = bench(qkv_run([lin[0]] * 3))
+    out["qkv_int8_unshared_ms"] = bench(qkv_run(qkv))
+    dispatch.set_activation_sharing(True)
+    out["qkv_int8_shared_ms"] = bench(qkv_run(qkv))
+    ys = qkv_run(qkv)()
+    dispatch.set_activation_sharing(False)
+    out["qkv_shared_exact"] = all(torch.equal(a, mo(pair[it["i"]])) for a, mo in zip(ys, qkv))
+    dispatch.set_activation_sharing(False)
+    print("# chain", json.dumps(out), flush=True)
+    return out
+
+
 def run(args):
     from hyperquant_diffusers.kernels import fp4
     from hyperquant_diffusers.kernels.act_quant import rht_quantize
     from hyperquant_diffusers.kernels.dispatch import weight_codes
-    from hyperquant_diffusers.kernels.int8_gemm import (fp8_linear, int8_gemm_int_mm, int8_gemm_tma,
-                                                        int8_gemm_triton, set_int8_path)
+    from hyperquant_diffusers.kernels.int8_gemm import (fp8_gemm_tma, fp8_linear, int8_gemm_int_mm, int8_gemm_tma,
+                                                        int8_gemm_triton, set_fp8_path, set_int8_path)
     from hyperquant_diffusers.kernels.quantize import quantize_many
     from hyperquant_diffusers.kernels.rice_decode import rice_decode
 
+    from hyperquant_diffusers.kernels import dispatch
+
+    # every per-layer timing below calls a layer again on the same input: with activation sharing on, those
+    # calls would skip the act-quant pass, so it is off here and measured on its own (chain_case)
+    dispatch.set_activation_sharing(False)
     dev = torch.device("cuda")
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     import triton
@@ -243,7 +323,18 @@ def run(args):
             wq8 = wq.to(torch.float8_e4m3fn)
             row["gemm_triton_ms"] = bench(lambda: int8_gemm_triton(xq, sx, wq, sw, bias))
             row["gemm_int_mm_ms"] = bench(lambda: int8_gemm_int_mm(xq, sx, wq, sw, bias))
+            set_fp8_path("scaled_mm")
             row["gemm_fp8_ms"] = bench(lambda: fp8_linear(xq8, sx8, wq8, sw, bias))
+            if "gemm_tma_best" in res["sweeps"]:
+                row["gemm_fp8_tma_ms"] = bench(lambda: fp8_gemm_tma(xq8, sx8, wq8, sw, bias))
+                row["gemm_fp8_tma_int8w_ms"] = bench(lambda: fp8_gemm_tma(xq8, sx8, wq, sw, bias))
+                row["fp8_tma_vs_scaled_mm_max_rel"] = rel(fp8_gemm_tma(xq8, sx8, wq, sw, bias),
+                                                          fp8_linear(xq8, sx8, wq8, sw, bias))
+                set_fp8_path("auto" if row["gemm_fp8_tma_int8w_ms"] < row["gemm_fp8_ms"] + row["cast_fp8_ms"]
+                             else "scaled_mm")
+            else:
+                set_fp8_path("scaled_mm")
+            row["fp8_path"] = "tma" if _fp8_is_tma(m) else "scaled_mm"
             row["decode_int8_ms"] = bench(lambda: weight_codes(comp, "int8"))
             row["decode_fp8_ms"] = bench(lambda: weight_codes(comp, "fp8"))
             row["cast_fp8_ms"] = bench(lambda: wq.to(torch.float8_e4m3fn))
@@ -293,6 +384,7 @@ def run(args):
         del w, q, comp, i8, what
         torch.cuda.empty_cache()
     res["rows"], res["decode"] = rows, dec_rows
+    res["chain"] = chain_case(dev)
     # quantize + encode throughput: codec per layer vs stacked (kernels.quantize.quantize_many)
     qt = {}
     ws = [(torch.randn(4096, 4096, device=dev) * 0.02).to(torch.bfloat16) for _ in range(16)]
@@ -396,6 +488,12 @@ def table(res):
         lines.append(f"| {d['shape']} | {d['bit_exact']} | {d['decode_ms']:.3f} | {d['gvalues_s']:.1f} | "
                      f"{d['stream_gbs']:.0f} | {d['stream_bps']:.3f} | {d['quantize_codec_s']:.3f} | "
                      f"{d['lattice_rel_err']:.4f} | {d['nvfp4_rel_err']:.4f} | {d['mxfp4_rel_err']:.4f} |")
+    lines += ["", "| shape | M | GEMM fp8 _scaled_mm | GEMM fp8 tma (e4m3 W) | GEMM fp8 tma (int8 W cast in kernel) | fp8 path |",
+              "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['shape']} | {r['M']} | {r['gemm_fp8_ms']:.3f} | {r.get('gemm_fp8_tma_ms', float('nan')):.3f} | "
+                     f"{r.get('gemm_fp8_tma_int8w_ms', float('nan')):.3f} | {r['fp8_path']} |")
+    lines += ["", "chain (4 shapes in sequence, M = 12288) and q/k/v sharing: " + json.dumps(res["chain"])]
     lines += ["", "quantize: " + json.dumps(res["quantize"])]
     return "\n".join(lines)
 

@@ -267,6 +267,9 @@ def main(argv=None):
     ap.add_argument("--profile-dir", default=None, help="profile one step of bf16 and each mode of the first rate")
     ap.add_argument("--all-modes-bits", type=float, nargs="*", default=[4.0],
                     help="rates that get every residency x MMA (others: compressed+int8 and int8+int8 only)")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time compressed+int8 with the decode prefetch off and int8+int8 with activation "
+                         "sharing off (what each of the two saves)")
     args = ap.parse_args(argv)
     os.makedirs(args.ckpt_dir, exist_ok=True)
     res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -359,6 +362,17 @@ def main(argv=None):
             if args.profile_dir and bits == args.bits[0]:
                 d["profile_ms"] = profile_step(model, inputs, f"{bits}_{residency}_{mma}", args.profile_dir)
             run[f"{residency}_{mma}"] = d
+            if args.variants and mma == "int8":
+                from hyperquant_diffusers.kernels import dispatch
+
+                if residency == "compressed":
+                    dispatch.set_prefetch(False)
+                    d["s_per_step_prefetch_off"] = step_stats(model, inputs, args.steps)[0]
+                    dispatch.set_prefetch(True)
+                else:
+                    dispatch.set_activation_sharing(False)
+                    d["s_per_step_sharing_off"] = step_stats(model, inputs, args.steps)[0]
+                    dispatch.set_activation_sharing(True)
             emit(f"mode {bits} {residency} {mma}", d)
             del out
             if residency == "int8":

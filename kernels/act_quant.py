@@ -3,11 +3,16 @@
 ``x`` (M, K) -> ``xq`` (M, K) int8 or float8_e4m3fn and ``sx`` float32 (M,) with ``xq * sx[:, None] ~= rht(x)``
 (the codec's RHT: flip by ``signs``, then per-tile orthonormal Hadamard of ``tile`` values).
 
-Kernel: one program per ``BM`` rows. It walks the row block's K tiles twice: the first pass computes the
-transformed tiles (a tensor-core product with the ±1 Sylvester matrix, scaled by 1/sqrt(T) afterwards) and their
-running absolute maximum; the second recomputes them and writes the codes. The second read of ``x`` hits L2
-(a row block is BM*K*2 bytes), so HBM sees one read of ``x`` and one write of the codes, and no rotated copy of
-the activations is ever stored.
+Kernels (``impl``):
+
+* ``"onepass"`` (default where it applies): one program owns ``R`` whole rows (``R * K_pad`` = ``_TUNE["onepass_elems"]``
+  values, ``K_pad`` = K rounded up to a power of two tiles) and holds them in registers: one load of ``x``, the
+  RHT as one tensor-core product of the (R * tiles, T) view with the ±1 Sylvester matrix, the row maxima, the
+  codes; HBM sees exactly one read of ``x`` and one write of the codes (the 2 + 1 bytes per value floor).
+* ``"fused"``: one program per ``BM`` rows walks the K tiles twice (max, then codes), for rows too long to hold.
+  The second pass re-reads ``x``, from L2 when the row block is still there (the device profile found it mostly
+  is not: 250 MB moved for 150 MB of data at 12288x4096; bench/RESULTS.md).
+* ``"split"``: split-K over two launches, for few rows (more programs than one per row block).
 
 Rounding: int8 codes are ``clamp(floor(v + 0.5), -127, 127)`` with ``v = y / sx``; fp8 codes are the
 round-to-nearest e4m3 cast of ``v`` with ``sx = amax / 448``.
@@ -130,12 +135,45 @@ def _kernel():
                 qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
             tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], qv, mask=rmask[:, None])
 
-    return rht_quant_kernel, rht_amax_split_kernel, rht_quant_split_kernel
+    @triton.jit
+    def rht_quant_onepass_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
+                                 T: tl.constexpr, R: tl.constexpr, NT: tl.constexpr, FP8: tl.constexpr,
+                                 QMAX: tl.constexpr, IEEE: tl.constexpr):
+        # (R rows x NT tiles) of T values in registers: view i = row * NT + tile, one (R*NT, T) @ (T, T) product
+        i = tl.arange(0, R * NT)
+        tt = tl.arange(0, T)
+        row = tl.program_id(0) * R + i // NT
+        col = (i % NT)[:, None] * T + tt[None, :]
+        m = (row < M)[:, None] & (col < K)
+        row64 = row.to(tl.int64)
+        x = tl.load(x_ptr + row64[:, None] * stride_xm + col, mask=m, other=0.0)
+        s = tl.load(s_ptr + col, mask=col < K, other=0.0)
+        h = tl.load(h_ptr + tt[:, None] * T + tt[None, :])
+        if IEEE:
+            y = tl.dot(x * s, h, input_precision="ieee")
+        else:
+            y = tl.dot(x * s, h)
+        tmax = tl.reshape(tl.max(tl.abs(y), 1), (R, NT))
+        amax = tl.max(tmax, 1)
+        amax = tl.where(amax > 0, amax, 1.0)
+        rows = tl.program_id(0) * R + tl.arange(0, R)
+        tl.store(sx_ptr + rows, amax * inv_sqrt_t / QMAX, mask=rows < M)
+        inv = tl.reshape(tl.broadcast_to((QMAX / amax)[:, None], (R, NT)), (R * NT,))
+        v = y * inv[:, None]
+        if FP8:
+            qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
+        else:
+            qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
+        tl.store(q_ptr + row64[:, None] * stride_qm + col, qv, mask=m)
+
+    return rht_quant_kernel, rht_amax_split_kernel, rht_quant_split_kernel, rht_quant_onepass_kernel
 
 
 #: launch shapes; ``bench/bench_kernels.py`` sweeps them on the device (results in bench/RESULTS.md).
-#: fused: one program per BM rows walking all of K twice; split: (rows / BM) x (K / KC) programs, two launches.
-_TUNE = {"fused_bm": 64, "fused_warps": 8, "fused_stages": 4, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
+#: onepass: R = onepass_elems / K_pad whole rows per program (K_pad <= onepass_max_k); fused: one program per BM
+#: rows walking all of K twice; split: (rows / BM) x (K / KC) programs, two launches.
+_TUNE = {"onepass_elems": 16384, "onepass_warps": 8, "onepass_max_k": 16384,
+         "fused_bm": 64, "fused_warps": 8, "fused_stages": 4, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
          "split_kc": 256, "split_warps": 4}
 
 
@@ -143,8 +181,10 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
                  signs_cast: torch.Tensor | None = None, impl: str = "auto"):
     """Fused RHT + per-token quantization. ``x`` (M, K) bf16/fp16/fp32 (row stride free, unit column stride),
     ``signs`` ±1 (K,); ``fmt`` "int8" or "fp8". Returns (codes (M, K) int8 / float8_e4m3fn, scale float32 (M,)).
-    ``signs_cast``: the signs already in x's dtype on x's device (avoids a per-call cast). ``impl``: "fused" (one
-    launch, a program owns whole rows), "split" (split-K in two launches: more programs for small M), "auto"."""
+    ``signs_cast``: the signs already in x's dtype on x's device (avoids a per-call cast). ``impl``: "onepass"
+    (rows held in registers, one read of x), "fused" (one launch, two passes over each row block), "split"
+    (split-K in two launches: more programs for small M), "auto" (onepass when K fits, else split for small M and
+    fused for large)."""
     require_triton()
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("rht_quantize expects a 2-D activation with unit stride along K")
@@ -160,10 +200,23 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     sx = torch.empty(m, device=x.device, dtype=torch.float32)
     qmax = FP8_MAX if fp8 else INT8_MAX
     ieee = x.dtype == torch.float32
-    fused, amax_k, quant_k = _kernel()
+    fused, amax_k, quant_k, onepass_k = _kernel()
     tu = _TUNE
+    nt = 1 << max(0, (k // tile - 1).bit_length())     # tiles per row, rounded up to a power of two
+    rows_per_prog = tu["onepass_elems"] // (nt * tile)
     if impl == "auto":
-        impl = "split" if m <= tu["split_max_m"] else "fused"
+        if nt * tile <= tu["onepass_max_k"] and rows_per_prog >= 1:
+            impl = "onepass"
+        else:
+            impl = "split" if m <= tu["split_max_m"] else "fused"
+    if impl == "onepass":
+        r = max(1, rows_per_prog)
+        if r * nt < 16:  # the tensor-core product needs at least 16 rows in its view
+            r = 16 // nt
+        onepass_k[(triton_cdiv(m, r),)](x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile),
+                                        T=tile, R=r, NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee,
+                                        num_warps=tu["onepass_warps"])
+        return q, sx
     if impl == "split":
         kc = max(tile, min(tu["split_kc"], k))
         while k % kc:

@@ -3,15 +3,18 @@
 ``cuda_forward(module, x)`` is what ``hyperquant_diffusers.nn.LatticeLinear.forward`` calls on CUDA tensors:
 
 1. ``xq, sx = rht_quantize(x)`` -- one Triton pass: per-tile RHT of the activations and per-token int8 or
-   fp8-e4m3 codes (:mod:`.act_quant`).
+   fp8-e4m3 codes (:mod:`.act_quant`). Consecutive layers fed the same tensor with the same RHT signs (an
+   attention's to_q / to_k / to_v) reuse one result (``set_activation_sharing``).
 2. Weight codes in the MMA's type:
-   * int8 residency: the module's resident ``codes`` (int8, (out, in)); for the fp8 MMA they are cast to e4m3
-     per call (exact for |c| <= 16, rounded to 3 mantissa bits above: the fp8 path's extra weight error).
+   * int8 residency: the module's resident ``codes`` (int8, (out, in)); for the fp8 MMA the GEMM casts them to
+     e4m3 as it loads them (exact for |c| <= 16, rounded to 3 mantissa bits above: the fp8 path's extra weight
+     error).
    * compressed residency: the Rice stream is decoded by the Triton block decoder (:mod:`.rice_decode`) straight
-     into a buffer shared by all layers on the device (grown to the largest layer, reused: layers run one after
-     another on one stream), in int8 or e4m3 as the MMA needs.
-3. The GEMM with per-token x per-row scales, bias and the output cast in its epilogue (:mod:`.int8_gemm`), or
-   ``torch._scaled_mm`` for fp8.
+     into reused buffers, in int8 or e4m3 as the MMA needs. While a layer computes, the layer that followed it
+     last time is decoded on a side stream into the other of two buffers (``set_prefetch``), so the decode
+     overlaps the GEMMs, attention and elementwise work instead of adding to them.
+3. The GEMM with per-token x per-row scales, bias and the output cast in its epilogue (:mod:`.int8_gemm`: Triton
+   TMA kernels for int8 and fp8; ``torch._scaled_mm`` for fp8 at small M).
 
 Falls back to ``module.reference_forward`` (float32 torch) for A2 (no integer code), an MMA type other than
 int8/fp8, or when Triton cannot run. A compressed layer whose coordinates exceed the code range (checked once per
@@ -20,9 +23,11 @@ layer on its first call) uses ``module.int8_weight()`` (the codec's rescaling pa
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-from ._triton import triton_available
+from ._triton import num_sms, triton_available
 from .act_quant import rht_quantize
 from .int8_gemm import fp8_linear, int8_linear
 from .rice_decode import rice_decode
@@ -43,12 +48,16 @@ def _decode_buffer(device, dtype, n: int) -> torch.Tensor:
 
 
 def decode_buffer_nbytes() -> int:
-    """Bytes held by the shared decode buffers (counted in the compressed-residency memory reports)."""
-    return sum(b.numel() * b.element_size() for b in _BUFFERS.values())
+    """Bytes held by the shared decode buffers and prefetch slots (counted in compressed-residency reports)."""
+    return (sum(b.numel() * b.element_size() for b in _BUFFERS.values())
+            + sum(pf.nbytes() for pf in _PREFETCHERS.values()))
 
 
 def release_decode_buffers() -> None:
+    for pf in _PREFETCHERS.values():
+        pf.drain()
     _BUFFERS.clear()
+    _PREFETCHERS.clear()
 
 
 def _cache(module) -> dict:
@@ -64,31 +73,199 @@ def _code_scale_compressed(module) -> torch.Tensor:
     return (module.hq_scales.view(torch.float32) * unit).contiguous()
 
 
+def _decode_into(module, buf, wdtype, n, check: bool, programs: int | None = None) -> None:
+    rice_decode(module.hq_words, module.hq_offsets, module.hq_ks, n, module.lattice, module.block_values,
+                out=buf, out_dtype=wdtype, check=check, stats=check, programs=programs)
+
+
 def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes (out, in) int8 or float8_e4m3fn, float32 scale (out,)) of a LatticeLinear for MMA ``fmt``."""
+    """(codes (out, in) int8 or float8_e4m3fn, float32 scale (out,)) of a LatticeLinear for MMA ``fmt``.
+
+    Compressed residency decodes the stream (just in time, or picks up the side stream's prefetch, see
+    :class:`_Prefetcher`); the returned codes live in a buffer reused by later layers, valid until the next call.
+    """
     wdtype = torch.float8_e4m3fn if fmt == "fp8" else torch.int8
     if getattr(module, "codes", None) is not None:
-        codes, scale = module.codes, module.code_scale
-        return (codes.to(wdtype) if fmt == "fp8" else codes), scale
+        # int8 codes serve the fp8 MMA as they are: fp8_linear casts them (in the Triton GEMM, or by a cast pass)
+        return module.codes, module.code_scale
     cache = _cache(module)
     n = module.out_features * module.in_features
     if cache.get("fallback"):
-        codes, scale = module.int8_weight()
-        return (codes.to(wdtype) if fmt == "fp8" else codes), scale
+        return module.int8_weight()
     if "sw" not in cache:
         cache["sw"] = _code_scale_compressed(module)
-    buf = _decode_buffer(module.hq_words.device, wdtype, n)
-    first = not cache.get("checked")
-    try:
-        rice_decode(module.hq_words, module.hq_offsets, module.hq_ks, n, module.lattice, module.block_values,
-                    out=buf, out_dtype=wdtype, check=first, stats=first)
-    except ValueError:
-        if not first:
-            raise
-        cache["fallback"] = True  # coordinates beyond the code range: the codec's rescaling path, once per call
-        return weight_codes(module, fmt)
-    cache["checked"] = True
+    if not cache.get("checked"):
+        # first call: decode on the compute stream with the stream checks (one host sync), no prefetching
+        pf = _prefetcher(module.hq_words.device, wdtype) if _PREFETCH["on"] else None
+        if pf is not None:
+            pf.drain()
+        buf = _decode_buffer(module.hq_words.device, wdtype, n)
+        try:
+            _decode_into(module, buf, wdtype, n, check=True)
+        except ValueError:
+            cache["fallback"] = True  # coordinates beyond the code range: the codec's rescaling path
+            return weight_codes(module, fmt)
+        cache["checked"] = True
+        if pf is not None:
+            pf.observe(module)
+        return buf.view(module.out_features, module.in_features), cache["sw"]
+    if _PREFETCH["on"] and module.hq_words.is_cuda:
+        buf = _prefetcher(module.hq_words.device, wdtype).acquire(module, n)
+    else:
+        buf = _decode_buffer(module.hq_words.device, wdtype, n)
+        _decode_into(module, buf, wdtype, n, check=False)
     return buf.view(module.out_features, module.in_features), cache["sw"]
+
+
+#: compressed residency: decode the predicted next layer on a side stream while this one computes (default on;
+#: ``set_prefetch(False)`` decodes every layer just in time on the compute stream)
+_PREFETCH = {"on": True, "programs_per_sm": None}  # None: the decoder's own launch shape
+_PREFETCHERS: dict = {}
+
+
+def set_prefetch(on: bool) -> None:
+    """Turn the side-stream prefetch of compressed-resident layers' codes on or off (process-wide)."""
+    for pf in _PREFETCHERS.values():
+        pf.drain()
+    _PREFETCH["on"] = bool(on)
+
+
+def _prefetcher(device, wdtype) -> "_Prefetcher":
+    key = (str(device), wdtype)
+    pf = _PREFETCHERS.get(key)
+    if pf is None:
+        pf = _PREFETCHERS[key] = _Prefetcher(device, wdtype)
+    return pf
+
+
+class _Prefetcher:
+    """Overlaps the Rice decode of the next compressed-resident layer with the current layer's work.
+
+    Two decode buffers (slots) per device and code dtype. The layer that follows each layer is learned from the
+    calls themselves (last seen successor, held by weak reference), so any model whose layers run in a repeating
+    order benefits and a wrong guess only costs a just-in-time decode. Ordering between the compute stream and the
+    side stream is by events only: the side stream writes a slot after the compute stream's last use of it
+    (``free``), the compute stream reads a slot after the side stream's write (``written``).
+    """
+
+    def __init__(self, device, wdtype):
+        self.device, self.wdtype = torch.device(device), wdtype
+        self.stream = torch.cuda.Stream(self.device)
+        self.bufs: list = [None, None]
+        self.written: list = [None, None]   # side-stream event after the last prefetch into the slot
+        self.free: list = [None, None]      # compute-stream event after the last use of the slot
+        self.ready: dict = {}               # id(module) -> slot holding its prefetched codes
+        self.succ: dict = {}                # id(module) -> weakref of the module seen after it
+        self.prev = None                    # weakref of the module served last
+        self.last_slot = 1
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.bufs if b is not None)
+
+    def drain(self) -> None:
+        """Wait for the side stream and forget the prefetched slots (before buffers change or checks run)."""
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.ready.clear()
+
+    def observe(self, module) -> None:
+        if self.prev is not None and self.prev() is not None:
+            self.succ[id(self.prev())] = weakref.ref(module)
+        self.prev = weakref.ref(module)
+
+    def _slot(self, j: int, n: int) -> torch.Tensor:
+        b = self.bufs[j]
+        if b is None or b.numel() < n:
+            # growing happens while the largest layer is first seen: wait for every use of the old buffers
+            torch.cuda.current_stream(self.device).synchronize()
+            self.stream.synchronize()
+            self.bufs = [torch.empty(max(n, 0 if x is None else x.numel()), dtype=self.wdtype, device=self.device)
+                         for x in self.bufs]
+            self.written, self.free, self.ready = [None, None], [None, None], {}
+            b = self.bufs[j]
+        return b[:n]
+
+    def acquire(self, module, n: int) -> torch.Tensor:
+        """The decoded codes (n,) of ``module`` for use on the current stream; schedules the next prefetch."""
+        main = torch.cuda.current_stream(self.device)
+        self.observe(module)
+        j = self.ready.pop(id(module), None)
+        buf = None
+        if j is not None and self.bufs[j] is not None and self.bufs[j].numel() >= n:
+            buf = self.bufs[j][:n]
+            main.wait_event(self.written[j])
+        else:
+            j = 1 - self.last_slot
+            buf = self._slot(j, n)
+            if self.written[j] is not None:
+                main.wait_event(self.written[j])
+            _decode_into(module, buf, self.wdtype, n, check=False)
+        self._forget(j)
+        self.last_slot = j
+        nxt = self.succ.get(id(module))
+        nxt = nxt() if nxt is not None else None
+        if nxt is not None and nxt is not module and self._prefetchable(nxt):
+            k = 1 - j
+            nn_ = nxt.out_features * nxt.in_features
+            if self.bufs[k] is not None and self.bufs[k].numel() >= nn_:
+                self._forget(k)
+                with torch.cuda.stream(self.stream):
+                    if self.free[k] is not None:
+                        self.stream.wait_event(self.free[k])
+                    pps = _PREFETCH["programs_per_sm"]
+                    _decode_into(nxt, self.bufs[k][:nn_], self.wdtype, nn_, check=False,
+                                 programs=num_sms(self.device.index or 0) * pps if pps else None)
+                    self.written[k] = self.stream.record_event()
+                self.ready[id(nxt)] = k
+        return buf
+
+    def release(self) -> None:
+        """Called after the consumer of the last acquired slot was launched on the compute stream."""
+        self.free[self.last_slot] = torch.cuda.current_stream(self.device).record_event()
+
+    def _forget(self, j: int) -> None:
+        for key in [key for key, v in self.ready.items() if v == j]:
+            del self.ready[key]
+
+    def _prefetchable(self, m) -> bool:
+        c = m.__dict__.get("_hq_kernel_cache") or {}
+        return (getattr(m, "codes", None) is None and getattr(m, "hq_words", None) is not None
+                and m.hq_words.is_cuda and m.hq_words.device == self.device and c.get("checked")
+                and not c.get("fallback") and (m.mma == "fp8") == (self.wdtype == torch.float8_e4m3fn))
+
+
+#: layers reading the same activation (an attention's to_q / to_k / to_v) share its RHT + quantization when their
+#: RHT signs are equal (the backend quantizes every layer with one seed): one entry, the last activation seen
+_ACT_SHARE = {"on": True, "entry": None}
+_SIGNS: dict = {}
+
+
+def set_activation_sharing(on: bool) -> None:
+    """Share one activation quantization between consecutive layers fed the same tensor (default on)."""
+    _ACT_SHARE["on"] = bool(on)
+    _ACT_SHARE["entry"] = None
+
+
+def _interned_signs(signs: torch.Tensor, dtype, device) -> torch.Tensor:
+    """The RHT signs cast to ``dtype`` on ``device``, one tensor object per distinct sign vector (so equal signs
+    are recognized by identity in the activation-sharing key)."""
+    key = (dtype, str(device), signs.numel(), bytes(signs.to("cpu", torch.int8).numpy().tobytes()))
+    t = _SIGNS.get(key)
+    if t is None:
+        t = _SIGNS[key] = signs.to(device=device, dtype=dtype).contiguous()
+    return t
+
+
+def _quantized_activation(x, x2, s, tile: int, fmt: str):
+    if not _ACT_SHARE["on"]:
+        return rht_quantize(x2, s, tile, fmt, signs_cast=s)
+    key = (x._version, tuple(x.shape), tuple(x.stride()), x.storage_offset(), id(s), tile, fmt)
+    ent = _ACT_SHARE["entry"]
+    # a weak reference: the entry never keeps an activation alive, and a freed one can never match again
+    if ent is not None and ent[0]() is x and ent[1] == key:
+        return ent[2], ent[3]
+    xq, sx = rht_quantize(x2, s, tile, fmt, signs_cast=s)
+    _ACT_SHARE["entry"] = (weakref.ref(x), key, xq, sx)
+    return xq, sx
 
 
 #: the Triton GEMMs step K by 128; _scaled_mm needs N % 16. Smaller layers take the torch reference path on CUDA
@@ -118,10 +295,10 @@ def cuda_forward(module, x: torch.Tensor) -> torch.Tensor:
     skey = ("signs", x.dtype, x.device)
     s = cache.get(skey)
     if s is None:
-        s = module.signs.to(device=x.device, dtype=x.dtype).contiguous()
+        s = _interned_signs(module.signs, x.dtype, x.device)
         cache[skey] = s
     fmt = module.mma
-    xq, sx = rht_quantize(x2, s, module.tile_size, fmt, signs_cast=s)
+    xq, sx = _quantized_activation(x, x2, s, module.tile_size, fmt)
     wq, sw = weight_codes(module, fmt)
     bias = module.bias
     if fmt == "int8":
@@ -130,6 +307,10 @@ def cuda_forward(module, x: torch.Tensor) -> torch.Tensor:
         out_dtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
         bb = bias.to(out_dtype) if bias is not None and bias.dtype != out_dtype else bias
         y = fp8_linear(xq, sx, wq, sw, bb, out_dtype=out_dtype).to(x.dtype)
+    if getattr(module, "codes", None) is None and _PREFETCH["on"]:
+        pf = _PREFETCHERS.get((str(wq.device), wq.dtype))
+        if pf is not None:
+            pf.release()
     return y.reshape(*lead, n)
 
 

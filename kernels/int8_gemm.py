@@ -86,8 +86,11 @@ def _kernels():
     @triton.jit
     def int8_gemm_tma_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_cm,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, STAGES: tl.constexpr):
-        # same tiling, operands through Hopper's tensor-memory-accelerator descriptors (bulk async copies)
+                             HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr = False,
+                             B_INT8: tl.constexpr = False):
+        # same tiling, operands through Hopper's tensor-memory-accelerator descriptors (bulk async copies).
+        # FP8: e4m3 operands, float32 accumulator; B_INT8 (with FP8): the weight arrives as int8 codes and is cast
+        # to e4m3 in registers (int8 residency without a per-call cast pass over the weight)
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
@@ -99,11 +102,19 @@ def _kernels():
         pid_n = (pid % group) // gsize
         om = pid_m * BM
         on = pid_n * BN
-        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        if FP8:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
         for k0 in tl.range(0, K, BK, num_stages=STAGES):
             a = a_desc.load([om, k0])
             b = b_desc.load([on, k0])
-            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            if FP8:
+                if B_INT8:
+                    b = b.to(tl.float32).to(tl.float8e4nv)
+                acc = tl.dot(a, b.T, acc)
+            else:
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         rm = om + tl.arange(0, BM)
         rn = on + tl.arange(0, BN)
         sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
@@ -143,7 +154,7 @@ def int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tup
 
 #: tiles of the TMA GEMM (best of the bench/bench_kernels.py sweep on the H100 at M = 12288: 0.343 ms, 1.20 POPS
 #: for 12288x4096x4096), and for M <= 256
-_TMA = {"config": (128, 256, 128, 8, 8, 4), "small": (64, 128, 128, 8, 4, 4)}
+_TMA = {"config": (128, 256, 128, 8, 8, 4), "small": (64, 128, 128, 8, 4, 4), "fp8": (128, 256, 128, 8, 8, 4)}
 
 
 def int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None):
@@ -161,6 +172,25 @@ def int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple 
     _kernels()[2][grid](a_desc, b_desc, out, sx, sw, bias if bias is not None else sx, m, n, k, out.stride(0),
                         BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages,
                         num_warps=warps)
+    return out
+
+
+def fp8_gemm_tma(xq8, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None):
+    """The TMA GEMM with fp8-e4m3 activations ``xq8`` (M, K); the weight ``wq`` (N, K) is e4m3, or int8 codes cast
+    to e4m3 in the kernel (values above 16 round as e4m3 rounds them, exactly like ``wq.to(float8_e4m3fn)``)."""
+    require_triton()
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = xq8.shape
+    n = wq.shape[0]
+    bm, bn, bk, gm, warps, stages = config or (_TMA["small"] if m <= 256 else _TMA["fp8"])
+    a_desc = TensorDescriptor.from_tensor(xq8, [bm, bk])
+    b_desc = TensorDescriptor.from_tensor(wq, [bn, bk])
+    out = torch.empty(m, n, device=xq8.device, dtype=out_dtype)
+    grid = (((m + bm - 1) // bm) * ((n + bn - 1) // bn),)
+    _kernels()[2][grid](a_desc, b_desc, out, sx, sw, bias if bias is not None else sx, m, n, k, out.stride(0),
+                        BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages, FP8=True,
+                        B_INT8=wq.dtype == torch.int8, num_warps=warps)
     return out
 
 
@@ -198,9 +228,25 @@ def int8_linear(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
     return int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype)
 
 
+#: which fp8 path :func:`fp8_linear` uses: "scaled_mm" (cuBLASLt row-wise) or "tma" (the Triton TMA GEMM, which
+#: also takes int8 weight codes and casts them in the kernel); "auto": tma above 256 tokens (bench/RESULTS.md)
+_FP8_PATH = {"path": "auto"}
+
+
+def set_fp8_path(path: str) -> None:
+    if path not in ("auto", "scaled_mm", "tma"):
+        raise ValueError(f"fp8 path must be 'auto', 'scaled_mm' or 'tma', got {path!r}")
+    _FP8_PATH["path"] = path
+
+
 def fp8_linear(xq8, sx, wq8, sw, bias, out_dtype=torch.bfloat16):
-    """fp8-e4m3 GEMM through ``torch._scaled_mm`` with row-wise scales; ``wq8`` (N, K) float8_e4m3fn."""
+    """fp8-e4m3 GEMM; ``wq8`` (N, K) float8_e4m3fn (or int8 codes, cast to e4m3 on the way). Output ``out_dtype``."""
     m = xq8.shape[0]
+    path = _FP8_PATH["path"]
+    if path == "tma" or (path == "auto" and m > 256):
+        return fp8_gemm_tma(xq8, sx, wq8, sw, bias, out_dtype)
+    if wq8.dtype == torch.int8:
+        wq8 = wq8.to(torch.float8_e4m3fn)
     kw = dict(scale_a=sx.reshape(m, 1), scale_b=sw.reshape(1, -1), out_dtype=out_dtype)
     if bias is not None and bias.dtype == out_dtype and out_dtype == torch.bfloat16:
         return torch._scaled_mm(xq8, wq8.t(), bias=bias, **kw)

@@ -280,7 +280,9 @@ _SCRATCH: dict = {}
 
 
 def _scratch(device, nprog: int, bv: int) -> torch.Tensor:
-    key = (str(device), bv)
+    # one scratch area per stream: the compressed-residency prefetch decodes on a side stream concurrently
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), bv, stream)
     t = _SCRATCH.get(key)
     if t is None or t.numel() < nprog * bv:
         t = torch.empty(nprog * bv, dtype=torch.int32, device=device)

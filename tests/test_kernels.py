@@ -158,15 +158,20 @@ def test_rice_decode_kernel_escapes_and_partial_block(unary):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_act_quant_kernel_matches_reference(dtype):
+@pytest.mark.parametrize("dtype,impl,k", [(torch.float32, "auto", 256), (torch.float16, "auto", 256),
+                                          (torch.float32, "onepass", 384), (torch.float32, "fused", 384),
+                                          (torch.float32, "split", 256)])
+def test_act_quant_kernel_matches_reference(dtype, impl, k):
     torch.manual_seed(6)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    x = (torch.randn(40, 256) * 3).to(dev, dtype)
-    s = random_signs(256, 1)
-    q, sx = rht_quantize(x, s, 128, "int8")
+    x = (torch.randn(40, k) * 3).to(dev, dtype)
+    x[3] = 0.0  # an all-zero token: scale 1/127-ish, codes 0
+    s = random_signs(k, 1)
+    q, sx = rht_quantize(x, s, 128, "int8", impl=impl)
     qr, sxr = rht_quantize_reference(x, s, 128, "int8")
-    assert torch.allclose(sx.cpu(), sxr.cpu(), rtol=1e-5)
+    nz = torch.arange(40) != 3
+    assert torch.allclose(sx.cpu()[nz], sxr.cpu()[nz], rtol=1e-5)
+    assert int(q[3].abs().max()) == 0 and 0 < float(sx[3]) < float("inf")
     diff = (q.cpu().int() - qr.cpu().int()).abs()
     assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= 2  # summation order only moves exact .5 ties
 
@@ -301,3 +306,72 @@ def test_gpu_int8_residency_decode_equals_torch_finalize(lattice):
     dev = LatticeLinear.from_lattice_tensor(qd, bias, bits=4.0, residency="compressed")
     assert make_int8_resident(dev) and dev.residency == "int8" and dev.hq_words is None
     assert torch.equal(ref.codes, dev.codes.cpu()) and torch.equal(ref.code_scale, dev.code_scale.cpu())
+
+
+@gpu
+@needs_cuda
+def test_gpu_activation_sharing_is_exact_and_safe():
+    """Layers fed the same tensor share one activation quantization; an in-place change of the input, a new
+    tensor, or different signs must recompute (results identical to sharing off)."""
+    from hyperquant_diffusers.kernels import dispatch
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    torch.manual_seed(11)
+    a = LatticeLinear.from_linear(torch.nn.Linear(512, 256), bits=4.0, seed=0).cuda()
+    b = LatticeLinear.from_linear(torch.nn.Linear(512, 384), bits=4.0, seed=0).cuda()
+    c = LatticeLinear.from_linear(torch.nn.Linear(512, 256), bits=4.0, seed=5).cuda()   # other signs
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        ys = [a(x), b(x), c(x)]
+        x.mul_(1.5)                       # in place: the next call must see the new values
+        ys.append(a(x))
+        ys.append(b(x.clone()))           # a different tensor with equal values
+        return ys
+
+    dispatch.set_activation_sharing(False)
+    x0 = x.clone()
+    ref = run()
+    x.copy_(x0)
+    dispatch.set_activation_sharing(True)
+    got = run()
+    for r, g in zip(ref, got):
+        assert torch.equal(r, g)
+    assert not torch.equal(got[0], got[3])   # the in-place change was seen
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mma", ["int8", "fp8"])
+def test_gpu_prefetch_compressed_matches_just_in_time(mma):
+    """Compressed residency with the side-stream prefetch gives bit-identical outputs to decoding just in time,
+    in the learned order and when the order changes (a wrong guess)."""
+    from hyperquant_diffusers.kernels import dispatch
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    torch.manual_seed(12)
+    shapes = [(512, 1024), (1024, 512), (512, 512), (512, 2048), (2048, 512)]
+    layers = [LatticeLinear.from_linear(torch.nn.Linear(i, o), bits=4.0, residency="compressed", mma=mma).cuda()
+              for i, o in shapes]
+    xs = {i: torch.randn(700, i, device="cuda", dtype=torch.bfloat16) for i in {512, 1024, 2048}}
+
+    def chain(order):
+        return [layers[j](xs[shapes[j][0]]) for j in order]
+
+    dispatch.set_prefetch(False)
+    fwd, rev = list(range(5)), [4, 2, 0, 3, 1]
+    ref_f, ref_r = chain(fwd), chain(rev)
+    dispatch.set_prefetch(True)
+    dispatch.set_activation_sharing(False)
+    try:
+        for _ in range(3):                                  # learn, then use the prefetch
+            for r, g in zip(ref_f, chain(fwd)):
+                assert torch.equal(r, g)
+        for r, g in zip(ref_r, chain(rev)):                 # mispredicted successors
+            assert torch.equal(r, g)
+        for r, g in zip(ref_f, chain(fwd)):
+            assert torch.equal(r, g)
+        pf = dispatch._PREFETCHERS[("cuda:0", torch.float8_e4m3fn if mma == "fp8" else torch.int8)]
+        assert pf.nbytes() >= 2 * 2048 * 512
+    finally:
+        dispatch.set_activation_sharing(True)
