@@ -31,6 +31,9 @@ MMA_TYPES = ("int8", "fp8", "float")
 RESIDENCIES = ("int8", "compressed")
 KV_BIAS_CORRECTIONS = ("dither", "qjl", "none")
 MIN_KV_BITS, MAX_KV_BITS = 1.5, 8.0
+#: default ``quantize_batch_values``: float values of same-shape weights stacked into one codec call while loading
+#: (2^28 = 256M values, 512 MB in bf16; LTX-2: 16 layers of 4096x4096). Matches ``kernels.quantize.quantize_many``.
+DEFAULT_QUANTIZE_BATCH_VALUES = 1 << 28
 
 
 class HyperQuantMethod(str, Enum):
@@ -101,6 +104,11 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
             the budget). Default 4096.
         seed: seed of the RHT random signs.
         block_values: lattice coordinates per independently decodable Rice block (power of two).
+        quantize_batch_values: while fresh weights load, same-shape weights are buffered (on the device they load
+            to) and quantized together in one codec call once a group holds this many values
+            (``kernels.quantize.quantize_many``: the layers of a group share the rate search's step multiplier, so
+            the rate is on target per group). 0 = quantize each layer alone. Bounds the float values buffered
+            (at most ``MAX_BUFFERED_GROUPS`` groups' worth, see ``quantizers.core``). Default 2^28.
         kv_bits, kv_lattice, kv_bias_correction, cache_text_kv, kv_tile_size: attention K/V compression (issue 5),
             applied to diffusers transformers after loading through ``hyperquant_diffusers.kv.enable_kv_compression``
             (``kv_tile_size``: RHT tile along the head dimension; ``None`` = the head dimension).
@@ -119,6 +127,7 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
         min_weight_numel: int = 4096,
         seed: int = 0,
         block_values: int = DEFAULT_BLOCK_VALUES,
+        quantize_batch_values: int = DEFAULT_QUANTIZE_BATCH_VALUES,
         kv_bits: float | None = None,
         kv_lattice: str = "E8",
         kv_bias_correction: str = "dither",
@@ -150,6 +159,11 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
             raise HyperQuantConfigError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
         self.block_values = _check_pow2("block_values", block_values, MIN_BLOCK_VALUES, MAX_BLOCK_VALUES)
+        if (isinstance(quantize_batch_values, bool) or not isinstance(quantize_batch_values, int)
+                or quantize_batch_values < 0):
+            raise HyperQuantConfigError(f"quantize_batch_values must be a non-negative integer (0 = one layer at a "
+                                        f"time), got {quantize_batch_values!r}")
+        self.quantize_batch_values = int(quantize_batch_values)
         self.kv_bits = None if kv_bits is None else _check_float("kv_bits", kv_bits, MIN_KV_BITS, MAX_KV_BITS)
         self.kv_lattice = _check_lattice("kv_lattice", kv_lattice)
         self.kv_bias_correction = _check_choice("kv_bias_correction", kv_bias_correction, KV_BIAS_CORRECTIONS)
@@ -207,6 +221,7 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
             "modules_to_not_convert": list(self.modules_to_not_convert),
             "modules_to_convert": None if self.modules_to_convert is None else list(self.modules_to_convert),
             "min_weight_numel": self.min_weight_numel, "seed": self.seed, "block_values": self.block_values,
+            "quantize_batch_values": self.quantize_batch_values,
             "kv_bits": self.kv_bits, "kv_lattice": self.kv_lattice, "kv_bias_correction": self.kv_bias_correction,
             "cache_text_kv": self.cache_text_kv, "kv_tile_size": self.kv_tile_size,
         }

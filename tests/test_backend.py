@@ -100,6 +100,59 @@ def test_checkpoint_on_cuda_and_with_model_cpu_offload(ltx_q6, ltx_float_frames)
     assert p_cuda > 30.0 and p_off > 30.0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+def test_ltx2_quantizes_on_gpu_with_device_map(tiny_ltx2_path, monkeypatch):
+    """Where quantization runs. Loaded to the CPU then `.to("cuda")`: quantized on the CPU while loading, the codes
+    move unchanged. `device_map="cuda"`: every weight of the transformer and of Gemma 3 is quantized on the GPU as it
+    loads (the batched groups' weights are CUDA tensors) and the layers live there. Tolerance: both videos are within
+    PSNR >= 30 dB of the CPU-quantized pipeline run on the CPU (the same bound as the 4-bps snippet vs float; the
+    GPU forward uses int8 tensor cores, and GPU quantization rounds the RHT and rate search differently, so some
+    codes differ: their agreement is printed)."""
+    rec = _spy_on_load(monkeypatch)
+
+    def qcfg():
+        return PipelineQuantizationConfig(quant_backend="hyperquant",
+                                          quant_kwargs={"bits": 4.0, "lattice": "E8", "tile_size": TILE},
+                                          components_to_quantize=["transformer", "text_encoder"])
+
+    def lattice_layers_on_cuda(pipe):
+        for comp in (pipe.transformer, pipe.text_encoder):
+            lat = [m for m in comp.modules() if isinstance(m, LatticeLinear)]
+            assert lat and all(m.codes is not None and m.codes.is_cuda and (m.bias is None or m.bias.is_cuda)
+                               for m in lat)
+
+    name = "transformer_blocks.0.attn1.to_q"
+    pipe = LTX2Pipeline.from_pretrained(tiny_ltx2_path, quantization_config=qcfg())
+    assert rec["groups"] and all(d.type == "cpu" for _, ds in rec["groups"] for d in ds)
+    counts = (n_lattice(pipe.transformer), n_lattice(pipe.text_encoder))
+    cpu_frames = run_tiny_pipeline(pipe)
+    cpu_coords = pipe.transformer.get_submodule(name).lattice_tensor().decode_coords()
+
+    pipe.to("cuda")  # quantization already happened on the CPU; the codes move
+    lattice_layers_on_cuda(pipe)
+    assert torch.equal(pipe.transformer.get_submodule(name).lattice_tensor().decode_coords().cpu(), cpu_coords)
+    p_moved = psnr(run_tiny_pipeline(pipe), cpu_frames)
+    del pipe
+    torch.cuda.empty_cache()
+
+    rec["groups"].clear()
+    pipe = LTX2Pipeline.from_pretrained(tiny_ltx2_path, quantization_config=qcfg(), device_map="cuda")
+    devices = [d for _, ds in rec["groups"] for d in ds]
+    assert devices and all(d.type == "cuda" for d in devices)
+    assert any("language_model" in n for g, _ in rec["groups"] for n in g)  # Gemma 3 too, not only the transformer
+    assert (n_lattice(pipe.transformer), n_lattice(pipe.text_encoder)) == counts
+    lattice_layers_on_cuda(pipe)
+    gpu_coords = pipe.transformer.get_submodule(name).lattice_tensor().decode_coords().cpu()
+    agree = float((gpu_coords == cpu_coords).float().mean())
+    frames = run_tiny_pipeline(pipe)
+    p_gpu = psnr(frames, cpu_frames)
+    print(f"LTX-2 4 bps vs the CPU-quantized video on the CPU: .to('cuda') {p_moved:.1f} dB, device_map='cuda' "
+          f"(quantized on the GPU) {p_gpu:.1f} dB; {name} codes equal to the CPU-quantized ones: {agree:.3f}")
+    assert frames.shape == (9, 32, 32, 3) and np.isfinite(frames).all()
+    assert p_moved >= 30.0 and p_gpu >= 30.0
+
+
 def test_ltx_save_reload_bit_exact_without_requantizing(ltx_q6, monkeypatch):
     pipe, out = ltx_q6
     import hyperquant_diffusers.codec as codec_mod
@@ -186,9 +239,9 @@ def test_ltx2_transformer_snippet_default_tile_128(tiny_ltx2_path, tmp_path):
 
 
 def test_diffusers_weights_are_quantized_as_they_load(tiny_ltx2_path, monkeypatch):
-    """Fresh diffusers weights are quantized the moment each one loads (never the whole float model at once):
-    every LatticeLinear comes from create_quantized_param, none from the after-load pass, and the result equals
-    quantizing the float weight directly."""
+    """Fresh diffusers weights are quantized as each one loads (never the whole float model at once): every
+    LatticeLinear comes through create_quantized_param, none from the after-load pass. With
+    quantize_batch_values=0 each layer is quantized alone: its codes equal codec.quantize on the float weight."""
     import hyperquant_diffusers.quantizers.core as core
     from hyperquant_diffusers.codec import quantize
     from hyperquant_diffusers.quantizers.diffusers_quantizer import HyperQuantDiffusersQuantizer
@@ -205,18 +258,173 @@ def test_diffusers_weights_are_quantized_as_they_load(tiny_ltx2_path, monkeypatc
         after.extend(core.plan_conversion(model, config)[0])
         return orig_linears(model, config, **k)
 
+    def no_batches(*a, **k):
+        raise AssertionError("quantize_batch_values=0 must not batch")
+
     monkeypatch.setattr(HyperQuantDiffusersQuantizer, "create_quantized_param", create)
     monkeypatch.setattr(core, "quantize_linears", linears)
-    cfg = HyperQuantConfig(bits=4.0, lattice="E8", tile_size=TILE)
+    monkeypatch.setattr(core.OnLoadQuantizer, "_quantize_group", no_batches)
+    cfg = HyperQuantConfig(bits=4.0, lattice="E8", tile_size=TILE, quantize_batch_values=0)
     tr = LTX2VideoTransformer3DModel.from_pretrained(tiny_ltx2_path, subfolder="transformer", quantization_config=cfg)
     names = sorted(n for n, m in tr.named_modules() if isinstance(m, LatticeLinear))
     assert len(names) > 10 and sorted(n.rpartition(".")[0] for n in on_load) == names and after == []
     assert sorted(tr.config.quantization_config.layout) == names
     ref = LTX2VideoTransformer3DModel.from_pretrained(tiny_ltx2_path, subfolder="transformer")
-    name = names[0]
-    q = quantize(ref.get_submodule(name).weight.detach(), bits=4.0, lattice="E8", tile_size=TILE)
-    assert torch.equal(tr.get_submodule(name).lattice_tensor().decode_coords(), q.decode_coords())
-    assert torch.equal(tr.get_submodule(name).bias, ref.get_submodule(name).bias)
+    for name in names:
+        q = quantize(ref.get_submodule(name).weight.detach(), bits=4.0, lattice="E8", tile_size=TILE)
+        got = tr.get_submodule(name).lattice_tensor()
+        assert torch.equal(got.decode_coords(), q.decode_coords()) and torch.equal(got.scales, q.scales), name
+        assert torch.equal(tr.get_submodule(name).bias, ref.get_submodule(name).bias)
+
+
+def _spy_on_load(monkeypatch):
+    """Record every OnLoadQuantizer created and every batched group it quantizes (module names, weight devices)."""
+    import hyperquant_diffusers.quantizers.core as core
+
+    rec = {"instances": [], "groups": []}
+    orig_init, orig_group = core.OnLoadQuantizer.__init__, core.OnLoadQuantizer._quantize_group
+
+    def init(self, *a, **k):
+        orig_init(self, *a, **k)
+        rec["instances"].append(self)
+
+    def group(self, names, weights):
+        rec["groups"].append((list(names), [w.device for w in weights]))
+        return orig_group(self, names, weights)
+
+    monkeypatch.setattr(core.OnLoadQuantizer, "__init__", init)
+    monkeypatch.setattr(core.OnLoadQuantizer, "_quantize_group", group)
+    return rec
+
+
+def test_diffusers_on_load_batches_same_shape_weights(tiny_ltx2_path, monkeypatch):
+    """Batched quantize-on-load: same-shape weights are stacked into one quantize_many call per group. Each group is
+    one shape and at most quantize_batch_values values; every planned linear is quantized exactly once; its codes
+    and steps equal kernels.quantize.quantize_many on the same float weights; the float values waiting in the
+    buffers stay bounded; the tqdm bar counts layers."""
+    import tqdm.auto as tqdm_auto
+
+    import hyperquant_diffusers.quantizers.core as core
+    from hyperquant_diffusers.kernels.quantize import quantize_many
+
+    bars = []
+
+    class RecordingBar(tqdm_auto.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm_auto, "tqdm", RecordingBar)
+    rec = _spy_on_load(monkeypatch)
+    bound = 3 * 64 * 64  # three 64x64 attention projections per group; a 256x64 FF weight alone exceeds it
+    cfg = HyperQuantConfig(bits=4.0, lattice="E8", tile_size=TILE, quantize_batch_values=bound)
+    tr = LTX2VideoTransformer3DModel.from_pretrained(tiny_ltx2_path, subfolder="transformer", quantization_config=cfg)
+    names = sorted(n for n, m in tr.named_modules() if isinstance(m, LatticeLinear))
+    ref = LTX2VideoTransformer3DModel.from_pretrained(tiny_ltx2_path, subfolder="transformer")
+    planned = sorted(core.plan_conversion(ref, cfg)[0])
+    assert names == planned and sorted(tr.config.quantization_config.layout) == planned
+    grouped = [n for g, _ in rec["groups"] for n in g]
+    assert sorted(grouped) == planned  # each planned layer in exactly one group
+    sizes = [len(g) for g, _ in rec["groups"]]
+    assert max(sizes) == 3 and len(rec["groups"]) < len(planned)  # batching happened: fewer codec calls than layers
+    for group, devices in rec["groups"]:
+        ws = [ref.get_submodule(n).weight.detach() for n in group]
+        assert len({tuple(w.shape) for w in ws}) == 1 and all(d.type == "cpu" for d in devices)
+        assert len(group) == 1 or len(group) * ws[0].numel() <= bound
+        qs = quantize_many(ws, bits=4.0, lattice="E8", tile_size=TILE, max_values=max(bound, ws[0].numel()))
+        for n, q in zip(group, qs):
+            got = tr.get_submodule(n).lattice_tensor()
+            assert torch.equal(got.decode_coords(), q.decode_coords()) and torch.equal(got.scales, q.scales), n
+            assert torch.equal(tr.get_submodule(n).bias, ref.get_submodule(n).bias)
+    (inst,) = rec["instances"]
+    largest = max(ref.get_submodule(n).weight.numel() for n in planned)
+    assert 0 < inst.max_buffered_values <= core.MAX_BUFFERED_GROUPS * bound + largest
+    hq_bars = [b for b in bars if (getattr(b, "desc", "") or "").startswith("HyperQuant") and b.total]
+    assert [(b.total, b.n) for b in hq_bars] == [(len(planned), len(planned))]
+
+
+@pytest.mark.parametrize("which", ["t5", "gemma3"])
+def test_text_encoder_quantized_as_weights_load(which, tiny_ltx_path, tiny_ltx2_path, monkeypatch):
+    """Text encoders (transformers) are quantized while their weights load, through transformers 5's on-load op:
+    the op receives every planned weight during loading (while other planned linears are still on the meta device),
+    nothing is left for the after-load pass, the float values alive at once stay well below the float model's
+    linears, and the codes are bit-exact: per layer (quantize_batch_values=0) equal to quantizing the float model
+    after loading (core.quantize_linears), batched equal to quantize_many on the same weights."""
+    from transformers import Gemma3ForConditionalGeneration, T5EncoderModel
+
+    import hyperquant_diffusers.quantizers.core as core
+    from hyperquant_diffusers.kernels.quantize import quantize_many
+    from hyperquant_diffusers.quantizers.transformers_quantizer import HyperQuantQuantizeOp
+
+    cls, path = ((T5EncoderModel, tiny_ltx_path) if which == "t5"
+                 else (Gemma3ForConditionalGeneration, tiny_ltx2_path))
+    float_model = cls.from_pretrained(path, subfolder="text_encoder")
+    calls, peak, meta_at_first = [], [0], []
+    orig_convert, orig_linears = HyperQuantQuantizeOp.convert, core.quantize_linears
+    after = []
+
+    def convert(self, input_dict, model=None, **k):
+        planned = [m for m in model.modules() if type(m) is nn.Linear and self.hf_quantizer._on_load is not None
+                   and any(m is model.get_submodule(n) for n in self.hf_quantizer._on_load.pending)]
+        if not calls:
+            meta_at_first.append(sum(m.weight.is_meta for m in planned))
+        calls.extend(input_dict)
+        out = orig_convert(self, input_dict, model=model, **k)
+        on_load = self.hf_quantizer._on_load
+        buffered = on_load.max_buffered_values if on_load is not None else 0  # high-water mark inside the op
+        alive = sum(m.weight.numel() for m in model.modules() if type(m) is nn.Linear and not m.weight.is_meta
+                    and any(m is model.get_submodule(n) for n in plan))
+        peak[0] = max(peak[0], buffered + alive)
+        return out
+
+    def linears(model, config, **k):
+        after.extend(core.plan_conversion(model, config)[0])
+        return orig_linears(model, config, **k)
+
+    monkeypatch.setattr(HyperQuantQuantizeOp, "convert", convert)
+    monkeypatch.setattr(core, "quantize_linears", linears)
+    rec = _spy_on_load(monkeypatch)
+
+    # per layer: bit-exact against quantizing the loaded float model
+    cfg = HyperQuantConfig(bits=4.0, lattice="E8", tile_size=TILE, quantize_batch_values=0)
+    plan = sorted(core.plan_conversion(float_model, cfg)[0])
+    float_values = sum(float_model.get_submodule(n).weight.numel() for n in plan)
+    q = q_per_layer = cls.from_pretrained(path, subfolder="text_encoder", quantization_config=cfg)
+    names = sorted(n for n, m in q.named_modules() if isinstance(m, LatticeLinear))
+    assert names == plan and len(plan) >= 10
+    assert sorted(k.rpartition(".")[0] for k in calls) == plan and after == []
+    assert meta_at_first and meta_at_first[0] == len(plan)  # the first op call came before any planned weight loaded
+    assert rec["groups"] == []
+    after_load = cls.from_pretrained(path, subfolder="text_encoder")
+    orig_linears(after_load, HyperQuantConfig(bits=4.0, lattice="E8", tile_size=TILE), progress=False)
+    assert _state_equal(q, after_load)
+
+    # batched: groups of at most two 64x64 weights; buffers bounded; codes equal quantize_many's
+    calls.clear(), peak.__setitem__(0, 0), after.clear()
+    bound = 2 * 64 * 64
+    q = cls.from_pretrained(path, subfolder="text_encoder", quantization_config=HyperQuantConfig(
+        bits=4.0, lattice="E8", tile_size=TILE, quantize_batch_values=bound))
+    assert sorted(n for n, m in q.named_modules() if isinstance(m, LatticeLinear)) == plan and after == []
+    assert sorted(n for g, _ in rec["groups"] for n in g) == plan and max(len(g) for g, _ in rec["groups"]) == 2
+    for group, _ in rec["groups"]:
+        ws = [float_model.get_submodule(n).weight.detach() for n in group]
+        for n, ref_q in zip(group, quantize_many(ws, bits=4.0, lattice="E8", tile_size=TILE,
+                                                 max_values=max(bound, ws[0].numel()))):
+            got = q.get_submodule(n).lattice_tensor()
+            assert torch.equal(got.decode_coords(), ref_q.decode_coords()), n
+    largest = max(float_model.get_submodule(n).weight.numel() for n in plan)
+    print(f"{which}: peak float values alive while loading {peak[0]} of {float_values} in the quantized linears")
+    assert 0 < peak[0] <= core.MAX_BUFFERED_GROUPS * bound + largest and peak[0] < float_values
+    # batched and per-layer encoders are equally close to the float one (the shared step multiplier only moves
+    # each layer's rate a little); 4 bps on random 2-layer encoders: relative error measured ~0.2
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    enc = (lambda m: m(input_ids=ids).last_hidden_state) if which == "t5" else (
+        lambda m: m.model.language_model(input_ids=ids).last_hidden_state)
+    with torch.no_grad():
+        ref = enc(float_model)
+        err_b, err_l = (float((enc(m) - ref).norm() / ref.norm()) for m in (q, q_per_layer))
+    print(f"{which}: relative output error vs float: batched {err_b:.3f}, per layer {err_l:.3f}")
+    assert 0 < err_l < 0.35 and 0 < err_b < 1.25 * err_l
 
 
 def test_ltx2_pipeline_snippet_save_reload(tiny_ltx2_path, tmp_path):

@@ -1,8 +1,12 @@
 """Library-independent steps of the backend, shared by the diffusers and the transformers quantizer.
 
-* :func:`quantize_linears` — quantize-on-load: after the float weights are loaded (on whatever device the model was
-  loaded to, so on the GPU when loaded onto one), replace each selected ``nn.Linear`` by a ``LatticeLinear`` one
-  module at a time (the float weight is freed as soon as its module is done), with a tqdm bar.
+* :class:`OnLoadQuantizer` — quantize-on-load: both quantizers hand it each selected float weight the moment it
+  loads (on the device it loads to, so on the GPU with ``device_map="cuda"``); it buffers same-shape weights and
+  quantizes a group with ``kernels.quantize.quantize_many`` once it holds ``config.quantize_batch_values`` values,
+  then puts the ``LatticeLinear`` modules in place. The whole float model never exists at once.
+* :func:`quantize_linears` — the after-load pass for linears whose weights did not arrive through the loading hook
+  (e.g. missing from the checkpoint and initialized by the library), one module at a time, with a tqdm bar; then
+  every new ``LatticeLinear`` is finalized (switched to its residency), as after loading a checkpoint.
 * :func:`prepare_prequantized` — loading a HyperQuant checkpoint: before the weights load (meta device), put
   empty ``LatticeLinear`` modules with the exact buffer shapes recorded in ``config.layout``.
 * :func:`finalize_loaded` — after a checkpoint loaded: check every code buffer arrived, switch to the residency.
@@ -56,23 +60,163 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _unquantizable(name: str, lin: nn.Linear, e: Exception) -> UnquantizableModuleError:
+    return UnquantizableModuleError(f"module {name!r} ({lin.out_features}x{lin.in_features}) cannot be "
+                                    f"quantized: {e}")
+
+
+def install_quantized(model: nn.Module, name: str, lin: nn.Linear, q, config: HyperQuantConfig) -> dict:
+    """Put a LatticeLinear holding ``q`` (the LatticeTensor of ``lin``'s weight) in ``lin``'s place in ``model``;
+    returns the module's ``config.layout`` entry.
+
+    The module gets exactly the buffers a HyperQuant checkpoint would load (the ``hq_*`` stream) and is left
+    unfinalized, like a checkpoint's module mid-load: ``finalize_loaded`` switches it to its residency once loading
+    is over. (transformers replaces every non-persistent buffer, e.g. int8-resident codes, with an uninitialized
+    one after its loading loop.) ``lin.bias`` is moved over as is; if it is still on the meta device it loads into
+    the new module later.
+    """
+    try:
+        if len(q.shape) != 2 or tuple(q.shape) != (lin.out_features, lin.in_features):
+            raise ValueError(f"quantized weight has shape {tuple(q.shape)}")
+        st = q.state_tensors()
+        new = LatticeLinear(lin.in_features, lin.out_features, lin.bias is not None, lattice=q.lattice,
+                            bits=config.bits, tile_size=q.tile_size, block_values=q.block_values, seed=q.seed,
+                            mma=config.mma, residency=config.residency, n_words=int(q.words.numel()),
+                            weight_dtype=q.dtype, device=q.device)
+    except (ValueError, ArithmeticError) as e:
+        raise _unquantizable(name, lin, e) from e
+    with torch.no_grad():
+        new.hq_signs.copy_(st["signs"])
+        new.hq_scales.copy_(st["scales"].view(torch.int32))
+        new.hq_ks.copy_(st["ks"])
+        new.hq_offsets.copy_(st["offsets"])
+        new.hq_words.copy_(st["words"])
+    if lin.bias is not None:
+        new.bias = lin.bias
+        new.bias.requires_grad_(False)
+    # transformers re-initializes modules and parameters without this flag after loading
+    new._is_hf_initialized = True
+    _set_submodule(model, name, new)
+    return {"shape": [lin.out_features, lin.in_features], "dtype": _DTYPE_NAMES[q.dtype],
+            "bias": lin.bias is not None, "n_words": new.n_words, "residency": config.residency}
+
+
 def quantize_linear(model: nn.Module, name: str, lin: nn.Linear, weight: torch.Tensor,
                     config: HyperQuantConfig) -> dict:
-    """Quantize ``weight`` (the float weight of ``lin``, on the device to quantize on) and put the LatticeLinear in
-    ``lin``'s place in ``model``; returns the module's ``config.layout`` entry. ``lin.bias`` may still be on the
-    meta device (it then loads into the new module later)."""
+    """Quantize ``weight`` (the float weight of ``lin``, on the device to quantize on) alone and put the
+    LatticeLinear in ``lin``'s place in ``model``; returns the module's ``config.layout`` entry."""
     from ..codec import quantize
 
     try:
         q = quantize(weight.detach(), **config.quantize_kwargs())
-        new = LatticeLinear.from_lattice_tensor(q, lin.bias, bits=config.bits, mma=config.mma,
-                                                residency=config.residency)
     except (ValueError, ArithmeticError) as e:
-        raise UnquantizableModuleError(f"module {name!r} ({lin.out_features}x{lin.in_features}) cannot be "
-                                       f"quantized: {e}") from e
-    _set_submodule(model, name, new)
-    return {"shape": [lin.out_features, lin.in_features], "dtype": _DTYPE_NAMES[weight.dtype],
-            "bias": lin.bias is not None, "n_words": new.n_words, "residency": new.residency}
+        raise _unquantizable(name, lin, e) from e
+    return install_quantized(model, name, lin, q, config)
+
+
+#: at most this many groups' worth (``config.quantize_batch_values`` each) of float values wait in the on-load
+#: buffers at once; past it the largest group is quantized early. Bounds load-time memory for models whose blocks
+#: mix several weight shapes (LTX-2 has ~8 per block).
+MAX_BUFFERED_GROUPS = 4
+
+
+class OnLoadQuantizer:
+    """Quantize the planned linears of a model while its float weights load, same-shape weights batched.
+
+    ``add(model, name, weight)`` takes the float weight of the planned ``nn.Linear`` ``name`` (already on the device
+    and in the dtype it loads to). With ``config.quantize_batch_values == 0`` it is quantized at once
+    (``codec.quantize``). Otherwise it waits in a buffer keyed by (shape, dtype, device); a buffer holding
+    ``max(1, quantize_batch_values // numel)`` weights is quantized in one ``kernels.quantize.quantize_many`` call
+    (identical to ``quantize_many`` on those weights: one codec call, the rate search's step multiplier shared by
+    the group). When all buffers together exceed ``MAX_BUFFERED_GROUPS * quantize_batch_values`` values, the largest
+    is quantized early. When the last planned weight has arrived, everything left is quantized, so the model is
+    complete before the library's post-load steps; :meth:`finish` flushes whatever is left otherwise.
+
+    ``layout`` collects the ``config.layout`` entries; a tqdm bar counts layers (``total`` = planned layers).
+    """
+
+    def __init__(self, names, config: HyperQuantConfig, *, progress: bool = True):
+        from tqdm.auto import tqdm
+
+        self.config = config
+        self.pending: set[str] = set(names)
+        self.layout: dict[str, dict] = {}
+        self.batch_values = int(config.quantize_batch_values)
+        self._buffers: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+        self._buffered_values = 0
+        self.max_buffered_values = 0  # high-water mark of float values waiting in the buffers
+        self.bar = tqdm(total=len(self.pending), desc="HyperQuant: quantizing linears", unit="layer",
+                        disable=not progress or not self.pending)
+
+    def wants(self, module_name: str) -> bool:
+        """True when ``module_name`` is a planned linear whose weight has not arrived yet."""
+        return module_name in self.pending
+
+    def add(self, model: nn.Module, name: str, weight: torch.Tensor) -> None:
+        if name not in self.pending:
+            raise RuntimeError(f"HyperQuant: weight of {name!r} arrived twice or was not planned for quantization")
+        self.pending.discard(name)
+        weight = weight.detach()
+        if self.batch_values <= 0:
+            self._install(model, [name], [weight], per_layer=True)
+        else:
+            key = (tuple(weight.shape), weight.dtype, weight.device)
+            group = self._buffers.setdefault(key, [])
+            group.append((name, weight))
+            self._buffered_values += weight.numel()
+            self.max_buffered_values = max(self.max_buffered_values, self._buffered_values)
+            if len(group) >= max(1, self.batch_values // weight.numel()):
+                self._flush(model, key)
+            while self._buffered_values > MAX_BUFFERED_GROUPS * self.batch_values:
+                self._flush(model, max(self._buffers, key=lambda k: sum(w.numel() for _, w in self._buffers[k])))
+        if not self.pending:
+            self.flush_all(model)
+
+    def flush_all(self, model: nn.Module) -> None:
+        for key in list(self._buffers):
+            self._flush(model, key)
+
+    def finish(self, model: nn.Module) -> dict[str, dict]:
+        """Quantize what is still buffered, close the bar; returns ``layout``."""
+        self.flush_all(model)
+        self.bar.close()
+        return self.layout
+
+    def _flush(self, model: nn.Module, key) -> None:
+        group = self._buffers.pop(key, [])
+        if not group:
+            return
+        self._buffered_values -= sum(w.numel() for _, w in group)
+        names, weights = [n for n, _ in group], [w for _, w in group]
+        del group
+        self._install(model, names, weights, per_layer=False)
+
+    def _quantize_group(self, names: list[str], weights: list[torch.Tensor]) -> list:
+        """One ``quantize_many`` call on same-shape ``weights`` (a whole group); LatticeTensors in order."""
+        from ..kernels.quantize import quantize_many
+
+        kw = self.config.quantize_kwargs()
+        return quantize_many(weights, bits=kw["bits"], lattice=kw["lattice"], tile_size=kw["tile_size"],
+                             seed=kw["seed"], block_values=kw["block_values"],
+                             max_values=max(self.batch_values, weights[0].numel()))
+
+    def _install(self, model: nn.Module, names: list[str], weights: list[torch.Tensor], *, per_layer: bool) -> None:
+        # the current module object: a bias may have loaded into it after its weight was buffered
+        lins = [model.get_submodule(n) for n in names]
+        if per_layer:
+            self.layout[names[0]] = quantize_linear(model, names[0], lins[0], weights[0], self.config)
+            del weights
+            self.bar.update(1)
+            return
+        try:
+            qs = self._quantize_group(names, weights)
+        except (ValueError, ArithmeticError) as e:
+            raise UnquantizableModuleError(
+                f"modules {names} ({tuple(weights[0].shape)}) cannot be quantized: {e}") from e
+        del weights
+        for name, lin, q in zip(names, lins, qs):
+            self.layout[name] = install_quantized(model, name, lin, q, self.config)
+            self.bar.update(1)
 
 
 def quantize_linears(model: nn.Module, config: HyperQuantConfig, *, progress: bool = True,
@@ -94,6 +238,9 @@ def quantize_linears(model: nn.Module, config: HyperQuantConfig, *, progress: bo
             raise UnquantizableModuleError(f"module {name!r} has no weights loaded (meta device); cannot quantize")
         layout[name] = quantize_linear(model, name, lin, lin.weight, config)
         del lin
+    finalize_loaded(model)  # these and the on-load modules switch to their residency now
+    for name, entry in layout.items():
+        entry["residency"] = model.get_submodule(name).residency  # int8 may fall back to compressed (overflow)
     config.layout = layout
     model._hyperquant_skipped = skipped
     if skipped:

@@ -12,9 +12,11 @@ from .core import FreshConfigMixin
 class HyperQuantDiffusersQuantizer(FreshConfigMixin, DiffusersQuantizer):
     """Quantize-on-load and pre-quantized loading of diffusers models (LTX-2 / LTX-Video transformers...).
 
-    Fresh weights: each selected linear's weight is quantized the moment it loads, on its target device
-    (``create_quantized_param``); anything loaded another way is quantized in ``_process_model_after_weight_loading``. A HyperQuant checkpoint (config carries ``layout``) gets empty
-    ``LatticeLinear`` modules before loading and its integer code buffers load as-is.
+    Fresh weights: each selected linear's weight is handed, as it loads and on its target device, to a
+    :class:`core.OnLoadQuantizer` (``create_quantized_param``), which quantizes same-shape weights in batches; any
+    selected linear loaded another way is quantized in ``_process_model_after_weight_loading``. A HyperQuant
+    checkpoint (config carries ``layout``) gets empty ``LatticeLinear`` modules before loading and its integer code
+    buffers load as-is.
     """
 
     requires_calibration = False
@@ -26,6 +28,7 @@ class HyperQuantDiffusersQuantizer(FreshConfigMixin, DiffusersQuantizer):
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
+        self._on_load = None
         if self.pre_quantized and self.quantization_config.bits is not None:
             if not self.quantization_config.is_prequantized:
                 from .errors import CheckpointFormatError
@@ -34,32 +37,22 @@ class HyperQuantDiffusersQuantizer(FreshConfigMixin, DiffusersQuantizer):
                                             "saved by the hyperquant backend")
             core.prepare_prequantized(model, self.quantization_config)
         elif self.quantization_config.bits is not None:
-            # Fresh weights: the modules to quantize are known from the (meta) model; each one is quantized the
-            # moment its weight arrives (create_quantized_param), on the device it loads to, so loading never
-            # holds the whole float model. Modules loaded some other way are caught after loading.
+            # Fresh weights: the modules to quantize are known from the (meta) model; each weight is quantized
+            # (batched per shape) as it arrives, on the device it loads to, so loading never holds the whole float
+            # model. Modules loaded some other way are caught after loading.
             convert, _ = core.plan_conversion(model, self.quantization_config)
-            self._pending = set(convert)
-            self._done = {}
-            self._bar = None
+            self._on_load = core.OnLoadQuantizer(convert, self.quantization_config)
         return model
 
     def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
         module, _, leaf = param_name.rpartition(".")
-        return not self.pre_quantized and leaf == "weight" and module in getattr(self, "_pending", ())
+        on_load = getattr(self, "_on_load", None)
+        return not self.pre_quantized and leaf == "weight" and on_load is not None and on_load.wants(module)
 
     def create_quantized_param(self, model, param_value, param_name, target_device, state_dict, unexpected_keys,
                                **kwargs):
-        from tqdm.auto import tqdm
-
-        name = param_name.rpartition(".")[0]
-        if self._bar is None:
-            self._bar = tqdm(total=len(self._pending), desc="HyperQuant: quantizing linears", unit="layer")
         device = torch.device(target_device) if not isinstance(target_device, torch.device) else target_device
-        lin = model.get_submodule(name)
-        self._done[name] = core.quantize_linear(model, name, lin, param_value.to(device),
-                                                self.quantization_config)
-        self._pending.discard(name)
-        self._bar.update(1)
+        self._on_load.add(model, param_name.rpartition(".")[0], param_value.to(device))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
@@ -67,10 +60,10 @@ class HyperQuantDiffusersQuantizer(FreshConfigMixin, DiffusersQuantizer):
             if self.pre_quantized:
                 core.finalize_loaded(model)
             else:
-                if getattr(self, "_bar", None) is not None:
-                    self._bar.close()
-                core.quantize_linears(model, cfg, done=getattr(self, "_done", None))
-                self._pending, self._done, self._bar = set(), {}, None
+                on_load = getattr(self, "_on_load", None)
+                done = on_load.finish(model) if on_load is not None else None
+                self._on_load = None
+                core.quantize_linears(model, cfg, done=done)
                 self.pre_quantized = True  # from now on the model holds codes (e.g. for save_pretrained)
         model_cfg = getattr(model, "config", None)
         if model_cfg is not None and model_cfg.get("quantization_config", None) is not cfg:
