@@ -36,6 +36,8 @@ ST = "diffusion_pytorch_model.safetensors"
     ({"modules_to_not_convert": [3]}, "modules_to_not_convert must be a list"),
     ({"block_values": 1000}, "block_values must be a power of two"),
     ({"seed": -1}, "seed must be a non-negative integer"),
+    ({"quantize_batch_values": -1}, "quantize_batch_values must be a non-negative integer"),
+    ({"quantize_batch_values": 1.5}, "quantize_batch_values must be a non-negative integer"),
     ({"bitz": 4}, "unknown HyperQuantConfig argument"),
 ])
 def test_bad_config_named_error(kwargs, needle):
@@ -167,6 +169,34 @@ def test_unquantizable_module_named_error(tiny_ltx_path):
     cfg = HyperQuantConfig(bits=4.0, tile_size=64, modules_to_convert=["proj_in"])
     with pytest.raises(UnquantizableModuleError, match="proj_in"):
         LTXVideoTransformer3DModel.from_pretrained(tiny_ltx_path, subfolder="transformer", quantization_config=cfg)
+
+
+@pytest.mark.parametrize("batch_values", [0, 1 << 28])
+def test_non_finite_weight_named_error_on_load(tmp_path, batch_values):
+    """A NaN in a weight quantized while loading gets UnquantizableModuleError naming the module, on the diffusers
+    side and on the transformers side (where the loader would otherwise fold it into a generic loading report)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    te = T5EncoderModel(T5Config(vocab_size=32, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
+                                 feed_forward_proj="gated-gelu"))
+    with torch.no_grad():
+        te.encoder.block[0].layer[1].DenseReluDense.wo.weight[3, 5] = float("nan")
+    te.save_pretrained(tmp_path / "te")
+    cfg = HyperQuantConfig(bits=4.0, tile_size=64, quantize_batch_values=batch_values)
+    with pytest.raises(UnquantizableModuleError, match=r"DenseReluDense\.wo.*NaN"):
+        T5EncoderModel.from_pretrained(tmp_path / "te", quantization_config=cfg)
+
+    tr = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                    num_attention_heads=4, attention_head_dim=16, cross_attention_dim=64,
+                                    num_layers=1, caption_channels=64)
+    tr.save_pretrained(tmp_path / "tr")
+    sd = load_file(tmp_path / "tr" / ST)
+    sd["transformer_blocks.0.ff.net.2.weight"][0, 0] = float("inf")
+    save_file(sd, tmp_path / "tr" / ST, metadata={"format": "pt"})
+    with pytest.raises(UnquantizableModuleError, match=r"ff\.net\.2.*NaN or infinite"):
+        LTXVideoTransformer3DModel.from_pretrained(tmp_path / "tr", quantization_config=cfg)
 
 
 def test_save_pretrained_atomic(small_ckpt, tmp_path):

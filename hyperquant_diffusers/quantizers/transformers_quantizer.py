@@ -87,6 +87,15 @@ class HyperQuantHfQuantizer(FreshConfigMixin, HfQuantizer):
     def get_quantize_ops(self):
         return HyperQuantQuantizeOp(self)
 
+    @property
+    def quantized_element_size(self) -> float | None:
+        """Bytes per weight after loading (transformers sizes its GPU allocator warm-up and ``device_map="auto"``
+        with it): int8 codes, or the Rice stream at ~bits/8. Per-row steps and signs are not counted."""
+        cfg = self.quantization_config
+        if self.pre_quantized or cfg.bits is None:
+            return None
+        return 1.0 if cfg.residency == "int8" else cfg.bits / 8
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
         if cfg.bits is not None:
