@@ -172,7 +172,7 @@ def _kernel():
 #: launch shapes; ``bench/bench_kernels.py`` sweeps them on the device (results in bench/RESULTS.md).
 #: onepass: R = onepass_elems / K_pad whole rows per program (K_pad <= onepass_max_k); fused: one program per BM
 #: rows walking all of K twice; split: (rows / BM) x (K / KC) programs, two launches.
-_TUNE = {"onepass_elems": 16384, "onepass_warps": 8, "onepass_max_k": 16384,
+_TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_max_k": 16384,
          "fused_bm": 64, "fused_warps": 8, "fused_stages": 4, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
          "split_kc": 256, "split_warps": 4}
 

@@ -6,9 +6,8 @@
    fp8-e4m3 codes (:mod:`.act_quant`). Consecutive layers fed the same tensor with the same RHT signs (an
    attention's to_q / to_k / to_v) reuse one result (``set_activation_sharing``).
 2. Weight codes in the MMA's type:
-   * int8 residency: the module's resident ``codes`` (int8, (out, in)); for the fp8 MMA the GEMM casts them to
-     e4m3 as it loads them (exact for |c| <= 16, rounded to 3 mantissa bits above: the fp8 path's extra weight
-     error).
+   * int8 residency: the module's resident ``codes`` (int8, (out, in)); for the fp8 MMA they are cast to e4m3
+     per call (exact for |c| <= 16, rounded to 3 mantissa bits above: the fp8 path's extra weight error).
    * compressed residency: the Rice stream is decoded by the Triton block decoder (:mod:`.rice_decode`) straight
      into reused buffers, in int8 or e4m3 as the MMA needs. While a layer computes, the layer that followed it
      last time is decoded on a side stream into the other of two buffers (``set_prefetch``), so the decode
@@ -86,7 +85,7 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """
     wdtype = torch.float8_e4m3fn if fmt == "fp8" else torch.int8
     if getattr(module, "codes", None) is not None:
-        # int8 codes serve the fp8 MMA as they are: fp8_linear casts them (in the Triton GEMM, or by a cast pass)
+        # int8 codes serve the fp8 MMA too: fp8_linear casts them to e4m3 per call
         return module.codes, module.code_scale
     cache = _cache(module)
     n = module.out_features * module.in_features

@@ -86,11 +86,10 @@ def _kernels():
     @triton.jit
     def int8_gemm_tma_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_cm,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr = False,
-                             B_INT8: tl.constexpr = False):
+                             HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr = False):
         # same tiling, operands through Hopper's tensor-memory-accelerator descriptors (bulk async copies).
-        # FP8: e4m3 operands, float32 accumulator; B_INT8 (with FP8): the weight arrives as int8 codes and is cast
-        # to e4m3 in registers (int8 residency without a per-call cast pass over the weight)
+        # FP8: e4m3 operands, float32 accumulator. (Casting int8 weight codes to e4m3 inside this loop was tried:
+        # 2.5x slower than a separate cast pass, bench/RESULTS.md.)
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
@@ -110,8 +109,6 @@ def _kernels():
             a = a_desc.load([om, k0])
             b = b_desc.load([on, k0])
             if FP8:
-                if B_INT8:
-                    b = b.to(tl.float32).to(tl.float8e4nv)
                 acc = tl.dot(a, b.T, acc)
             else:
                 acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
@@ -176,8 +173,7 @@ def int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple 
 
 
 def fp8_gemm_tma(xq8, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None):
-    """The TMA GEMM with fp8-e4m3 activations ``xq8`` (M, K); the weight ``wq`` (N, K) is e4m3, or int8 codes cast
-    to e4m3 in the kernel (values above 16 round as e4m3 rounds them, exactly like ``wq.to(float8_e4m3fn)``)."""
+    """The TMA GEMM with fp8-e4m3 operands: activations ``xq8`` (M, K), weight codes ``wq`` (N, K)."""
     require_triton()
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -190,7 +186,7 @@ def fp8_gemm_tma(xq8, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple 
     grid = (((m + bm - 1) // bm) * ((n + bn - 1) // bn),)
     _kernels()[2][grid](a_desc, b_desc, out, sx, sw, bias if bias is not None else sx, m, n, k, out.stride(0),
                         BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages, FP8=True,
-                        B_INT8=wq.dtype == torch.int8, num_warps=warps)
+                        num_warps=warps)
     return out
 
 
@@ -228,8 +224,8 @@ def int8_linear(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
     return int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype)
 
 
-#: which fp8 path :func:`fp8_linear` uses: "scaled_mm" (cuBLASLt row-wise) or "tma" (the Triton TMA GEMM, which
-#: also takes int8 weight codes and casts them in the kernel); "auto": tma above 256 tokens (bench/RESULTS.md)
+#: which fp8 path :func:`fp8_linear` uses: "scaled_mm" (cuBLASLt row-wise) or "tma" (the Triton TMA GEMM, 12-15%
+#: faster at M = 12288 on the H100); "auto": tma above 256 tokens (bench/RESULTS.md)
 _FP8_PATH = {"path": "auto"}
 
 
@@ -240,13 +236,13 @@ def set_fp8_path(path: str) -> None:
 
 
 def fp8_linear(xq8, sx, wq8, sw, bias, out_dtype=torch.bfloat16):
-    """fp8-e4m3 GEMM; ``wq8`` (N, K) float8_e4m3fn (or int8 codes, cast to e4m3 on the way). Output ``out_dtype``."""
+    """fp8-e4m3 GEMM; ``wq8`` (N, K) float8_e4m3fn (or int8 codes, cast to e4m3 first). Output ``out_dtype``."""
     m = xq8.shape[0]
+    if wq8.dtype == torch.int8:
+        wq8 = wq8.to(torch.float8_e4m3fn)
     path = _FP8_PATH["path"]
     if path == "tma" or (path == "auto" and m > 256):
         return fp8_gemm_tma(xq8, sx, wq8, sw, bias, out_dtype)
-    if wq8.dtype == torch.int8:
-        wq8 = wq8.to(torch.float8_e4m3fn)
     kw = dict(scale_a=sx.reshape(m, 1), scale_b=sw.reshape(1, -1), out_dtype=out_dtype)
     if bias is not None and bias.dtype == out_dtype and out_dtype == torch.bfloat16:
         return torch._scaled_mm(xq8, wq8.t(), bias=bias, **kw)

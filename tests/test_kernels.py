@@ -237,10 +237,11 @@ def test_gpu_act_quant_bf16(fmt):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("path", ["triton", "tma", "int_mm", "fp8"])
+@pytest.mark.parametrize("path", ["triton", "tma", "int_mm", "fp8_scaled_mm", "fp8_tma"])
 @pytest.mark.parametrize("m", [256, 1000])
 def test_gpu_quantized_gemm_paths_vs_float64(path, m):
-    from hyperquant_diffusers.kernels.int8_gemm import fp8_linear, int8_gemm_int_mm, int8_gemm_tma, int8_gemm_triton
+    from hyperquant_diffusers.kernels.int8_gemm import (fp8_linear, int8_gemm_int_mm, int8_gemm_tma, int8_gemm_triton,
+                                                        set_fp8_path)
 
     torch.manual_seed(12)
     n, k = 768, 1024
@@ -250,13 +251,19 @@ def test_gpu_quantized_gemm_paths_vs_float64(path, m):
     sw = torch.rand(n, device="cuda") + 0.1
     b = torch.randn(n, device="cuda").to(torch.bfloat16)
     out = torch.full((m, n), float("nan"), device="cuda")
-    if path == "fp8":
+    if path.startswith("fp8"):
         # |codes| <= 20 are not all exact in e4m3 (exact to 16): compare with the product of the cast operands
         x8 = (xq.float() / 127 * 448).to(torch.float8_e4m3fn)
         w8 = wq.to(torch.float8_e4m3fn)
-        y = fp8_linear(x8, sx * 127 / 448, w8, sw, b)
+        set_fp8_path(path[4:])
+        try:
+            y = fp8_linear(x8, sx * 127 / 448, w8, sw, b)
+            y_int8_codes = fp8_linear(x8, sx * 127 / 448, wq, sw, b)   # int8 codes are cast on the way
+        finally:
+            set_fp8_path("auto")
         ref = quantized_linear_reference(x8.float(), sx * 127 / 448, w8.float(), sw, b.float())
         assert _rel(y, ref) < 1e-2
+        assert torch.equal(y, y_int8_codes)
         return
     fn = {"triton": int8_gemm_triton, "tma": int8_gemm_tma, "int_mm": int8_gemm_int_mm}[path]
     out = fn(xq, sx, wq, sw, b, out_dtype=torch.bfloat16)
