@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import struct
+import threading
 
 import torch
 from torch import nn
@@ -145,6 +146,8 @@ class OnLoadQuantizer:
         self._buffers: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
         self._buffered_values = 0
         self.max_buffered_values = 0  # high-water mark of float values waiting in the buffers
+        # diffusers can load shards in parallel threads (HF_ENABLE_PARALLEL_LOADING); one weight at a time here
+        self._lock = threading.RLock()
         self.bar = tqdm(total=len(self.pending), desc="HyperQuant: quantizing linears", unit="layer",
                         disable=not progress or not self.pending)
 
@@ -153,6 +156,10 @@ class OnLoadQuantizer:
         return module_name in self.pending
 
     def add(self, model: nn.Module, name: str, weight: torch.Tensor) -> None:
+        with self._lock:
+            self._add(model, name, weight)
+
+    def _add(self, model: nn.Module, name: str, weight: torch.Tensor) -> None:
         if name not in self.pending:
             raise RuntimeError(f"HyperQuant: weight of {name!r} arrived twice or was not planned for quantization")
         self.pending.discard(name)
@@ -178,7 +185,8 @@ class OnLoadQuantizer:
 
     def finish(self, model: nn.Module) -> dict[str, dict]:
         """Quantize what is still buffered, close the bar; returns ``layout``."""
-        self.flush_all(model)
+        with self._lock:
+            self.flush_all(model)
         self.bar.close()
         return self.layout
 
