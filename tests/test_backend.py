@@ -127,11 +127,11 @@ def test_ltx2_quantizes_on_gpu_with_device_map(tiny_ltx2_path, monkeypatch):
     assert rec["groups"] and all(d.type == "cpu" for _, ds in rec["groups"] for d in ds)
     counts = (n_lattice(pipe.transformer), n_lattice(pipe.text_encoder))
     cpu_frames = run_tiny_pipeline(pipe)
-    cpu_coords = pipe.transformer.get_submodule(name).lattice_tensor().decode_coords()
+    cpu_codes = pipe.transformer.get_submodule(name).codes.clone()
 
     pipe.to("cuda")  # quantization already happened on the CPU; the codes move
     lattice_layers_on_cuda(pipe)
-    assert torch.equal(pipe.transformer.get_submodule(name).lattice_tensor().decode_coords().cpu(), cpu_coords)
+    assert torch.equal(pipe.transformer.get_submodule(name).codes.cpu(), cpu_codes)
     p_moved = psnr(run_tiny_pipeline(pipe), cpu_frames)
     del pipe
     torch.cuda.empty_cache()
@@ -143,8 +143,8 @@ def test_ltx2_quantizes_on_gpu_with_device_map(tiny_ltx2_path, monkeypatch):
     assert any("language_model" in n for g, _ in rec["groups"] for n in g)  # Gemma 3 too, not only the transformer
     assert (n_lattice(pipe.transformer), n_lattice(pipe.text_encoder)) == counts
     lattice_layers_on_cuda(pipe)
-    gpu_coords = pipe.transformer.get_submodule(name).lattice_tensor().decode_coords().cpu()
-    agree = float((gpu_coords == cpu_coords).float().mean())
+    gpu_codes = pipe.transformer.get_submodule(name).codes.cpu()
+    agree = float((gpu_codes == cpu_codes).float().mean())
     frames = run_tiny_pipeline(pipe)
     p_gpu = psnr(frames, cpu_frames)
     print(f"LTX-2 4 bps vs the CPU-quantized video on the CPU: .to('cuda') {p_moved:.1f} dB, device_map='cuda' "
