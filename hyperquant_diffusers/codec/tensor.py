@@ -13,7 +13,7 @@ from .constants import (BLOB_MAGIC, DEFAULT_BLOCK_VALUES, DEFAULT_TILE, FORMAT_V
                         MIN_BLOCK_VALUES, check_bits, check_tile_size, lattice_spec)
 from .hadamard import inverse_rht, random_signs, rht
 from .lattices import coords_to_points
-from .rdo import RDO_SHRINKS, rd_nearest_point
+from .rdo import rd_nearest_point
 from .stream import decode_coords, encode_coords, stream_bits
 
 
@@ -375,10 +375,8 @@ def quantize(
     n_s = ys.numel()
     vol = spec.volume ** (1.0 / spec.dim)
 
-    shrinks = RDO_SHRINKS if rdo else ()
-
     def measure(alpha: float) -> float:
-        c = rd_nearest_point(spec.name, ys / alpha, bv, shrinks)
+        c = rd_nearest_point(spec.name, ys / alpha, bv, rdo)
         if snr_db is not None:
             err = (ys - coords_to_points(spec.name, c) * alpha).square().sum()
             return 10.0 * math.log10(float(ys.square().sum()) / max(float(err), 1e-300))
@@ -422,7 +420,7 @@ def quantize(
         log_a = nxt
     alpha = 2.0 ** log_a
     steps = (sigma * alpha).to(torch.float32)
-    c = rd_nearest_point(spec.name, y / steps.unsqueeze(1), bv, shrinks)
+    c = rd_nearest_point(spec.name, y / steps.unsqueeze(1), bv, rdo)
     words, offsets, ks = encode_coords(c.reshape(-1), spec.name, bv, chunk_values=int(chunk_values))
     return LatticeTensor(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode, signs, steps,
                          words, offsets, ks)
