@@ -63,7 +63,7 @@ def ceilings(dev):
     return out
 
 
-def sweeps(dev):
+def sweeps(dev, parts=("decode", "actq", "gemm")):
     """Launch-shape sweeps on the 4096x4096 layer: Rice decode (programs per SM, warps) and the Triton int8 GEMM
     tile configs at M = 12288; the fastest become the defaults for the rest of the run."""
     from hyperquant_diffusers.codec import quantize
@@ -75,10 +75,11 @@ def sweeps(dev):
     offs = q.offsets.to(torch.int32)
     buf = torch.empty(q.numel, dtype=torch.int8, device=dev)
     best = None
-    for unary, pps, nw, cwd, sub in ((0, 8, 8, 256, 2048), (0, 16, 4, 256, 1024), (2, 16, 8, 256, 1024),
-                                     (2, 16, 4, 256, 1024), (2, 32, 4, 128, 1024), (2, 8, 8, 256, 4096),
-                                     (2, 16, 8, 128, 2048), (2, 8, 16, 256, 4096), (2, 32, 4, 256, 512),
-                                     (2, 4, 16, 256, 2048)):
+    decode_cands = ((0, 8, 8, 256, 2048), (0, 16, 4, 256, 1024), (2, 16, 8, 256, 1024),
+                    (2, 16, 4, 256, 1024), (2, 32, 4, 128, 1024), (2, 8, 8, 256, 4096),
+                    (2, 16, 8, 128, 2048), (2, 8, 16, 256, 4096), (2, 32, 4, 256, 512),
+                    (2, 4, 16, 256, 2048)) if "decode" in parts else ((0, 8, 8, 256, 2048),)
+    for unary, pps, nw, cwd, sub in decode_cands:
         t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
                                          stats=False, programs=pps * 132, num_warps=nw, unary=unary,
                                          chunk_words=cwd, sub=sub))
@@ -99,9 +100,14 @@ def sweeps(dev):
     for mm, kk in ((12288, 4096), (12288, 16384), (256, 4096), (256, 16384)):
         xx = torch.randn(mm, kk, device=dev).to(torch.bfloat16)
         ss = random_signs(kk, 0).to(dev, torch.bfloat16)
-        cands = [("onepass", dict(onepass_elems=el, onepass_warps=nw))
+        cands = [("onepass", dict(onepass_elems=el, onepass_warps=nw, onepass_pps=0, onepass_stages=1))
                  for el, nw in ((8192, 4), (8192, 8), (16384, 8), (16384, 16), (32768, 16), (4096, 4))
                  if el >= kk or el * 2 >= kk]
+        if mm > 2048:  # persistent grids with a software-pipelined row-block loop
+            cands += [("onepass", dict(onepass_elems=el, onepass_warps=nw, onepass_pps=pps, onepass_stages=st))
+                      for el, nw, pps, st in ((8192, 4, 4, 2), (8192, 4, 8, 2), (8192, 4, 4, 3), (8192, 8, 2, 2),
+                                              (16384, 8, 2, 2), (4096, 4, 8, 2), (4096, 2, 16, 2), (8192, 4, 6, 2))
+                      if el >= kk or el * 2 >= kk]
         if mm > 2048:
             for bm, nw, st, pps in ((64, 8, 4, 0), (64, 8, 3, 0), (32, 4, 4, 1), (32, 8, 4, 1), (32, 4, 3, 2),
                                     (64, 8, 4, 1), (16, 4, 4, 2), (32, 4, 4, 2), (16, 4, 4, 4), (64, 4, 4, 1)):
@@ -116,6 +122,7 @@ def sweeps(dev):
             aq._TUNE.update(tune)
             t = bench(lambda: aq.rht_quantize(xx, ss, 128, "int8", signs_cast=ss, impl=impl))
             out["actq"][f"{mm}x{kk} {impl} {tune}"] = t
+            print(f"# sweep actq {mm}x{kk} {impl} {tune}: {t:.4f} ms", flush=True)
             if bestc is None or t < bestc[0]:
                 bestc = (t, impl, tune)
             aq._TUNE.clear()
@@ -147,18 +154,24 @@ def sweeps(dev):
     int8_gemm._CONFIGS["large"] = bestg[1]
     out["gemm_best"] = bestg
     bestt = None
-    for cfg in ((128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4),
-                (128, 128, 128, 8, 4, 4), (128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 4)):
-        try:
-            t = bench(lambda: int8_gemm.int8_gemm_tma(xq, sx, wq, sw, b, config=cfg))
-        except Exception as e:
-            out["gemm"]["tma" + str(cfg)] = repr(e)[:120]
-            continue
-        out["gemm"]["tma" + str(cfg)] = t
-        if bestt is None or t < bestt[0]:
-            bestt = (t, cfg)
+    for ws in (False, True):
+        int8_gemm._TMA["warp_specialize"] = ws
+        for cfg in ((128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4),
+                    (128, 128, 128, 8, 4, 4), (128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 4)):
+            tag = ("tma_ws" if ws else "tma") + str(cfg)
+            try:
+                t = bench(lambda: int8_gemm.int8_gemm_tma(xq, sx, wq, sw, b, config=cfg))
+            except Exception as e:
+                out["gemm"][tag] = repr(e)[:120]
+                continue
+            out["gemm"][tag] = t
+            print(f"# sweep gemm {tag}: {t:.4f} ms", flush=True)
+            if bestt is None or t < bestt[0]:
+                bestt = (t, cfg, ws)
+    int8_gemm._TMA["warp_specialize"] = False
     if bestt is not None:
         int8_gemm._TMA["config"] = bestt[1]
+        int8_gemm._TMA["warp_specialize"] = bestt[2]
         out["gemm_tma_best"] = bestt
         out["gemm_tma_best_tops"] = 2 * 12288 * 4096 * 4096 / bestt[0] / 1e9
         y1 = int8_gemm.int8_gemm_tma(xq, sx, wq, sw, b)
@@ -500,6 +513,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="4096x4096 and 2048x2048 only")
+    ap.add_argument("--sweeps-only", action="store_true", help="only the launch-shape sweeps (printed as JSON)")
     ap.add_argument("--ncu-target", choices=("decode", "actq", "gemm"), default=None,
                     help="only launch this kernel a few times on the 4096x4096 / M=12288 case (run under ncu)")
     args = ap.parse_args(argv)
@@ -507,6 +521,10 @@ def main(argv=None):
         raise SystemExit("bench_kernels needs a CUDA GPU")
     if args.ncu_target:
         ncu_target(args.ncu_target)
+        return
+    if args.sweeps_only:
+        with torch.no_grad():
+            sweeps(torch.device("cuda"), parts=("actq", "gemm"))
         return
     with torch.no_grad():
         res = run(args)

@@ -138,33 +138,36 @@ def _kernel():
     @triton.jit
     def rht_quant_onepass_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
                                  T: tl.constexpr, R: tl.constexpr, NT: tl.constexpr, FP8: tl.constexpr,
-                                 QMAX: tl.constexpr, IEEE: tl.constexpr):
-        # (R rows x NT tiles) of T values in registers: view i = row * NT + tile, one (R*NT, T) @ (T, T) product
+                                 QMAX: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr):
+        # (R rows x NT tiles) of T values in registers: view i = row * NT + tile, one (R*NT, T) @ (T, T) product.
+        # Programs walk row blocks (a persistent grid when launched with fewer programs than blocks, so the loop's
+        # software pipeline loads the next block while this one computes).
         i = tl.arange(0, R * NT)
         tt = tl.arange(0, T)
-        row = tl.program_id(0) * R + i // NT
         col = (i % NT)[:, None] * T + tt[None, :]
-        m = (row < M)[:, None] & (col < K)
-        row64 = row.to(tl.int64)
-        x = tl.load(x_ptr + row64[:, None] * stride_xm + col, mask=m, other=0.0)
         s = tl.load(s_ptr + col, mask=col < K, other=0.0)
         h = tl.load(h_ptr + tt[:, None] * T + tt[None, :])
-        if IEEE:
-            y = tl.dot(x * s, h, input_precision="ieee")
-        else:
-            y = tl.dot(x * s, h)
-        tmax = tl.reshape(tl.max(tl.abs(y), 1), (R, NT))
-        amax = tl.max(tmax, 1)
-        amax = tl.where(amax > 0, amax, 1.0)
-        rows = tl.program_id(0) * R + tl.arange(0, R)
-        tl.store(sx_ptr + rows, amax * inv_sqrt_t / QMAX, mask=rows < M)
-        inv = tl.reshape(tl.broadcast_to((QMAX / amax)[:, None], (R, NT)), (R * NT,))
-        v = y * inv[:, None]
-        if FP8:
-            qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
-        else:
-            qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
-        tl.store(q_ptr + row64[:, None] * stride_qm + col, qv, mask=m)
+        for rb in tl.range(tl.program_id(0), tl.cdiv(M, R), tl.num_programs(0), num_stages=STAGES):
+            row = rb * R + i // NT
+            m = (row < M)[:, None] & (col < K)
+            row64 = row.to(tl.int64)
+            x = tl.load(x_ptr + row64[:, None] * stride_xm + col, mask=m, other=0.0)
+            if IEEE:
+                y = tl.dot(x * s, h, input_precision="ieee")
+            else:
+                y = tl.dot(x * s, h)
+            tmax = tl.reshape(tl.max(tl.abs(y), 1), (R, NT))
+            amax = tl.max(tmax, 1)
+            amax = tl.where(amax > 0, amax, 1.0)
+            rows = rb * R + tl.arange(0, R)
+            tl.store(sx_ptr + rows, amax * inv_sqrt_t / QMAX, mask=rows < M)
+            inv = tl.reshape(tl.broadcast_to((QMAX / amax)[:, None], (R, NT)), (R * NT,))
+            v = y * inv[:, None]
+            if FP8:
+                qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
+            else:
+                qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
+            tl.store(q_ptr + row64[:, None] * stride_qm + col, qv, mask=m)
 
     return rht_quant_kernel, rht_amax_split_kernel, rht_quant_split_kernel, rht_quant_onepass_kernel
 
@@ -172,7 +175,7 @@ def _kernel():
 #: launch shapes; ``bench/bench_kernels.py`` sweeps them on the device (results in bench/RESULTS.md).
 #: onepass: R = onepass_elems / K_pad whole rows per program (K_pad <= onepass_max_k); fused: one program per BM
 #: rows walking all of K twice; split: (rows / BM) x (K / KC) programs, two launches.
-_TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_max_k": 16384,
+_TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_max_k": 16384, "onepass_pps": 0, "onepass_stages": 1,
          "fused_bm": 64, "fused_warps": 8, "fused_stages": 4, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
          "split_kc": 256, "split_warps": 4}
 
@@ -213,9 +216,12 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
         r = max(1, rows_per_prog)
         if r * nt < 16:  # the tensor-core product needs at least 16 rows in its view
             r = 16 // nt
-        onepass_k[(triton_cdiv(m, r),)](x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile),
-                                        T=tile, R=r, NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee,
-                                        num_warps=tu["onepass_warps"])
+        nblk = triton_cdiv(m, r)
+        pps = tu["onepass_pps"]  # programs per SM of a persistent grid; 0: one program per row block
+        grid = (min(nblk, num_sms(x.device.index or 0) * pps) if pps else nblk,)
+        onepass_k[grid](x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile, R=r,
+                        NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee, STAGES=tu["onepass_stages"],
+                        num_warps=tu["onepass_warps"])
         return q, sx
     if impl == "split":
         kc = max(tile, min(tu["split_kc"], k))

@@ -86,7 +86,8 @@ def _kernels():
     @triton.jit
     def int8_gemm_tma_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_cm,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr = False):
+                             HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr = False,
+                             WS: tl.constexpr = False):
         # same tiling, operands through Hopper's tensor-memory-accelerator descriptors (bulk async copies).
         # FP8: e4m3 operands, float32 accumulator. (Casting int8 weight codes to e4m3 inside this loop was tried:
         # 2.5x slower than a separate cast pass, bench/RESULTS.md.)
@@ -105,7 +106,7 @@ def _kernels():
             acc = tl.zeros((BM, BN), dtype=tl.float32)
         else:
             acc = tl.zeros((BM, BN), dtype=tl.int32)
-        for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        for k0 in tl.range(0, K, BK, num_stages=STAGES, warp_specialize=WS):
             a = a_desc.load([om, k0])
             b = b_desc.load([on, k0])
             if FP8:
@@ -151,7 +152,8 @@ def int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tup
 
 #: tiles of the TMA GEMM (best of the bench/bench_kernels.py sweep on the H100 at M = 12288: 0.343 ms, 1.20 POPS
 #: for 12288x4096x4096), and for M <= 256
-_TMA = {"config": (128, 256, 128, 8, 8, 4), "small": (64, 128, 128, 8, 4, 4), "fp8": (128, 256, 128, 8, 8, 4)}
+_TMA = {"config": (128, 256, 128, 8, 8, 4), "small": (64, 128, 128, 8, 4, 4), "fp8": (128, 256, 128, 8, 8, 4),
+        "warp_specialize": False}
 
 
 def int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None):
@@ -168,7 +170,7 @@ def int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple 
     grid = (((m + bm - 1) // bm) * ((n + bn - 1) // bn),)
     _kernels()[2][grid](a_desc, b_desc, out, sx, sw, bias if bias is not None else sx, m, n, k, out.stride(0),
                         BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages,
-                        num_warps=warps)
+                        WS=_TMA["warp_specialize"] and m > 256, num_warps=warps)
     return out
 
 
@@ -186,7 +188,7 @@ def fp8_gemm_tma(xq8, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple 
     grid = (((m + bm - 1) // bm) * ((n + bn - 1) // bn),)
     _kernels()[2][grid](a_desc, b_desc, out, sx, sw, bias if bias is not None else sx, m, n, k, out.stride(0),
                         BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages, FP8=True,
-                        num_warps=warps)
+                        WS=_TMA["warp_specialize"] and m > 256, num_warps=warps)
     return out
 
 
