@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import math
 
 #: Version of the serialized ``LatticeTensor`` blob (``LatticeTensor.to_bytes``). Bump on any layout change.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Magic prefix of a serialized ``LatticeTensor`` blob.
 BLOB_MAGIC = b"HQLT"
 
@@ -28,6 +28,10 @@ ESCAPE_Q = 24
 ESCAPE_BITS = 32
 #: Largest lattice coordinate magnitude the codec accepts (keeps int64 bit packing exact).
 MAX_ABS_COORD = (1 << 30) - 1
+#: A2 points are coded by their rank in the norm order of the lattice (see ``a2_index``); the ranks below this
+#: are tabulated (a disk of radius ~600 lattice units); a point outside is coded as this rank (an escape)
+#: followed by its two coordinates raw (ESCAPE_BITS each).
+A2_RANK_TABLE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,8 @@ class LatticeSpec:
     D4: integer vectors of even sum; E8: D8 ∪ (D8 + ½), minimum norm √2). A step size ``delta`` scales it by
     ``delta ** dim``.
     ``code``: small integer identifying the lattice in the blob header.
-    ``classes``: number of coordinate classes with their own Rice parameter (A2's two axes have different
-    spreads; the other lattices' coordinates are exchangeable).
+    ``classes``: number of symbol classes with their own Rice parameter per block (1 for every lattice: the
+    coordinates of Z, D4 and E8 are exchangeable, and A2 codes one rank per point).
     """
 
     name: str
@@ -54,7 +58,7 @@ class LatticeSpec:
 
 LATTICES: dict[str, LatticeSpec] = {
     "Z": LatticeSpec("Z", 1, 1.0 / 12.0, 0, 1.0, 1),
-    "A2": LatticeSpec("A2", 2, 5.0 / (36.0 * math.sqrt(3.0)), 1, math.sqrt(3.0) / 2.0, 2),
+    "A2": LatticeSpec("A2", 2, 5.0 / (36.0 * math.sqrt(3.0)), 1, math.sqrt(3.0) / 2.0, 1),
     "D4": LatticeSpec("D4", 4, 0.0766032, 2, 2.0, 1),
     "E8": LatticeSpec("E8", 8, 0.0716821, 3, 1.0, 1),
 }

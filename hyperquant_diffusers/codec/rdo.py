@@ -11,7 +11,8 @@ per-coordinate costs (see :mod:`.stream`: Rice-coded magnitude, a sign bit when 
 ``J`` is separable within each coset of the lattice's sub-lattice of integer vectors:
 
 * Z: every coordinate on its own (the two integers around ``x``).
-* A2: per coset (c0 ≡ c1 ≡ p mod 2), each axis on its own; the cheaper coset wins.
+* A2 (coded by point rank, :mod:`.a2_index`): not separable; the nearest point and its 18 neighbours within
+  distance 2 are searched.
 * D4 (integer vectors of even sum): per coordinate the best integer of each parity; if the best choices have
   an odd sum, the coordinate whose switch to its other parity costs least switches (Conway & Sloane's D_n
   rule, applied to ``J`` instead of distance).
@@ -33,12 +34,16 @@ import math
 
 import torch
 
-from .constants import lattice_spec
+from .a2_index import a2_rank
+from .constants import A2_RANK_TABLE, ESCAPE_BITS, lattice_spec
 from .lattices import nearest_point
 from .rice import rice_cost
 from .stream import choose_ks
 
 _SQRT3 = math.sqrt(3.0)
+#: A2 offsets (codec coordinates) of a point's 18 neighbours within distance 2, and the point itself.
+_A2_RING2 = torch.tensor([[0, 0], [2, 0], [-2, 0], [1, 1], [1, -1], [-1, 1], [-1, -1], [0, 2], [0, -2], [3, 1],
+                          [3, -1], [-3, 1], [-3, -1], [4, 0], [-4, 0], [2, 2], [2, -2], [-2, 2], [-2, -2]])
 #: Values processed per RDO pass (bounds the memory of the candidate tables: ~40 bytes per value and candidate).
 RDO_CHUNK = 1 << 22
 
@@ -126,18 +131,16 @@ def _rd_chunk(lattice: str, y: torch.Tensor, k: torch.Tensor, lam: float) -> tor
         _, i = _best_even_labels(dist(y, vals, 1.0) + lam * bits.to(dt), label_a)
         return vals.gather(-1, i.unsqueeze(-1)).squeeze(-1).to(torch.int32)
     if name == "A2":
-        # axis 0 in half units (point = c0 / 2), axis 1 in units of sqrt(3)/2 (point = c1 * sqrt(3) / 2)
-        t = torch.stack((2.0 * y[:, 0], y[:, 1] * (2.0 / _SQRT3)), 1)
-        w = torch.tensor([0.25, 0.75], dtype=dt, device=y.device).view(1, 2, 1)
-        out = []
-        for p in (0.0, 1.0):
-            vals = _coset_table(t, p, 2.0, 2)
-            ci = vals.to(torch.int64)
-            bits = rice_cost(ci.abs() >> 1, kk) + (ci != 0)
-            j, i = _best(dist(t, vals, w) + lam * bits.to(dt))
-            out.append((j.sum(1), vals.gather(-1, i.unsqueeze(-1)).squeeze(-1)))
-        use1 = out[1][0] < out[0][0]
-        return torch.where(use1.unsqueeze(1), out[1][1], out[0][1]).to(torch.int32)
+        # rank-coded (see .a2_index): the cost is not separable, so search the nearest point and its 18
+        # neighbours within distance 2 (the bits fall only toward the origin, by at most a few per ring)
+        c0 = nearest_point("A2", y.reshape(-1)).view(-1, 1, 2).to(torch.int64)
+        cand = c0 + _A2_RING2.to(y.device)
+        pts = cand.to(dt) * torch.tensor([0.5, 0.5 * _SQRT3], dtype=dt, device=y.device)
+        dist = (pts - y.unsqueeze(1)).square().sum(-1)
+        r = a2_rank(cand).view(cand.shape[0], -1)
+        bits = rice_cost(r, k[:, :1]) + (r == A2_RANK_TABLE).to(torch.int64) * (2 * ESCAPE_BITS)
+        i = (dist + lam * bits.to(dt)).argmin(1)
+        return cand[torch.arange(cand.shape[0], device=y.device), i].to(torch.int32)
     if name == "E8":
         t = 2.0 * y
         out = []
