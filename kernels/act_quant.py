@@ -175,7 +175,9 @@ def _kernel():
 #: launch shapes; ``bench/bench_kernels.py`` sweeps them on the device (results in bench/RESULTS.md).
 #: onepass: R = onepass_elems / K_pad whole rows per program (K_pad <= onepass_max_k); fused: one program per BM
 #: rows walking all of K twice; split: (rows / BM) x (K / KC) programs, two launches.
-_TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_max_k": 16384, "onepass_pps": 0, "onepass_stages": 1,
+#: (H100 sweep, bench/RESULTS.md: 12288x4096 0.073 ms, 12288x16384 0.310 ms; one program per row block: 0.096 / 0.39)
+_TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_max_k": 16384, "onepass_pps": 4, "onepass_stages": 3,
+         "onepass_stages_long": 2, "onepass_long_k": 4096,
          "fused_bm": 64, "fused_warps": 8, "fused_stages": 4, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
          "split_kc": 256, "split_warps": 4}
 
@@ -220,7 +222,8 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
         pps = tu["onepass_pps"]  # programs per SM of a persistent grid; 0: one program per row block
         grid = (min(nblk, num_sms(x.device.index or 0) * pps) if pps else nblk,)
         onepass_k[grid](x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile, R=r,
-                        NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee, STAGES=tu["onepass_stages"],
+                        NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee,
+                        STAGES=tu["onepass_stages"] if nt * tile <= tu["onepass_long_k"] else tu["onepass_stages_long"],
                         num_warps=tu["onepass_warps"])
         return q, sx
     if impl == "split":
