@@ -177,3 +177,42 @@ def test_rdo_lowers_the_lagrangian_and_helps_at_equal_rate(gauss):
     q = quantize(gauss, bits=3.0, lattice="E8", rdo=True)
     assert abs(q.bits_per_scalar - 3.0) < 0.02
     assert _snr_db(gauss, q.dequantize()) > snr_near + 0.1
+
+
+def test_blob_side_arrays_are_compact_and_exact(gauss):
+    """bfloat16 row steps and uint16 block lengths in the blob; byte count from first principles."""
+    import json
+
+    q = quantize(gauss, bits=4.0, lattice="E8")
+    assert torch.equal(q.scales.to(torch.bfloat16).to(torch.float32), q.scales)  # steps are bfloat16 values
+    blob = q.to_bytes()
+    hlen = int.from_bytes(blob[6:10], "little")
+    head = json.loads(blob[10:10 + hlen])
+    assert (head["scales_dtype"], head["offsets_dtype"]) == ("bfloat16", "len16")
+    nb = q.numel // q.block_values
+    expect = 10 + hlen + 1024 // 8 + 2 * 64 + nb + 2 * nb + 4 * q.words.numel()
+    assert len(blob) == expect == q.nbytes
+    q2 = LatticeTensor.from_bytes(blob)
+    assert torch.equal(q2.scales, q.scales) and torch.equal(q2.offsets, q.offsets)
+    # steps that are not bfloat16 values (a tensor built by hand) fall back to float32, still exact
+    odd = LatticeTensor(q.shape, q.dtype, q.lattice, q.tile_size, q.block_values, q.seed, q.step_mode, q.signs,
+                        q.scales * (1 + 2.0 ** -20), q.words, q.offsets, q.ks)
+    b2 = odd.to_bytes()
+    assert len(b2) == odd.nbytes == expect + 2 * 64 + len(odd._blob_header()) - hlen
+    assert torch.equal(LatticeTensor.from_bytes(b2).scales, odd.scales)
+    # the header must name the layout
+    bad = blob[:10] + blob[10:10 + hlen].replace(b'"len16"', b'"len15"') + blob[10 + hlen:]
+    with pytest.raises(FormatError, match="array layout"):
+        LatticeTensor.from_bytes(bad)
+
+
+def test_blocks_of_65536_words_or_more_store_int32_offsets():
+    w = torch.randn(128, 4096, generator=torch.Generator().manual_seed(1))
+    q = quantize(w, bits=8.0, lattice="Z", block_values=1 << 19)  # ~4M bits per block = 130K words
+    lens = q.offsets[1:] - q.offsets[:-1]
+    assert int(lens.max()) >= 1 << 16
+    assert q._blob_layout()["offsets_dtype"] == "int32"
+    blob = q.to_bytes()
+    assert len(blob) == q.nbytes
+    q2 = LatticeTensor.from_bytes(blob)
+    assert torch.equal(q2.offsets, q.offsets) and torch.equal(q2.decode_coords(), q.decode_coords())

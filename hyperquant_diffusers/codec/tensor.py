@@ -122,13 +122,31 @@ class LatticeTensor:
             "words": self.words.contiguous(),
         }
 
+    def _blob_layout(self) -> dict:
+        """How :meth:`to_bytes` stores the side arrays (recorded in the blob header).
+
+        ``scales_dtype``: "bfloat16" when every row step is a bfloat16 value (``quantize`` rounds them so), else
+        "float32". ``offsets_dtype``: "len16" stores each block's length in words as uint16 (offsets are their
+        running sum) when every block is shorter than 65536 words, else "int32" stores the offsets themselves.
+        """
+        sc = self.scales.to(torch.float32)
+        bf = bool(torch.equal(sc.to(torch.bfloat16).to(torch.float32), sc))
+        lens = self.offsets[1:] - self.offsets[:-1]
+        short = lens.numel() == 0 or int(lens.max()) < (1 << 16)
+        return {"scales_dtype": "bfloat16" if bf else "float32", "offsets_dtype": "len16" if short else "int32"}
+
+    def _blob_header(self) -> bytes:
+        return json.dumps({**self.metadata(), **self._blob_layout()}, sort_keys=True).encode()
+
     @property
     def nbytes(self) -> int:
         """Exact size of :meth:`to_bytes`' output, in bytes (header, every side field, stream)."""
-        header = len(json.dumps(self.metadata(), sort_keys=True).encode())
+        lay = self._blob_layout()
         nb = int(self.offsets.numel()) - 1
-        return (len(BLOB_MAGIC) + 6 + header + self.in_features // 8 + 4 * self.scales.numel()
-                + nb * self.ks.shape[1] + 4 * (nb + 1) + 4 * self.words.numel())
+        scale_bytes = 2 if lay["scales_dtype"] == "bfloat16" else 4
+        offset_bytes = 2 * nb if lay["offsets_dtype"] == "len16" else 4 * (nb + 1)
+        return (len(BLOB_MAGIC) + 6 + len(self._blob_header()) + self.in_features // 8
+                + scale_bytes * self.scales.numel() + nb * self.ks.shape[1] + offset_bytes + 4 * self.words.numel())
 
     @property
     def bits_per_scalar(self) -> float:
@@ -204,12 +222,22 @@ class LatticeTensor:
                              self.offsets.to(device), self.ks.to(device))
 
     def to_bytes(self) -> bytes:
-        """Versioned, self-describing blob: magic, u16 version, u32 header length, JSON header, arrays."""
-        header = json.dumps(self.metadata(), sort_keys=True).encode()
-        st = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
+        """Versioned, self-describing blob: magic, u16 version, u32 header length, JSON header, then the arrays
+        signs (packed uint8), scales (bfloat16 or float32, see :meth:`_blob_layout`), ks (uint8), block lengths
+        (uint16 words) or offsets (int32), words (int32); little-endian."""
+        header = self._blob_header()
+        lay = self._blob_layout()
+        import numpy as np
+
+        st = {k: v.detach().cpu().contiguous().numpy() for k, v in self.state_tensors().items()}
+        if lay["scales_dtype"] == "bfloat16":  # exact: the values are bfloat16 values (checked in _blob_layout)
+            st["scales"] = self.scales.detach().cpu().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        if lay["offsets_dtype"] == "len16":
+            o = st["offsets"].astype(np.int64)
+            st["offsets"] = (o[1:] - o[:-1]).astype(np.uint16)  # every length < 2**16 (checked in _blob_layout)
         parts = [BLOB_MAGIC, struct.pack("<HI", FORMAT_VERSION, len(header)), header]
         for name in ("signs", "scales", "ks", "offsets", "words"):
-            parts.append(st[name].numpy().tobytes())
+            parts.append(st[name].astype(st[name].dtype.newbyteorder("<")).tobytes())
         return b"".join(parts)
 
     @classmethod
@@ -266,24 +294,40 @@ class LatticeTensor:
             meta = json.loads(blob[10:10 + hlen])
         except ValueError as e:
             raise FormatError(f"corrupt lattice tensor header: {e}") from None
-        shape = [int(s) for s in meta["shape"]]
-        numel = int(math.prod(shape))
-        spec = lattice_spec(meta["lattice"])
-        bv = int(meta["block_values"])
-        nb = (numel + bv - 1) // bv
-        sizes = [("signs", np.uint8, shape[-1] // 8), ("scales", np.float32, numel // shape[-1]),
-                 ("ks", np.uint8, nb * spec.classes), ("offsets", np.int32, nb + 1),
-                 ("words", np.int32, int(meta["n_words"]))]
+        try:
+            shape = [int(s) for s in meta["shape"]]
+            numel = int(math.prod(shape))
+            spec = lattice_spec(meta["lattice"])
+            bv = int(meta["block_values"])
+            sdt, odt = meta["scales_dtype"], meta["offsets_dtype"]
+            nb = (numel + bv - 1) // bv
+            n_words = int(meta["n_words"])
+        except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
+            raise FormatError(f"bad lattice tensor header: {e!r}") from None
+        if sdt not in ("bfloat16", "float32") or odt not in ("len16", "int32"):
+            raise FormatError(f"unknown lattice tensor array layout scales={sdt!r} offsets={odt!r}")
+        sizes = [("signs", np.uint8, shape[-1] // 8),
+                 ("scales", np.uint16 if sdt == "bfloat16" else np.float32, numel // shape[-1]),
+                 ("ks", np.uint8, nb * spec.classes),
+                 ("offsets", np.uint16 if odt == "len16" else np.int32, nb if odt == "len16" else nb + 1),
+                 ("words", np.int32, n_words)]
         pos, tensors = 10 + hlen, {}
         for name, dt, count in sizes:
             nbytes = count * np.dtype(dt).itemsize
             if pos + nbytes > len(blob):
                 raise FormatError(f"truncated lattice tensor blob (array '{name}')")
-            arr = np.frombuffer(blob, dtype=dt, count=count, offset=pos).copy()
-            tensors[name] = torch.from_numpy(arr)
+            arr = np.frombuffer(blob, dtype=np.dtype(dt).newbyteorder("<"), count=count, offset=pos)
+            if dt == np.uint16:  # bfloat16 bit patterns (scales) or block lengths (offsets)
+                arr = arr.view(np.int16) if name == "scales" else arr.astype(np.int64)
+            tensors[name] = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("=")).copy())
             pos += nbytes
         if pos != len(blob):
             raise FormatError(f"lattice tensor blob has {len(blob) - pos} trailing bytes")
+        if sdt == "bfloat16":
+            tensors["scales"] = tensors["scales"].view(torch.bfloat16).to(torch.float32)
+        if odt == "len16":
+            lens = tensors["offsets"]
+            tensors["offsets"] = torch.cat((torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)))
         tensors["ks"] = tensors["ks"].reshape(nb, spec.classes)
         return cls.from_state(meta, tensors)
 
@@ -318,10 +362,11 @@ def _sample_rows(y: torch.Tensor) -> torch.Tensor:
 
 
 def _side_bits(rows: int, k: int, lattice: str, block_values: int) -> float:
-    """Bits of every side field for a tensor of this geometry (header estimated at 256 bytes, padding 16 bits)."""
+    """Bits of every side field for a tensor of this geometry as ``to_bytes`` stores it (bfloat16 row steps,
+    uint16 block lengths; header estimated at 256 bytes, word padding at 16 bits per block)."""
     spec = lattice_spec(lattice)
     nb = (rows * k + block_values - 1) // block_values
-    return 8 * (4 + 6 + 256) + k + 32 * rows + 8 * nb * spec.classes + 32 * (nb + 1) + 16 * nb
+    return 8 * (4 + 6 + 256) + k + 16 * rows + 8 * nb * spec.classes + 16 * nb + 16 * nb
 
 
 def quantize(
@@ -419,7 +464,8 @@ def quantize(
             nxt = 0.5 * (lo + hi)
         log_a = nxt
     alpha = 2.0 ** log_a
-    steps = (sigma * alpha).to(torch.float32)
+    # row steps are stored as bfloat16 (to_bytes): quantize with the rounded step so decoding is exact
+    steps = (sigma * alpha).to(torch.bfloat16).to(torch.float32)
     c = rd_nearest_point(spec.name, y / steps.unsqueeze(1), bv, rdo)
     words, offsets, ks = encode_coords(c.reshape(-1), spec.name, bv, chunk_values=int(chunk_values))
     return LatticeTensor(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode, signs, steps,
