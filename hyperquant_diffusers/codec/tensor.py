@@ -48,6 +48,21 @@ def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
     return 1.0 - 2.0 * bits.reshape(-1).to(torch.float32)
 
 
+def _metadata(shape, dtype, lattice, tile_size, block_values, seed, step_mode, n_words) -> dict:
+    return {
+        "format": "hyperquant-lattice-tensor",
+        "format_version": FORMAT_VERSION,
+        "shape": list(shape),
+        "dtype": _dtype_name(dtype),
+        "lattice": lattice,
+        "tile_size": tile_size,
+        "block_values": block_values,
+        "seed": seed,
+        "step_mode": step_mode,
+        "n_words": int(n_words),
+    }
+
+
 @dataclass
 class LatticeTensor:
     """A floating-point tensor compressed with HyperQuant.
@@ -96,18 +111,8 @@ class LatticeTensor:
     # ---- sizes ----------------------------------------------------------------------------------------
     def metadata(self) -> dict:
         """JSON-serializable description (everything but the arrays)."""
-        return {
-            "format": "hyperquant-lattice-tensor",
-            "format_version": FORMAT_VERSION,
-            "shape": list(self.shape),
-            "dtype": _dtype_name(self.dtype),
-            "lattice": self.lattice,
-            "tile_size": self.tile_size,
-            "block_values": self.block_values,
-            "seed": self.seed,
-            "step_mode": self.step_mode,
-            "n_words": int(self.words.numel()),
-        }
+        return _metadata(self.shape, self.dtype, self.lattice, self.tile_size, self.block_values, self.seed,
+                         self.step_mode, int(self.words.numel()))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The arrays as they are serialized: packed signs uint8, scales float32, ks uint8, offsets int32,
@@ -361,12 +366,13 @@ def _sample_rows(y: torch.Tensor) -> torch.Tensor:
     return torch.linspace(0, rows - 1, want, device=y.device).round().to(torch.int64).unique()
 
 
-def _side_bits(rows: int, k: int, lattice: str, block_values: int) -> float:
-    """Bits of every side field for a tensor of this geometry as ``to_bytes`` stores it (bfloat16 row steps,
-    uint16 block lengths; header estimated at 256 bytes, word padding at 16 bits per block)."""
+def _side_bits(rows: int, k: int, lattice: str, block_values: int, header_bytes: int = 256) -> float:
+    """Bits of every side field for a tensor of this geometry as ``to_bytes`` stores it: magic, version and
+    header (``header_bytes`` of JSON), packed RHT signs, bfloat16 row steps, ks, uint16 block lengths. Word
+    padding is not a side field here: :func:`.stream.stream_bits` counts it with the stream."""
     spec = lattice_spec(lattice)
     nb = (rows * k + block_values - 1) // block_values
-    return 8 * (4 + 6 + 256) + k + 16 * rows + 8 * nb * spec.classes + 16 * nb + 16 * nb
+    return 8 * (len(BLOB_MAGIC) + 6 + header_bytes) + k + 16 * rows + 8 * nb * spec.classes + 16 * nb
 
 
 def quantize(
@@ -379,7 +385,7 @@ def quantize(
     seed: int = 0,
     block_values: int = DEFAULT_BLOCK_VALUES,
     step_mode: str = "row",
-    tol_bits: float = 0.003,
+    tol_bits: float = 0.002,
     rdo: bool = True,
     chunk_values: int = 1 << 21,
 ) -> LatticeTensor:
@@ -434,7 +440,11 @@ def quantize(
         slope = -20.0 * math.log10(2.0)  # dB per doubling of alpha
         tol = 0.01
     else:
-        target = bits - _side_bits(rows, k, spec.name, bv) / (rows * k)
+        # the header's exact length, up to the digits of n_words (guessed from the rate)
+        head = {**_metadata(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode,
+                            int(rows * k * bits / 32)), "scales_dtype": "bfloat16", "offsets_dtype": "len16"}
+        header_bytes = len(json.dumps(head, sort_keys=True).encode())
+        target = bits - _side_bits(rows, k, spec.name, bv, header_bytes) / (rows * k)
         if target <= 0.05:
             raise ValueError(f"a {rows}x{k} tensor is too small for {bits} bits per scalar: its side information "
                              f"alone takes {bits - target:.2f}; leave it unquantized")
@@ -442,6 +452,9 @@ def quantize(
         slope = -1.0
         # a small tensor's rate is dominated by side fields and sampling noise; 0.01 bps is as close as it matters
         tol = tol_bits if rows * k >= _SEARCH_VALUES else max(tol_bits, 0.01)
+        # land in [target - tol, target] (on the sampled rows) rather than around it: never above the request
+        target -= 0.5 * tol
+        tol *= 0.5
     # Secant search on log2(alpha). Rate and SNR both fall as alpha grows, so f > 0 means alpha is too small;
     # the bracket [lo, hi] keeps a wild secant step from leaving the region where the root lies.
     lo = hi = None
