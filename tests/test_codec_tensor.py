@@ -180,38 +180,57 @@ def test_rdo_lowers_the_lagrangian_and_helps_at_equal_rate(gauss):
 
 
 def test_blob_side_arrays_are_compact_and_exact(gauss):
-    """bfloat16 row steps and uint16 block lengths in the blob; byte count from first principles."""
+    """1-byte log-coded row steps, 4-bit ks, 1-byte block lengths in the blob; byte count from first principles."""
     import json
 
+    from hyperquant_diffusers.codec.constants import STEP_MANTISSAS
+
+    assert all(abs(m - 2 ** (j / 16)) < 2 ** -22 for j, m in enumerate(STEP_MANTISSAS))
     q = quantize(gauss, bits=4.0, lattice="E8")
-    assert torch.equal(q.scales.to(torch.bfloat16).to(torch.float32), q.scales)  # steps are bfloat16 values
     blob = q.to_bytes()
     hlen = int.from_bytes(blob[6:10], "little")
-    head = json.loads(blob[10:10 + hlen])
-    assert (head["scales_dtype"], head["offsets_dtype"]) == ("bfloat16", "len16")
+    lay = json.loads(blob[10:10 + hlen])["layout"]
+    assert (lay["scales"], lay["ks"], lay["offsets"]) == ("log8", "u4", "len8")
+    # every row step is on the 1/16-octave grid above the smallest one (float64 check of the float32 values)
+    r = torch.log2(q.scales.double() / lay["scale_base"]) * 16
+    assert float((r - r.round()).abs().max()) < 1e-5 and float(r.min()) == 0.0
     nb = q.numel // q.block_values
-    expect = 10 + hlen + 1024 // 8 + 2 * 64 + nb + 2 * nb + 4 * q.words.numel()
+    expect = 10 + hlen + 1024 // 8 + 64 + (nb + 1) // 2 + nb + 4 * q.words.numel()
     assert len(blob) == expect == q.nbytes
     q2 = LatticeTensor.from_bytes(blob)
-    assert torch.equal(q2.scales, q.scales) and torch.equal(q2.offsets, q.offsets)
-    # steps that are not bfloat16 values (a tensor built by hand) fall back to float32, still exact
-    odd = LatticeTensor(q.shape, q.dtype, q.lattice, q.tile_size, q.block_values, q.seed, q.step_mode, q.signs,
-                        q.scales * (1 + 2.0 ** -20), q.words, q.offsets, q.ks)
-    b2 = odd.to_bytes()
-    assert len(b2) == odd.nbytes == expect + 2 * 64 + len(odd._blob_header()) - hlen
-    assert torch.equal(LatticeTensor.from_bytes(b2).scales, odd.scales)
-    # the header must name the layout
-    bad = blob[:10] + blob[10:10 + hlen].replace(b'"len16"', b'"len15"') + blob[10 + hlen:]
+    assert torch.equal(q2.scales, q.scales) and torch.equal(q2.offsets, q.offsets) and torch.equal(q2.ks, q.ks)
+    # steps off the grid but bfloat16, then arbitrary float32 steps, Rice parameters above 15: wider forms, exact
+    for scales, ks, s_form, k_form, extra in (
+            (q.scales.to(torch.bfloat16).to(torch.float32) * 1.01, q.ks, "bfloat16", "u4", 64),
+            (q.scales * (1 + 2.0 ** -20), q.ks + 16, "float32", "u8", 3 * 64 + nb - (nb + 1) // 2)):
+        scales = scales.to(torch.bfloat16).to(torch.float32) if s_form == "bfloat16" else scales
+        odd = LatticeTensor(q.shape, q.dtype, q.lattice, q.tile_size, q.block_values, q.seed, q.step_mode, q.signs,
+                            scales, q.words, q.offsets, ks)
+        b2 = odd.to_bytes()
+        h2 = int.from_bytes(b2[6:10], "little")
+        lay2 = json.loads(b2[10:10 + h2])["layout"]
+        assert (lay2["scales"], lay2["ks"]) == (s_form, k_form)
+        assert len(b2) == odd.nbytes == expect + extra + h2 - hlen
+        back = LatticeTensor.from_bytes(b2)
+        assert torch.equal(back.scales, odd.scales) and torch.equal(back.ks, odd.ks)
+    # the header must name a known layout
+    bad = blob[:10] + blob[10:10 + hlen].replace(b'"len8"', b'"len9"') + blob[10 + hlen:]
     with pytest.raises(FormatError, match="array layout"):
         LatticeTensor.from_bytes(bad)
+    with pytest.raises(FormatError, match="truncated"):
+        LatticeTensor.from_bytes(blob[:10 + hlen + 100])
 
 
-def test_blocks_of_65536_words_or_more_store_int32_offsets():
-    w = torch.randn(128, 4096, generator=torch.Generator().manual_seed(1))
-    q = quantize(w, bits=8.0, lattice="Z", block_values=1 << 19)  # ~4M bits per block = 130K words
+@pytest.mark.parametrize("block_values,form", [(4096, "len16"), (1 << 19, "int32")])
+def test_uneven_or_long_blocks_store_wider_offsets(block_values, form):
+    """Block lengths spanning >= 256 words need uint16; a block of >= 65536 words needs int32 offsets."""
+    w = torch.randn(256, 4096, generator=torch.Generator().manual_seed(1))
+    w[128:] = 0.0  # zero rows: blocks of ~1 bit per value next to blocks of ~8
+    q = quantize(w, bits=8.0, lattice="Z", block_values=block_values)
     lens = q.offsets[1:] - q.offsets[:-1]
-    assert int(lens.max()) >= 1 << 16
-    assert q._blob_layout()["offsets_dtype"] == "int32"
+    assert int(lens.max() - lens.min()) >= 256
+    assert (int(lens.max()) >= 1 << 16) == (form == "int32")
+    assert q._blob_side()[0]["offsets"] == form
     blob = q.to_bytes()
     assert len(blob) == q.nbytes
     q2 = LatticeTensor.from_bytes(blob)

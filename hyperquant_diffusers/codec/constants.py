@@ -28,6 +28,13 @@ ESCAPE_Q = 24
 ESCAPE_BITS = 32
 #: Largest lattice coordinate magnitude the codec accepts (keeps int64 bit packing exact).
 MAX_ABS_COORD = (1 << 30) - 1
+#: Row steps in a blob ("log8"): step = base * STEP_MANTISSAS[c % 16] * 2 ** (c // 16) for an 8-bit code c, i.e.
+#: 1/16-octave steps over 16 octaves. The mantissas are the float32 values of 2 ** (j / 16), written out so that
+#: encoder and decoder never depend on a platform's exp2.
+STEP_MANTISSAS = tuple(float.fromhex(h) for h in (
+    "0x1.000000p+0", "0x1.0b5586p+0", "0x1.172b84p+0", "0x1.2387a6p+0", "0x1.306fe0p+0", "0x1.3dea64p+0",
+    "0x1.4bfdaep+0", "0x1.5ab07ep+0", "0x1.6a09e6p+0", "0x1.7a1148p+0", "0x1.8ace54p+0", "0x1.9c4918p+0",
+    "0x1.ae89fap+0", "0x1.c199bep+0", "0x1.d5818ep+0", "0x1.ea4afap+0"))
 #: A2 points are coded by their rank in the norm order of the lattice (see ``a2_index``); the ranks below this
 #: are tabulated (a disk of radius ~600 lattice units); a point outside is coded as this rank (an escape)
 #: followed by its two coordinates raw (ESCAPE_BITS each).

@@ -14,6 +14,7 @@ from .constants import (BLOB_MAGIC, DEFAULT_BLOCK_VALUES, DEFAULT_TILE, FORMAT_V
 from .hadamard import inverse_rht, random_signs, rht
 from .lattices import coords_to_points
 from .rdo import rd_nearest_point
+from .side import decode_side, encode_side, log8_steps, side_nbytes
 from .stream import decode_coords, encode_coords, stream_bits
 
 
@@ -127,31 +128,21 @@ class LatticeTensor:
             "words": self.words.contiguous(),
         }
 
-    def _blob_layout(self) -> dict:
-        """How :meth:`to_bytes` stores the side arrays (recorded in the blob header).
+    def _blob_side(self) -> tuple[dict, list[bytes]]:
+        """(layout, payloads) of the side arrays as :meth:`to_bytes` stores them (see :mod:`.side`)."""
+        return encode_side(self.scales, self.ks, self.offsets)
 
-        ``scales_dtype``: "bfloat16" when every row step is a bfloat16 value (``quantize`` rounds them so), else
-        "float32". ``offsets_dtype``: "len16" stores each block's length in words as uint16 (offsets are their
-        running sum) when every block is shorter than 65536 words, else "int32" stores the offsets themselves.
-        """
-        sc = self.scales.to(torch.float32)
-        bf = bool(torch.equal(sc.to(torch.bfloat16).to(torch.float32), sc))
-        lens = self.offsets[1:] - self.offsets[:-1]
-        short = lens.numel() == 0 or int(lens.max()) < (1 << 16)
-        return {"scales_dtype": "bfloat16" if bf else "float32", "offsets_dtype": "len16" if short else "int32"}
-
-    def _blob_header(self) -> bytes:
-        return json.dumps({**self.metadata(), **self._blob_layout()}, sort_keys=True).encode()
+    def _blob_header(self, layout: dict | None = None) -> bytes:
+        layout = self._blob_side()[0] if layout is None else layout
+        return json.dumps({**self.metadata(), "layout": layout}, sort_keys=True).encode()
 
     @property
     def nbytes(self) -> int:
         """Exact size of :meth:`to_bytes`' output, in bytes (header, every side field, stream)."""
-        lay = self._blob_layout()
+        layout = self._blob_side()[0]
         nb = int(self.offsets.numel()) - 1
-        scale_bytes = 2 if lay["scales_dtype"] == "bfloat16" else 4
-        offset_bytes = 2 * nb if lay["offsets_dtype"] == "len16" else 4 * (nb + 1)
-        return (len(BLOB_MAGIC) + 6 + len(self._blob_header()) + self.in_features // 8
-                + scale_bytes * self.scales.numel() + nb * self.ks.shape[1] + offset_bytes + 4 * self.words.numel())
+        return (len(BLOB_MAGIC) + 6 + len(self._blob_header(layout)) + self.in_features // 8
+                + side_nbytes(layout, self.scales.numel(), nb, self.ks.shape[1]) + 4 * self.words.numel())
 
     @property
     def bits_per_scalar(self) -> float:
@@ -227,23 +218,14 @@ class LatticeTensor:
                              self.offsets.to(device), self.ks.to(device))
 
     def to_bytes(self) -> bytes:
-        """Versioned, self-describing blob: magic, u16 version, u32 header length, JSON header, then the arrays
-        signs (packed uint8), scales (bfloat16 or float32, see :meth:`_blob_layout`), ks (uint8), block lengths
-        (uint16 words) or offsets (int32), words (int32); little-endian."""
-        header = self._blob_header()
-        lay = self._blob_layout()
-        import numpy as np
-
-        st = {k: v.detach().cpu().contiguous().numpy() for k, v in self.state_tensors().items()}
-        if lay["scales_dtype"] == "bfloat16":  # exact: the values are bfloat16 values (checked in _blob_layout)
-            st["scales"] = self.scales.detach().cpu().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-        if lay["offsets_dtype"] == "len16":
-            o = st["offsets"].astype(np.int64)
-            st["offsets"] = (o[1:] - o[:-1]).astype(np.uint16)  # every length < 2**16 (checked in _blob_layout)
-        parts = [BLOB_MAGIC, struct.pack("<HI", FORMAT_VERSION, len(header)), header]
-        for name in ("signs", "scales", "ks", "offsets", "words"):
-            parts.append(st[name].astype(st[name].dtype.newbyteorder("<")).tobytes())
-        return b"".join(parts)
+        """Versioned, self-describing blob: magic, u16 version, u32 header length, JSON header (with the side
+        arrays' ``layout``), then packed signs (uint8), row steps, ks, block lengths/offsets (compact forms, see
+        :mod:`.side`), words (int32); little-endian."""
+        layout, side = self._blob_side()
+        header = self._blob_header(layout)
+        signs = pack_signs(self.signs.detach().cpu()).numpy().tobytes()
+        words = self.words.detach().cpu().contiguous().numpy().astype("<i4").tobytes()
+        return b"".join([BLOB_MAGIC, struct.pack("<HI", FORMAT_VERSION, len(header)), header, signs, *side, words])
 
     @classmethod
     def from_state(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "LatticeTensor":
@@ -304,36 +286,25 @@ class LatticeTensor:
             numel = int(math.prod(shape))
             spec = lattice_spec(meta["lattice"])
             bv = int(meta["block_values"])
-            sdt, odt = meta["scales_dtype"], meta["offsets_dtype"]
+            layout = meta["layout"]
             nb = (numel + bv - 1) // bv
             n_words = int(meta["n_words"])
+            k = shape[-1]
         except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
             raise FormatError(f"bad lattice tensor header: {e!r}") from None
-        if sdt not in ("bfloat16", "float32") or odt not in ("len16", "int32"):
-            raise FormatError(f"unknown lattice tensor array layout scales={sdt!r} offsets={odt!r}")
-        sizes = [("signs", np.uint8, shape[-1] // 8),
-                 ("scales", np.uint16 if sdt == "bfloat16" else np.float32, numel // shape[-1]),
-                 ("ks", np.uint8, nb * spec.classes),
-                 ("offsets", np.uint16 if odt == "len16" else np.int32, nb if odt == "len16" else nb + 1),
-                 ("words", np.int32, n_words)]
-        pos, tensors = 10 + hlen, {}
-        for name, dt, count in sizes:
-            nbytes = count * np.dtype(dt).itemsize
-            if pos + nbytes > len(blob):
-                raise FormatError(f"truncated lattice tensor blob (array '{name}')")
-            arr = np.frombuffer(blob, dtype=np.dtype(dt).newbyteorder("<"), count=count, offset=pos)
-            if dt == np.uint16:  # bfloat16 bit patterns (scales) or block lengths (offsets)
-                arr = arr.view(np.int16) if name == "scales" else arr.astype(np.int64)
-            tensors[name] = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("=")).copy())
-            pos += nbytes
+        pos = 10 + hlen
+        if pos + k // 8 > len(blob):
+            raise FormatError("truncated lattice tensor blob (array 'signs')")
+        tensors = {"signs": torch.from_numpy(np.frombuffer(blob, np.uint8, k // 8, pos).copy())}
+        pos += k // 8
+        tensors["scales"], tensors["ks"], tensors["offsets"], pos = decode_side(
+            layout, blob, pos, numel // k, nb, spec.classes, FormatError)
+        if pos + 4 * n_words > len(blob):
+            raise FormatError("truncated lattice tensor blob (array 'words')")
+        tensors["words"] = torch.from_numpy(np.frombuffer(blob, "<i4", n_words, pos).astype(np.int32))
+        pos += 4 * n_words
         if pos != len(blob):
             raise FormatError(f"lattice tensor blob has {len(blob) - pos} trailing bytes")
-        if sdt == "bfloat16":
-            tensors["scales"] = tensors["scales"].view(torch.bfloat16).to(torch.float32)
-        if odt == "len16":
-            lens = tensors["offsets"]
-            tensors["offsets"] = torch.cat((torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)))
-        tensors["ks"] = tensors["ks"].reshape(nb, spec.classes)
         return cls.from_state(meta, tensors)
 
 
@@ -367,12 +338,14 @@ def _sample_rows(y: torch.Tensor) -> torch.Tensor:
 
 
 def _side_bits(rows: int, k: int, lattice: str, block_values: int, header_bytes: int = 256) -> float:
-    """Bits of every side field for a tensor of this geometry as ``to_bytes`` stores it: magic, version and
-    header (``header_bytes`` of JSON), packed RHT signs, bfloat16 row steps, ks, uint16 block lengths. Word
-    padding is not a side field here: :func:`.stream.stream_bits` counts it with the stream."""
+    """Bits of every side field for a tensor of this geometry as ``to_bytes`` stores it in the usual case:
+    magic, version and header (``header_bytes`` of JSON), packed RHT signs, and the side arrays in their
+    compact forms (:mod:`.side`: log8 steps, u4 ks, len8 block lengths). Word padding is not a side field here:
+    :func:`.stream.stream_bits` counts it with the stream."""
     spec = lattice_spec(lattice)
     nb = (rows * k + block_values - 1) // block_values
-    return 8 * (len(BLOB_MAGIC) + 6 + header_bytes) + k + 16 * rows + 8 * nb * spec.classes + 16 * nb
+    layout = {"scales": "log8", "ks": "u4", "offsets": "len8"}
+    return 8 * (len(BLOB_MAGIC) + 6 + header_bytes + side_nbytes(layout, rows, nb, spec.classes)) + k
 
 
 def quantize(
@@ -420,6 +393,12 @@ def quantize(
     else:
         sigma = y.square().mean().sqrt().expand(rows).clone()
     sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+    # The stored row steps lie on a 1/16-octave grid (side.log8_steps): rho is sigma rounded to it (rho * alpha
+    # is then on the grid for every alpha). The search runs on rows normalized by the exact sigma (unit RMS, so
+    # a sample of rows measures the rate well) and corrects for the rounding: scaling a row's step by f changes
+    # its rate by -log2(f) bits per value at high rate, so the whole tensor's rate moves by -grid_shift.
+    rho = log8_steps(sigma)
+    grid_shift = float(torch.log2(rho.double() / sigma.double()).mean())
 
     sample = _sample_rows(y)
     ys = y[sample] / sigma[sample].unsqueeze(1)
@@ -434,7 +413,9 @@ def quantize(
         return stream_bits(c.reshape(-1), spec.name, bv) / n_s
 
     if snr_db is not None:
-        target = float(snr_db)
+        # a row whose step is f times sigma * alpha gets f^2 times the noise: aim the search that much higher
+        f2 = (rho.double() / sigma.double()).square()
+        target = float(snr_db) + 10.0 * math.log10(float((sigma.double().square() * f2).sum() / sigma.double().square().sum()))
         # high-rate theory: D = G V^(2/d) alpha^2 per unit-variance value
         log_a = 0.5 * math.log2(10 ** (-target / 10.0) / (spec.nsm * vol**2))
         slope = -20.0 * math.log10(2.0)  # dB per doubling of alpha
@@ -442,12 +423,14 @@ def quantize(
     else:
         # the header's exact length, up to the digits of n_words (guessed from the rate)
         head = {**_metadata(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode,
-                            int(rows * k * bits / 32)), "scales_dtype": "bfloat16", "offsets_dtype": "len16"}
+                            int(rows * k * bits / 32)),
+                "layout": {"scales": "log8", "ks": "u4", "offsets": "len8", "scale_base": 0.0123456789, "len_base": 999}}
         header_bytes = len(json.dumps(head, sort_keys=True).encode())
         target = bits - _side_bits(rows, k, spec.name, bv, header_bytes) / (rows * k)
         if target <= 0.05:
             raise ValueError(f"a {rows}x{k} tensor is too small for {bits} bits per scalar: its side information "
                              f"alone takes {bits - target:.2f}; leave it unquantized")
+        target += grid_shift
         log_a = _GAUSS_H - target - math.log2(vol)
         slope = -1.0
         # a small tensor's rate is dominated by side fields and sampling noise; 0.01 bps is as close as it matters
@@ -477,8 +460,9 @@ def quantize(
             nxt = 0.5 * (lo + hi)
         log_a = nxt
     alpha = 2.0 ** log_a
-    # row steps are stored as bfloat16 (to_bytes): quantize with the rounded step so decoding is exact
-    steps = (sigma * alpha).to(torch.bfloat16).to(torch.float32)
+    # row steps are stored on a 1/16-octave grid (side.log8_steps): quantize with the rounded step, so the
+    # stored step is the one the coordinates were computed with
+    steps = log8_steps((rho * alpha).to(torch.float32))
     c = rd_nearest_point(spec.name, y / steps.unsqueeze(1), bv, rdo)
     words, offsets, ks = encode_coords(c.reshape(-1), spec.name, bv, chunk_values=int(chunk_values))
     return LatticeTensor(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode, signs, steps,
