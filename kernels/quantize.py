@@ -22,7 +22,7 @@ from hyperquant_diffusers.codec import LatticeTensor, quantize
 
 #: coordinates per encode_coords chunk for stacked groups: the codec's default (2M) spends ~0.8 s of a 268M-value
 #: group in per-chunk launches and host syncs; 16M takes ~0.37 s (bench/RESULTS.md, H100)
-ENCODE_CHUNK = 1 << 24
+ENCODE_CHUNK = 1 << 25
 
 
 def split_stacked(q: LatticeTensor, n_layers: int) -> list[LatticeTensor]:
@@ -62,11 +62,13 @@ def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E
                          block_values=block_values) for w in weights]
     group = max(1, max_values // per)
     out: list[LatticeTensor] = []
+    hint = None  # the previous group's step multiplier: same shape, same distribution, so the search starts there
     for g0 in range(0, len(weights), group):
         chunk = weights[g0:g0 + group]
         stacked = torch.cat([w.detach() for w in chunk], 0) if len(chunk) > 1 else chunk[0].detach()
         q = quantize(stacked, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed,
-                     block_values=block_values, chunk_values=encode_chunk)
+                     block_values=block_values, chunk_values=encode_chunk, alpha_hint=hint)
+        hint = q.search_alpha
         del stacked
         out.extend(split_stacked(q, len(chunk)))
     return out

@@ -235,3 +235,18 @@ def test_uneven_or_long_blocks_store_wider_offsets(block_values, form):
     assert len(blob) == q.nbytes
     q2 = LatticeTensor.from_bytes(blob)
     assert torch.equal(q2.offsets, q.offsets) and torch.equal(q2.decode_coords(), q.decode_coords())
+
+
+def test_alpha_hint_only_moves_where_the_rate_search_starts():
+    """A hint (the step multiplier an earlier result found) gives the same rate on target; a wildly wrong hint
+    still converges; a non-positive hint is refused."""
+    torch.manual_seed(21)
+    w = torch.randn(256, 512)
+    q0 = quantize(w, bits=4.0)
+    assert q0.search_alpha > 0
+    q1 = quantize(w, bits=4.0, alpha_hint=q0.search_alpha)
+    assert torch.equal(q1.decode_coords(), q0.decode_coords()) and torch.equal(q1.scales, q0.scales)
+    q2 = quantize(w, bits=4.0, alpha_hint=q0.search_alpha * 8)
+    assert abs(q2.bits_per_scalar - q0.bits_per_scalar) < 0.03
+    with pytest.raises(ValueError, match="alpha_hint"):
+        quantize(w, bits=4.0, alpha_hint=0.0)

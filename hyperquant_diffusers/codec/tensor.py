@@ -361,6 +361,7 @@ def quantize(
     tol_bits: float = 0.002,
     rdo: bool = True,
     chunk_values: int = 1 << 21,
+    alpha_hint: float | None = None,
 ) -> LatticeTensor:
     """Quantize ``w`` (..., K) with HyperQuant; runs on ``w``'s device.
 
@@ -370,6 +371,9 @@ def quantize(
     multiplier is searched on a sample of rows so the whole tensor lands on the target. ``rdo`` picks each
     lattice point rate–distortion optimally for the Rice code (see :mod:`.rdo`) instead of the nearest one.
     ``chunk_values`` coordinates are Rice-encoded per pass: larger is faster on a GPU, smaller needs less memory.
+    ``alpha_hint``: where the step-multiplier search starts (the ``search_alpha`` attribute of an earlier result on
+    weights of the same distribution, e.g. the previous stacked group of one shape); the search still runs until
+    the sampled rate is on target, it only needs fewer steps. The result carries ``search_alpha`` (not stored).
     """
     spec = lattice_spec(lattice)
     tile_size = check_tile_size(tile_size)
@@ -438,6 +442,10 @@ def quantize(
         # land in [target - tol, target] (on the sampled rows) rather than around it: never above the request
         target -= 0.5 * tol
         tol *= 0.5
+    if alpha_hint is not None:
+        if not (math.isfinite(float(alpha_hint)) and float(alpha_hint) > 0):
+            raise ValueError(f"alpha_hint must be a positive finite number, got {alpha_hint!r}")
+        log_a = math.log2(float(alpha_hint))
     # Secant search on log2(alpha). Rate and SNR both fall as alpha grows, so f > 0 means alpha is too small;
     # the bracket [lo, hi] keeps a wild secant step from leaving the region where the root lies.
     lo = hi = None
@@ -465,5 +473,7 @@ def quantize(
     steps = log8_steps((rho * alpha).to(torch.float32))
     c = rd_nearest_point(spec.name, y / steps.unsqueeze(1), bv, rdo)
     words, offsets, ks = encode_coords(c.reshape(-1), spec.name, bv, chunk_values=int(chunk_values))
-    return LatticeTensor(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode, signs, steps,
-                         words, offsets, ks)
+    q = LatticeTensor(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode, signs, steps,
+                      words, offsets, ks)
+    q.search_alpha = alpha
+    return q
