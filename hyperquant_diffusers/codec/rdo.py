@@ -55,11 +55,11 @@ def rd_lambda(lattice: str) -> float:
 
 
 def _coord_k(ks: torch.Tensor, start: int, n: int, lattice: str, block_values: int) -> torch.Tensor:
-    """Rice parameter of each of the ``n`` coordinates starting at flat index ``start``: int64 (n,)."""
+    """Rice parameter of each of the ``n`` coordinates starting at flat index ``start``: int32 (n,)."""
     spec = lattice_spec(lattice)
     pos = torch.arange(start, start + n, device=ks.device)
     cls = (pos % spec.dim) % spec.classes
-    return ks.to(torch.int64)[pos // block_values, cls]
+    return ks.to(torch.int32)[pos // block_values, cls]
 
 
 def _coset_table(t: torch.Tensor, offset: float, step: float, ncand: int):
@@ -102,7 +102,7 @@ def _best_even_labels(cost: torch.Tensor, label_a: torch.Tensor) -> tuple[torch.
 
 
 def _rd_chunk(lattice: str, y: torch.Tensor, k: torch.Tensor, lam: float) -> torch.Tensor:
-    """Exact minimizer of ``J`` for ``y`` (M, d) float in lattice units with Rice parameters ``k`` (M, d) int64.
+    """Exact minimizer of ``J`` for ``y`` (M, d) float in lattice units with Rice parameters ``k`` (M, d) int32.
 
     Returns int32 coordinates (M, d) in the codec's representation (see :mod:`.lattices`).
     """
@@ -117,13 +117,13 @@ def _rd_chunk(lattice: str, y: torch.Tensor, k: torch.Tensor, lam: float) -> tor
 
     if name == "Z":
         vals = _coset_table(y, 0.0, 1.0, 2)
-        ci = vals.to(torch.int64)
+        ci = vals.to(torch.int32)  # |c| <= MAX_ABS_COORD: int32 halves the memory traffic
         bits = rice_cost(ci.abs(), kk) + (ci != 0)
         _, i = _best(dist(y, vals, 1.0) + lam * bits.to(dt))
         return vals.gather(-1, i.unsqueeze(-1)).squeeze(-1).to(torch.int32)
     if name == "D4":
         vals = _coset_table(y, 0.0, 1.0, 4)
-        ci = vals.to(torch.int64)
+        ci = vals.to(torch.int32)  # |c| <= MAX_ABS_COORD: int32 halves the memory traffic
         mag = ci.abs()
         bits = rice_cost(mag, kk) + (ci != 0)
         bits[:, 3] = rice_cost(mag[:, 3] >> 1, km1[:, 3]) + (ci[:, 3] != 0)
@@ -138,7 +138,7 @@ def _rd_chunk(lattice: str, y: torch.Tensor, k: torch.Tensor, lam: float) -> tor
         pts = cand.to(dt) * torch.tensor([0.5, 0.5 * _SQRT3], dtype=dt, device=y.device)
         dist = (pts - y.unsqueeze(1)).square().sum(-1)
         r = a2_rank(cand).view(cand.shape[0], -1)
-        bits = rice_cost(r, k[:, :1]) + (r == A2_RANK_TABLE).to(torch.int64) * (2 * ESCAPE_BITS)
+        bits = rice_cost(r, k[:, :1].to(torch.int64)) + (r == A2_RANK_TABLE).to(torch.int64) * (2 * ESCAPE_BITS)
         i = (dist + lam * bits.to(dt)).argmin(1)
         return cand[torch.arange(cand.shape[0], device=y.device), i].to(torch.int32)
     if name == "E8":
@@ -146,7 +146,7 @@ def _rd_chunk(lattice: str, y: torch.Tensor, k: torch.Tensor, lam: float) -> tor
         out = []
         for odd in (0, 1):
             vals = _coset_table(t, float(odd), 2.0, 4)
-            ci = vals.to(torch.int64)
+            ci = vals.to(torch.int32)  # |c| <= MAX_ABS_COORD: int32 halves the memory traffic
             mag = ci.abs()
             if odd:  # every coordinate non-zero: a sign bit each, except the last (implied by sum ≡ 0 mod 4)
                 bits = rice_cost(mag >> 1, kk) + 1

@@ -75,10 +75,10 @@ def read_fields(bits: torch.Tensor, positions: torch.Tensor, lengths: torch.Tens
 
 
 def rice_cost(m: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
-    """Bits each value of ``m`` (int64 >= 0) costs in Rice(k) with this module's escape rule; int64 like ``m``."""
+    """Bits each value of ``m`` (int >= 0) costs in Rice(k) with this module's escape rule; same dtype as ``m``."""
     q = m >> k
     esc = q >= ESCAPE_Q
-    return k + torch.clamp(q, max=ESCAPE_Q) + 1 + esc.to(torch.int64) * ESCAPE_BITS
+    return k + torch.clamp(q, max=ESCAPE_Q) + 1 + esc.to(q.dtype) * ESCAPE_BITS
 
 
 def best_rice_k(m: torch.Tensor, k_shift: torch.Tensor | None = None, *, max_k: int = MAX_RICE_K) -> torch.Tensor:
