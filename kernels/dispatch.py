@@ -153,7 +153,7 @@ class _Prefetcher:
         self.bufs: list = [None, None]
         self.written: list = [None, None]   # side-stream event after the last prefetch into the slot
         self.free: list = [None, None]      # compute-stream event after the last use of the slot
-        self.ready: dict = {}               # id(module) -> slot holding its prefetched codes
+        self.ready: dict = {}               # id(module) -> (weakref of the module, slot holding its codes)
         self.succ: dict = {}                # id(module) -> weakref of the module seen after it
         self.prev = None                    # weakref of the module served last
         self.last_slot = 1
@@ -187,7 +187,9 @@ class _Prefetcher:
         """The decoded codes (n,) of ``module`` for use on the current stream; schedules the next prefetch."""
         main = torch.cuda.current_stream(self.device)
         self.observe(module)
-        j = self.ready.pop(id(module), None)
+        entry = self.ready.pop(id(module), None)
+        # the weak reference guards against a dead module whose id a new module now has
+        j = entry[1] if entry is not None and entry[0]() is module else None
         buf = None
         if j is not None and self.bufs[j] is not None and self.bufs[j].numel() >= n:
             buf = self.bufs[j][:n]
@@ -214,7 +216,7 @@ class _Prefetcher:
                     _decode_into(nxt, self.bufs[k][:nn_], self.wdtype, nn_, check=False,
                                  programs=num_sms(self.device.index or 0) * pps if pps else None)
                     self.written[k] = self.stream.record_event()
-                self.ready[id(nxt)] = k
+                self.ready[id(nxt)] = (weakref.ref(nxt), k)
         return buf
 
     def release(self) -> None:
@@ -222,7 +224,7 @@ class _Prefetcher:
         self.free[self.last_slot] = torch.cuda.current_stream(self.device).record_event()
 
     def _forget(self, j: int) -> None:
-        for key in [key for key, v in self.ready.items() if v == j]:
+        for key in [key for key, v in self.ready.items() if v[1] == j]:
             del self.ready[key]
 
     def _prefetchable(self, m) -> bool:
