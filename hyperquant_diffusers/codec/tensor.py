@@ -116,8 +116,9 @@ class LatticeTensor:
                          self.step_mode, int(self.words.numel()))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The arrays as they are serialized: packed signs uint8, scales float32, ks uint8, offsets int32,
-        words int32 (all contiguous, on this tensor's device)."""
+        """The arrays in their in-memory form, as checkpoints of ``LatticeLinear`` hold them: packed signs uint8,
+        scales float32, ks uint8, offsets int32, words int32 (all contiguous, on this tensor's device).
+        :meth:`to_bytes` stores scales, ks and offsets in smaller exact forms (:mod:`.side`)."""
         if int(self.offsets[-1]) >= 2**31:
             raise ValueError("stream too large for int32 offsets; quantize the tensor in pieces")
         return {
