@@ -94,11 +94,14 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     if "sw" not in cache:
         cache["sw"] = _code_scale_compressed(module)
     if not cache.get("checked"):
-        # first call: decode on the compute stream with the stream checks (one host sync), no prefetching
-        pf = _prefetcher(module.hq_words.device, wdtype) if _PREFETCH["on"] else None
+        # first call: decode on the compute stream with the stream checks (one host sync), no prefetching; with
+        # the prefetch on, into one of its two slots (no third buffer of the largest layer's size)
+        pf = _prefetcher(module.hq_words.device, wdtype) if _PREFETCH["on"] and module.hq_words.is_cuda else None
         if pf is not None:
             pf.drain()
-        buf = _decode_buffer(module.hq_words.device, wdtype, n)
+            buf = pf.checked_slot(n)
+        else:
+            buf = _decode_buffer(module.hq_words.device, wdtype, n)
         try:
             _decode_into(module, buf, wdtype, n, check=True)
         except ValueError:
@@ -182,6 +185,14 @@ class _Prefetcher:
             self.written, self.free, self.ready = [None, None], [None, None], {}
             b = self.bufs[j]
         return b[:n]
+
+    def checked_slot(self, n: int) -> torch.Tensor:
+        """A slot for a decode on the compute stream (after :meth:`drain`): the one not used last."""
+        j = 1 - self.last_slot
+        buf = self._slot(j, n)
+        self._forget(j)
+        self.last_slot = j
+        return buf
 
     def acquire(self, module, n: int) -> torch.Tensor:
         """The decoded codes (n,) of ``module`` for use on the current stream; schedules the next prefetch."""
