@@ -16,6 +16,8 @@ import os
 from enum import Enum
 from typing import Any
 
+import torch
+
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin as _DiffusersMixin
 from transformers.utils.quantization_config import QuantizationConfigMixin as _TransformersMixin
 
@@ -109,6 +111,10 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
             (``kernels.quantize.quantize_many``: the layers of a group share the rate search's step multiplier, so
             the rate is on target per group). 0 = quantize each layer alone. Bounds the float values buffered
             (at most ``MAX_BUFFERED_GROUPS`` groups' worth, see ``quantizers.core``). Default 2^28.
+        quantize_device: where fresh weights are quantized. "auto" (default): on the GPU when one is available,
+            even for weights that load to the CPU (the codes then move back to the weight's device; the codec on
+            CPU is ~100x slower, hours for LTX-2); "weight": on the device each weight loads to; or a torch device
+            string ("cuda", "cuda:1", "cpu").
         kv_bits, kv_lattice, kv_bias_correction, cache_text_kv, kv_tile_size: attention K/V compression (issue 5),
             applied to diffusers transformers after loading through ``hyperquant_diffusers.kv.enable_kv_compression``
             (``kv_tile_size``: RHT tile along the head dimension; ``None`` = the head dimension).
@@ -128,6 +134,7 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
         seed: int = 0,
         block_values: int = DEFAULT_BLOCK_VALUES,
         quantize_batch_values: int = DEFAULT_QUANTIZE_BATCH_VALUES,
+        quantize_device: str = "auto",
         kv_bits: float | None = None,
         kv_lattice: str = "E8",
         kv_bias_correction: str = "dither",
@@ -164,6 +171,7 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
             raise HyperQuantConfigError(f"quantize_batch_values must be a non-negative integer (0 = one layer at a "
                                         f"time), got {quantize_batch_values!r}")
         self.quantize_batch_values = int(quantize_batch_values)
+        self.quantize_device = self._check_quantize_device(quantize_device)
         self.kv_bits = None if kv_bits is None else _check_float("kv_bits", kv_bits, MIN_KV_BITS, MAX_KV_BITS)
         self.kv_lattice = _check_lattice("kv_lattice", kv_lattice)
         self.kv_bias_correction = _check_choice("kv_bias_correction", kv_bias_correction, KV_BIAS_CORRECTIONS)
@@ -185,6 +193,29 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
         if layout is not None and not isinstance(layout, dict):
             raise HyperQuantConfigError("layout must be a dict written by the backend")
         self.layout = copy.deepcopy(layout) if layout else None
+
+    @staticmethod
+    def _check_quantize_device(value) -> str:
+        if value in ("auto", "weight"):
+            return value
+        try:
+            dev = torch.device(value) if isinstance(value, str) else None
+        except (TypeError, RuntimeError, ValueError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            raise HyperQuantConfigError(f"quantize_device must be 'auto', 'weight', or a cpu/cuda device string, got "
+                                        f"{value!r}")
+        return str(value)
+
+    def quantize_device_for(self, weight_device: torch.device) -> torch.device:
+        """The device a weight loaded to ``weight_device`` is quantized on."""
+        if self.quantize_device == "weight":
+            return torch.device(weight_device)
+        if self.quantize_device == "auto":
+            if torch.device(weight_device).type == "cpu" and torch.cuda.is_available():
+                return torch.device("cuda", torch.cuda.current_device())
+            return torch.device(weight_device)
+        return torch.device(self.quantize_device)
 
     @staticmethod
     def _check_names(name, value) -> list[str]:
@@ -221,7 +252,7 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
             "modules_to_not_convert": list(self.modules_to_not_convert),
             "modules_to_convert": None if self.modules_to_convert is None else list(self.modules_to_convert),
             "min_weight_numel": self.min_weight_numel, "seed": self.seed, "block_values": self.block_values,
-            "quantize_batch_values": self.quantize_batch_values,
+            "quantize_batch_values": self.quantize_batch_values, "quantize_device": self.quantize_device,
             "kv_bits": self.kv_bits, "kv_lattice": self.kv_lattice, "kv_bias_correction": self.kv_bias_correction,
             "cache_text_kv": self.cache_text_kv, "kv_tile_size": self.kv_tile_size,
         }

@@ -103,38 +103,50 @@ def test_checkpoint_on_cuda_and_with_model_cpu_offload(ltx_q6, ltx_float_frames)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
 def test_ltx2_quantizes_on_gpu_with_device_map(tiny_ltx2_path, monkeypatch):
-    """Where quantization runs. Loaded to the CPU then `.to("cuda")`: quantized on the CPU while loading, the codes
-    move unchanged. `device_map="cuda"`: every weight of the transformer and of Gemma 3 is quantized on the GPU as it
-    loads (the batched groups' weights are CUDA tensors) and the layers live there. Tolerance: both videos are within
-    PSNR >= 30 dB of the CPU-quantized pipeline run on the CPU (the same bound as the 4-bps snippet vs float; the
-    GPU forward uses int8 tensor cores, and GPU quantization rounds the RHT and rate search differently, so some
-    codes differ: their agreement is printed)."""
+    """Where quantization runs. `quantize_device="weight"`, loaded to the CPU then `.to("cuda")`: quantized on the
+    CPU while loading, the codes move unchanged. Default `quantize_device="auto"`, loaded to the CPU: every weight is
+    quantized on the GPU and its codes come back to the CPU, where the layers live. `device_map="cuda"`: every weight
+    of the transformer and of Gemma 3 is quantized on the GPU as it loads and the layers live there. Tolerance: the
+    videos are within PSNR >= 30 dB of the CPU-quantized pipeline run on the CPU (the same bound as the 4-bps
+    snippet vs float; the GPU forward uses int8 tensor cores, and GPU quantization rounds the RHT and rate search
+    differently, so some codes may differ: their agreement is printed)."""
     rec = _spy_on_load(monkeypatch)
 
-    def qcfg():
+    def qcfg(**extra):
         return PipelineQuantizationConfig(quant_backend="hyperquant",
-                                          quant_kwargs={"bits": 4.0, "lattice": "E8", "tile_size": TILE},
+                                          quant_kwargs={"bits": 4.0, "lattice": "E8", "tile_size": TILE, **extra},
                                           components_to_quantize=["transformer", "text_encoder"])
 
-    def lattice_layers_on_cuda(pipe):
+    def lattice_layers_on(pipe, dev):
         for comp in (pipe.transformer, pipe.text_encoder):
             lat = [m for m in comp.modules() if isinstance(m, LatticeLinear)]
-            assert lat and all(m.codes is not None and m.codes.is_cuda and (m.bias is None or m.bias.is_cuda)
-                               for m in lat)
+            assert lat and all(m.codes is not None and m.codes.device.type == dev
+                               and (m.bias is None or m.bias.device.type == dev) for m in lat)
 
     name = "transformer_blocks.0.attn1.to_q"
-    pipe = LTX2Pipeline.from_pretrained(tiny_ltx2_path, quantization_config=qcfg())
+    pipe = LTX2Pipeline.from_pretrained(tiny_ltx2_path, quantization_config=qcfg(quantize_device="weight"))
     assert rec["groups"] and all(d.type == "cpu" for _, ds in rec["groups"] for d in ds)
     counts = (n_lattice(pipe.transformer), n_lattice(pipe.text_encoder))
     cpu_frames = run_tiny_pipeline(pipe)
     cpu_codes = pipe.transformer.get_submodule(name).codes.clone()
 
     pipe.to("cuda")  # quantization already happened on the CPU; the codes move
-    lattice_layers_on_cuda(pipe)
+    lattice_layers_on(pipe, "cuda")
     assert torch.equal(pipe.transformer.get_submodule(name).codes.cpu(), cpu_codes)
     p_moved = psnr(run_tiny_pipeline(pipe), cpu_frames)
     del pipe
     torch.cuda.empty_cache()
+
+    rec["groups"].clear()
+    pipe = LTX2Pipeline.from_pretrained(tiny_ltx2_path, quantization_config=qcfg())  # auto: the GPU quantizes
+    devices = [d for _, ds in rec["groups"] for d in ds]
+    assert devices and all(d.type == "cuda" for d in devices)
+    assert (n_lattice(pipe.transformer), n_lattice(pipe.text_encoder)) == counts
+    lattice_layers_on(pipe, "cpu")
+    auto_codes = pipe.transformer.get_submodule(name).codes
+    agree_auto = float((auto_codes == cpu_codes).float().mean())
+    p_auto = psnr(run_tiny_pipeline(pipe), cpu_frames)
+    del pipe
 
     rec["groups"].clear()
     pipe = LTX2Pipeline.from_pretrained(tiny_ltx2_path, quantization_config=qcfg(), device_map="cuda")
@@ -142,15 +154,16 @@ def test_ltx2_quantizes_on_gpu_with_device_map(tiny_ltx2_path, monkeypatch):
     assert devices and all(d.type == "cuda" for d in devices)
     assert any("language_model" in n for g, _ in rec["groups"] for n in g)  # Gemma 3 too, not only the transformer
     assert (n_lattice(pipe.transformer), n_lattice(pipe.text_encoder)) == counts
-    lattice_layers_on_cuda(pipe)
+    lattice_layers_on(pipe, "cuda")
     gpu_codes = pipe.transformer.get_submodule(name).codes.cpu()
     agree = float((gpu_codes == cpu_codes).float().mean())
     frames = run_tiny_pipeline(pipe)
     p_gpu = psnr(frames, cpu_frames)
-    print(f"LTX-2 4 bps vs the CPU-quantized video on the CPU: .to('cuda') {p_moved:.1f} dB, device_map='cuda' "
-          f"(quantized on the GPU) {p_gpu:.1f} dB; {name} codes equal to the CPU-quantized ones: {agree:.3f}")
+    print(f"LTX-2 4 bps vs the CPU-quantized video on the CPU: .to('cuda') {p_moved:.1f} dB, quantized on the GPU "
+          f"into CPU layers {p_auto:.1f} dB, device_map='cuda' {p_gpu:.1f} dB; {name} codes equal to the "
+          f"CPU-quantized ones: {agree:.3f} (auto: {agree_auto:.3f})")
     assert frames.shape == (9, 32, 32, 3) and np.isfinite(frames).all()
-    assert p_moved >= 30.0 and p_gpu >= 30.0
+    assert p_moved >= 30.0 and p_gpu >= 30.0 and p_auto >= 30.0
 
 
 def test_ltx_save_reload_bit_exact_without_requantizing(ltx_q6, monkeypatch):

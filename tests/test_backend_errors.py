@@ -38,6 +38,8 @@ ST = "diffusion_pytorch_model.safetensors"
     ({"seed": -1}, "seed must be a non-negative integer"),
     ({"quantize_batch_values": -1}, "quantize_batch_values must be a non-negative integer"),
     ({"quantize_batch_values": 1.5}, "quantize_batch_values must be a non-negative integer"),
+    ({"quantize_device": "tpu"}, "quantize_device must be 'auto', 'weight', or a cpu/cuda device string"),
+    ({"quantize_device": 3}, "quantize_device must be 'auto', 'weight', or a cpu/cuda device string"),
     ({"bitz": 4}, "unknown HyperQuantConfig argument"),
 ])
 def test_bad_config_named_error(kwargs, needle):
@@ -246,3 +248,37 @@ def test_residency_memory_and_int8_overflow_fallback():
     m_z = LatticeLinear.from_linear(lin, bits=8.0, lattice="Z", tile_size=128, residency="int8")
     assert m_z.residency == "compressed" and m_z.codes is None and "residency=compressed" in repr(m_z)
     assert int(m_z.lattice_tensor().decode_coords().abs().max()) > 127
+
+
+def test_quantize_device_choice(monkeypatch):
+    """"auto" sends CPU weights to the GPU only when there is one; "weight" keeps them; an explicit device wins;
+    the setting survives the config round trip."""
+    cfg = HyperQuantConfig(bits=4.0)
+    assert cfg.quantize_device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cfg.quantize_device_for(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert cfg.quantize_device_for(torch.device("cpu")) == torch.device("cuda", 1)
+    assert cfg.quantize_device_for(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert HyperQuantConfig(bits=4.0, quantize_device="weight").quantize_device_for(torch.device("cpu")).type == "cpu"
+    assert HyperQuantConfig(bits=4.0, quantize_device="cpu").quantize_device_for(torch.device("cuda", 0)).type == "cpu"
+    again = HyperQuantConfig.from_dict(HyperQuantConfig(bits=4.0, quantize_device="cuda:1").to_dict())
+    assert again.quantize_device == "cuda:1"
+
+
+def test_cpu_weights_quantized_where_configured_land_on_their_device(monkeypatch):
+    """With quantize_device set to another device than the weight's, the codes come back to the weight's device;
+    here both are the CPU ("cpu" vs "weight") and the results must be identical."""
+    from hyperquant_diffusers.quantizers import core
+
+    lin = torch.nn.Linear(256, 128)
+    outs = []
+    for dev in ("weight", "cpu"):
+        model = torch.nn.Sequential(torch.nn.Linear(256, 128))
+        model[0].load_state_dict(lin.state_dict())
+        cfg = HyperQuantConfig(bits=4.0, quantize_device=dev)
+        core.quantize_linear(model, "0", model[0], model[0].weight, cfg)
+        outs.append(model[0])
+    assert outs[0].hq_words.device.type == "cpu"
+    assert torch.equal(outs[0].hq_words, outs[1].hq_words)

@@ -104,15 +104,16 @@ def install_quantized(model: nn.Module, name: str, lin: nn.Linear, q, config: Hy
 
 def quantize_linear(model: nn.Module, name: str, lin: nn.Linear, weight: torch.Tensor,
                     config: HyperQuantConfig) -> dict:
-    """Quantize ``weight`` (the float weight of ``lin``, on the device to quantize on) alone and put the
-    LatticeLinear in ``lin``'s place in ``model``; returns the module's ``config.layout`` entry."""
+    """Quantize ``weight`` (the float weight of ``lin``) alone on ``config.quantize_device_for(weight.device)`` and
+    put the LatticeLinear, on the weight's device, in ``lin``'s place in ``model``; returns its layout entry."""
     from ..codec import quantize
 
+    home = weight.device
     try:
-        q = quantize(weight.detach(), **config.quantize_kwargs())
+        q = quantize(weight.detach().to(config.quantize_device_for(home)), **config.quantize_kwargs())
     except (ValueError, ArithmeticError) as e:
         raise _unquantizable(name, lin, e) from e
-    return install_quantized(model, name, lin, q, config)
+    return install_quantized(model, name, lin, q.to(home) if q.device != home else q, config)
 
 
 #: at most this many groups' worth (``config.quantize_batch_values`` each) of float values wait in the on-load
@@ -142,6 +143,8 @@ class OnLoadQuantizer:
         self.config = config
         self.pending: set[str] = set(names)
         self.layout: dict[str, dict] = {}
+        self._home: dict[str, torch.device] = {}  # device each weight loaded to (its module ends up there)
+        self.quantized_on: set[str] = set()        # devices the codec ran on
         self.batch_values = int(config.quantize_batch_values)
         self._buffers: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
         self._buffered_values = 0
@@ -163,7 +166,10 @@ class OnLoadQuantizer:
         if name not in self.pending:
             raise RuntimeError(f"HyperQuant: weight of {name!r} arrived twice or was not planned for quantization")
         self.pending.discard(name)
-        weight = weight.detach()
+        self._home[name] = weight.device
+        qdev = self.config.quantize_device_for(weight.device)
+        weight = weight.detach().to(qdev)
+        self.quantized_on.add(str(qdev))
         if self.batch_values <= 0:
             self._install(model, [name], [weight], per_layer=True)
         else:
@@ -212,7 +218,7 @@ class OnLoadQuantizer:
         # the current module object: a bias may have loaded into it after its weight was buffered
         lins = [model.get_submodule(n) for n in names]
         if per_layer:
-            self.layout[names[0]] = quantize_linear(model, names[0], lins[0], weights[0], self.config)
+            self.layout[names[0]] = self._install_one(model, names[0], lins[0], weights[0])
             del weights
             self.bar.update(1)
             return
@@ -223,8 +229,20 @@ class OnLoadQuantizer:
                 f"modules {names} ({tuple(weights[0].shape)}) cannot be quantized: {e}") from e
         del weights
         for name, lin, q in zip(names, lins, qs):
-            self.layout[name] = install_quantized(model, name, lin, q, self.config)
+            home = self._home.pop(name, q.device)
+            self.layout[name] = install_quantized(model, name, lin, q.to(home) if q.device != home else q,
+                                                  self.config)
             self.bar.update(1)
+
+    def _install_one(self, model: nn.Module, name: str, lin: nn.Linear, weight: torch.Tensor) -> dict:
+        from ..codec import quantize
+
+        home = self._home.pop(name, weight.device)
+        try:
+            q = quantize(weight, **self.config.quantize_kwargs())
+        except (ValueError, ArithmeticError) as e:
+            raise _unquantizable(name, lin, e) from e
+        return install_quantized(model, name, lin, q.to(home) if q.device != home else q, self.config)
 
 
 def quantize_linears(model: nn.Module, config: HyperQuantConfig, *, progress: bool = True,
