@@ -373,10 +373,11 @@ def main(argv=None):
                     d["s_per_step_prefetch_off"] = step_stats(model, inputs, args.steps)[0]
                     dispatch.set_prefetch(True)
                     # the side-stream decode with fewer programs: it leaves more of each SM to the compute stream
-                    for pps in (1, 2, 4):
+                    default_pps = dispatch._PREFETCH["programs_per_sm"]
+                    for pps in (1, 2, 4, 8):
                         dispatch._PREFETCH["programs_per_sm"] = pps
                         d[f"s_per_step_prefetch_pps{pps}"] = step_stats(model, inputs, args.steps)[0]
-                    dispatch._PREFETCH["programs_per_sm"] = None
+                    dispatch._PREFETCH["programs_per_sm"] = default_pps
                 else:
                     dispatch.set_activation_sharing(False)
                     d["s_per_step_sharing_off"] = step_stats(model, inputs, args.steps)[0]

@@ -121,7 +121,9 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 #: compressed residency: decode the predicted next layer on a side stream while this one computes (default on;
 #: ``set_prefetch(False)`` decodes every layer just in time on the compute stream)
-_PREFETCH = {"on": True, "programs_per_sm": None}  # None: the decoder's own launch shape
+#: programs_per_sm: the side-stream decode's grid (None: the decoder's own, 8 per SM). 2 per SM leaves the compute
+#: stream more of each SM: full LTX-2 compressed step 1.161 s vs 1.183 s (8/SM) and 1.273 s (1/SM), RESULTS.md run C
+_PREFETCH = {"on": True, "programs_per_sm": 2}
 _PREFETCHERS: dict = {}
 
 
