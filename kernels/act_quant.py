@@ -50,7 +50,7 @@ def hadamard_pm1(tile: int, dtype, device) -> torch.Tensor:
 
 @jit_cache
 def _kernel():
-    global tl, _rht_tile
+    global tl, _rht_tile, _codes
     import triton
     import triton.language as tl
 
@@ -63,6 +63,13 @@ def _kernel():
         if IEEE:
             return tl.dot(xs, h, input_precision="ieee")
         return tl.dot(xs, h)
+
+    @triton.jit
+    def _codes(v, FP8: tl.constexpr, QMAX: tl.constexpr):
+        # int8: round half up and clamp to +-QMAX; fp8: clamp, then the round-to-nearest e4m3 cast
+        if FP8:
+            return tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
+        return tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
 
     @triton.jit
     def rht_quant_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
@@ -88,10 +95,7 @@ def _kernel():
             for k0 in range(0, K, T):
                 cols = k0 + tt
                 v = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE) * inv[:, None]
-                if FP8:
-                    qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
-                else:
-                    qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
+                qv = _codes(v, FP8, QMAX)
                 tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], qv, mask=rmask[:, None])
 
     @triton.jit
@@ -129,10 +133,7 @@ def _kernel():
         for k0 in range(kb, kb + KC, T):
             cols = k0 + tt
             v = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE) * inv[:, None]
-            if FP8:
-                qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
-            else:
-                qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
+            qv = _codes(v, FP8, QMAX)
             tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], qv, mask=rmask[:, None])
 
     @triton.jit
@@ -163,10 +164,7 @@ def _kernel():
             tl.store(sx_ptr + rows, amax * inv_sqrt_t / QMAX, mask=rows < M)
             inv = tl.reshape(tl.broadcast_to((QMAX / amax)[:, None], (R, NT)), (R * NT,))
             v = y * inv[:, None]
-            if FP8:
-                qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
-            else:
-                qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
+            qv = _codes(v, FP8, QMAX)
             tl.store(q_ptr + row64[:, None] * stride_qm + col, qv, mask=m)
 
     return rht_quant_kernel, rht_amax_split_kernel, rht_quant_split_kernel, rht_quant_onepass_kernel

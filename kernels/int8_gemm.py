@@ -156,40 +156,31 @@ _TMA = {"config": (128, 256, 128, 8, 8, 4), "small": (64, 128, 128, 8, 4, 4), "f
         "warp_specialize": False}
 
 
-def int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None):
-    """Triton int8 GEMM with TMA descriptor loads (Hopper) and the same fused epilogue."""
+def _gemm_tma(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: bool):
     require_triton()
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    m, k = xq.shape
+    m, k = a.shape
     n = wq.shape[0]
-    bm, bn, bk, gm, warps, stages = config or (_TMA["small"] if m <= 256 else _TMA["config"])
-    a_desc = TensorDescriptor.from_tensor(xq, [bm, bk])
+    bm, bn, bk, gm, warps, stages = config or (_TMA["small"] if m <= 256 else _TMA["fp8" if fp8 else "config"])
+    a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
     b_desc = TensorDescriptor.from_tensor(wq, [bn, bk])
-    out = torch.empty(m, n, device=xq.device, dtype=out_dtype)
+    out = torch.empty(m, n, device=a.device, dtype=out_dtype)
     grid = (((m + bm - 1) // bm) * ((n + bn - 1) // bn),)
     _kernels()[2][grid](a_desc, b_desc, out, sx, sw, bias if bias is not None else sx, m, n, k, out.stride(0),
-                        BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages,
+                        BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages, FP8=fp8,
                         WS=_TMA["warp_specialize"] and m > 256, num_warps=warps)
     return out
+
+
+def int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None):
+    """Triton int8 GEMM with TMA descriptor loads (Hopper) and the same fused epilogue."""
+    return _gemm_tma(xq, sx, wq, sw, bias, out_dtype, config, fp8=False)
 
 
 def fp8_gemm_tma(xq8, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None):
     """The TMA GEMM with fp8-e4m3 operands: activations ``xq8`` (M, K), weight codes ``wq`` (N, K)."""
-    require_triton()
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    m, k = xq8.shape
-    n = wq.shape[0]
-    bm, bn, bk, gm, warps, stages = config or (_TMA["small"] if m <= 256 else _TMA["fp8"])
-    a_desc = TensorDescriptor.from_tensor(xq8, [bm, bk])
-    b_desc = TensorDescriptor.from_tensor(wq, [bn, bk])
-    out = torch.empty(m, n, device=xq8.device, dtype=out_dtype)
-    grid = (((m + bm - 1) // bm) * ((n + bn - 1) // bn),)
-    _kernels()[2][grid](a_desc, b_desc, out, sx, sw, bias if bias is not None else sx, m, n, k, out.stride(0),
-                        BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages, FP8=True,
-                        WS=_TMA["warp_specialize"] and m > 256, num_warps=warps)
-    return out
+    return _gemm_tma(xq8, sx, wq, sw, bias, out_dtype, config, fp8=True)
 
 
 def int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):

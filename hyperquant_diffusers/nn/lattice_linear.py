@@ -115,17 +115,21 @@ class LatticeLinear(nn.Module):
         m = cls(in_f, out_f, bias is not None, lattice=q.lattice, bits=bits, tile_size=q.tile_size,
                 block_values=q.block_values, seed=q.seed, mma=mma, residency=residency,
                 n_words=int(q.words.numel()), weight_dtype=q.dtype, device=q.device)
-        st = q.state_tensors()
-        with torch.no_grad():
-            m.hq_signs.copy_(st["signs"])
-            m.hq_scales.copy_(st["scales"].view(torch.int32))
-            m.hq_ks.copy_(st["ks"])
-            m.hq_offsets.copy_(st["offsets"])
-            m.hq_words.copy_(st["words"])
-            if bias is not None:
-                m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        m.load_stream(q)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         m.finalize()
         return m
+
+    def load_stream(self, q: LatticeTensor) -> None:
+        """Copy ``q``'s serialized state into the (allocated, unfinalized) ``hq_*`` buffers."""
+        st = q.state_tensors()
+        with torch.no_grad():
+            self.hq_signs.copy_(st["signs"])
+            self.hq_scales.copy_(st["scales"].view(torch.int32))
+            self.hq_ks.copy_(st["ks"])
+            self.hq_offsets.copy_(st["offsets"])
+            self.hq_words.copy_(st["words"])
 
     def finalize(self) -> "LatticeLinear":
         """Switch to the configured residency once the ``hq_*`` buffers are loaded (idempotent).

@@ -79,19 +79,13 @@ def install_quantized(model: nn.Module, name: str, lin: nn.Linear, q, config: Hy
     try:
         if len(q.shape) != 2 or tuple(q.shape) != (lin.out_features, lin.in_features):
             raise ValueError(f"quantized weight has shape {tuple(q.shape)}")
-        st = q.state_tensors()
         new = LatticeLinear(lin.in_features, lin.out_features, lin.bias is not None, lattice=q.lattice,
                             bits=config.bits, tile_size=q.tile_size, block_values=q.block_values, seed=q.seed,
                             mma=config.mma, residency=config.residency, n_words=int(q.words.numel()),
                             weight_dtype=q.dtype, device=q.device)
+        new.load_stream(q)
     except (ValueError, ArithmeticError) as e:
         raise _unquantizable(name, lin, e) from e
-    with torch.no_grad():
-        new.hq_signs.copy_(st["signs"])
-        new.hq_scales.copy_(st["scales"].view(torch.int32))
-        new.hq_ks.copy_(st["ks"])
-        new.hq_offsets.copy_(st["offsets"])
-        new.hq_words.copy_(st["words"])
     if lin.bias is not None:
         new.bias = lin.bias
         new.bias.requires_grad_(False)
