@@ -68,8 +68,10 @@ def _kernel():
     def _codes(v, FP8: tl.constexpr, QMAX: tl.constexpr):
         # int8: round half up and clamp to +-QMAX; fp8: clamp, then the round-to-nearest e4m3 cast
         if FP8:
-            return tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
-        return tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
+            qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
+        else:
+            qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
+        return qv
 
     @triton.jit
     def rht_quant_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
