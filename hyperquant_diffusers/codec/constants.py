@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import math
 
 #: Version of the serialized ``LatticeTensor`` blob (``LatticeTensor.to_bytes``). Bump on any layout change.
-FORMAT_VERSION = 2
+#: 3: Z and D4 coded by pair ranks (:mod:`.rank_index`) instead of sign-magnitude coordinates.
+FORMAT_VERSION = 3
 #: Magic prefix of a serialized ``LatticeTensor`` blob.
 BLOB_MAGIC = b"HQLT"
 
@@ -39,6 +40,37 @@ STEP_MANTISSAS = tuple(float.fromhex(h) for h in (
 #: are tabulated (a disk of radius ~600 lattice units); a point outside is coded as this rank (an escape)
 #: followed by its two coordinates raw (ESCAPE_BITS each).
 A2_RANK_TABLE = 1 << 20
+#: Z and D4 code pairs of integer coordinates by their rank in the norm order of Z^2 or of one checkerboard coset
+#: of Z^2 (see ``rank_index``). Their tables hold every point of the disk ``c0^2 + c1^2 <= Z2_RANK_NORM2``
+#: (radius 512 lattice units); the escape rank is the table's size, followed by the pair's two coordinates raw.
+Z2_RANK_NORM2 = 1 << 18
+
+
+def _disk_count(norm2: int, coset: int | None = None) -> int:
+    """Integer points (c0, c1) with c0^2 + c1^2 <= norm2, all or only those with (c0 + c1) % 2 == coset."""
+    b = math.isqrt(norm2)
+    total = 0
+    for c0 in range(-b, b + 1):
+        h = math.isqrt(norm2 - c0 * c0)  # |c1| <= h
+        if coset is None:
+            total += 2 * h + 1
+        else:  # c1 in [-h, h] with c1 ≡ coset - c0 (mod 2)
+            par = (coset - c0) % 2
+            lo = -h if (-h - par) % 2 == 0 else -h + 1
+            total += 0 if lo > h else (h - lo) // 2 + 1
+    return total
+
+
+#: Size of the Z^2 rank table (all points of the disk): rank ``Z2_RANK_TABLE`` is the escape of a Z pair and of
+#: the first pair of a D4 vector.
+Z2_RANK_TABLE = _disk_count(Z2_RANK_NORM2)
+#: Sizes of the rank tables of the even (c0 + c1 even) and the odd checkerboard coset of Z^2 inside the disk;
+#: the second pair of a D4 vector lies in the coset of its first pair and is coded by its rank there.
+Z2_COSET_RANK_TABLE = (_disk_count(Z2_RANK_NORM2, 0), _disk_count(Z2_RANK_NORM2, 1))
+#: Escape rank of a D4 second pair, the same for both cosets (so a decoder finds the escapes before it knows the
+#: parities): the larger table's size. A rank in [Z2_COSET_RANK_TABLE[1], Z2_COSET_ESCAPE) of an odd pair is
+#: malformed.
+Z2_COSET_ESCAPE = max(Z2_COSET_RANK_TABLE)
 
 
 @dataclass(frozen=True)
