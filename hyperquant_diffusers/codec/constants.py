@@ -83,8 +83,9 @@ class LatticeSpec:
     D4: integer vectors of even sum; E8: D8 ∪ (D8 + ½), minimum norm √2). A step size ``delta`` scales it by
     ``delta ** dim``.
     ``code``: small integer identifying the lattice in the blob header.
-    ``classes``: number of symbol classes with their own Rice parameter per block (1 for every lattice: the
-    coordinates of Z, D4 and E8 are exchangeable, and A2 codes one rank per point).
+    ``classes``: number of symbol classes with their own Rice parameter per block (1 for every lattice: A2 and Z
+    code one pair rank per coordinate pair, D4 two per vector, the second with ``k - 1`` (see ``stream``), and
+    E8's coordinates are exchangeable).
     """
 
     name: str

@@ -304,30 +304,34 @@ def _rank_decode(bits: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, k
         v = read_fields(bits, torch.stack((pos, pos + ESCAPE_BITS), 1).reshape(-1),
                         torch.full((2 * sel.numel(),), ESCAPE_BITS, dtype=torch.int64, device=dev))
         raw[sel] = torch.where(v >= (1 << (ESCAPE_BITS - 1)), v - (1 << ESCAPE_BITS), v).view(-1, 2)
-    c = torch.zeros(n_sym, 2, dtype=torch.int64, device=dev)
     nk = len(kinds)
-    cv, rv, ev, rawv = c.view(-1, nk, 2), r.view(-1, nk), esc.view(-1, nk), raw.view(-1, nk, 2)
-    coset = None
+    rv, ev, rawv = r.view(-1, nk), esc.view(-1, nk), raw.view(-1, nk, 2)
+    cols, coset = [], None
     for j, kind in enumerate(kinds):
-        rj, ej, pj = rv[:, j], ev[:, j], rawv[:, j]
-        bad = ej & (rank_points(pj, kind) != escape_rank(kind))
-        if kind == "A2":
-            bad |= ej & (((pj[:, 0] - pj[:, 1]) & 1) != 0)
+        rj, ej = rv[:, j], ev[:, j]
         if kind == "Z2coset":
-            bad |= ej & (((pj[:, 0] + pj[:, 1]) & 1) != coset)
             size = torch.tensor(table_sizes(kind), dtype=torch.int64, device=dev)[coset]
             if bool((~ej & (rj >= size)).any()):
                 raise RiceStreamError(f"{name} rank beyond its coset's table: malformed stream")
-        if bool(bad.any()):
-            what = "an A2 point" if kind == "A2" else "a pair"
-            raise RiceStreamError(f"escaped {name} point is not {what} outside the rank table: malformed stream")
-        ok = ~ej
-        cj = pj.clone()
-        if bool(ok.any()):
-            cj[ok] = unrank_points(rj[ok], kind, None if coset is None else coset[ok]).to(torch.int64)
-        cv[:, j] = cj
+        # escaped symbols decode to table entry 0 here and are overwritten with their raw pair below
+        cj = unrank_points(torch.where(ej, 0, rj), kind, coset).to(torch.int64)
+        if sel.numel():
+            ei_j = ej.nonzero().squeeze(1)
+            if ei_j.numel():
+                pj = rawv[ei_j, j]
+                bad = rank_points(pj, kind) != escape_rank(kind)
+                if kind == "A2":
+                    bad |= ((pj[:, 0] - pj[:, 1]) & 1) != 0
+                if kind == "Z2coset":
+                    bad |= ((pj[:, 0] + pj[:, 1]) & 1) != coset[ei_j]
+                if bool(bad.any()):
+                    what = "an A2 point" if kind == "A2" else "a pair"
+                    raise RiceStreamError(f"escaped {name} point is not {what} outside the rank table: "
+                                          f"malformed stream")
+                cj[ei_j] = pj
+        cols.append(cj)
         coset = (cj[:, 0] + cj[:, 1]) & 1
-    return c.reshape(-1).to(torch.int32)
+    return torch.stack(cols, 1).reshape(-1).to(torch.int32)
 
 
 def index_entropy_bits(c: torch.Tensor, lattice: str) -> float:
