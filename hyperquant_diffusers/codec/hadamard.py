@@ -36,14 +36,32 @@ def fwht(x: torch.Tensor, tile_size: int) -> torch.Tensor:
     if k % t:
         raise ValueError(f"last dimension {k} is not divisible by tile_size {t}")
     lead = x.shape[:-1]
-    y = x.reshape(-1, k // t, t)
+    rows = x.reshape(-1, k)
+    n_rows = rows.shape[0]
+    per = max(1, _CHUNK_VALUES // k)
+    if n_rows <= per:
+        return _fwht_rows(rows, t).reshape(*lead, k)
+    out = torch.empty_like(rows)
+    for s in range(0, n_rows, per):  # row chunks: a pass's temporaries stay in cache; rows are independent
+        out[s: s + per] = _fwht_rows(rows[s: s + per], t)
+    return out.reshape(*lead, k)
+
+
+#: Values per pass of :func:`fwht` (the result does not depend on it).
+_CHUNK_VALUES = 1 << 19
+
+
+def _fwht_rows(rows: torch.Tensor, t: int) -> torch.Tensor:
+    """Orthonormal per-tile Walsh–Hadamard transform of the rows of ``rows`` (R, K): a new (R, K) tensor."""
+    r, k = rows.shape
+    y = rows.reshape(r, k // t, t)
     h = 1
     while h < t:
-        y = y.reshape(y.shape[0], k // t, t // (2 * h), 2, h)
+        y = y.reshape(r, k // t, t // (2 * h), 2, h)
         a, b = y[:, :, :, 0, :], y[:, :, :, 1, :]
         y = torch.stack((a + b, a - b), dim=3)
         h *= 2
-    return (y.reshape(*lead, k) * (t ** -0.5))
+    return y.reshape(r, k).mul_(t ** -0.5)
 
 
 def rht(x: torch.Tensor, signs: torch.Tensor, tile_size: int) -> torch.Tensor:

@@ -84,10 +84,24 @@ def nearest_a2(x: torch.Tensor) -> torch.Tensor:
 _NEAREST = {"Z": nearest_z, "A2": nearest_a2, "D4": nearest_d4, "E8": nearest_e8}
 
 
+#: Values per pass of :func:`nearest_point` (keeps the temporaries of a pass in cache; the result does not depend
+#: on it: every lattice vector is quantized on its own).
+CHUNK_VALUES = 1 << 19
+
+
 def nearest_point(lattice: str, x: torch.Tensor) -> torch.Tensor:
     """Dispatch to the nearest-point quantizer of ``lattice`` (see module docstring for the coordinates)."""
     spec = lattice_spec(lattice)
-    return _NEAREST[spec.name](x)
+    fn = _NEAREST[spec.name]
+    n = x.numel()
+    if n <= CHUNK_VALUES or x.shape[-1] % spec.dim:
+        return fn(x)
+    flat = x.reshape(-1)
+    out = torch.empty(n, dtype=torch.int32, device=x.device)
+    step = CHUNK_VALUES - CHUNK_VALUES % spec.dim
+    for s in range(0, n, step):
+        out[s: s + step] = fn(flat[s: s + step])
+    return out.reshape(x.shape)
 
 
 def coords_to_points(lattice: str, c: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -45,7 +45,7 @@ _SQRT3 = math.sqrt(3.0)
 _A2_RING2 = torch.tensor([[0, 0], [2, 0], [-2, 0], [1, 1], [1, -1], [-1, 1], [-1, -1], [0, 2], [0, -2], [3, 1],
                           [3, -1], [-3, 1], [-3, -1], [4, 0], [-4, 0], [2, 2], [2, -2], [-2, 2], [-2, -2]])
 #: Values processed per RDO pass (bounds the memory of the candidate tables: ~40 bytes per value and candidate).
-RDO_CHUNK = 1 << 22
+RDO_CHUNK = 1 << 19
 
 
 def rd_lambda(lattice: str) -> float:
@@ -57,6 +57,11 @@ def rd_lambda(lattice: str) -> float:
 def _coord_k(ks: torch.Tensor, start: int, n: int, lattice: str, block_values: int) -> torch.Tensor:
     """Rice parameter of each of the ``n`` coordinates starting at flat index ``start``: int32 (n,)."""
     spec = lattice_spec(lattice)
+    if spec.classes == 1:
+        b0, b1 = start // block_values, (start + n + block_values - 1) // block_values
+        per_block = ks[b0:b1, 0].to(torch.int32)
+        k = per_block.unsqueeze(1).expand(b1 - b0, block_values).reshape(-1)
+        return k[start - b0 * block_values: start - b0 * block_values + n]
     pos = torch.arange(start, start + n, device=ks.device)
     cls = (pos % spec.dim) % spec.classes
     return ks.to(torch.int32)[pos // block_values, cls]
@@ -142,25 +147,111 @@ def _rd_chunk(lattice: str, y: torch.Tensor, k: torch.Tensor, lam: float) -> tor
         i = (dist + lam * bits.to(dt)).argmin(1)
         return cand[torch.arange(cand.shape[0], device=y.device), i].to(torch.int32)
     if name == "E8":
-        t = 2.0 * y
-        out = []
-        for odd in (0, 1):
-            vals = _coset_table(t, float(odd), 2.0, 4)
-            ci = vals.to(torch.int32)  # |c| <= MAX_ABS_COORD: int32 halves the memory traffic
-            mag = ci.abs()
-            if odd:  # every coordinate non-zero: a sign bit each, except the last (implied by sum ≡ 0 mod 4)
-                bits = rice_cost(mag >> 1, kk) + 1
-                bits[:, 7] -= 1
-                label_a = ((ci[..., 1] - 1) >> 1) & 1
-            else:  # the last magnitude's low bit is implied: coded as (|c| >> 2) with k - 1
-                bits = rice_cost(mag >> 1, kk) + (ci != 0)
-                bits[:, 7] = rice_cost(mag[:, 7] >> 2, km1[:, 7]) + (ci[:, 7] != 0)
-                label_a = (ci[..., 1] >> 1) & 1
-            j, i = _best_even_labels(dist(t, vals, 0.25) + lam * bits.to(dt), label_a)
-            out.append((j, vals.gather(-1, i.unsqueeze(-1)).squeeze(-1)))
-        use1 = out[1][0] < out[0][0]
-        return torch.where(use1.unsqueeze(1), out[1][1], out[0][1]).to(torch.int32)
+        return _rd_e8(y, k, lam, dt)
     raise ValueError(f"unknown lattice {lattice!r}")
+
+
+#: E8 bit-cost tables are built for coordinates up to this magnitude; beyond, the costs are computed directly.
+_E8_TABLE_MAX = 1 << 14
+
+
+def _e8_cost_table(kmax: int, cmax: int, lam: float, dt, device) -> torch.Tensor:
+    """``lam * bits`` of one E8 coordinate (doubled, ``c`` in [-cmax, cmax]) for every Rice parameter k <= kmax
+    and class (even coset, even coset's last coordinate, odd coset, odd coset's last), as rows of the four
+    candidates ``a-2, a, a+2, a+4``: (rows, 4) in ``dt``, the row of (k, cls, a) at ``(4 k + cls) W + a + cmax - 2``
+    with ``W = 2 cmax - 5`` (``|a| <= cmax - 4``).
+
+    The bits are those of the stream (see :mod:`.stream`): even coset ``rice(|c| >> 1, k)`` plus a sign bit if
+    ``c != 0``, its last coordinate ``rice(|c| >> 2, max(k-1, 0))`` plus the sign bit; odd coset
+    ``rice(|c| >> 1, k)`` plus a sign bit, but for the last coordinate (its sign is implied)."""
+    c = torch.arange(-cmax, cmax + 1, dtype=torch.int32, device=device)
+    mag = c.abs()
+    kk = torch.arange(kmax + 1, dtype=torch.int32, device=device).unsqueeze(1)
+    nz = (c != 0).to(torch.int32)
+    even = rice_cost(mag >> 1, kk) + nz
+    even7 = rice_cost(mag >> 2, (kk - 1).clamp_min(0)) + nz
+    odd = rice_cost(mag >> 1, kk) + 1
+    odd7 = odd - 1
+    lb = lam * torch.stack((even, even7, odd, odd7), 1).to(dt)  # (kmax+1, 4, W)
+    w = lb.shape[-1]
+    # row for a (as c, from -cmax+2 to cmax-4): the costs of its candidates a-2, a, a+2, a+4
+    return torch.stack([lb[..., j: w - 6 + j] for j in (0, 2, 4, 6)], -1).reshape(-1, 4)
+
+
+def _rd_e8_coset(y: torch.Tensor, a: torch.Tensor, lam_bits: torch.Tensor, idx0: torch.Tensor, consts: dict):
+    """One coset of E8 for ``y`` (M, 8): ``a`` (M, 8) float the coset value at or below ``2 y`` (doubled
+    coordinates); candidates a-2, a, a+2, a+4 with bit costs looked up in ``lam_bits`` at ``idx0 + c``.
+
+    Returns (J per vector (M,), chosen doubled coordinates int32 (M, 8)): the D_n rule of
+    :func:`_best_even_labels` on the candidates' J, written out for the four fixed offsets."""
+    ai = a.to(torch.int32)
+    # J = (y - c/2)^2 + lam * bits; (y - c/2)^2 is the rounded (2y - c)^2 / 4 exactly (powers of two)
+    w = a.mul_(0.5).unsqueeze(-1) + consts["half_rel"]
+    j = torch.sub(y.unsqueeze(-1), w, out=w).square_()
+    j += lam_bits.index_select(0, (idx0 + ai).view(-1)).view(j.shape)
+    c0, c1, c2, c3 = j.unbind(-1)
+    a_first = c1 <= c3  # a's label: a beats a+4
+    b_first = c0 <= c2  # the other label: a-2 beats a+2
+    ja = torch.minimum(c1, c3).contiguous()
+    jb = torch.minimum(c0, c2).contiguous()
+    use_a = ja <= jb
+    best = torch.minimum(ja, jb)
+    pen = ja.sub_(jb).abs_()
+    # parity of the chosen labels: a's label (a >> 1 & 1; for odd a the same bit as (a - 1) >> 1) where taken
+    odd = (((ai >> 1) & 1).sum(1) + (~use_a).sum(1)) & 1
+    odd = odd.bool()
+    pmin, jmin = pen.min(1)
+    flip = torch.zeros_like(use_a)
+    flip.scatter_(1, jmin.unsqueeze(1), odd.unsqueeze(1))
+    off = torch.where(use_a.logical_xor_(flip), torch.where(a_first, consts["0"], consts["4"]),
+                      torch.where(b_first, consts["-2"], consts["2"]))
+    total = best.sum(1) + torch.where(odd, pmin, torch.zeros_like(pmin))
+    return total, off.add_(ai)
+
+
+def _rd_e8(y: torch.Tensor, k: torch.Tensor, lam: float, dt) -> torch.Tensor:
+    """Exact E8 minimizer of ``J`` (see :func:`_rd_chunk`) with table-driven bit costs; int32 (M, 8)."""
+    t = 2.0 * y
+    a_even = torch.floor(t / 2.0) * 2.0
+    a_odd = torch.floor((t - 1.0) / 2.0) * 2.0 + 1.0
+    cmax = int(t.abs().max()) + 6 if t.numel() else 6
+    if cmax > _E8_TABLE_MAX:
+        return _rd_e8_direct(y, k, lam, dt)
+    kmax = int(k.max()) if k.numel() else 0
+    lam_bits = _e8_cost_table(kmax, cmax, lam, dt, y.device)
+    width = 2 * cmax - 5
+    pos7 = torch.tensor([0] * 7 + [1], dtype=torch.int32, device=y.device) * width
+    idx0 = k.to(torch.int32) * (4 * width) + (pos7 + (cmax - 2))
+    dev = y.device
+    consts = {"half_rel": torch.tensor([-1.0, 0.0, 1.0, 2.0], dtype=dt, device=dev),
+              **{str(v): torch.tensor(v, dtype=torch.int32, device=dev) for v in (0, 4, -2, 2)}}
+    j0, v0 = _rd_e8_coset(y, a_even, lam_bits, idx0, consts)
+    j1, v1 = _rd_e8_coset(y, a_odd, lam_bits, idx0 + 2 * width, consts)
+    return torch.where((j1 < j0).unsqueeze(1), v1, v0)
+
+
+def _rd_e8_direct(y: torch.Tensor, k: torch.Tensor, lam: float, dt) -> torch.Tensor:
+    """E8 minimizer with the bit costs computed per candidate (coordinates too large for the cost table)."""
+    t = 2.0 * y
+    kk = k.unsqueeze(-1)
+    km1 = (kk - 1).clamp_min(0)
+    out = []
+    for odd in (0, 1):
+        vals = _coset_table(t, float(odd), 2.0, 4)
+        ci = vals.to(torch.int32)
+        mag = ci.abs()
+        if odd:
+            bits = rice_cost(mag >> 1, kk) + 1
+            bits[:, 7] -= 1
+            label_a = ((ci[..., 1] - 1) >> 1) & 1
+        else:
+            bits = rice_cost(mag >> 1, kk) + (ci != 0)
+            bits[:, 7] = rice_cost(mag[:, 7] >> 2, km1[:, 7]) + (ci[:, 7] != 0)
+            label_a = (ci[..., 1] >> 1) & 1
+        j, i = _best_even_labels((t.unsqueeze(-1) - vals).square() * 0.25 + lam * bits.to(dt), label_a)
+        out.append((j, vals.gather(-1, i.unsqueeze(-1)).squeeze(-1)))
+    use1 = out[1][0] < out[0][0]
+    return torch.where(use1.unsqueeze(1), out[1][1], out[0][1]).to(torch.int32)
 
 
 def rd_point(lattice: str, y: torch.Tensor, ks: torch.Tensor, block_values: int, lam: float | None = None,

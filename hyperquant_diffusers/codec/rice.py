@@ -28,25 +28,36 @@ class RiceStreamError(ValueError):
 _MASK32 = (1 << 32) - 1
 
 
+def _fold_windows(acc: torch.Tensor, total_words: int) -> torch.Tensor:
+    """int64 accumulators of 64-bit windows -> int32 words.
+
+    ``acc[w]`` holds, as disjoint bits, every field that starts in word ``w`` (bits 0..62 of the window that
+    begins at bit ``32 w``): its low half is word ``w``, its high half spills into word ``w + 1``. Raises if
+    anything lies past the last word (an internal sizing error)."""
+    lo = acc[:total_words] & _MASK32
+    if total_words > 1:
+        lo[1:] += acc[: total_words - 1] >> 32
+    if acc.numel() > total_words and bool((acc[total_words:] != 0).any()) or (
+            total_words and int(acc[total_words - 1] >> 32) != 0):
+        raise RuntimeError("pack_bits: field written past the last word (internal sizing error)")
+    return torch.where(lo >= (1 << 31), lo - (1 << 32), lo).to(torch.int32)
+
+
 def pack_bits(positions: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, total_words: int) -> torch.Tensor:
     """Write ``values[i]`` (``lengths[i]`` <= 32 bits, LSB first) at bit ``positions[i]``; fields must not overlap.
 
-    All inputs int64 (n,). Returns int32 words (total_words,). Non-overlapping fields make addition equal OR,
-    which is what lets one ``index_add_`` place them all.
+    All inputs int64 (n,). Returns int32 words (total_words,). Non-overlapping fields make addition equal OR:
+    each field is added, shifted by its offset in its first word, to that word's 64-bit window (one
+    ``index_add_``), and the windows' high halves are folded into the next words.
     """
     device = positions.device
     acc = torch.zeros(total_words + 1, dtype=torch.int64, device=device)
     if positions.numel():
+        lengths = lengths.to(torch.int64)
         mask = torch.where(lengths >= 63, torch.full_like(lengths, -1), (1 << lengths) - 1)
-        v = values & mask & _MASK32
-        word = positions >> 5
-        off = positions & 31
-        acc.index_add_(0, word, (v << off) & _MASK32)
-        acc.index_add_(0, word + 1, v >> (32 - off))
-    if int(acc[total_words]) != 0:
-        raise RuntimeError("pack_bits: field written past the last word (internal sizing error)")
-    acc = acc[:total_words]
-    return torch.where(acc >= (1 << 31), acc - (1 << 32), acc).to(torch.int32)
+        v = values.to(torch.int64) & mask & _MASK32
+        acc.index_add_(0, positions >> 5, v << (positions & 31))
+    return _fold_windows(acc, total_words)
 
 
 def unpack_bits(words: torch.Tensor) -> torch.Tensor:
@@ -81,31 +92,149 @@ def rice_cost(m: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     return k + torch.clamp(q, max=ESCAPE_Q) + 1 + esc.to(q.dtype) * ESCAPE_BITS
 
 
+#: Values are bucketed by their top _TOP bits for the Rice cost tables: 2**_TOP must reach ESCAPE_Q (see _buckets).
+_TOP = max(5, (ESCAPE_Q - 1).bit_length())
+_HALF = 1 << (_TOP - 1)
+
+
+def _buckets(m: torch.Tensor) -> torch.Tensor:
+    """Bucket of each integer ``m >= 0`` (int64 < 2**62 or int32) such that ``rice_cost(m, k)`` is the same for
+    every value of a bucket, for every ``k``: same shape, int64.
+
+    With ``t = max(bit_length(m) - _TOP, 0)`` the bucket is ``(m >> t) + _HALF * t``: for ``k >= t``,
+    ``m >> k == (m >> t) >> (k - t)`` depends on the bucket only, and for ``k < t`` the quotient is at least
+    ``2**_TOP >= ESCAPE_Q`` (an escape) whatever the low bits. The bit length comes from the float32 exponent;
+    where rounding to float32 carries into the next power of two, the top ``_TOP`` bits are all ones and
+    ``(m >> (t + 1)) + _HALF * (t + 1)`` is the same bucket."""
+    e = (m.to(torch.float32).view(torch.int32) >> 23) - (126 + _TOP)
+    t = e.clamp_min_(0)
+    if m.dtype == torch.int32:
+        return (m >> t).add_(t, alpha=_HALF).to(torch.int64)
+    return (m >> t).add_(t, alpha=_HALF)
+
+
+def _bucket_values(nbk: int, device) -> torch.Tensor:
+    """A representative integer of each of the first ``nbk`` buckets (see :func:`_buckets`): int64 (nbk,)."""
+    b = torch.arange(nbk, dtype=torch.int64, device=device)
+    t = (b // _HALF - 1).clamp_min(0)
+    return (b - _HALF * t) << t
+
+
+def rice_cost_table(m: torch.Tensor, k_shift: torch.Tensor | None = None, *, max_k: int = MAX_RICE_K) -> torch.Tensor:
+    """Total Rice bits of each row of ``m`` (G, n) for every parameter ``k`` in [0, max_k]: float64 (G, max_k+1),
+    exact integers; value ``i`` is coded with ``max(k + k_shift[i], 0)``, ``k_shift`` 0 or -1 (or None: 0).
+
+    One pass over the values builds a histogram of buckets (:func:`_buckets`) per row and shift; the table is
+    that histogram times the cost of each bucket at each k."""
+    g, n = m.shape
+    device = m.device
+    shifted = k_shift is not None and k_shift.numel() > 0
+    if shifted:
+        lo_hi = torch.aminmax(k_shift)
+        if int(lo_hi.min) < -1 or int(lo_hi.max) > 0:
+            raise ValueError("k_shift must be 0 or -1")
+    if m.numel() == 0:
+        return torch.zeros(g, max_k + 1, dtype=torch.float64, device=device)
+    b = _buckets(m)
+    nbk = int(b.max()) + 1
+    ns = 2 if shifted else 1
+    if shifted:
+        b.sub_(k_shift.to(torch.int64), alpha=nbk)  # shift -1 -> second half
+    b += (torch.arange(g, dtype=torch.int64, device=device) * (ns * nbk)).unsqueeze(1)
+    hist = torch.bincount(b.reshape(-1), minlength=g * ns * nbk).view(g, ns * nbk)
+    rep = _bucket_values(nbk, device).unsqueeze(1)
+    kk = torch.arange(max_k + 1, dtype=torch.int64, device=device).unsqueeze(0)
+    costs = [rice_cost(rep, kk)]
+    if shifted:
+        costs.append(rice_cost(rep, (kk - 1).clamp_min(0)))
+    return hist.to(torch.float64) @ torch.cat(costs, 0).to(torch.float64)
+
+
 def best_rice_k(m: torch.Tensor, k_shift: torch.Tensor | None = None, *, max_k: int = MAX_RICE_K) -> torch.Tensor:
     """Per row of ``m`` (G, n) the Rice parameter minimizing the row's total bits; int64 (G,).
 
     ``k_shift`` (same shape, 0 or -1) lowers the parameter of individual values (bit-stripped magnitudes use
-    ``max(k - 1, 0)``). Candidates are searched around log2 of the mean, then refined to the exact minimum.
+    ``max(k - 1, 0)``). Candidates are searched around log2 of the mean, then refined to the exact minimum:
+    a window of 3 around the estimate, widened until the minimum is interior (the total cost is convex in k
+    but for escapes). The costs of every k come from one table (:func:`rice_cost_table`).
     """
-    m = m.to(torch.int64)
-    if k_shift is None:
-        k_shift = torch.zeros_like(m)
-    mean = m.to(torch.float64).mean(dim=1).clamp_min(0.0)
+    if m.dim() != 2:
+        raise ValueError("best_rice_k takes a (G, n) tensor")
+    table = rice_cost_table(m, k_shift, max_k=max_k)
+    n = m.shape[1]
+    mean = (m.sum(dim=1, dtype=torch.int64).to(torch.float64) / n).clamp_min(0.0)
     k0 = torch.floor(torch.log2(mean + 1.0)).to(torch.int64)
-    # The total cost is convex-ish in k; a window of 3 around the estimate contains the minimum for
-    # geometric-like data, and we widen it until the minimum is interior, so the result is exact.
     lo, hi = -1, 1
     while True:
         ks = torch.stack([(k0 + d).clamp(0, max_k) for d in range(lo, hi + 1)], 0)  # (C, G)
-        costs = torch.stack([
-            rice_cost(m, (kk.unsqueeze(1) + k_shift).clamp_min(0)).sum(1) for kk in ks
-        ], 0)
+        costs = table.gather(1, ks.t()).t()
         idx = costs.argmin(0)
         best_k = ks.gather(0, idx.unsqueeze(0)).squeeze(0)
         at_edge = ((idx == 0) & (ks[0] > 0)) | ((idx == ks.shape[0] - 1) & (ks[-1] < max_k))
         if not bool(at_edge.any()) or hi - lo > 2 * max_k:
             return best_k
         lo, hi = lo - 3, hi + 3
+
+
+def _spread(per_block: torch.Tensor, counts: torch.Tensor, n: int, regular: int) -> torch.Tensor:
+    """``per_block[b]`` for every value of block ``b`` (blocks of ``counts`` consecutive values): (n,)."""
+    if regular:
+        nfull = n // regular
+        out = per_block[:nfull].unsqueeze(1).expand(nfull, regular).reshape(-1)
+        if nfull * regular < n:
+            out = torch.cat((out, per_block[nfull:nfull + 1].expand(n - nfull * regular)))
+        return out
+    return torch.repeat_interleave(per_block, counts, output_size=n)
+
+
+def _add_per_block_(x: torch.Tensor, per_block: torch.Tensor, counts: torch.Tensor, regular: int) -> torch.Tensor:
+    """In place: ``x[i] += per_block[block of i]``."""
+    n = x.numel()
+    if regular:
+        nfull = n // regular
+        x[: nfull * regular].view(nfull, regular).add_(per_block[:nfull].unsqueeze(1))
+        if nfull * regular < n:
+            x[nfull * regular:].add_(per_block[nfull])
+        return x
+    return x.add_(torch.repeat_interleave(per_block, counts, output_size=n))
+
+
+def _segment_totals(cum: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Per block sum from an inclusive cumsum ``cum`` and the blocks' exclusive ends: int64 (B,)."""
+    if cum.numel() == 0:
+        return torch.zeros_like(ends)
+    at = torch.where(ends > 0, cum.index_select(0, (ends - 1).clamp_min(0)).to(torch.int64), torch.zeros_like(ends))
+    out = at.clone()
+    out[1:] -= at[:-1]
+    return out
+
+
+def _pack_runs(acc: torch.Tensor, bits: torch.Tensor, counts: torch.Tensor, dest: torch.Tensor) -> None:
+    """Add to ``acc`` (64-bit windows, see :func:`_fold_windows`) raw bits laid out as consecutive runs: run ``b``
+    is the next ``counts[b]`` of ``bits`` (0/1, uint8 or bool), written from global bit ``dest[b]`` on.
+
+    The bits are packed 32 to a word, the runs are cut at run and word boundaries, and each piece (<= 32 bits)
+    is one field: ~len/32 + 2 B fields instead of one per bit."""
+    total = bits.numel()
+    if total == 0:
+        return
+    device = bits.device
+    nwords = (total + 31) // 32
+    padded = torch.zeros(nwords * 32, dtype=torch.uint8, device=device)
+    padded[:total] = bits.reshape(-1).to(torch.uint8) & 1
+    byte = (padded.view(-1, 8) << torch.arange(8, dtype=torch.uint8, device=device)).sum(1, dtype=torch.uint8)
+    packed = byte.view(torch.int32).to(torch.int64) & _MASK32
+    counts = counts.to(torch.int64)
+    first = torch.cumsum(counts, 0) - counts
+    cuts = torch.cat((first, first + counts, torch.arange(0, total, 32, device=device),
+                      torch.tensor([total], device=device)))
+    cuts = torch.unique(cuts.clamp_(0, total))  # sorted
+    a, e = cuts[:-1], cuts[1:]
+    run = torch.searchsorted(first, a, right=True) - 1
+    length = e - a
+    val = (packed[a >> 5] >> (a & 31)) & ((1 << length) - 1)
+    pos = dest[run] + (a - first[run])
+    acc.index_add_(0, pos >> 5, val << (pos & 31))
 
 
 def encode_blocks(
@@ -122,59 +251,85 @@ def encode_blocks(
     ``mags`` int64 (n,) >= 0, ``k_eff`` int64 (n,) Rice parameter of each value, ``block_counts`` int64 (B,)
     values per block (summing to n); ``head_bits``/``tail_bits`` uint8/bool raw bits, ``head_counts`` and
     ``tail_counts`` int64 (B,) how many belong to each block. Returns (int32 words, int64 word offsets (B+1,)).
+
+    Every field is added to the 64-bit window of the word it starts in (:func:`_fold_windows`): a low-bit field
+    per value, the unary sections as runs of ones with their terminators subtracted, the escapes, and the head
+    and tail bits 32 at a time (:func:`_pack_runs`). Per-value work runs in int32 where the values fit.
     """
     device = mags.device
     nb = block_counts.numel()
-    blk = torch.repeat_interleave(torch.arange(nb, device=device), block_counts)
-    q = mags >> k_eff
-    esc = q >= ESCAPE_Q
-    qc = torch.clamp(q, max=ESCAPE_Q)
-    low_len = k_eff
-    un_len = qc + 1
-    esc_len = esc.to(torch.int64) * ESCAPE_BITS
-
-    def per_block(x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(nb, dtype=torch.int64, device=device).index_add_(0, blk, x)
-
-    low_tot, un_tot, esc_tot = per_block(low_len), per_block(un_len), per_block(esc_len)
-    block_bits = head_counts + low_tot + un_tot + esc_tot + tail_counts
+    m = mags.reshape(-1)
+    n = m.numel()
+    counts = block_counts.to(torch.int64)
+    head_counts = head_counts.to(torch.int64)
+    tail_counts = tail_counts.to(torch.int64)
+    ends = torch.cumsum(counts, 0)
+    # blocks of one size but for a shorter last one: per-block values spread over a view, no index tensor
+    cl = counts.tolist() if nb else []
+    regular = cl[0] if nb and cl[0] > 0 and all(c == cl[0] for c in cl[:-1]) and 0 < cl[-1] <= cl[0] else 0
+    small = n < (1 << 25) and (n == 0 or int(m.max()) < (1 << 31))
+    vdt = torch.int32 if small else torch.int64
+    m = m.to(vdt)
+    k = k_eff.reshape(-1).to(vdt)
+    q = m >> k
+    low = m - (q << k)  # m & ((1 << k) - 1)
+    qc = q.clamp_max_(ESCAPE_Q)
+    esc = qc == ESCAPE_Q
+    n_esc = int(esc.sum())
+    if n_esc:
+        low.masked_fill_(esc, 0)
+    # positions: inclusive cumsums of the field lengths (int32 while they fit: n < 2**25 values of < 64 bits)
+    cdt = torch.int32 if n < (1 << 25) else torch.int64
+    ck = torch.cumsum(k, 0, dtype=cdt)
+    cu = torch.cumsum(qc.add_(1), 0, dtype=cdt)  # qc is now the unary length q + 1
+    low_tot = _segment_totals(ck, ends)
+    un_tot = _segment_totals(cu, ends)
+    if n_esc:
+        ei = esc.nonzero().squeeze(1)
+        eblk = torch.searchsorted(ends, ei, right=True)
+        esc_cnt = torch.bincount(eblk, minlength=nb)
+    else:
+        esc_cnt = torch.zeros(nb, dtype=torch.int64, device=device)
+    block_bits = head_counts + low_tot + un_tot + esc_cnt * ESCAPE_BITS + tail_counts
     block_words = (block_bits + 31) // 32
     word_off = torch.zeros(nb + 1, dtype=torch.int64, device=device)
     word_off[1:] = torch.cumsum(block_words, 0)
+    total_words = int(word_off[-1])
     start = word_off[:-1] * 32
     low_start = start + head_counts
     un_start = low_start + low_tot
     esc_start = un_start + un_tot
-    tail_start = esc_start + esc_tot
-
-    def within_block(x: torch.Tensor, owner: torch.Tensor, n_owner_blocks: torch.Tensor) -> torch.Tensor:
-        # exclusive prefix sum of x restarted at each block
-        cs = torch.cumsum(x, 0) - x
-        first = torch.zeros(nb, dtype=torch.int64, device=device)
-        counts_cs = torch.cumsum(n_owner_blocks, 0) - n_owner_blocks
-        nonempty = n_owner_blocks > 0
-        first[nonempty] = cs[counts_cs[nonempty]]
-        return cs - first[owner]
-
-    pos_low = low_start[blk] + within_block(low_len, blk, block_counts)
-    pos_un = un_start[blk] + within_block(un_len, blk, block_counts)
-    pos_esc = esc_start[blk] + within_block(esc_len, blk, block_counts)
-    hblk = torch.repeat_interleave(torch.arange(nb, device=device), head_counts)
-    tblk = torch.repeat_interleave(torch.arange(nb, device=device), tail_counts)
-    ones_h = torch.ones_like(hblk)
-    ones_t = torch.ones_like(tblk)
-    pos_head = start[hblk] + within_block(ones_h, hblk, head_counts)
-    pos_tail = tail_start[tblk] + within_block(ones_t, tblk, tail_counts)
-
-    low_val = torch.where(esc, torch.zeros_like(mags), mags & ((1 << k_eff) - 1))
-    un_val = (1 << qc) - 1
-    ei = esc.nonzero().squeeze(1)
-    positions = torch.cat((pos_head, pos_low, pos_un, pos_esc[ei], pos_tail))
-    values = torch.cat((head_bits.to(torch.int64), low_val, un_val, mags[ei], tail_bits.to(torch.int64)))
-    lengths = torch.cat((ones_h, low_len, un_len, esc_len[ei], ones_t))
-    keep = lengths > 0
-    words = pack_bits(positions[keep], values[keep], lengths[keep], int(word_off[-1]))
-    return words, word_off
+    tail_start = esc_start + esc_cnt * ESCAPE_BITS
+    acc = torch.zeros(total_words + 1, dtype=torch.int64, device=device)
+    if total_words * 32 >= (1 << 31) and cdt == torch.int32:
+        ck, cu = ck.to(torch.int64), cu.to(torch.int64)
+    pdt = ck.dtype
+    # unary sections: ones over [un_start, esc_start) of each block, word by word ...
+    wblk = torch.repeat_interleave(torch.arange(nb, device=device), block_words, output_size=total_words)
+    wbit = torch.arange(total_words, dtype=torch.int64, device=device) * 32
+    lo = (un_start[wblk] - wbit).clamp_(0, 32)
+    hi = (esc_start[wblk] - wbit).clamp_(0, 32)
+    acc[:total_words] += torch.where(hi > lo, (1 << hi) - (1 << lo), torch.zeros_like(hi))
+    # ... less one terminator per value, at un_start + (inclusive unary cumsum within the block) - 1
+    cum_before = torch.zeros(nb, dtype=torch.int64, device=device)
+    cum_before[1:] = torch.cumsum(un_tot, 0)[:-1]
+    tpos = _add_per_block_(cu, (un_start - cum_before - 1).to(pdt), counts, regular)
+    acc.index_add_(0, tpos >> 5, torch.ones(1, dtype=torch.int64, device=device).expand(n) << (tpos & 31),
+                   alpha=-1)
+    del tpos, cu
+    # low bits: k bits of each value at low_start + (exclusive k cumsum within the block)
+    cum_before[1:] = torch.cumsum(low_tot, 0)[:-1]
+    lpos = _add_per_block_(ck.sub_(k), (low_start - cum_before).to(pdt), counts, regular)
+    acc.index_add_(0, lpos >> 5, low.to(torch.int64) << (lpos & 31))
+    del lpos, ck, low
+    if n_esc:
+        first_esc = torch.searchsorted(eblk, torch.arange(nb, device=device))
+        rank = torch.arange(n_esc, device=device) - first_esc[eblk]
+        epos = esc_start[eblk] + rank * ESCAPE_BITS
+        acc.index_add_(0, epos >> 5, (mags.reshape(-1)[ei].to(torch.int64) & _MASK32) << (epos & 31))
+    _pack_runs(acc, head_bits, head_counts, start)
+    _pack_runs(acc, tail_bits, tail_counts, tail_start)
+    return _fold_windows(acc, total_words), word_off
 
 
 def decode_blocks(
