@@ -75,18 +75,18 @@ def sweeps(dev, parts=("decode", "actq", "gemm")):
     offs = q.offsets.to(torch.int32)
     buf = torch.empty(q.numel, dtype=torch.int8, device=dev)
     best = None
-    decode_cands = ((0, 8, 8, 256, 2048), (0, 16, 4, 256, 1024), (2, 16, 8, 256, 1024),
-                    (2, 16, 4, 256, 1024), (2, 32, 4, 128, 1024), (2, 8, 8, 256, 4096),
-                    (2, 16, 8, 128, 2048), (2, 8, 16, 256, 4096), (2, 32, 4, 256, 512),
-                    (2, 4, 16, 256, 2048)) if "decode" in parts else ((0, 8, 8, 256, 2048),)
-    for unary, pps, nw, cwd, sub in decode_cands:
+    # (unit_bits, programs per SM, warps, chunk words, sub): the measured best and its neighbours
+    decode_cands = ((16, 16, 4, 64, 1024), (16, 16, 4, 128, 1024), (16, 8, 4, 64, 1024), (8, 16, 4, 64, 1024),
+                    (16, 16, 4, 64, 2048), (16, 16, 8, 64, 1024), (32, 16, 4, 64, 1024),
+                    (8, 16, 4, 32, 1024)) if "decode" in parts else ((16, 16, 4, 64, 1024),)
+    for ub, pps, nw, cwd, sub in decode_cands:
         t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
-                                         stats=False, programs=pps * 132, num_warps=nw, unary=unary,
+                                         stats=False, programs=pps * 132, num_warps=nw, unit_bits=ub,
                                          chunk_words=cwd, sub=sub))
-        out["decode"][f"u{unary}_pps{pps}_w{nw}_cw{cwd}_sub{sub}"] = t
+        out["decode"][f"ub{ub}_pps{pps}_w{nw}_cw{cwd}_sub{sub}"] = t
         if best is None or t < best[0]:
-            best = (t, pps, nw, unary, cwd, sub)
-    rd._TUNE.update(programs_per_sm=best[1], num_warps=best[2], unary=best[3], chunk_words=best[4], sub=best[5])
+            best = (t, pps, nw, ub, cwd, sub)
+    rd._TUNE.update(programs_per_sm=best[1], num_warps=best[2], unit_bits=best[3], chunk_words=best[4], sub=best[5])
     out["decode_best"] = best
     out["decode_best_gvalues_s"] = q.numel / best[0] / 1e6
     # the same decode with the per-block statistics (amax, error flags) computed: their cost

@@ -4,17 +4,22 @@ The stream layout is :mod:`hyperquant_diffusers.codec.stream`'s: per block of ``
 coordinates of the row-major (out, in) weight, ``[parity head][low k_eff bits per value][unary q ones + a zero
 per value][32-bit escapes][sign bits]``, LSB first in int32 words, each block starting at ``offsets[b]`` words.
 
-One Triton program decodes one block at a time (a persistent grid walks the blocks), every value in parallel:
+One Triton program decodes one block at a time (a persistent grid walks the blocks), in two passes:
 
-* the low bits sit at positions known from ``k`` alone: ``i*k`` minus the stripped values before ``i`` (E8: the
-  last coordinate of each even vector, whose count before a group is a prefix count over the parity head;
-  D4: the last coordinate of each vector, ``i // 4``);
-* the unary section is scanned a word at a time: a prefix sum of per-word zero counts gives the rank of each
-  word's first terminator, then each word walks its own zeros (lowest set bit of the inverted word) and scatters
-  ``A_r = (position of terminator r) - r`` = ones before terminator ``r`` into a per-program scratch row;
-  ``q_r = A_r - A_{r-1}``;
-* escapes (``q == ESCAPE_Q``) and signs are placed by a two-level prefix count (per vector, then across vectors);
-* the lattice's parity rules rebuild the stripped bits exactly as the codec does.
+* pass 1, the unary section: cut into units of ``unit_bits`` bits (one lane each, ``chunk_words`` words per
+  step); a prefix sum of per-unit zero counts gives the rank ``r`` of each unit's first terminator, a max-scan of
+  the previous units' last terminator gives the terminator before it, and each lane walks its unit's zeros
+  (lowest set bit, two per step) and scatters ``q_r`` = ones between terminators ``r-1`` and ``r`` (int8) into a
+  per-program scratch row, counting escapes (``q == ESCAPE_Q``) on the way. Short units keep the walk short
+  (<= unit_bits steps) and give each thread several independent chains; 16-bit units measured fastest.
+* pass 2, tiles of ``sub`` values as (vectors, D): the low bits of a vector are contiguous (value ``i`` at
+  ``i*k`` minus the stripped values before it: E8 the last coordinate of each even vector, counted by a prefix
+  sum over the parity head; D4 the last coordinate of each vector), so one 64-bit window per vector holds them
+  when ``D*k <= 64``; a vector's signs are consecutive in the tail, placed by a prefix count of present
+  coordinates over vectors and a popcount within the vector; escapes (rare) only when the block has any;
+  the lattice's parity rules rebuild the stripped bits exactly as the codec does.
+
+Bit tricks use the hardware popc/ffs/clz on a GPU and portable SWAR forms in Triton's CPU interpreter.
 
 Output: coordinates clamped to [-127, 127] as int8 (the codec's ``int8_codes`` contract for Z/D4/E8: the cast is
 exact while ``|c| <= 127``), or cast to float8-e4m3 for the fp8 MMA; and per block ``max |c|`` so a caller can
@@ -30,7 +35,7 @@ import torch
 
 from ..codec import constants as codec_constants
 from ..codec.rice import RiceStreamError
-from ._triton import jit_cache, num_sms, require_triton
+from ._triton import interpreting, jit_cache, num_sms, require_triton
 
 ESCAPE_Q = codec_constants.ESCAPE_Q
 ESCAPE_BITS = codec_constants.ESCAPE_BITS
@@ -43,17 +48,21 @@ _CHUNK_WORDS = 256
 def _kernel():
     # Triton resolves a jitted function's callees and ``tl`` through the module globals, so the helpers are bound
     # there (built lazily: importing this module never imports Triton).
-    global tl, _popc, _read
+    global tl, libdevice, _popc, _read, _msb, _lowest, _max2, _unit_terminators
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     @triton.jit
-    def _popc(x):
-        # population count of uint32 lanes (SWAR; portable to the interpreter, unlike libdevice.popc)
-        x = x - ((x >> 1) & 0x55555555)
-        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-        x = (x + (x >> 4)) & 0x0F0F0F0F
-        return ((x * 0x01010101) >> 24).to(tl.int32)
+    def _popc(x, HW: tl.constexpr):
+        # population count of uint32 lanes: the hardware instruction on a GPU, SWAR in the interpreter
+        if HW:
+            return libdevice.popc(x.to(tl.int32, bitcast=True))
+        else:
+            x = x - ((x >> 1) & 0x55555555)
+            x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+            x = (x + (x >> 4)) & 0x0F0F0F0F
+            return ((x * 0x01010101) >> 24).to(tl.int32)
 
     @triton.jit
     def _read(wp, pos, nbits, mask):
@@ -69,20 +78,66 @@ def _kernel():
         return v & m
 
     @triton.jit
+    def _msb(x, HW: tl.constexpr):
+        # index of the highest set bit of nonzero uint32 lanes (0 for x == 0)
+        if HW:
+            return tl.maximum(31 - libdevice.clz(x.to(tl.int32, bitcast=True)), 0)
+        else:
+            r = tl.zeros(x.shape, tl.int32)
+            for s in tl.static_range(5):
+                sh: tl.constexpr = 16 >> s
+                t = x >> sh
+                c = t != 0
+                r += tl.where(c, sh, 0)
+                x = tl.where(c, t, x)
+            return r
+
+    @triton.jit
+    def _lowest(x, HW: tl.constexpr):
+        # index of the lowest set bit of nonzero uint32 lanes
+        if HW:
+            return libdevice.ffs(x.to(tl.int32, bitcast=True)) - 1
+        else:
+            return _popc((x & ((x ^ 0xFFFFFFFF) + 1)) - 1, HW)
+
+    @triton.jit
+    def _max2(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _unit_terminators(wp, u, ustart, nwords, un_start, UB: tl.constexpr, HW: tl.constexpr):
+        # the unary section cut into units of UB bits (unit u = bits [u*UB, (u+1)*UB) of the block): inverted
+        # bits (one-bits = terminators) of units ``u`` and the absolute bit position of each unit's last
+        # terminator (-1: none); units before the section start or past the block have none
+        NPW: tl.constexpr = 32 // UB
+        UMASK: tl.constexpr = (1 << UB) - 1 if UB < 32 else 0xFFFFFFFF
+        wi = u // NPW
+        wm = (wi < nwords) & (u >= ustart)
+        w = tl.load(wp + wi, mask=wm, other=-1).to(tl.uint32, bitcast=True)
+        x = (w >> ((u % NPW) * UB).to(tl.uint32)) & UMASK
+        first = tl.full(u.shape, 1, tl.uint32) << (un_start - ustart * UB).to(tl.uint32)
+        x = x | tl.where(u == ustart, first - 1, 0)          # bits before the section are not terminators
+        inv = x ^ UMASK
+        hpos = tl.where(inv != 0, u * UB + _msb(inv, HW), -1)
+        return inv, hpos
+
+    @triton.jit
     def rice_decode_kernel(words_ptr, offs_ptr, ks_ptr, out_ptr, scratch_ptr, err_ptr, amax_ptr, n, nb,
                            BV: tl.constexpr, LAT: tl.constexpr, D: tl.constexpr, CW: tl.constexpr,
                            OUT_FP8: tl.constexpr, ESC_Q: tl.constexpr, CHECK: tl.constexpr,
-                           UNARY: tl.constexpr, SUB: tl.constexpr, HWN: tl.constexpr):
-        # The block-level unary scan fills the scratch row; the per-value work then runs over sub-chunks of SUB
-        # values with scalar carries (even-vector count, escape rank, sign rank), which bounds register use.
+                           SUB: tl.constexpr, HWN: tl.constexpr, HW: tl.constexpr,
+                           UB: tl.constexpr):
+        # Pass 1 walks the block's unary section and scatters each value's quotient q (int8) into a per-program
+        # scratch row, counting escapes on the way; pass 2 works on (vectors, D) tiles of SUB values with scalar
+        # carries (even-vector count, escape rank, sign rank) across tiles.
         SG: tl.constexpr = SUB // D
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         gi = tl.arange(0, SG)
         pj = tl.arange(0, D)
-        lidx = gi[:, None] * D + pj[None, :]                    # (SG, D) value index within a sub-chunk
-        pos = lidx % D if LAT != 0 else lidx * 0                # coordinate index within its vector
-        cw = tl.arange(0, CW)
+        lidx = gi[:, None] * D + pj[None, :]                    # (SG, D) value index within a tile
+        NU: tl.constexpr = CW * (32 // UB)                      # units scanned per step
+        cu = tl.arange(0, NU)
         sp = scratch_ptr + (pid + 0 * n).to(tl.int64) * BV
         for b in range(pid, nb, nprog):
             w0 = tl.load(offs_ptr + b).to(tl.int64)
@@ -94,95 +149,72 @@ def _kernel():
             cnt = tl.minimum(n - v0, BV).to(tl.int32)
             k = tl.load(ks_ptr + b).to(tl.int32)
             kpos = (k > 0).to(tl.int32)
+            ng = (cnt + D - 1) // D                              # vectors (Z: groups of D, the last may be short)
             err = cnt * 0
             amax = cnt * 0
             if LAT == 3:
                 # E8: one parity bit per vector in the head; even vectors strip their last magnitude's low bit
-                ng = cnt // 8
                 hw = tl.arange(0, HWN)
                 hwv = tl.load(wp + hw, mask=hw * 32 < ng, other=0).to(tl.uint32, bitcast=True)
                 nbits = tl.minimum(tl.maximum(ng - hw * 32, 0), 32)
                 one = tl.full([HWN], 1, tl.uint32)
                 hmask = tl.where(nbits >= 32, tl.full([HWN], 0xFFFFFFFF, tl.uint32),
                                  (one << tl.minimum(nbits, 31).to(tl.uint32)) - 1)
-                n_even = ng - tl.sum(_popc(hwv & hmask), 0)
+                n_even = ng - tl.sum(_popc(hwv & hmask, HW), 0)
                 head = ng
                 total_low = cnt * k - kpos * n_even
             elif LAT == 2:
                 head = cnt * 0
-                total_low = cnt * k - kpos * (cnt // 4)
+                total_low = cnt * k - kpos * ng
             else:
                 head = cnt * 0
                 total_low = cnt * k
             un_start = head + total_low
-            # ---- unary section: scatter A_r = ones before terminator r ------------------------------------
+            # ---- pass 1: q_r = ones between terminators r-1 and r ------------------------------------------
+            # A word's first terminator needs the previous one, the last terminator of any earlier word: an
+            # inclusive max-scan over the previous words' last-terminator positions (carried across chunks).
             carry = cnt * 0
-            wstart = un_start >> 5
+            last = un_start - 1
+            ustart = un_start // UB
+            nunits = nwords * (32 // UB)
             c = cnt * 0
-            if UNARY == 2:
-                hist = tl.zeros([BV], dtype=tl.int32)
-            while (carry < cnt) & (wstart + c * CW < nwords):
-                wi = wstart + c * CW + cw
-                wm = wi < nwords
-                w = tl.load(wp + wi, mask=wm, other=-1).to(tl.uint32, bitcast=True)
-                sh = (un_start & 31).to(tl.uint32)
-                first = tl.full([CW], 1, tl.uint32) << sh
-                w = w | tl.where(wi == wstart, first - 1, 0)     # bits before the section are not terminators
-                inv = w ^ 0xFFFFFFFF
-                z = _popc(inv)
+            n_esc = cnt * 0
+            while (carry < cnt) & (ustart + c * NU < nunits):
+                ui = ustart + c * NU + cu
+                inv, _ = _unit_terminators(wp, ui, ustart, nwords, un_start, UB, HW)
+                _, hprev = _unit_terminators(wp, ui - 1, ustart, nwords, un_start, UB, HW)
+                prev = tl.maximum(tl.associative_scan(hprev, 0, _max2), last)
+                z = _popc(inv, HW)
                 zr = tl.cumsum(z, 0) - z + carry
-                if UNARY == 0:
-                    # walk each word's zeros: lowest set bit of the inverted word, up to the chunk's max count
-                    maxz = tl.max(z, 0)
-                    for j in range(0, maxz):
-                        lowbit = inv & ((inv ^ 0xFFFFFFFF) + 1)
-                        bp = _popc(lowbit - 1)
-                        r = zr + j
-                        ok = (inv != 0) & (r < cnt)
-                        tl.store(sp + r, wi * 32 + bp - un_start - r, mask=ok)
-                        inv = inv & (inv - 1)
-                elif UNARY == 2:
-                    # no scatter: each one-bit belongs to the value whose terminator comes next, i.e. to value
-                    # (zeros before it); q = histogram of that index over the one-bits. Bits before the section,
-                    # past the block or past the last terminator go to bin 0 and are subtracted again.
-                    jj = tl.arange(0, 32)
-                    zb = ((inv[:, None] >> jj[None, :].to(tl.uint32)) & 1).to(tl.int32)
-                    r2 = zr[:, None] + tl.cumsum(zb, 1) - zb
-                    bitpos = wi[:, None] * 32 + jj[None, :]
-                    inc = (zb == 0) & (bitpos >= un_start) & (r2 < cnt) & wm[:, None]
-                    n_out = CW * 32 - tl.sum(tl.sum(inc.to(tl.int32), 1), 0)
-                    h = tl.histogram(tl.reshape(tl.where(inc, r2, 0), [CW * 32]), BV)
-                    hist += tl.where(tl.arange(0, BV) == 0, h - n_out, h)
-                else:
-                    # every bit at once: (words, 32) zero indicators, rank = word rank + prefix within the word
-                    jj = tl.arange(0, 32)
-                    zb = ((inv[:, None] >> jj[None, :].to(tl.uint32)) & 1).to(tl.int32)
-                    r2 = zr[:, None] + tl.cumsum(zb, 1) - zb
-                    ok2 = (zb == 1) & (r2 < cnt)
-                    tl.store(sp + r2, wi[:, None] * 32 + jj[None, :] - un_start - r2, mask=ok2)
+                nesc_l = z * 0
+                had = z < 0
+                maxz = tl.max(z, 0)
+                for j in range(0, maxz, 2):
+                    # two terminators per step: independent work for the scheduler between dependent bit ops
+                    inv1 = inv & (inv - 1)
+                    pos0 = ui * UB + _lowest(inv, HW)
+                    pos1 = ui * UB + _lowest(inv1, HW)
+                    ok0 = (inv != 0) & (zr + j < cnt)
+                    ok1 = (inv1 != 0) & (zr + j + 1 < cnt)
+                    q0 = pos0 - prev - 1
+                    q1 = pos1 - pos0 - 1
+                    tl.store(sp + zr + j, tl.minimum(q0, ESC_Q + 1).to(tl.int8), mask=ok0)
+                    tl.store(sp + zr + j + 1, tl.minimum(q1, ESC_Q + 1).to(tl.int8), mask=ok1)
+                    nesc_l += (ok0 & (q0 == ESC_Q)).to(tl.int32) + (ok1 & (q1 == ESC_Q)).to(tl.int32)
+                    prev = tl.where(ok1, pos1, tl.where(ok0, pos0, prev))
+                    had = had | ok0
+                    inv = inv1 & (inv1 - 1)
+                n_esc += tl.sum(nesc_l, 0)
+                last = tl.maximum(last, tl.max(tl.where(had, prev, -1), 0))
                 carry += tl.sum(z, 0)
                 c += 1
             err = err | (carry < cnt).to(tl.int32)
-            if UNARY == 2:
-                # quotients straight from the histogram, stored coalesced for the per-value sub-chunks
-                bi = tl.arange(0, BV)
-                tl.store(sp + bi, hist)
-                esc_start = un_start + cnt + tl.sum(tl.where(bi < cnt, hist, 0), 0)
-                n_esc = tl.sum(((hist == ESC_Q) & (bi < cnt)).to(tl.int32), 0)
-                tl.debug_barrier()
-            else:
-                tl.debug_barrier()
-                a_last = tl.load(sp + tl.maximum(cnt - 1, 0))
-                esc_start = un_start + a_last + cnt
-                # escapes before the signs: count them first (q_r = A_r - A_{r-1} == ESC_Q)
-                n_esc = cnt * 0
-                for s0 in range(0, BV, SUB):
-                    li = s0 + lidx
-                    v = li < cnt
-                    A = tl.load(sp + li, mask=v, other=0)
-                    Ap = tl.load(sp + li - 1, mask=v & (li > 0), other=0)
-                    n_esc += tl.sum(tl.sum((((A - Ap) == ESC_Q) & v).to(tl.int32), 1), 0)
+            tl.debug_barrier()
+            esc_start = last + 1                                 # escapes follow the last terminator
             tail_start = esc_start + n_esc * 32
+            if CHECK:
+                err = err | ((tail_start > end_bit).to(tl.int32) * 2)
+            # ---- pass 2: per (vector, coordinate) tile -----------------------------------------------------
             ev_carry = cnt * 0
             esc_carry = cnt * 0
             sign_carry = cnt * 0
@@ -190,72 +222,77 @@ def _kernel():
                 idx = s0 + lidx
                 valid = idx < cnt
                 gg = s0 // D + gi
+                gmask = gg < ng
                 if LAT == 3:
-                    gmask = gg < ng
                     par = ((tl.load(wp + (gg >> 5), mask=gmask, other=0) >> (gg & 31)) & 1).to(tl.int32)
                     odd = par == 1
                     ev = (gmask & (par == 0)).to(tl.int32)
                     evens_before = ev_carry + tl.cumsum(ev, 0) - ev
                     ev_carry += tl.sum(ev, 0)
-                    strip = (pos == 7) & (par[:, None] == 0)
-                    low_pos = head + idx * k - kpos * evens_before[:, None]
+                    strip = (pj[None, :] == D - 1) & (par[:, None] == 0)
+                    lp = head + gg * (D * k) - kpos * evens_before
                 elif LAT == 2:
-                    strip = pos == 3
-                    low_pos = idx * k - kpos * gg[:, None]
+                    strip = (pj[None, :] == D - 1) & (gi[:, None] >= 0)
+                    lp = gg * (D * k) - kpos * gg
                 else:
-                    strip = idx < 0
-                    low_pos = idx * k
+                    strip = (pj[None, :] < 0) & (gi[:, None] >= 0)
+                    lp = gg * (D * k)
                 keff = tl.maximum(k - strip.to(tl.int32), 0)
-                if UNARY == 2:
-                    q = tl.load(sp + idx, mask=valid, other=0)
-                else:
-                    A = tl.load(sp + idx, mask=valid, other=0)
-                    Ap = tl.load(sp + idx - 1, mask=valid & (idx > 0), other=0)
-                    q = A - Ap
+                q = tl.load(sp + idx, mask=valid, other=0).to(tl.int32)
                 if CHECK:
-                    err = err | (tl.max(tl.max(((q > ESC_Q) | (q < 0)) & valid, 1), 0).to(tl.int32) * 4)
-                low = _read(wp, low_pos, keff, valid).to(tl.int32)
+                    err = err | (tl.max(tl.max(((q > ESC_Q) & valid).to(tl.int32), 1), 0) * 4)
+                if k * D <= 64:
+                    # a vector's low bits are contiguous: one 64-bit window per vector, then shifts
+                    lw = lp >> 5
+                    a = tl.load(wp + lw, mask=gmask & (lw < nwords), other=0).to(tl.uint32, bitcast=True)
+                    bb = tl.load(wp + lw + 1, mask=gmask & (lw + 1 < nwords), other=0).to(tl.uint32, bitcast=True)
+                    cc = tl.load(wp + lw + 2, mask=gmask & (lw + 2 < nwords), other=0).to(tl.uint32, bitcast=True)
+                    off = (lp & 31).to(tl.uint64)
+                    win = ((a.to(tl.uint64) | (bb.to(tl.uint64) << 32)) >> off) | ((cc.to(tl.uint64) << 32) << (32 - off))
+                    fm = (tl.full([1, D], 1, tl.uint64) << keff.to(tl.uint64)) - 1
+                    low = ((win[:, None] >> (pj[None, :] * k).to(tl.uint64)) & fm).to(tl.int32)
+                else:
+                    low = _read(wp, lp[:, None] + pj[None, :] * k, keff, valid).to(tl.int32)
                 m = (tl.minimum(q, ESC_Q - 1) << keff) | low
-                esc = (q == ESC_Q) & valid
-                e32 = esc.to(tl.int32)
-                eg = tl.sum(e32, 1)
-                n_e = tl.sum(eg, 0)
-                if n_e > 0:
+                if n_esc > 0:
+                    esc = (q == ESC_Q) & valid
+                    e32 = esc.to(tl.int32)
+                    eg = tl.sum(e32, 1)
                     erank = esc_carry + (tl.cumsum(eg, 0) - eg)[:, None] + tl.cumsum(e32, 1) - e32
                     epos = esc_start + erank * 32
                     ev32 = _read(wp, epos, erank * 0 + 32, esc & (epos + 32 <= end_bit)).to(tl.int32)
-                    if CHECK:
-                        err = err | (tl.max(tl.max(esc & (epos + 32 > end_bit), 1), 0).to(tl.int32) * 2)
                     m = tl.where(esc, ev32, m)
-                esc_carry += n_e
+                    esc_carry += tl.sum(eg, 0)
                 # ---- rebuild stripped bits, signs -------------------------------------------------------
                 if LAT == 3:
-                    s7 = tl.sum(tl.where(pos < 7, m, 0), 1) & 1
+                    s7 = tl.sum(tl.where(pj[None, :] < D - 1, m, 0), 1) & 1
                     mag = tl.where(strip, 2 * m + s7[:, None], m)
-                    present = ((mag != 0) | odd[:, None]) & ~((pos == 7) & odd[:, None])
+                    present = ((mag != 0) | odd[:, None]) & ~((pj[None, :] == D - 1) & odd[:, None])
                 elif LAT == 2:
-                    s3 = tl.sum(tl.where(pos < 3, m, 0), 1) & 1
+                    s3 = tl.sum(tl.where(pj[None, :] < D - 1, m, 0), 1) & 1
                     mag = tl.where(strip, 2 * m + s3[:, None], m)
                     present = mag != 0
                 else:
                     mag = m
                     present = mag != 0
                 present = present & valid
-                p32 = present.to(tl.int32)
-                pg = tl.sum(p32, 1)
-                srank = sign_carry + (tl.cumsum(pg, 0) - pg)[:, None] + tl.cumsum(p32, 1) - p32
+                # signs of a vector are consecutive in the tail: one read per vector, then each present
+                # coordinate takes the bit at its rank among the vector's present coordinates
+                pm = tl.sum(tl.where(present, 1 << pj[None, :], 0), 1).to(tl.uint32)
+                pg = _popc(pm, HW)
+                sbase = tail_start + sign_carry + tl.cumsum(pg, 0) - pg
                 sign_carry += tl.sum(pg, 0)
-                spos = tail_start + srank
-                sok = present & (spos < end_bit)
+                sok = gmask & (pg > 0) & (sbase + pg <= end_bit)
                 if CHECK:
-                    err = err | (tl.max(tl.max(present & (spos >= end_bit), 1), 0).to(tl.int32) * 2)
-                sbit = (tl.load(wp + (spos >> 5), mask=sok, other=0) >> (spos & 31)) & 1
-                neg = sok & (sbit == 1)
+                    err = err | (tl.max((gmask & (sbase + pg > end_bit)).to(tl.int32), 0) * 2)
+                sw = _read(wp, sbase, pg, sok)
+                srank = _popc(pm[:, None] & ((tl.full([1, D], 1, tl.uint32) << pj[None, :].to(tl.uint32)) - 1), HW)
+                neg = present & (((sw[:, None] >> srank.to(tl.uint32)) & 1) == 1)
                 if LAT == 3:
                     val = 2 * mag + par[:, None]
-                    nneg = tl.sum(tl.where(pos < 7, neg.to(tl.int32), 0), 1)
-                    neg7 = ((tl.sum(tl.where(valid, mag, 0), 1) - nneg) & 1) == 1
-                    neg = tl.where((pos == 7) & odd[:, None], neg7[:, None], neg)
+                    # an odd vector's last sign makes the sum 0 mod 4: parity of (sum of magnitudes - negatives)
+                    t = tl.sum(tl.where(valid, mag, 0) - tl.where(pj[None, :] < D - 1, neg.to(tl.int32), 0), 1)
+                    neg = tl.where((pj[None, :] == D - 1) & odd[:, None], ((t & 1) == 1)[:, None], neg)
                 else:
                     val = mag
                 cval = tl.where(neg, -val, val)
@@ -275,7 +312,7 @@ def _kernel():
 
 
 #: launch shape (bench/bench_kernels.py sweeps it on the device; see bench/RESULTS.md)
-_TUNE = {"programs_per_sm": 8, "num_warps": 8, "unary": 0, "chunk_words": _CHUNK_WORDS, "sub": 2048}
+_TUNE = {"programs_per_sm": 16, "num_warps": 4, "chunk_words": 64, "sub": 1024, "unit_bits": 16}
 _SCRATCH: dict = {}
 
 
@@ -285,7 +322,7 @@ def _scratch(device, nprog: int, bv: int) -> torch.Tensor:
     key = (str(device), bv, stream)
     t = _SCRATCH.get(key)
     if t is None or t.numel() < nprog * bv:
-        t = torch.empty(nprog * bv, dtype=torch.int32, device=device)
+        t = torch.empty(nprog * bv, dtype=torch.int8, device=device)
         _SCRATCH[key] = t
     return t
 
@@ -293,7 +330,7 @@ def _scratch(device, nprog: int, bv: int) -> torch.Tensor:
 def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n: int, lattice: str,
                 block_values: int, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int8,
                 check: bool = False, stats: bool = True, programs: int | None = None, num_warps: int | None = None,
-                unary: int | None = None, chunk_words: int | None = None, sub: int | None = None):
+                chunk_words: int | None = None, sub: int | None = None, unit_bits: int | None = None):
     """Decode a codec block stream on the GPU (or the Triton interpreter).
 
     ``words`` int32 (n_words,), ``offsets`` int32/int64 (n_blocks+1,) word offsets, ``ks`` uint8 (n_blocks, 1),
@@ -328,8 +365,8 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
         _kernel()[(nprog,)](words, offsets, ks.reshape(-1), out, scratch, err, amax, int(n), nb, BV=bv,
                             LAT=_LAT_CODE[lat], D=d, CW=chunk_words or _TUNE["chunk_words"],
                             OUT_FP8=out_dtype == torch.float8_e4m3fn, ESC_Q=ESCAPE_Q, CHECK=bool(stats or check),
-                            UNARY=_TUNE["unary"] if unary is None else unary,
-                            SUB=min(bv, sub or _TUNE["sub"]), HWN=max(1, bv // 256),
+                            SUB=min(bv, sub or _TUNE["sub"]), HWN=max(1, bv // 256), HW=not interpreting(),
+                            UB=unit_bits or _TUNE["unit_bits"],
                             num_warps=num_warps or _TUNE["num_warps"])
     if check and nb:
         if int(err.max()) != 0:

@@ -121,7 +121,7 @@ def _stream(lattice, bits, bv, rows=8, k=256, seed=0):
 @pytest.mark.parametrize("lattice,bits", [("E8", 4.0), ("D4", 3.0), ("Z", 5.0)])
 def test_rice_decode_kernel_bit_exact(lattice, bits):
     q = _stream(lattice, bits, 256)
-    out, amax, err = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, 256, sub=128, unary=2)
+    out, amax, err = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, 256, sub=128)
     ref = decode_coords(q.words, q.offsets, q.ks, q.numel, lattice, 256)
     assert int(err.abs().sum()) == 0
     assert torch.equal(out.to(torch.int32), ref.clamp(-127, 127))
@@ -130,8 +130,8 @@ def test_rice_decode_kernel_bit_exact(lattice, bits):
 
 
 @needs_triton
-@pytest.mark.parametrize("unary", [0, 1, 2])
-def test_rice_decode_kernel_escapes_and_partial_block(unary):
+@pytest.mark.parametrize("sub,chunk_words,unit_bits", [(None, None, None), (64, 8, 8), (128, 4, 32), (256, 2, 4)])
+def test_rice_decode_kernel_escapes_and_partial_block(sub, chunk_words, unit_bits):
     # a few huge coordinates force escape codes; 760 values leave a partial last block
     g = torch.Generator().manual_seed(5)
     c = (torch.randint(-3, 4, (95, 8), generator=g) * 2)
@@ -142,16 +142,18 @@ def test_rice_decode_kernel_escapes_and_partial_block(unary):
     c = c.reshape(-1).to(torch.int32).to(_DEV)
     assert int(c.sum()) % 2 == 0
     words, offs, ks = encode_coords(c, "E8", 256)
-    # unary=1 also splits each block into sub-chunks of 64 values (the carries across sub-chunks)
-    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 256, unary=unary,
-                                 sub=64 if unary else None)
+    # sub=64 splits each block into tiles of 64 values (carries across tiles); a few words per chunk scan the
+    # unary section in several steps (terminator positions carried across steps), in units of 4..32 bits
+    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 256, sub=sub,
+                                 chunk_words=chunk_words, unit_bits=unit_bits)
     assert int(err.abs().sum()) == 0
     assert torch.equal(out.to(torch.int32), c)
     assert int(amax.max()) == int(c.abs().max())
     # a truncated stream is flagged, never read past
     bad_offs = offs.clone()
     bad_offs[1] = bad_offs[1] - 3
-    _, _, err2 = rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, unary=unary)
+    _, _, err2 = rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, sub=sub,
+                             chunk_words=chunk_words, unit_bits=unit_bits)
     assert int(err2[0]) != 0
     with pytest.raises(RiceStreamError):
         rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, check=True)
