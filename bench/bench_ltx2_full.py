@@ -374,7 +374,7 @@ def main(argv=None):
                     dispatch.set_prefetch(True)
                     # the side-stream decode with fewer programs: it leaves more of each SM to the compute stream
                     default_pps = dispatch._PREFETCH["programs_per_sm"]
-                    for pps in (1, 2, 4, 8):
+                    for pps in (1, 2, 4, 8, 16):
                         dispatch._PREFETCH["programs_per_sm"] = pps
                         d[f"s_per_step_prefetch_pps{pps}"] = step_stats(model, inputs, args.steps)[0]
                     dispatch._PREFETCH["programs_per_sm"] = default_pps
