@@ -273,7 +273,7 @@ def _kernel():
 
 
 #: launch shape (not yet tuned on the device; rice_decode's defaults)
-_TUNE = {"programs_per_sm": 8, "num_warps": 8, "chunk_words": _CHUNK_WORDS, "sub": 2048}
+_TUNE = {"programs_per_sm": 8, "num_warps": 8, "chunk_words": _CHUNK_WORDS, "sub": 4096}
 _SCRATCH: dict = {}
 _KINDS = {"Z": ("Z2", "Z2"), "A2": ("A2", "A2"), "D4": ("Z2", "Z2coset")}
 
@@ -314,8 +314,9 @@ def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     ``stats`` (default) or ``check``; ``stats=False, check=False`` is the fast path for a stream already checked
     once (amax and err are then left unwritten; the table gathers and all reads stay masked either way).
     ``check=True`` synchronizes and raises ``RiceStreamError`` on any error flag and ``ValueError`` if a
-    coordinate was clamped. ``unary`` is accepted for signature compatibility; the unary section is always
-    scanned by the scatter method.
+    coordinate was clamped. ``sub``: coordinates per sub-chunk of the per-symbol pass (as in ``rice_decode``).
+    ``unary`` is accepted for signature compatibility; the unary section is always scanned by the scatter
+    method.
     """
     require_triton()
     lat = str(lattice).upper()
@@ -346,7 +347,7 @@ def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     t1 = _last_keys(k1)[0]
     e0, e1 = _last_keys("Z2coset")
     box = _tables(k1, "cpu")["b0"] if lat != "D4" else _tables("Z2", "cpu")["b0"]
-    s = min(bv // 2, sub or _TUNE["sub"])
+    s = min(bv, sub or _TUNE["sub"]) // 2   # ``sub`` counts coordinates, as in rice_decode; SUB counts pairs
     if nb:
         _kernel()[(nprog,)](words, offsets, ks.reshape(-1), tab1, tab2, out, scratch, err, amax, int(n), nb,
                             BV=bv, LAT=_LAT_CODE[lat], CW=chunk_words or _TUNE["chunk_words"],

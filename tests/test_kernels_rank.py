@@ -25,7 +25,7 @@ BV = 256
 
 
 def _run(words, offs, ks, n, lattice, **kw):
-    return rank_decode(words.to(_DEV), offs.to(torch.int32).to(_DEV), ks.to(_DEV), n, lattice, BV, sub=64, **kw)
+    return rank_decode(words.to(_DEV), offs.to(torch.int32).to(_DEV), ks.to(_DEV), n, lattice, BV, sub=128, **kw)
 
 
 def _block_amax(c, n_blocks):
