@@ -64,3 +64,15 @@ def test_normalized_second_moment_monte_carlo(lattice, expected):
 def test_unknown_lattice_is_named():
     with pytest.raises(ValueError, match="unknown lattice 'E9'"):
         nearest_point("E9", torch.zeros(8))
+
+
+@pytest.mark.parametrize("lattice", ["Z", "A2", "D4", "E8"])
+def test_nearest_point_passes_do_not_change_the_result(lattice, monkeypatch):
+    """nearest_point quantizes long inputs in passes of CHUNK_VALUES values: same result as one call."""
+    from hyperquant_diffusers.codec import lattices
+    from hyperquant_diffusers.codec.lattices import nearest_a2, nearest_d4, nearest_e8, nearest_z
+
+    fn = {"Z": nearest_z, "A2": nearest_a2, "D4": nearest_d4, "E8": nearest_e8}[lattice]
+    x = torch.randn(37, 1000, generator=torch.Generator().manual_seed(2)) * 4
+    monkeypatch.setattr(lattices, "CHUNK_VALUES", 1000)
+    assert torch.equal(nearest_point(lattice, x), fn(x))

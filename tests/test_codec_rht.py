@@ -53,3 +53,13 @@ def test_bad_tile_is_named(bad):
 def test_indivisible_axis_is_named():
     with pytest.raises(ValueError, match="not divisible by tile_size"):
         fwht(torch.zeros(2, 96), 64)
+
+
+def test_fwht_row_passes_do_not_change_the_result(monkeypatch):
+    """fwht transforms many rows in passes; the result is bitwise that of one pass."""
+    from hyperquant_diffusers.codec import hadamard
+
+    x = torch.randn(50, 512, generator=torch.Generator().manual_seed(3))
+    one = hadamard.fwht(x, 128)
+    monkeypatch.setattr(hadamard, "_CHUNK_VALUES", 3 * 512)
+    assert torch.equal(hadamard.fwht(x, 128), one)

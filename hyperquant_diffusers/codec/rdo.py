@@ -6,20 +6,19 @@ nearby point with smaller coordinates. Each vector takes the lattice point ``p``
 
     J(p) = ||x - p||^2 + lambda * bits(p)
 
-exactly (not among a few candidates): with the Rice parameters ``ks`` fixed, ``bits(p)`` is a sum of
-per-coordinate costs (see :mod:`.stream`: Rice-coded magnitude, a sign bit when present, the parity bit), so
-``J`` is separable within each coset of the lattice's sub-lattice of integer vectors:
+exactly (not among a few candidates), with the Rice parameters ``ks`` fixed:
 
-* Z: every coordinate on its own (the two integers around ``x``).
+* Z and D4 (coded by pair ranks, see :mod:`.stream`): :func:`.rank_rdo.rd_rank_chunk`.
 * A2 (coded by point rank, :mod:`.a2_index`): not separable; the nearest point and its 18 neighbours within
   distance 2 are searched.
-* D4 (integer vectors of even sum): per coordinate the best integer of each parity; if the best choices have
-  an odd sum, the coordinate whose switch to its other parity costs least switches (Conway & Sloane's D_n
-  rule, applied to ``J`` instead of distance).
-* E8 (doubled coordinates: all even or all odd, sum ≡ 0 mod 4): the D_n rule on ``c/2`` (even coset) or
-  ``(c-1)/2`` (odd coset), then the cheaper coset.
+* E8: ``bits(p)`` is a sum of per-coordinate costs (Rice-coded magnitude, a sign bit when present, the parity
+  bit), so ``J`` is separable within each coset of the integer sub-lattice D8 (doubled coordinates: all even
+  or all odd, sum ≡ 0 mod 4): per coordinate the best value of each label; if the best choices have an odd
+  label sum, the coordinate whose switch to its other label costs least switches (Conway & Sloane's D_n rule,
+  applied to ``J`` instead of distance), on ``c/2`` (even coset) or ``(c-1)/2`` (odd coset), then the cheaper
+  coset. The bit costs of the candidates are looked up in a table per Rice parameter.
 
-Per coordinate only the two values of each label around ``x`` are candidates: one further step toward zero
+E8: per coordinate only the two values of each label around ``x`` are candidates: one further step toward zero
 moves the point a whole class step (>= 1 lattice unit), costing more distortion than any bits it saves at
 every rate the codec accepts (the brute-force test in ``tests/test_codec_rdo.py`` checks optimality).
 ``lambda = -dD/dR = 2 ln2 * D`` (high-rate slope, ``D = G V^(2/d)`` per value in lattice units); a sweep of
@@ -37,6 +36,7 @@ import torch
 from .a2_index import a2_rank
 from .constants import A2_RANK_TABLE, ESCAPE_BITS, lattice_spec
 from .lattices import nearest_point
+from .rank_rdo import rd_rank_chunk
 from .rice import rice_cost
 from .stream import choose_ks
 
@@ -120,21 +120,8 @@ def _rd_chunk(lattice: str, y: torch.Tensor, k: torch.Tensor, lam: float) -> tor
     def dist(t, vals, weight):
         return (t.unsqueeze(-1) - vals).square() * weight
 
-    if name == "Z":
-        vals = _coset_table(y, 0.0, 1.0, 2)
-        ci = vals.to(torch.int32)  # |c| <= MAX_ABS_COORD: int32 halves the memory traffic
-        bits = rice_cost(ci.abs(), kk) + (ci != 0)
-        _, i = _best(dist(y, vals, 1.0) + lam * bits.to(dt))
-        return vals.gather(-1, i.unsqueeze(-1)).squeeze(-1).to(torch.int32)
-    if name == "D4":
-        vals = _coset_table(y, 0.0, 1.0, 4)
-        ci = vals.to(torch.int32)  # |c| <= MAX_ABS_COORD: int32 halves the memory traffic
-        mag = ci.abs()
-        bits = rice_cost(mag, kk) + (ci != 0)
-        bits[:, 3] = rice_cost(mag[:, 3] >> 1, km1[:, 3]) + (ci[:, 3] != 0)
-        label_a = ci[..., 1] & 1
-        _, i = _best_even_labels(dist(y, vals, 1.0) + lam * bits.to(dt), label_a)
-        return vals.gather(-1, i.unsqueeze(-1)).squeeze(-1).to(torch.int32)
+    if name in ("Z", "D4"):  # rank-coded pairs (see .stream): not separable per coordinate
+        return rd_rank_chunk(name, y, k, lam)
     if name == "A2":
         # rank-coded (see .a2_index): the cost is not separable, so search the nearest point and its 18
         # neighbours within distance 2 (the bits fall only toward the origin, by at most a few per ring)
