@@ -76,9 +76,9 @@ def sweeps(dev, parts=("decode", "actq", "gemm")):
     buf = torch.empty(q.numel, dtype=torch.int8, device=dev)
     best = None
     # (unit_bits, programs per SM, warps, chunk words, sub): the measured best and its neighbours
-    decode_cands = ((16, 16, 4, 64, 1024), (16, 16, 4, 128, 1024), (16, 8, 4, 64, 1024), (8, 16, 4, 64, 1024),
-                    (16, 16, 4, 64, 2048), (16, 16, 8, 64, 1024), (32, 16, 4, 64, 1024),
-                    (8, 16, 4, 32, 1024)) if "decode" in parts else ((16, 16, 4, 64, 1024),)
+    decode_cands = ((16, 32, 2, 32, 512), (16, 16, 2, 32, 512), (16, 32, 2, 16, 512), (8, 32, 2, 32, 512),
+                    (16, 16, 4, 64, 1024), (16, 32, 4, 64, 1024), (16, 16, 8, 128, 2048),
+                    (32, 32, 2, 32, 512)) if "decode" in parts else ((16, 32, 2, 32, 512),)
     for ub, pps, nw, cwd, sub in decode_cands:
         t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
                                          stats=False, programs=pps * 132, num_warps=nw, unit_bits=ub,

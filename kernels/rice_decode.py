@@ -241,8 +241,13 @@ def _kernel():
                 q = tl.load(sp + idx, mask=valid, other=0).to(tl.int32)
                 if CHECK:
                     err = err | (tl.max(tl.max(((q > ESC_Q) & valid).to(tl.int32), 1), 0) * 4)
-                if k * D <= 64:
-                    # a vector's low bits are contiguous: one 64-bit window per vector, then shifts
+                if k * D <= 32:
+                    # a vector's low bits are contiguous: one 32-bit window per vector, then shifts
+                    win32 = _read(wp, lp, lp * 0 + k * D, gmask)
+                    fm32 = (tl.full([1, D], 1, tl.uint32) << keff.to(tl.uint32)) - 1
+                    low = ((win32[:, None] >> (pj[None, :] * k).to(tl.uint32)) & fm32).to(tl.int32)
+                elif k * D <= 64:
+                    # the same with a 64-bit window
                     lw = lp >> 5
                     a = tl.load(wp + lw, mask=gmask & (lw < nwords), other=0).to(tl.uint32, bitcast=True)
                     bb = tl.load(wp + lw + 1, mask=gmask & (lw + 1 < nwords), other=0).to(tl.uint32, bitcast=True)
@@ -312,7 +317,7 @@ def _kernel():
 
 
 #: launch shape (bench/bench_kernels.py sweeps it on the device; see bench/RESULTS.md)
-_TUNE = {"programs_per_sm": 16, "num_warps": 4, "chunk_words": 64, "sub": 1024, "unit_bits": 16}
+_TUNE = {"programs_per_sm": 32, "num_warps": 2, "chunk_words": 32, "sub": 512, "unit_bits": 16}
 _SCRATCH: dict = {}
 
 
