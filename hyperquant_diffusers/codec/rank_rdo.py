@@ -10,9 +10,12 @@ The Lagrangian ``J(p) = ||y - p||^2 + lambda * bits(p)`` is minimized
   parity ``s`` are found independently (given ``s`` the cost is separable into the two pairs), then the better
   parity is taken: exact over the candidates.
 
-Candidates lie within ``_REACH`` of the rounded pair in each coordinate: a point further away is more than
-2.25 squared units worse in distortion than one inside, which no rank saving recovers at the codec's rates
-(``tests/test_codec_rank.py`` checks the result against brute force over a larger box).
+Candidates lie within ``_REACH`` (2) of the rounded pair in each coordinate. A point 3 or more units off in a
+coordinate is at least 6 squared units worse in distortion than the rounded pair; it could only win by saving
+more than ``6 / lambda`` bits (52 for Z, 40 for D4 at the default lambda) over every candidate inside, while a
+Rice escape caps a rank's cost at ``k + ESCAPE_Q + 1 + ESCAPE_BITS`` bits, so this needs a k = 0 block with an
+outlier pair. ``tests/test_codec_rank.py`` and ``tests/test_codec_rdo.py`` check the result against brute force
+over a larger box (lambda at 1x and 6x the default).
 
 :func:`rd_rank_chunk` has the signature of ``rdo._rd_chunk`` so the RDO can route Z and D4 to it.
 """
