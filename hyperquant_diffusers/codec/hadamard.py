@@ -48,20 +48,22 @@ def fwht(x: torch.Tensor, tile_size: int) -> torch.Tensor:
 
 
 #: Values per pass of :func:`fwht` (the result does not depend on it).
-_CHUNK_VALUES = 1 << 19
+_CHUNK_VALUES = 1 << 20
 
 
 def _fwht_rows(rows: torch.Tensor, t: int) -> torch.Tensor:
     """Orthonormal per-tile Walsh–Hadamard transform of the rows of ``rows`` (R, K): a new (R, K) tensor."""
     r, k = rows.shape
-    y = rows.reshape(r, k // t, t)
-    h = 1
-    while h < t:
-        y = y.reshape(r, k // t, t // (2 * h), 2, h)
-        a, b = y[:, :, :, 0, :], y[:, :, :, 1, :]
-        y = torch.stack((a + b, a - b), dim=3)
-        h *= 2
-    return y.reshape(r, k).mul_(t ** -0.5)
+    src = rows.contiguous()
+    bufs = (torch.empty_like(src), torch.empty_like(src) if t > 2 else None)
+    h, i = 1, 0
+    while h < t:  # butterflies of span h, written straight into the other buffer
+        y = src.view(r, k // t, t // (2 * h), 2, h)
+        dst = bufs[i].view(r, k // t, t // (2 * h), 2, h)
+        torch.add(y[:, :, :, 0, :], y[:, :, :, 1, :], out=dst[:, :, :, 0, :])
+        torch.sub(y[:, :, :, 0, :], y[:, :, :, 1, :], out=dst[:, :, :, 1, :])
+        src, i, h = bufs[i], 1 - i, h * 2
+    return src.view(r, k).mul_(t ** -0.5)
 
 
 def rht(x: torch.Tensor, signs: torch.Tensor, tile_size: int) -> torch.Tensor:

@@ -56,12 +56,14 @@ def nearest_d4(x: torch.Tensor) -> torch.Tensor:
 def nearest_e8(x: torch.Tensor) -> torch.Tensor:
     """Nearest point of E8 = D8 ∪ (D8 + ½). ``x``: (..., 8m) float; returns int32 coords of 2·point."""
     g = _groups(x, 8)
-    p0 = _nearest_dn(g)
-    p1 = _nearest_dn(g - 0.5) + 0.5
-    d0 = (g - p0).square().sum(dim=1, keepdim=True)
-    d1 = (g - p1).square().sum(dim=1, keepdim=True)
+    m = g.shape[0]
+    # both cosets in one batch: rows of D8 (p0) and of D8 + 1/2 (p1)
+    p = _nearest_dn(torch.cat((g, g - 0.5)))
+    p0, p1 = p[:m], p[m:].add_(0.5)
+    d0 = (g - p0).square_().sum(dim=1, keepdim=True)
+    d1 = (g - p1).square_().sum(dim=1, keepdim=True)
     p = torch.where(d1 < d0, p1, p0)
-    return torch.round(2.0 * p).to(torch.int32).reshape(x.shape)
+    return p.mul_(2.0).to(torch.int32).reshape(x.shape)  # 2p is an integer: no rounding needed
 
 
 def nearest_a2(x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,7 @@ _NEAREST = {"Z": nearest_z, "A2": nearest_a2, "D4": nearest_d4, "E8": nearest_e8
 
 #: Values per pass of :func:`nearest_point` (keeps the temporaries of a pass in cache; the result does not depend
 #: on it: every lattice vector is quantized on its own).
-CHUNK_VALUES = 1 << 19
+CHUNK_VALUES = 1 << 20
 
 
 def nearest_point(lattice: str, x: torch.Tensor) -> torch.Tensor:

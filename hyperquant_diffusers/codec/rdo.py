@@ -45,7 +45,7 @@ _SQRT3 = math.sqrt(3.0)
 _A2_RING2 = torch.tensor([[0, 0], [2, 0], [-2, 0], [1, 1], [1, -1], [-1, 1], [-1, -1], [0, 2], [0, -2], [3, 1],
                           [3, -1], [-3, 1], [-3, -1], [4, 0], [-4, 0], [2, 2], [2, -2], [-2, 2], [-2, -2]])
 #: Values processed per RDO pass (bounds the memory of the candidate tables: ~40 bytes per value and candidate).
-RDO_CHUNK = 1 << 19
+RDO_CHUNK = 1 << 20
 
 
 def rd_lambda(lattice: str) -> float:
@@ -212,9 +212,11 @@ def _rd_e8(y: torch.Tensor, k: torch.Tensor, lam: float, dt) -> torch.Tensor:
     dev = y.device
     consts = {"half_rel": torch.tensor([-1.0, 0.0, 1.0, 2.0], dtype=dt, device=dev),
               **{str(v): torch.tensor(v, dtype=torch.int32, device=dev) for v in (0, 4, -2, 2)}}
-    j0, v0 = _rd_e8_coset(y, a_even, lam_bits, idx0, consts)
-    j1, v1 = _rd_e8_coset(y, a_odd, lam_bits, idx0 + 2 * width, consts)
-    return torch.where((j1 < j0).unsqueeze(1), v1, v0)
+    m = y.shape[0]
+    # both cosets in one batch (rows 0..m-1: even coset, m..2m-1: odd coset)
+    j, v = _rd_e8_coset(torch.cat((y, y)), torch.cat((a_even, a_odd)), lam_bits,
+                        torch.cat((idx0, idx0 + 2 * width)), consts)
+    return torch.where((j[m:] < j[:m]).unsqueeze(1), v[m:], v[:m])
 
 
 def _rd_e8_direct(y: torch.Tensor, k: torch.Tensor, lam: float, dt) -> torch.Tensor:

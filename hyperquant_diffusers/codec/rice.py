@@ -97,20 +97,31 @@ _TOP = max(5, (ESCAPE_Q - 1).bit_length())
 _HALF = 1 << (_TOP - 1)
 
 
-def _buckets(m: torch.Tensor) -> torch.Tensor:
-    """Bucket of each integer ``m >= 0`` (int64 < 2**62 or int32) such that ``rice_cost(m, k)`` is the same for
-    every value of a bucket, for every ``k``: same shape, int64.
+def _buckets(m: torch.Tensor, m_max: int | None = None) -> torch.Tensor:
+    """Bucket of each integer ``m >= 0`` (int64 < 2**62, or int32) such that ``rice_cost(m, k)`` is the same for
+    every value of a bucket, for every ``k``: int32 if ``m`` is below 2**31, else int64; same shape.
 
     With ``t = max(bit_length(m) - _TOP, 0)`` the bucket is ``(m >> t) + _HALF * t``: for ``k >= t``,
     ``m >> k == (m >> t) >> (k - t)`` depends on the bucket only, and for ``k < t`` the quotient is at least
     ``2**_TOP >= ESCAPE_Q`` (an escape) whatever the low bits. The bit length comes from the float32 exponent;
     where rounding to float32 carries into the next power of two, the top ``_TOP`` bits are all ones and
-    ``(m >> (t + 1)) + _HALF * (t + 1)`` is the same bucket."""
-    e = (m.to(torch.float32).view(torch.int32) >> 23) - (126 + _TOP)
-    t = e.clamp_min_(0)
-    if m.dtype == torch.int32:
-        return (m >> t).add_(t, alpha=_HALF).to(torch.int64)
+    ``(m >> (t + 1)) + _HALF * (t + 1)`` is the same bucket. Buckets grow with ``m``. ``m_max``: ``m.max()``
+    if known."""
+    if m.dtype != torch.int32 and m.numel():
+        if m_max is None:
+            m_max = int(m.max())
+        if m_max < (1 << 31):
+            m = m.to(torch.int32)
+    t = m.to(torch.float32).view(torch.int32)
+    t >>= 23
+    t.sub_(126 + _TOP).clamp_min_(0)
     return (m >> t).add_(t, alpha=_HALF)
+
+
+def _bucket_of(v: int) -> int:
+    """:func:`_buckets` of one Python integer."""
+    t = max(v.bit_length() - _TOP, 0)
+    return (v >> t) + _HALF * t
 
 
 def _bucket_values(nbk: int, device) -> torch.Tensor:
@@ -135,12 +146,15 @@ def rice_cost_table(m: torch.Tensor, k_shift: torch.Tensor | None = None, *, max
             raise ValueError("k_shift must be 0 or -1")
     if m.numel() == 0:
         return torch.zeros(g, max_k + 1, dtype=torch.float64, device=device)
-    b = _buckets(m)
-    nbk = int(b.max()) + 1
+    m_max = int(m.max())
+    b = _buckets(m, m_max)
+    nbk = _bucket_of(m_max) + 1
     ns = 2 if shifted else 1
+    if g * ns * nbk >= (1 << 31):
+        b = b.to(torch.int64)
     if shifted:
-        b.sub_(k_shift.to(torch.int64), alpha=nbk)  # shift -1 -> second half
-    b += (torch.arange(g, dtype=torch.int64, device=device) * (ns * nbk)).unsqueeze(1)
+        b.sub_(k_shift.view(b.shape), alpha=nbk)  # shift -1 -> second half
+    b += (torch.arange(g, dtype=b.dtype, device=device) * (ns * nbk)).unsqueeze(1)
     hist = torch.bincount(b.reshape(-1), minlength=g * ns * nbk).view(g, ns * nbk)
     rep = _bucket_values(nbk, device).unsqueeze(1)
     kk = torch.arange(max_k + 1, dtype=torch.int64, device=device).unsqueeze(0)
@@ -174,17 +188,6 @@ def best_rice_k(m: torch.Tensor, k_shift: torch.Tensor | None = None, *, max_k: 
         if not bool(at_edge.any()) or hi - lo > 2 * max_k:
             return best_k
         lo, hi = lo - 3, hi + 3
-
-
-def _spread(per_block: torch.Tensor, counts: torch.Tensor, n: int, regular: int) -> torch.Tensor:
-    """``per_block[b]`` for every value of block ``b`` (blocks of ``counts`` consecutive values): (n,)."""
-    if regular:
-        nfull = n // regular
-        out = per_block[:nfull].unsqueeze(1).expand(nfull, regular).reshape(-1)
-        if nfull * regular < n:
-            out = torch.cat((out, per_block[nfull:nfull + 1].expand(n - nfull * regular)))
-        return out
-    return torch.repeat_interleave(per_block, counts, output_size=n)
 
 
 def _add_per_block_(x: torch.Tensor, per_block: torch.Tensor, counts: torch.Tensor, regular: int) -> torch.Tensor:
