@@ -3,7 +3,9 @@
 Each module holds a Triton kernel, its launcher and a pure-torch reference side by side:
 
 * :mod:`.act_quant`   -- fused per-tile activation RHT + per-token int8 / fp8-e4m3 quantization
-* :mod:`.rice_decode` -- parallel Rice block decode straight into int8 / fp8 lattice coordinates (Z, D4, E8)
+* :mod:`.rice_decode` -- parallel Rice block decode of E8 streams straight into int8 / fp8 lattice coordinates
+* :mod:`.rank_decode` -- the same for the pair-rank-coded streams (Z, D4, A2): Rice-coded ranks -> table gathers
+* :mod:`._bits`       -- the bit helpers and the unary pass both decoders share
 * :mod:`.int8_gemm`   -- int8 GEMM with scales, bias and output cast fused in the epilogue; ``torch._int_mm`` and
   ``torch._scaled_mm`` (fp8) paths; float64 reference
 * :mod:`.fp4`         -- nvfp4 / mxfp4 storage of the lattice output (emulated), its error

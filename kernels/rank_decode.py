@@ -17,9 +17,8 @@ A rank equal to the table's escape rank is followed, in the block's tail, by the
 One Triton program decodes one block at a time (a persistent grid walks the blocks), every symbol in parallel:
 
 * the low bits sit at ``j*k`` (D4: ``j*k - (j >> 1)`` when ``k > 0``, the odd symbols having one bit fewer);
-* the unary section is scanned a word at a time as :mod:`.rice_decode` does (a prefix sum of per-word zero counts
-  gives the rank of each word's first terminator, each word walks its own zeros and scatters ``A_r`` = ones before
-  terminator ``r`` into a per-program scratch row; ``q_r = A_r - A_{r-1}``);
+* the unary section becomes one quotient per symbol in a per-program scratch row through the pass the E8 decoder
+  uses (``unary_pass`` of :mod:`._bits`), which also counts the Rice escapes;
 * Rice escapes and escaped pairs are placed by two-level prefix counts;
 * a rank becomes its pair by one gather from the rank table, packed as one int32 per pair
   (``(c1 << 16) | (c0 & 0xFFFF)``, :func:`~hyperquant_diffusers.codec.rank_index.packed_table`), a torch tensor on
@@ -39,44 +38,24 @@ import torch
 from ..codec import constants as codec_constants
 from ..codec.rank_index import _tables, escape_rank, packed_table, table_sizes
 from ..codec.rice import RiceStreamError
-from ._triton import jit_cache, num_sms, require_triton
+from ._bits import bit_helpers
+from ._triton import interpreting, jit_cache, num_sms, require_triton
 
 ESCAPE_Q = codec_constants.ESCAPE_Q
 ESCAPE_BITS = codec_constants.ESCAPE_BITS
 _LAT_CODE = {"Z": 0, "A2": 1, "D4": 2}
-#: words of the unary section scanned per step
-_CHUNK_WORDS = 256
 
 
 @jit_cache
 def _kernel():
     # Triton resolves a jitted function's callees and ``tl`` through the module globals, so the helpers are bound
-    # there (built lazily: importing this module never imports Triton). ``_popc`` and ``_read`` are the helpers of
-    # ``rice_decode`` (copied: that module builds its own lazily and is being rewritten).
-    global tl, _popc, _read, _outside
+    # there (built lazily: importing this module never imports Triton).
+    global tl, _read, _unary_pass, _outside
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _popc(x):
-        # population count of uint32 lanes (SWAR; portable to the interpreter, unlike libdevice.popc)
-        x = x - ((x >> 1) & 0x55555555)
-        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-        x = (x + (x >> 4)) & 0x0F0F0F0F
-        return ((x * 0x01010101) >> 24).to(tl.int32)
-
-    @triton.jit
-    def _read(wp, pos, nbits, mask):
-        # ``nbits`` (0..32) bits LSB-first at bit ``pos`` (int32, relative to word pointer ``wp``) as uint32
-        wi = pos >> 5
-        off = (pos & 31).to(tl.uint32)
-        lo = tl.load(wp + wi, mask=mask, other=0).to(tl.uint32, bitcast=True)
-        need_hi = mask & ((pos & 31) + nbits > 32)
-        hi = tl.load(wp + wi + 1, mask=need_hi, other=0).to(tl.uint32, bitcast=True)
-        v = (lo >> off) | ((hi << 1) << (31 - off))
-        one = tl.full(v.shape, 1, tl.uint32)
-        m = tl.where(nbits >= 32, tl.full(v.shape, 0xFFFFFFFF, tl.uint32), (one << tl.minimum(nbits, 31).to(tl.uint32)) - 1)
-        return v & m
+    h = bit_helpers()
+    _read, _unary_pass = h.read, h.unary_pass
 
     @triton.jit
     def _outside(c0, c1, A2: tl.constexpr, BOX: tl.constexpr, LN: tl.constexpr, L1: tl.constexpr,
@@ -102,10 +81,11 @@ def _kernel():
                            BOX: tl.constexpr,
                            T1N: tl.constexpr, T1C1: tl.constexpr, T1C0: tl.constexpr,
                            E0N: tl.constexpr, E0C1: tl.constexpr, E0C0: tl.constexpr,
-                           E1N: tl.constexpr, E1C1: tl.constexpr, E1C0: tl.constexpr):
+                           E1N: tl.constexpr, E1C1: tl.constexpr, E1C0: tl.constexpr,
+                           UB: tl.constexpr, HW: tl.constexpr):
         # Symbols are handled as (SR, 2) tiles: row i, column t is symbol 2i + t (D4: vector i's pair t). The
-        # block-level unary scan fills the scratch row; the per-symbol work then runs over sub-chunks of SUB
-        # symbols with scalar carries (Rice-escape rank, escaped-pair rank), which bounds register use.
+        # block-level unary pass fills the scratch row with one quotient per symbol; the per-symbol work then runs
+        # over sub-chunks of SUB symbols with scalar carries (Rice-escape rank, escaped-pair rank).
         SR: tl.constexpr = SUB // 2
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -113,7 +93,7 @@ def _kernel():
         tj = tl.arange(0, 2)
         lidx = ri[:, None] * 2 + tj[None, :]                     # (SR, 2) symbol index within a sub-chunk
         col = lidx & 1
-        cw = tl.arange(0, CW)
+        NU: tl.constexpr = CW * (32 // UB)                      # units of the unary pass scanned per step
         sp = scratch_ptr + (pid + 0 * n).to(tl.int64) * (BV // 2)
         for b in range(pid, nb, nprog):
             w0 = tl.load(offs_ptr + b).to(tl.int64)
@@ -132,59 +112,25 @@ def _kernel():
             else:
                 un_start = cnt * k
             err = err | ((un_start > end_bit).to(tl.int32) * 2)
-            # ---- unary section: scatter A_r = ones before terminator r ----------------------------------------
-            carry = cnt * 0
-            wstart = un_start >> 5
-            c = cnt * 0
-            while (carry < cnt) & (wstart + c * CW < nwords):
-                wi = wstart + c * CW + cw
-                wm = wi < nwords
-                w = tl.load(wp + wi, mask=wm, other=-1).to(tl.uint32, bitcast=True)
-                sh = (un_start & 31).to(tl.uint32)
-                first = tl.full([CW], 1, tl.uint32) << sh
-                w = w | tl.where(wi == wstart, first - 1, 0)     # bits before the section are not terminators
-                inv = w ^ 0xFFFFFFFF
-                z = _popc(inv)
-                zr = tl.cumsum(z, 0) - z + carry
-                maxz = tl.max(z, 0)
-                for j in range(0, maxz):
-                    lowbit = inv & ((inv ^ 0xFFFFFFFF) + 1)
-                    bp = _popc(lowbit - 1)
-                    r = zr + j
-                    ok = (inv != 0) & (r < cnt)
-                    tl.store(sp + r, wi * 32 + bp - un_start - r, mask=ok)
-                    inv = inv & (inv - 1)
-                carry += tl.sum(z, 0)
-                c += 1
-            err = err | (carry < cnt).to(tl.int32)
-            tl.debug_barrier()
-            a_last = tl.load(sp + tl.maximum(cnt - 1, 0), mask=carry >= cnt, other=0)
-            esc_start = un_start + a_last + cnt
-            # Rice escapes come before the raw pairs: count them first (q_r = A_r - A_{r-1} == ESC_Q)
-            n_resc = cnt * 0
-            for s0 in range(0, BV // 2, SUB):
-                li = s0 + lidx
-                v = (li < cnt) & (carry >= cnt)
-                A = tl.load(sp + li, mask=v, other=0)
-                Ap = tl.load(sp + li - 1, mask=v & (li > 0), other=0)
-                n_resc += tl.sum(tl.sum((((A - Ap) == ESC_Q) & v).to(tl.int32), 1), 0)
+            # ---- unary section -> q per symbol (int8) in this program's scratch row ------------------------
+            esc_start, n_resc, trunc = _unary_pass(wp, sp, un_start, cnt, nwords, NU, UB, ESC_Q, HW)
+            err = err | trunc
+            # Rice escapes come before the raw pairs
             tail_start = esc_start + n_resc * 32
             resc_carry = cnt * 0
             pesc_carry = cnt * 0
             for s0 in range(0, BV // 2, SUB):
                 idx = s0 + lidx
-                valid = (idx < cnt) & (carry >= cnt)
+                valid = (idx < cnt) & (trunc == 0)
                 if LAT == 2:
                     keff = tl.maximum(k - col, 0)
                     low_pos = idx * k - kpos * (idx >> 1)
                 else:
                     keff = k + col * 0
                     low_pos = idx * k
-                A = tl.load(sp + idx, mask=valid, other=0)
-                Ap = tl.load(sp + idx - 1, mask=valid & (idx > 0), other=0)
-                q = A - Ap
+                q = tl.load(sp + idx, mask=valid, other=0).to(tl.int32)
                 if CHECK:
-                    err = err | (tl.max(tl.max(((q > ESC_Q) | (q < 0)) & valid, 1), 0).to(tl.int32) * 4)
+                    err = err | (tl.max(tl.max((q > ESC_Q) & valid, 1), 0).to(tl.int32) * 4)
                 lok = valid & (low_pos + keff <= end_bit)
                 if CHECK:
                     err = err | (tl.max(tl.max(valid & ~lok, 1), 0).to(tl.int32) * 2)
@@ -273,7 +219,7 @@ def _kernel():
 
 
 #: launch shape (not yet tuned on the device; rice_decode's defaults)
-_TUNE = {"programs_per_sm": 8, "num_warps": 8, "chunk_words": _CHUNK_WORDS, "sub": 4096}
+_TUNE = {"programs_per_sm": 32, "num_warps": 2, "chunk_words": 32, "sub": 512, "unit_bits": 16}
 _SCRATCH: dict = {}
 _KINDS = {"Z": ("Z2", "Z2"), "A2": ("A2", "A2"), "D4": ("Z2", "Z2coset")}
 
@@ -284,7 +230,7 @@ def _scratch(device, nprog: int, bv: int) -> torch.Tensor:
     key = (str(device), bv, stream)
     t = _SCRATCH.get(key)
     if t is None or t.numel() < nprog * (bv // 2):
-        t = torch.empty(nprog * (bv // 2), dtype=torch.int32, device=device)
+        t = torch.empty(nprog * (bv // 2), dtype=torch.int8, device=device)
         _SCRATCH[key] = t
     return t
 
@@ -303,7 +249,7 @@ def _last_keys(kind: str) -> list[tuple[int, int, int]]:
 def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n: int, lattice: str,
                 block_values: int, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int8,
                 check: bool = False, stats: bool = True, programs: int | None = None, num_warps: int | None = None,
-                unary: int | None = None, chunk_words: int | None = None, sub: int | None = None):
+                chunk_words: int | None = None, sub: int | None = None, unit_bits: int | None = None):
     """Decode a rank-coded codec block stream (Z, D4 or A2) on the GPU (or the Triton interpreter).
 
     Same contract as :func:`.rice_decode.rice_decode`: ``words`` int32 (n_words,), ``offsets`` int32/int64
@@ -314,9 +260,8 @@ def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     ``stats`` (default) or ``check``; ``stats=False, check=False`` is the fast path for a stream already checked
     once (amax and err are then left unwritten; the table gathers and all reads stay masked either way).
     ``check=True`` synchronizes and raises ``RiceStreamError`` on any error flag and ``ValueError`` if a
-    coordinate was clamped. ``sub``: coordinates per sub-chunk of the per-symbol pass (as in ``rice_decode``).
-    ``unary`` is accepted for signature compatibility; the unary section is always scanned by the scatter
-    method.
+    coordinate was clamped. ``sub``: coordinates per sub-chunk of the per-symbol pass, ``chunk_words`` /
+    ``unit_bits``: the unary pass's step (as in ``rice_decode``).
     """
     require_triton()
     lat = str(lattice).upper()
@@ -354,7 +299,8 @@ def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
                             OUT_FP8=out_dtype == torch.float8_e4m3fn, ESC_Q=ESCAPE_Q, CHECK=bool(stats or check),
                             SUB=max(2, s), ESC1=escape_rank(k1), ESC2=escape_rank(k2), SIZE2_0=s2[0], SIZE2_1=s2[1],
                             BOX=box, T1N=t1[0], T1C1=t1[1], T1C0=t1[2], E0N=e0[0], E0C1=e0[1], E0C0=e0[2],
-                            E1N=e1[0], E1C1=e1[1], E1C0=e1[2], num_warps=num_warps or _TUNE["num_warps"])
+                            E1N=e1[0], E1C1=e1[1], E1C0=e1[2], UB=unit_bits or _TUNE["unit_bits"],
+                            HW=not interpreting(), num_warps=num_warps or _TUNE["num_warps"])
     if check and nb:
         if int(err.max()) != 0:
             bad = int((err != 0).nonzero()[0])

@@ -151,7 +151,7 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="tile_size"):
         KVQuantizer(KVQuantConfig(), 24)
     with pytest.raises(ValueError, match="cannot reach"):
-        KVQuantizer(KVQuantConfig(bits=1.5, lattice="Z"), 16)   # >= 1 bit per value + an 8-bit step per 16 values
+        KVQuantizer(KVQuantConfig(bits=1.5, lattice="E8"), 16)  # >= 1 Rice bit per value + an 8-bit step per 16 values
     with pytest.raises(ValueError, match="use more bits"):
         KVQuantizer(KVQuantConfig(bits=2.0, method="qjl"), 16)
     with pytest.raises(ValueError, match="cache format must be one of"):

@@ -248,8 +248,8 @@ def _step_multiplier_cached(lattice: str, dithered: bool, target: float, d: int)
     else:
         raise ValueError(
             f"the Rice-coded {lattice} lattice codes cannot reach {target:.3f} bits per value (its floor is "
-            f"about {f1 + target:.2f}); use more kv_bits, a larger head dimension (the per-vector step is side information) or A2 (the lowest floor: "
-            f"one Rice bit per pair of values)")
+            f"about {f1 + target:.2f}); use more kv_bits, a larger head dimension (the per-vector step is side information) or a pair-coded "
+            f"lattice, A2, Z or D4 (the lowest floor: one Rice bit per pair of values)")
     if abs(f1) < _CAL_TOL:
         return 2.0 ** x1
     a, fa, b, fb, side = x0, f0, x1, f1, 0

@@ -1,0 +1,144 @@
+"""Triton bit helpers shared by the block decoders (:mod:`.rice_decode`, :mod:`.rank_decode`).
+
+* ``popc`` / ``msb`` / ``lowest``: population count, highest and lowest set bit of uint32 lanes -- the hardware
+  instructions on a GPU (``HW=True``), portable SWAR forms in Triton's CPU interpreter;
+* ``read``: up to 32 bits LSB-first at any bit position of an int32 word stream;
+* ``unary_pass``: a block's unary section -> one quotient per symbol (int8) in a scratch row, with the escape count
+  and the bit position after the last terminator.
+
+Built on first use (importing this module never imports Triton); the kernels bind them into their own module
+globals, where Triton resolves a jitted function's callees.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from ._triton import jit_cache
+
+
+@jit_cache
+def bit_helpers() -> SimpleNamespace:
+    global tl, libdevice, _popc, _read, _msb, _lowest, _max2, _unit_terminators
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _popc(x, HW: tl.constexpr):
+        # population count of uint32 lanes: the hardware instruction on a GPU, SWAR in the interpreter
+        if HW:
+            return libdevice.popc(x.to(tl.int32, bitcast=True))
+        else:
+            x = x - ((x >> 1) & 0x55555555)
+            x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+            x = (x + (x >> 4)) & 0x0F0F0F0F
+            return ((x * 0x01010101) >> 24).to(tl.int32)
+
+    @triton.jit
+    def _read(wp, pos, nbits, mask):
+        # ``nbits`` (0..32) bits LSB-first at bit ``pos`` (int32, relative to word pointer ``wp``) as uint32
+        wi = pos >> 5
+        off = (pos & 31).to(tl.uint32)
+        lo = tl.load(wp + wi, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        need_hi = mask & ((pos & 31) + nbits > 32)
+        hi = tl.load(wp + wi + 1, mask=need_hi, other=0).to(tl.uint32, bitcast=True)
+        v = (lo >> off) | ((hi << 1) << (31 - off))
+        one = tl.full(v.shape, 1, tl.uint32)
+        m = tl.where(nbits >= 32, tl.full(v.shape, 0xFFFFFFFF, tl.uint32), (one << tl.minimum(nbits, 31).to(tl.uint32)) - 1)
+        return v & m
+
+    @triton.jit
+    def _msb(x, HW: tl.constexpr):
+        # index of the highest set bit of nonzero uint32 lanes (0 for x == 0)
+        if HW:
+            return tl.maximum(31 - libdevice.clz(x.to(tl.int32, bitcast=True)), 0)
+        else:
+            r = tl.zeros(x.shape, tl.int32)
+            for s in tl.static_range(5):
+                sh: tl.constexpr = 16 >> s
+                t = x >> sh
+                c = t != 0
+                r += tl.where(c, sh, 0)
+                x = tl.where(c, t, x)
+            return r
+
+    @triton.jit
+    def _lowest(x, HW: tl.constexpr):
+        # index of the lowest set bit of nonzero uint32 lanes
+        if HW:
+            return libdevice.ffs(x.to(tl.int32, bitcast=True)) - 1
+        else:
+            return _popc((x & ((x ^ 0xFFFFFFFF) + 1)) - 1, HW)
+
+    @triton.jit
+    def _max2(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _unit_terminators(wp, u, ustart, nwords, un_start, UB: tl.constexpr, HW: tl.constexpr):
+        # the unary section cut into units of UB bits (unit u = bits [u*UB, (u+1)*UB) of the block): inverted
+        # bits (one-bits = terminators) of units ``u`` and the absolute bit position of each unit's last
+        # terminator (-1: none); units before the section start or past the block have none
+        NPW: tl.constexpr = 32 // UB
+        UMASK: tl.constexpr = (1 << UB) - 1 if UB < 32 else 0xFFFFFFFF
+        wi = u // NPW
+        wm = (wi < nwords) & (u >= ustart)
+        w = tl.load(wp + wi, mask=wm, other=-1).to(tl.uint32, bitcast=True)
+        x = (w >> ((u % NPW) * UB).to(tl.uint32)) & UMASK
+        first = tl.full(u.shape, 1, tl.uint32) << (un_start - ustart * UB).to(tl.uint32)
+        x = x | tl.where(u == ustart, first - 1, 0)          # bits before the section are not terminators
+        inv = x ^ UMASK
+        hpos = tl.where(inv != 0, u * UB + _msb(inv, HW), -1)
+        return inv, hpos
+
+    @triton.jit
+    def unary_pass(wp, sp, un_start, cnt, nwords, NU: tl.constexpr, UB: tl.constexpr, ESC_Q: tl.constexpr,
+                   HW: tl.constexpr):
+        # The unary section (``cnt`` terminated runs of ones from bit ``un_start`` of the block at ``wp``, which
+        # has ``nwords`` words) cut into units of UB bits, NU units (one lane each) per step. A prefix sum of
+        # per-unit zero counts ranks each unit's first terminator, an inclusive max-scan over the previous units'
+        # last terminator gives the terminator before it (carried across steps), and each lane walks its unit's
+        # zeros, two per step, storing q_r = ones between terminators r-1 and r as int8 (saturated at ESC_Q + 1,
+        # which callers flag) at ``sp + r``. Short units keep the walk short and give each thread several
+        # independent chains. Returns (bit after the last terminator, number of q == ESC_Q, 1 if the section
+        # is truncated else 0).
+        cu = tl.arange(0, NU)
+        carry = cnt * 0
+        last = un_start - 1
+        ustart = un_start // UB
+        nunits = nwords * (32 // UB)
+        c = cnt * 0
+        n_esc = cnt * 0
+        while (carry < cnt) & (ustart + c * NU < nunits):
+            ui = ustart + c * NU + cu
+            inv, _ = _unit_terminators(wp, ui, ustart, nwords, un_start, UB, HW)
+            _, hprev = _unit_terminators(wp, ui - 1, ustart, nwords, un_start, UB, HW)
+            prev = tl.maximum(tl.associative_scan(hprev, 0, _max2), last)
+            z = _popc(inv, HW)
+            zr = tl.cumsum(z, 0) - z + carry
+            nesc_l = z * 0
+            had = z < 0
+            maxz = tl.max(z, 0)
+            for j in range(0, maxz, 2):
+                inv1 = inv & (inv - 1)
+                pos0 = ui * UB + _lowest(inv, HW)
+                pos1 = ui * UB + _lowest(inv1, HW)
+                ok0 = (inv != 0) & (zr + j < cnt)
+                ok1 = (inv1 != 0) & (zr + j + 1 < cnt)
+                q0 = pos0 - prev - 1
+                q1 = pos1 - pos0 - 1
+                tl.store(sp + zr + j, tl.minimum(q0, ESC_Q + 1).to(tl.int8), mask=ok0)
+                tl.store(sp + zr + j + 1, tl.minimum(q1, ESC_Q + 1).to(tl.int8), mask=ok1)
+                nesc_l += (ok0 & (q0 == ESC_Q)).to(tl.int32) + (ok1 & (q1 == ESC_Q)).to(tl.int32)
+                prev = tl.where(ok1, pos1, tl.where(ok0, pos0, prev))
+                had = had | ok0
+                inv = inv1 & (inv1 - 1)
+            n_esc += tl.sum(nesc_l, 0)
+            last = tl.maximum(last, tl.max(tl.where(had, prev, -1), 0))
+            carry += tl.sum(z, 0)
+            c += 1
+        tl.debug_barrier()   # the scratch row is read by other threads next
+        return last + 1, n_esc, (carry < cnt).to(tl.int32)
+
+    return SimpleNamespace(popc=_popc, read=_read, msb=_msb, lowest=_lowest, unary_pass=unary_pass)
