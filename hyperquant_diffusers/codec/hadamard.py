@@ -39,7 +39,7 @@ def fwht(x: torch.Tensor, tile_size: int) -> torch.Tensor:
     rows = x.reshape(-1, k)
     n_rows = rows.shape[0]
     per = max(1, _CHUNK_VALUES // k)
-    if n_rows <= per:
+    if n_rows <= per or x.device.type != "cpu":
         return _fwht_rows(rows, t).reshape(*lead, k)
     out = torch.empty_like(rows)
     for s in range(0, n_rows, per):  # row chunks: a pass's temporaries stay in cache; rows are independent
@@ -47,7 +47,7 @@ def fwht(x: torch.Tensor, tile_size: int) -> torch.Tensor:
     return out.reshape(*lead, k)
 
 
-#: Values per pass of :func:`fwht` (the result does not depend on it).
+#: Values per pass of :func:`fwht` on the CPU (the result does not depend on it); other devices: one pass.
 _CHUNK_VALUES = 1 << 20
 
 

@@ -86,8 +86,8 @@ def nearest_a2(x: torch.Tensor) -> torch.Tensor:
 _NEAREST = {"Z": nearest_z, "A2": nearest_a2, "D4": nearest_d4, "E8": nearest_e8}
 
 
-#: Values per pass of :func:`nearest_point` (keeps the temporaries of a pass in cache; the result does not depend
-#: on it: every lattice vector is quantized on its own).
+#: Values per pass of :func:`nearest_point` on the CPU (keeps the temporaries of a pass small; the result does not
+#: depend on it: every lattice vector is quantized on its own). Other devices take the whole tensor at once.
 CHUNK_VALUES = 1 << 20
 
 
@@ -96,7 +96,7 @@ def nearest_point(lattice: str, x: torch.Tensor) -> torch.Tensor:
     spec = lattice_spec(lattice)
     fn = _NEAREST[spec.name]
     n = x.numel()
-    if n <= CHUNK_VALUES or x.shape[-1] % spec.dim:
+    if n <= CHUNK_VALUES or x.shape[-1] % spec.dim or x.device.type != "cpu":
         return fn(x)
     flat = x.reshape(-1)
     out = torch.empty(n, dtype=torch.int32, device=x.device)

@@ -106,7 +106,7 @@ def _best_even_labels(cost: torch.Tensor, label_a: torch.Tensor) -> tuple[torch.
     return best.sum(1) + torch.where(odd, pmin, torch.zeros_like(pmin)), idx
 
 
-def _rd_chunk(lattice: str, y: torch.Tensor, k: torch.Tensor, lam: float) -> torch.Tensor:
+def _rd_chunk(lattice: str, y: torch.Tensor, k: torch.Tensor, lam: float, e8_table=None) -> torch.Tensor:
     """Exact minimizer of ``J`` for ``y`` (M, d) float in lattice units with Rice parameters ``k`` (M, d) int32.
 
     Returns int32 coordinates (M, d) in the codec's representation (see :mod:`.lattices`).
@@ -134,7 +134,7 @@ def _rd_chunk(lattice: str, y: torch.Tensor, k: torch.Tensor, lam: float) -> tor
         i = (dist + lam * bits.to(dt)).argmin(1)
         return cand[torch.arange(cand.shape[0], device=y.device), i].to(torch.int32)
     if name == "E8":
-        return _rd_e8(y, k, lam, dt)
+        return _rd_e8(y, k, lam, dt, e8_table)
     raise ValueError(f"unknown lattice {lattice!r}")
 
 
@@ -196,16 +196,29 @@ def _rd_e8_coset(y: torch.Tensor, a: torch.Tensor, lam_bits: torch.Tensor, idx0:
     return total, off.add_(ai)
 
 
-def _rd_e8(y: torch.Tensor, k: torch.Tensor, lam: float, dt) -> torch.Tensor:
-    """Exact E8 minimizer of ``J`` (see :func:`_rd_chunk`) with table-driven bit costs; int32 (M, 8)."""
+def _e8_table_for(y: torch.Tensor, kmax: int, lam: float, dt):
+    """(cost table, cmax) covering the E8 candidates of ``y`` (lattice units) for Rice parameters <= kmax, or
+    None where the coordinates are too large for a table (one host sync)."""
+    if y.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(y)
+    cmax = int(2.0 * max(-float(lo), float(hi))) + 6
+    if cmax > _E8_TABLE_MAX:
+        return None
+    return _e8_cost_table(kmax, cmax, lam, dt, y.device), cmax
+
+
+def _rd_e8(y: torch.Tensor, k: torch.Tensor, lam: float, dt, table=None) -> torch.Tensor:
+    """Exact E8 minimizer of ``J`` (see :func:`_rd_chunk`) with table-driven bit costs; int32 (M, 8).
+    ``table``: :func:`_e8_table_for` of these (or wider) coordinates and parameters, built here if None."""
+    if table is None:
+        table = _e8_table_for(y, int(k.max()) if k.numel() else 0, lam, dt)
+    if table is None:
+        return _rd_e8_direct(y, k, lam, dt)
+    lam_bits, cmax = table
     t = 2.0 * y
     a_even = torch.floor(t / 2.0) * 2.0
     a_odd = torch.floor((t - 1.0) / 2.0) * 2.0 + 1.0
-    cmax = int(t.abs().max()) + 6 if t.numel() else 6
-    if cmax > _E8_TABLE_MAX:
-        return _rd_e8_direct(y, k, lam, dt)
-    kmax = int(k.max()) if k.numel() else 0
-    lam_bits = _e8_cost_table(kmax, cmax, lam, dt, y.device)
     width = 2 * cmax - 5
     pos7 = torch.tensor([0] * 7 + [1], dtype=torch.int32, device=y.device) * width
     idx0 = k.to(torch.int32) * (4 * width) + (pos7 + (cmax - 2))
@@ -244,23 +257,33 @@ def _rd_e8_direct(y: torch.Tensor, k: torch.Tensor, lam: float, dt) -> torch.Ten
 
 
 def rd_point(lattice: str, y: torch.Tensor, ks: torch.Tensor, block_values: int, lam: float | None = None,
-             chunk_values: int = RDO_CHUNK) -> torch.Tensor:
+             chunk_values: int | None = None) -> torch.Tensor:
     """Coordinates minimizing ``||y - p||^2 + lam * bits(p)`` per lattice vector, given the Rice parameters.
 
     ``y`` (..., n) float in lattice units (the flattened tensor is cut into blocks of ``block_values`` like the
     stream); ``ks`` uint8 (n_blocks, classes) as :func:`.stream.choose_ks` returns; ``lam`` squared lattice
-    units per bit (default :func:`rd_lambda`). Returns int32 coordinates, same shape as ``y``.
+    units per bit (default :func:`rd_lambda`). Returns int32 coordinates, same shape as ``y``. ``chunk_values``
+    values per pass (default ``RDO_CHUNK`` on the CPU, 4x that on other devices); the result does not depend on it.
     """
     spec = lattice_spec(lattice)
     lam = rd_lambda(spec.name) if lam is None else float(lam)
     flat = y.reshape(-1)
     n = flat.numel()
+    if chunk_values is None:
+        chunk_values = RDO_CHUNK if flat.device.type == "cpu" else 4 * RDO_CHUNK
     step = max(1, int(chunk_values) // block_values) * block_values
     out = torch.empty(n, dtype=torch.int32, device=flat.device)
+    table = None
+    if spec.name == "E8" and n:  # one bit-cost table for every pass (one host sync, not one per pass)
+        dt = flat.dtype if flat.dtype == torch.float64 else torch.float32
+        table = _e8_table_for(flat, int(ks.max()), lam, dt)
     for s in range(0, n, step):
         e = min(n, s + step)
         k = _coord_k(ks, s, e - s, spec.name, block_values).view(-1, spec.dim)
-        out[s:e] = _rd_chunk(spec.name, flat[s:e].view(-1, spec.dim), k, lam).reshape(-1)
+        if table is not None:
+            out[s:e] = _rd_e8(flat[s:e].view(-1, 8).to(table[0].dtype), k, lam, table[0].dtype, table).reshape(-1)
+        else:
+            out[s:e] = _rd_chunk(spec.name, flat[s:e].view(-1, spec.dim), k, lam).reshape(-1)
     return out.reshape(y.shape)
 
 

@@ -152,8 +152,8 @@ def rice_cost_table(m: torch.Tensor, k_shift: torch.Tensor | None = None, *, max
     ns = 2 if shifted else 1
     if g * ns * nbk >= (1 << 31):
         b = b.to(torch.int64)
-    if shifted:
-        b.sub_(k_shift.view(b.shape), alpha=nbk)  # shift -1 -> second half
+    if shifted:  # shift -1 -> second half (same dtypes: a mixed-dtype in-place op is several times slower)
+        b.sub_(k_shift.view(b.shape).to(b.dtype), alpha=nbk)
     b += (torch.arange(g, dtype=b.dtype, device=device) * (ns * nbk)).unsqueeze(1)
     hist = torch.bincount(b.reshape(-1), minlength=g * ns * nbk).view(g, ns * nbk)
     rep = _bucket_values(nbk, device).unsqueeze(1)
@@ -270,8 +270,7 @@ def encode_blocks(
     # blocks of one size but for a shorter last one: per-block values spread over a view, no index tensor
     cl = counts.tolist() if nb else []
     regular = cl[0] if nb and cl[0] > 0 and all(c == cl[0] for c in cl[:-1]) and 0 < cl[-1] <= cl[0] else 0
-    small = n < (1 << 25) and (n == 0 or int(m.max()) < (1 << 31))
-    vdt = torch.int32 if small else torch.int64
+    vdt = torch.int32 if n == 0 or int(m.max()) < (1 << 31) else torch.int64
     m = m.to(vdt)
     k = k_eff.reshape(-1).to(vdt)
     q = m >> k
@@ -281,8 +280,9 @@ def encode_blocks(
     n_esc = int(esc.sum())
     if n_esc:
         low.masked_fill_(esc, 0)
-    # positions: inclusive cumsums of the field lengths (int32 while they fit: n < 2**25 values of < 64 bits)
-    cdt = torch.int32 if n < (1 << 25) else torch.int64
+    # positions: inclusive cumsums of the field lengths, int32 while they fit (< 2**31)
+    kmax = int(k.max()) if n else 0
+    cdt = torch.int32 if n * max(kmax, ESCAPE_Q + 1) < (1 << 31) else torch.int64
     ck = torch.cumsum(k, 0, dtype=cdt)
     cu = torch.cumsum(qc.add_(1), 0, dtype=cdt)  # qc is now the unary length q + 1
     low_tot = _segment_totals(ck, ends)
