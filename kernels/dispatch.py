@@ -121,9 +121,10 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 #: compressed residency: decode the predicted next layer on a side stream while this one computes (default on;
 #: ``set_prefetch(False)`` decodes every layer just in time on the compute stream)
-#: programs_per_sm: the side-stream decode's grid (None: the decoder's own, 8 per SM). 2 per SM leaves the compute
-#: stream more of each SM: full LTX-2 compressed step 1.161 s vs 1.183 s (8/SM) and 1.273 s (1/SM), RESULTS.md run C
-_PREFETCH = {"on": True, "programs_per_sm": 2}
+#: programs_per_sm: the side-stream decode's grid (None: the decoder's own). With the two-pass decoder (2 warps per
+#: program) 8 per SM was best on the full LTX-2 compressed step: 1.004 s vs 1.038 s with the prefetch off, 1.020 s
+#: (16/SM), 1.113 s (4/SM), 1.198 s (2/SM), 1.515 s (1/SM) (bench/RESULTS.md, 2026-11-24 04:15 UTC)
+_PREFETCH = {"on": True, "programs_per_sm": 8}
 _PREFETCHERS: dict = {}
 
 
