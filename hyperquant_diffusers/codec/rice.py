@@ -62,9 +62,10 @@ def pack_bits(positions: torch.Tensor, values: torch.Tensor, lengths: torch.Tens
 
 def unpack_bits(words: torch.Tensor) -> torch.Tensor:
     """int32 words (n,) -> bits uint8 (32 n,), LSB of word 0 first."""
-    w = words.to(torch.int64) & _MASK32
-    shifts = torch.arange(32, device=words.device, dtype=torch.int64)
-    return ((w.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
+    # little-endian bytes of the words, 8 bits each: no 64-bit temporaries (32 per word)
+    b = words.to(torch.int32).contiguous().view(torch.uint8)
+    shifts = torch.arange(8, device=words.device, dtype=torch.uint8)
+    return ((b.unsqueeze(1) >> shifts) & 1).reshape(-1)
 
 
 def read_fields(bits: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

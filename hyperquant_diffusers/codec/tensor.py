@@ -325,7 +325,8 @@ def _check_input(w: torch.Tensor, tile_size: int) -> torch.Tensor:
             f"last dimension {k} is not divisible by tile_size {tile_size}: pad the input features to a multiple "
             f"of {tile_size} (zero columns), choose a tile that divides {k}, or leave this tensor unquantized")
     w32 = w.detach().reshape(-1, k).to(torch.float32)
-    if not bool(torch.isfinite(w32).all()):
+    lo, hi = torch.aminmax(w32)  # NaN propagates into both; no per-value mask
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
         raise ValueError("cannot quantize a tensor with NaN or infinite values")
     return w32
 
