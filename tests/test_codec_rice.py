@@ -201,3 +201,15 @@ def test_best_k_matches_the_window_rule_on_brute_force_costs():
                 break
             lo, hi = lo - 3, hi + 3
         assert torch.equal(best_rice_k(m, sh), ref)
+
+
+def test_best_k_and_bits_gives_the_rows_bits_at_that_k():
+    from hyperquant_diffusers.codec.rice import best_rice_k_and_bits
+
+    g = torch.Generator().manual_seed(2)
+    m = (torch.rand(16, 500, generator=g) * 2.0 ** (torch.rand(16, 1, generator=g) * 10)).to(torch.int64)
+    m[3, 7] = 1 << 31
+    sh = -(torch.rand(m.shape, generator=g) < 0.2).to(torch.int64)
+    k, bits = best_rice_k_and_bits(m, sh)
+    assert torch.equal(k, best_rice_k(m, sh))
+    assert torch.equal(bits, rice_cost(m, (k.unsqueeze(1) + sh).clamp_min(0)).sum(1))

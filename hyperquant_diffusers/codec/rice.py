@@ -173,6 +173,13 @@ def best_rice_k(m: torch.Tensor, k_shift: torch.Tensor | None = None, *, max_k: 
     a window of 3 around the estimate, widened until the minimum is interior (the total cost is convex in k
     but for escapes). The costs of every k come from one table (:func:`rice_cost_table`).
     """
+    return best_rice_k_and_bits(m, k_shift, max_k=max_k)[0]
+
+
+def best_rice_k_and_bits(m: torch.Tensor, k_shift: torch.Tensor | None = None, *,
+                         max_k: int = MAX_RICE_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`best_rice_k` and the Rice bits of each row at that parameter: (int64 (G,), int64 (G,)) — what a
+    caller that needs the stream's size gets without a second pass over the values."""
     if m.dim() != 2:
         raise ValueError("best_rice_k takes a (G, n) tensor")
     table = rice_cost_table(m, k_shift, max_k=max_k)
@@ -187,7 +194,7 @@ def best_rice_k(m: torch.Tensor, k_shift: torch.Tensor | None = None, *, max_k: 
         best_k = ks.gather(0, idx.unsqueeze(0)).squeeze(0)
         at_edge = ((idx == 0) & (ks[0] > 0)) | ((idx == ks.shape[0] - 1) & (ks[-1] < max_k))
         if not bool(at_edge.any()) or hi - lo > 2 * max_k:
-            return best_k
+            return best_k, table.gather(1, best_k.unsqueeze(1)).squeeze(1).to(torch.int64)
         lo, hi = lo - 3, hi + 3
 
 
