@@ -103,7 +103,12 @@ def step_stats(model, inputs, steps: int):
         sync()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / GiB
+    _LAST_TIMES[:] = times
     return statistics.median(times), peak, [o.float() for o in out]
+
+
+#: the timed steps of the last step_stats call (s), recorded next to each mode's median
+_LAST_TIMES: list = []
 
 
 @torch.no_grad()
@@ -359,7 +364,8 @@ def main(argv=None):
                 emit("mode", run)
                 continue
             d = {"weight_gib": (wbytes + decode_buffer_nbytes()) / GiB, "lattice_gib": fp["lattice_bytes"] / GiB,
-                 "decode_buffer_gib": decode_buffer_nbytes() / GiB, "s_per_step": s, "peak_gib": peak,
+                 "decode_buffer_gib": decode_buffer_nbytes() / GiB, "s_per_step": s, "step_times": list(_LAST_TIMES),
+                 "peak_gib": peak,
                  "step_vs_bf16": s / res["bf16"]["s_per_step"], "peak_vs_bf16": peak / res["bf16"]["peak_gib"],
                  "rel_l2_video": rel_l2(out, ref)[0], "rel_l2_audio": rel_l2(out, ref)[1]}
             if args.profile_dir and bits == args.bits[0]:
