@@ -271,6 +271,8 @@ def rd_point(lattice: str, y: torch.Tensor, ks: torch.Tensor, block_values: int,
     n = flat.numel()
     if chunk_values is None:
         chunk_values = RDO_CHUNK if flat.device.type == "cpu" else 4 * RDO_CHUNK
+        if spec.name == "A2":  # 19 int64 candidate pairs per point: 8x smaller passes (2x faster on a CPU)
+            chunk_values //= 8
     step = max(1, int(chunk_values) // block_values) * block_values
     out = torch.empty(n, dtype=torch.int32, device=flat.device)
     table = None
