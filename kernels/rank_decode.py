@@ -246,6 +246,26 @@ def _last_keys(kind: str) -> list[tuple[int, int, int]]:
     return out
 
 
+_LAUNCH: dict = {}
+
+
+def _launch_tables(lat: str, dev) -> tuple:
+    """(first table, second table, the kernel's table constants) for ``lat`` on ``dev``, built once: the decoder
+    runs once per layer per forward, where host work would show next to a ~0.1 ms kernel."""
+    key = (lat, str(dev))
+    if key not in _LAUNCH:
+        k1, k2 = _KINDS[lat]
+        s2 = table_sizes("Z2coset")
+        t1 = _last_keys(k1)[0]
+        e0, e1 = _last_keys("Z2coset")
+        box = _tables(k1, "cpu")["b0"] if lat != "D4" else _tables("Z2", "cpu")["b0"]
+        kc = dict(ESC1=escape_rank(k1), ESC2=escape_rank(k2), SIZE2_0=s2[0], SIZE2_1=s2[1], BOX=box,
+                  T1N=t1[0], T1C1=t1[1], T1C0=t1[2], E0N=e0[0], E0C1=e0[1], E0C0=e0[2], E1N=e1[0], E1C1=e1[1],
+                  E1C0=e1[2])
+        _LAUNCH[key] = (packed_table(k1, dev), packed_table(k2, dev), kc)
+    return _LAUNCH[key]
+
+
 def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n: int, lattice: str,
                 block_values: int, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int8,
                 check: bool = False, stats: bool = True, programs: int | None = None, num_warps: int | None = None,
@@ -286,20 +306,13 @@ def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     scratch = _scratch(dev, nprog, bv)
     amax = torch.empty(nb, dtype=torch.int32, device=dev)
     err = torch.empty(nb, dtype=torch.int32, device=dev)
-    k1, k2 = _KINDS[lat]
-    tab1, tab2 = packed_table(k1, dev), packed_table(k2, dev)
-    s2 = table_sizes("Z2coset")
-    t1 = _last_keys(k1)[0]
-    e0, e1 = _last_keys("Z2coset")
-    box = _tables(k1, "cpu")["b0"] if lat != "D4" else _tables("Z2", "cpu")["b0"]
+    tab1, tab2, kc = _launch_tables(lat, dev)
     s = min(bv, sub or _TUNE["sub"]) // 2   # ``sub`` counts coordinates, as in rice_decode; SUB counts pairs
     if nb:
         _kernel()[(nprog,)](words, offsets, ks.reshape(-1), tab1, tab2, out, scratch, err, amax, int(n), nb,
                             BV=bv, LAT=_LAT_CODE[lat], CW=chunk_words or _TUNE["chunk_words"],
                             OUT_FP8=out_dtype == torch.float8_e4m3fn, ESC_Q=ESCAPE_Q, CHECK=bool(stats or check),
-                            SUB=max(2, s), ESC1=escape_rank(k1), ESC2=escape_rank(k2), SIZE2_0=s2[0], SIZE2_1=s2[1],
-                            BOX=box, T1N=t1[0], T1C1=t1[1], T1C0=t1[2], E0N=e0[0], E0C1=e0[1], E0C0=e0[2],
-                            E1N=e1[0], E1C1=e1[1], E1C0=e1[2], UB=unit_bits or _TUNE["unit_bits"],
+                            SUB=max(2, s), UB=unit_bits or _TUNE["unit_bits"], **kc,
                             HW=not interpreting(), num_warps=num_warps or _TUNE["num_warps"])
     if check and nb:
         if int(err.max()) != 0:
