@@ -387,6 +387,7 @@ def main(argv=None):
                     for pps in (1, 2, 4, 8, 16):
                         dispatch._PREFETCH["programs_per_sm"] = pps
                         d[f"s_per_step_prefetch_pps{pps}"] = step_stats(model, inputs, args.steps)[0]
+                        d[f"host_issue_s_prefetch_pps{pps}"] = list(_LAST_HOST)
                     dispatch._PREFETCH["programs_per_sm"] = default_pps
                 else:
                     dispatch.set_activation_sharing(False)
