@@ -160,6 +160,50 @@ def test_rice_decode_kernel_escapes_and_partial_block(sub, chunk_words, unit_bit
 
 
 @needs_triton
+@pytest.mark.parametrize("lattice", ["E8", "D4", "Z"])
+def test_decoders_agree_with_the_codec_on_corrupted_streams(lattice):
+    # Bit flips in a valid stream and random words: the GPU decoder (rank decoder for D4/Z) must flag a block
+    # exactly when the codec's torch decoder rejects it, and otherwise return the same coordinates (a Rice stream
+    # has no redundancy, so most corruptions decode to other valid values; neither decoder may disagree).
+    from hyperquant_diffusers.codec.lattices import nearest_point
+
+    g = torch.Generator().manual_seed(11)
+    d = {"E8": 8, "D4": 4, "Z": 1}[lattice]
+    n_bad = 0
+    for t in range(7):
+        if t == 6:  # a valid stream cut to half its words: both must reject it
+            c = nearest_point(lattice, (torch.randn(256, generator=g) * 3).reshape(-1, d)).reshape(-1)
+            words, offs, ks = encode_coords(c.to(_DEV), lattice, 256)
+            w, offs = words[: words.numel() // 2], torch.tensor([0, words.numel() // 2], device=_DEV)
+        elif t < 3:
+            c = nearest_point(lattice, (torch.randn(256, generator=g) * 3).reshape(-1, d)).reshape(-1)
+            words, offs, ks = encode_coords(c.to(_DEV), lattice, 256)
+            w = words.clone()
+            for _ in range(1 + t):
+                i, b = int(torch.randint(0, w.numel(), (1,), generator=g)), int(torch.randint(0, 31, (1,), generator=g))
+                w[i] = int(w[i]) ^ (1 << b)
+        else:
+            nw = 12 + 10 * t
+            w = torch.randint(-2**31, 2**31 - 1, (nw,), generator=g, dtype=torch.int64).to(torch.int32).to(_DEV)
+            if t == 4:  # fewer one-bits: shorter unary runs, more plausible streams
+                w = w & torch.randint(-2**31, 2**31 - 1, (nw,), generator=g, dtype=torch.int64).to(torch.int32).to(_DEV)
+            offs = torch.tensor([0, nw], dtype=torch.int64, device=_DEV)
+            ks = torch.tensor([[t % 4]], dtype=torch.uint8, device=_DEV)
+        try:
+            ref = decode_coords(w, offs, ks, 256, lattice, 256)
+        except RiceStreamError:
+            ref = None
+        out, _, err = rice_decode(w, offs.to(torch.int32), ks, 256, lattice, 256)
+        flagged = bool((err != 0).any())
+        assert flagged == (ref is None), (t, err.tolist())
+        if ref is None:
+            n_bad += 1
+        else:
+            assert torch.equal(out.to(torch.int32), ref.clamp(-127, 127))
+    assert n_bad >= 1  # the truncated stream at least
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype,impl,k", [(torch.float32, "auto", 256), (torch.float16, "auto", 256),
                                           (torch.float32, "onepass", 384), (torch.float32, "fused", 384),
                                           (torch.float32, "split", 256)])
