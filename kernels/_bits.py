@@ -8,13 +8,68 @@
 
 Built on first use (importing this module never imports Triton); the kernels bind them into their own module
 globals, where Triton resolves a jitted function's callees.
+
+Host side, shared by both launchers: the per-stream scratch row, the output and statistics buffers, the check
+that raises on flagged blocks, and the torch reference (the codec's own decoder, clamped and cast like the
+kernels).
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch
+
+from ..codec.rice import RiceStreamError
 from ._triton import jit_cache
+
+_SCRATCH: dict = {}
+
+
+def decode_scratch(device, numel: int) -> torch.Tensor:
+    """An int8 scratch area of at least ``numel`` bytes, one per device and stream: the compressed-residency
+    prefetch decodes on a side stream concurrently, while launches on one stream run in order."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    t = _SCRATCH.get(key)
+    if t is None or t.numel() < numel:
+        t = torch.empty(numel, dtype=torch.int8, device=device)
+        _SCRATCH[key] = t
+    return t
+
+
+def decode_buffers(n: int, nb: int, out, out_dtype, device):
+    """Validated output (n,) ``out_dtype`` (allocated when ``out`` is None) and per-block ``amax``/``err`` int32."""
+    if out_dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"out_dtype must be torch.int8 or torch.float8_e4m3fn, got {out_dtype}")
+    if out is None:
+        out = torch.empty(int(n), dtype=out_dtype, device=device)
+    elif out.numel() != int(n) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {out_dtype} tensor of {n} elements")
+    amax = torch.empty(nb, dtype=torch.int32, device=device)
+    err = torch.empty(nb, dtype=torch.int32, device=device)
+    return out, amax, err
+
+
+def raise_on_flags(err: torch.Tensor, amax: torch.Tensor, out_dtype, what: str) -> None:
+    """``check=True``: ``RiceStreamError`` naming the first flagged block, ``ValueError`` if a coordinate was
+    clamped to the output type's range."""
+    if int(err.max()) != 0:
+        bad = int((err != 0).nonzero()[0])
+        raise RiceStreamError(f"block {bad}: malformed {what} (flags {int(err[bad])})")
+    lim = 127 if out_dtype == torch.int8 else 448
+    if int(amax.max()) > lim:
+        raise ValueError(f"lattice coordinates reach {int(amax.max())}, beyond the {out_dtype} range ±{lim}")
+
+
+def decode_reference(words, offsets, ks, n, lattice, block_values, out_dtype=torch.int8) -> torch.Tensor:
+    """Torch reference: the codec's decoder, clamped/cast like the kernels. (n,) ``out_dtype``."""
+    from ..codec.stream import decode_coords
+
+    c = decode_coords(words, offsets.to(torch.int64), ks, int(n), lattice, int(block_values))
+    if out_dtype == torch.int8:
+        return c.clamp(-127, 127).to(torch.int8)
+    return c.clamp(-448, 448).to(torch.float32).to(out_dtype)
 
 
 @jit_cache

@@ -38,7 +38,7 @@ import torch
 from ..codec import constants as codec_constants
 from ..codec.rank_index import _tables, escape_rank, packed_table, table_sizes
 from ..codec.rice import RiceStreamError
-from ._bits import bit_helpers
+from ._bits import bit_helpers, decode_buffers, decode_reference, decode_scratch, raise_on_flags
 from ._triton import interpreting, jit_cache, num_sms, require_triton
 
 ESCAPE_Q = codec_constants.ESCAPE_Q
@@ -220,19 +220,7 @@ def _kernel():
 
 #: launch shape: best on the H100 over D4 3/4 bps and Z 4 bps of a few shapes near rice_decode's (bench/RESULTS.md)
 _TUNE = {"programs_per_sm": 16, "num_warps": 4, "chunk_words": 64, "sub": 1024, "unit_bits": 16}
-_SCRATCH: dict = {}
 _KINDS = {"Z": ("Z2", "Z2"), "A2": ("A2", "A2"), "D4": ("Z2", "Z2coset")}
-
-
-def _scratch(device, nprog: int, bv: int) -> torch.Tensor:
-    # one scratch area per stream (concurrent decodes on a side stream must not share it)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), bv, stream)
-    t = _SCRATCH.get(key)
-    if t is None or t.numel() < nprog * (bv // 2):
-        t = torch.empty(nprog * (bv // 2), dtype=torch.int8, device=device)
-        _SCRATCH[key] = t
-    return t
 
 
 def _last_keys(kind: str) -> list[tuple[int, int, int]]:
@@ -287,8 +275,6 @@ def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     lat = str(lattice).upper()
     if lat not in _LAT_CODE:
         raise ValueError(f"the rank decoder handles the rank-coded lattices Z, D4 and A2, not {lattice!r}")
-    if out_dtype not in (torch.int8, torch.float8_e4m3fn):
-        raise ValueError(f"out_dtype must be torch.int8 or torch.float8_e4m3fn, got {out_dtype}")
     bv = int(block_values)
     if bv % 8 or bv <= 0:
         raise ValueError(f"block_values must be a positive multiple of 8, got {block_values}")
@@ -298,14 +284,9 @@ def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     if offsets.numel() != nb + 1 or ks.shape[0] != nb:
         raise RiceStreamError(f"stream index describes {offsets.numel() - 1} blocks, expected {nb}")
     dev = words.device
-    if out is None:
-        out = torch.empty(int(n), dtype=out_dtype, device=dev)
-    elif out.numel() != int(n) or out.dtype != out_dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {out_dtype} tensor of {n} elements")
+    out, amax, err = decode_buffers(n, nb, out, out_dtype, dev)
     nprog = max(1, min(nb, programs or num_sms(dev.index or 0) * _TUNE["programs_per_sm"]))
-    scratch = _scratch(dev, nprog, bv)
-    amax = torch.empty(nb, dtype=torch.int32, device=dev)
-    err = torch.empty(nb, dtype=torch.int32, device=dev)
+    scratch = decode_scratch(dev, nprog * (bv // 2))
     tab1, tab2, kc = _launch_tables(lat, dev)
     s = min(bv, sub or _TUNE["sub"]) // 2   # ``sub`` counts coordinates, as in rice_decode; SUB counts pairs
     if nb:
@@ -315,20 +296,9 @@ def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
                             SUB=max(2, s), UB=unit_bits or _TUNE["unit_bits"], **kc,
                             HW=not interpreting(), num_warps=num_warps or _TUNE["num_warps"])
     if check and nb:
-        if int(err.max()) != 0:
-            bad = int((err != 0).nonzero()[0])
-            raise RiceStreamError(f"block {bad}: malformed rank-coded stream (flags {int(err[bad])})")
-        lim = 127 if out_dtype == torch.int8 else 448
-        if int(amax.max()) > lim:
-            raise ValueError(f"lattice coordinates reach {int(amax.max())}, beyond the {out_dtype} range ±{lim}")
+        raise_on_flags(err, amax, out_dtype, "rank-coded stream")
     return out, amax, err
 
 
-def rank_decode_reference(words, offsets, ks, n, lattice, block_values, out_dtype=torch.int8) -> torch.Tensor:
-    """Torch reference: the codec's decoder, clamped/cast like the kernel. (n,) ``out_dtype``."""
-    from hyperquant_diffusers.codec.stream import decode_coords
-
-    c = decode_coords(words, offsets.to(torch.int64), ks, int(n), lattice, int(block_values))
-    if out_dtype == torch.int8:
-        return c.clamp(-127, 127).to(torch.int8)
-    return c.clamp(-448, 448).to(torch.float32).to(out_dtype)
+#: the torch reference: the codec's decoder, clamped/cast like the kernel
+rank_decode_reference = decode_reference

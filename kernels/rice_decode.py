@@ -30,7 +30,7 @@ import torch
 
 from ..codec import constants as codec_constants
 from ..codec.rice import RiceStreamError
-from ._bits import bit_helpers
+from ._bits import bit_helpers, decode_buffers, decode_reference, decode_scratch, raise_on_flags
 from ._triton import interpreting, jit_cache, num_sms, require_triton
 
 ESCAPE_Q = codec_constants.ESCAPE_Q
@@ -180,19 +180,6 @@ def _kernel():
 
 #: launch shape (bench/bench_kernels.py sweeps it on the device; see bench/RESULTS.md)
 _TUNE = {"programs_per_sm": 32, "num_warps": 2, "chunk_words": 32, "sub": 512, "unit_bits": 16}
-_SCRATCH: dict = {}
-
-
-def _scratch(device, nprog: int, bv: int) -> torch.Tensor:
-    # one scratch area per stream: the compressed-residency prefetch decodes on a side stream concurrently
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), bv, stream)
-    t = _SCRATCH.get(key)
-    if t is None or t.numel() < nprog * bv:
-        t = torch.empty(nprog * bv, dtype=torch.int8, device=device)
-        _SCRATCH[key] = t
-    return t
-
 
 def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n: int, lattice: str,
                 block_values: int, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int8,
@@ -218,21 +205,14 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
                            unit_bits=unit_bits)
     if lat != "E8":
         raise ValueError(f"unknown lattice {lattice!r}; the GPU decoders handle E8, D4, Z and A2")
-    if out_dtype not in (torch.int8, torch.float8_e4m3fn):
-        raise ValueError(f"out_dtype must be torch.int8 or torch.float8_e4m3fn, got {out_dtype}")
     bv = int(block_values)
     nb = (int(n) + bv - 1) // bv
     if offsets.numel() != nb + 1 or ks.shape[0] != nb:
         raise RiceStreamError(f"stream index describes {offsets.numel() - 1} blocks, expected {nb}")
     dev = words.device
-    if out is None:
-        out = torch.empty(int(n), dtype=out_dtype, device=dev)
-    elif out.numel() != int(n) or out.dtype != out_dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {out_dtype} tensor of {n} elements")
+    out, amax, err = decode_buffers(n, nb, out, out_dtype, dev)
     nprog = max(1, min(nb, programs or num_sms(dev.index or 0) * _TUNE["programs_per_sm"]))
-    scratch = _scratch(dev, nprog, bv)
-    amax = torch.empty(nb, dtype=torch.int32, device=dev)
-    err = torch.empty(nb, dtype=torch.int32, device=dev)
+    scratch = decode_scratch(dev, nprog * bv)
     if nb:
         _kernel()[(nprog,)](words, offsets, ks.reshape(-1), out, scratch, err, amax, int(n), nb, BV=bv,
                             CW=chunk_words or _TUNE["chunk_words"],
@@ -241,20 +221,9 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
                             UB=unit_bits or _TUNE["unit_bits"],
                             num_warps=num_warps or _TUNE["num_warps"])
     if check and nb:
-        if int(err.max()) != 0:
-            bad = int((err != 0).nonzero()[0])
-            raise RiceStreamError(f"block {bad}: malformed Rice stream (flags {int(err[bad])})")
-        lim = 127 if out_dtype == torch.int8 else 448
-        if int(amax.max()) > lim:
-            raise ValueError(f"lattice coordinates reach {int(amax.max())}, beyond the {out_dtype} range ±{lim}")
+        raise_on_flags(err, amax, out_dtype, "Rice stream")
     return out, amax, err
 
 
-def rice_decode_reference(words, offsets, ks, n, lattice, block_values, out_dtype=torch.int8) -> torch.Tensor:
-    """Torch reference: the codec's decoder, clamped/cast like the kernel. (n,) ``out_dtype``."""
-    from hyperquant_diffusers.codec.stream import decode_coords
-
-    c = decode_coords(words, offsets.to(torch.int64), ks, int(n), lattice, int(block_values))
-    if out_dtype == torch.int8:
-        return c.clamp(-127, 127).to(torch.int8)
-    return c.clamp(-448, 448).to(torch.float32).to(out_dtype)
+#: the torch reference: the codec's decoder, clamped/cast like the kernel
+rice_decode_reference = decode_reference

@@ -9,9 +9,11 @@ from hyperquant_diffusers.codec.rice import best_rice_k, pack_bits, rice_cost, u
 
 
 def _reference_rice_bits(values, k):
-    """Bit string of the stream, built one value at a time in pure Python (the independent reference)."""
+    """Bit string of the stream, built one value at a time in pure Python (the independent reference); ``k`` is
+    one Rice parameter or one per value."""
+    ks = k if isinstance(k, (list, tuple)) else [k] * len(values)
     low, unary, esc = [], [], []
-    for m in values:
+    for m, k in zip(values, ks):
         q = m >> k
         if q >= ESCAPE_Q:
             low += [0] * k
@@ -106,17 +108,7 @@ def _reference_blocks(mags, ks, counts, head, head_counts, tail, tail_counts):
         ih += hc
         ms, kk = mags[iv: iv + c], ks[iv: iv + c]
         iv += c
-        low, unary, esc = [], [], []
-        for m, k in zip(ms, kk):
-            q = m >> k
-            if q >= ESCAPE_Q:
-                low += [0] * k
-                unary += [1] * ESCAPE_Q + [0]
-                esc += [(m >> j) & 1 for j in range(ESCAPE_BITS)]
-            else:
-                low += [(m >> j) & 1 for j in range(k)]
-                unary += [1] * q + [0]
-        bits += low + unary + esc + list(tail[it: it + tc])
+        bits += _reference_rice_bits(list(ms), list(kk)) + list(tail[it: it + tc])
         it += tc
         bits += [0] * (-len(bits) % 32)
         for w in range(0, len(bits), 32):

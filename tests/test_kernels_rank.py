@@ -14,10 +14,10 @@ from hyperquant_diffusers.codec import RiceStreamError, quantize  # noqa: E402
 from hyperquant_diffusers.codec.constants import (MAX_ABS_COORD, Z2_COSET_ESCAPE, Z2_COSET_RANK_TABLE,  # noqa: E402
                                                   Z2_RANK_TABLE)
 from hyperquant_diffusers.codec.lattices import nearest_point  # noqa: E402
-from hyperquant_diffusers.codec.rice import encode_blocks  # noqa: E402
 from hyperquant_diffusers.codec.stream import decode_coords, encode_coords  # noqa: E402
 from hyperquant_diffusers.kernels._triton import triton_available  # noqa: E402
 from hyperquant_diffusers.kernels.rank_decode import rank_decode, rank_decode_reference  # noqa: E402
+from test_codec_rank import _block  # noqa: E402  (the hand-built one-block streams of the codec tests)
 
 _DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton (GPU or interpreter) not available")
@@ -77,16 +77,6 @@ def test_rank_decode_escapes_partial_block_fp8(lattice):
     wz, oz, kz = encode_coords(z, lattice, BV)
     outz, amz, errz = _run(wz, oz, kz, BV, lattice, check=True)
     assert int(outz.abs().max()) == 0 and int(amz[0]) == 0 and int(errz[0]) == 0
-
-
-def _block(ranks, k_col, tail_pairs=(), k=0):
-    r = torch.tensor(ranks, dtype=torch.int64)
-    raw = torch.tensor(tail_pairs, dtype=torch.int64).reshape(-1)
-    tail = ((raw.unsqueeze(1) >> torch.arange(32)) & 1).reshape(-1).bool()
-    z = torch.zeros(1, dtype=torch.int64)
-    w, off = encode_blocks(r, torch.tensor(k_col, dtype=torch.int64), torch.tensor([len(ranks)]),
-                           torch.zeros(0, dtype=torch.uint8), z, tail, torch.tensor([tail.numel()]))
-    return w, off, torch.full((1, 1), k, dtype=torch.uint8)
 
 
 def _flags(lattice, w, off, ks, n):
