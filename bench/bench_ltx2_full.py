@@ -279,8 +279,11 @@ def main(argv=None):
     ap.add_argument("--all-modes-bits", type=float, nargs="*", default=[4.0],
                     help="rates that get every residency x MMA (others: compressed+int8 and int8+int8 only)")
     ap.add_argument("--variants", action="store_true",
-                    help="also time compressed+int8 with the decode prefetch off and int8+int8 with activation "
-                         "sharing off (what each of the two saves)")
+                    help="also time compressed+int8 with the decode prefetch off, int8+int8 with activation "
+                         "sharing off, and both with Triton's ordinary launch instead of the cached one (what each "
+                         "saves)")
+    ap.add_argument("--pps-sweep", action="store_true",
+                    help="with --variants: also sweep the side-stream decode grid (programs per SM 1/2/4/8/16)")
     args = ap.parse_args(argv)
     os.makedirs(args.ckpt_dir, exist_ok=True)
     res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -311,7 +314,8 @@ def main(argv=None):
     wb = sum(p.numel() * p.element_size() for p in model.parameters())
     s, peak, ref = step_stats(model, inputs, args.steps)
     res["bf16"] = {"params_B": n_params / 1e9, "weight_gib": wb / GiB, "s_per_step": s, "peak_gib": peak,
-                   "build_s": time.perf_counter() - t0}
+                   "build_s": time.perf_counter() - t0, "step_times": list(_LAST_TIMES),
+                   "host_issue_s": list(_LAST_HOST)}
     if args.profile_dir:
         res["bf16"]["profile_ms"] = profile_step(model, inputs, "bf16", args.profile_dir)
     emit("bf16", res["bf16"])
@@ -376,15 +380,19 @@ def main(argv=None):
                 d["profile_ms"] = profile_step(model, inputs, f"{bits}_{residency}_{mma}", args.profile_dir)
             run[f"{residency}_{mma}"] = d
             if args.variants and mma == "int8":
-                from hyperquant_diffusers.kernels import dispatch
+                from hyperquant_diffusers.kernels import _launch, dispatch
 
+                _launch.set_fast_launch(False)
+                d["s_per_step_ordinary_launch"] = step_stats(model, inputs, args.steps)[0]
+                d["host_issue_s_ordinary_launch"] = list(_LAST_HOST)
+                _launch.set_fast_launch(True)
                 if residency == "compressed":
                     dispatch.set_prefetch(False)
                     d["s_per_step_prefetch_off"] = step_stats(model, inputs, args.steps)[0]
                     dispatch.set_prefetch(True)
                     # the side-stream decode with fewer programs: it leaves more of each SM to the compute stream
                     default_pps = dispatch._PREFETCH["programs_per_sm"]
-                    for pps in (1, 2, 4, 8, 16):
+                    for pps in (1, 2, 4, 8, 16) if args.pps_sweep else ():
                         dispatch._PREFETCH["programs_per_sm"] = pps
                         d[f"s_per_step_prefetch_pps{pps}"] = step_stats(model, inputs, args.steps)[0]
                         d[f"host_issue_s_prefetch_pps{pps}"] = list(_LAST_HOST)

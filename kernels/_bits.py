@@ -26,11 +26,15 @@ from ._triton import jit_cache
 _SCRATCH: dict = {}
 
 
-def decode_scratch(device, numel: int) -> torch.Tensor:
-    """An int8 scratch area of at least ``numel`` bytes, one per device and stream: the compressed-residency
-    prefetch decodes on a side stream concurrently, while launches on one stream run in order."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+def decode_scratch(device, numel: int, stream=None) -> torch.Tensor:
+    """An int8 scratch area of at least ``numel`` bytes, one per device and stream (``stream``: a
+    ``torch.cuda.Stream``, default the current one): the compressed-residency prefetch decodes on a side stream
+    concurrently, while launches on one stream run in order."""
+    if device.type == "cuda":
+        raw = (stream if stream is not None else torch.cuda.current_stream(device)).cuda_stream
+    else:
+        raw = 0
+    key = (device.type, device.index, raw)
     t = _SCRATCH.get(key)
     if t is None or t.numel() < numel:
         t = torch.empty(numel, dtype=torch.int8, device=device)
@@ -38,17 +42,30 @@ def decode_scratch(device, numel: int) -> torch.Tensor:
     return t
 
 
-def decode_buffers(n: int, nb: int, out, out_dtype, device):
-    """Validated output (n,) ``out_dtype`` (allocated when ``out`` is None) and per-block ``amax``/``err`` int32."""
+def decode_buffers(n: int, nb: int, out, out_dtype, device, stats: bool = True):
+    """Validated output (n,) ``out_dtype`` (allocated when ``out`` is None) and per-block ``amax``/``err`` int32
+    (n_blocks,). Without ``stats`` the kernel writes neither: both are then None, and the kernel is handed one
+    shared placeholder per device instead (no allocation per call)."""
     if out_dtype not in (torch.int8, torch.float8_e4m3fn):
         raise ValueError(f"out_dtype must be torch.int8 or torch.float8_e4m3fn, got {out_dtype}")
     if out is None:
         out = torch.empty(int(n), dtype=out_dtype, device=device)
     elif out.numel() != int(n) or out.dtype != out_dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {out_dtype} tensor of {n} elements")
+    if not stats:
+        return out, None, None
     amax = torch.empty(nb, dtype=torch.int32, device=device)
     err = torch.empty(nb, dtype=torch.int32, device=device)
     return out, amax, err
+
+
+def stats_placeholder(device) -> torch.Tensor:
+    """The int32 argument passed for ``amax``/``err`` when a decoder runs without statistics (never written)."""
+    key = ("placeholder", device.type, device.index)
+    t = _SCRATCH.get(key)
+    if t is None:
+        t = _SCRATCH[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
 
 
 def raise_on_flags(err: torch.Tensor, amax: torch.Tensor, out_dtype, what: str) -> None:

@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from ._launch import CachedLauncher
 from ._triton import jit_cache, num_sms, require_triton
 
 INT8_MAX = 127.0
@@ -169,7 +170,8 @@ def _kernel():
             qv = _codes(v, FP8, QMAX)
             tl.store(q_ptr + row64[:, None] * stride_qm + col, qv, mask=m)
 
-    return rht_quant_kernel, rht_amax_split_kernel, rht_quant_split_kernel, rht_quant_onepass_kernel
+    return tuple(CachedLauncher(f) for f in (rht_quant_kernel, rht_amax_split_kernel, rht_quant_split_kernel,
+                                             rht_quant_onepass_kernel))
 
 
 #: launch shapes; ``bench/bench_kernels.py`` sweeps them on the device (results in bench/RESULTS.md).
@@ -221,7 +223,7 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
         nblk = triton_cdiv(m, r)
         pps = tu["onepass_pps"]  # programs per SM of a persistent grid; 0: one program per row block
         grid = (min(nblk, num_sms(x.device.index or 0) * pps) if pps else nblk,)
-        onepass_k[grid](x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile, R=r,
+        onepass_k(grid, x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile, R=r,
                         NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee,
                         STAGES=tu["onepass_stages"] if nt * tile <= tu["onepass_long_k"] else tu["onepass_stages_long"],
                         num_warps=tu["onepass_warps"])
@@ -233,15 +235,15 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
         bm = tu["split_bm"]
         grid = (triton_cdiv(m, bm), k // kc)
         amax = torch.zeros(m, device=x.device, dtype=torch.int32)
-        amax_k[grid](x, s, h, amax, m, k, x.stride(0), KC=kc, T=tile, BM=bm, IEEE=ieee, num_warps=tu["split_warps"])
-        quant_k[grid](x, s, h, amax, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), KC=kc, T=tile,
+        amax_k(grid, x, s, h, amax, m, k, x.stride(0), KC=kc, T=tile, BM=bm, IEEE=ieee, num_warps=tu["split_warps"])
+        quant_k(grid, x, s, h, amax, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), KC=kc, T=tile,
                       BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, num_warps=tu["split_warps"])
         return q, sx
     bm = tu["fused_bm"] if tile < 512 else 16
     nrb = triton_cdiv(m, bm)
     pps = tu.get("fused_pps", 0)  # programs per SM of a persistent grid; 0: one program per row block
     grid = (min(nrb, num_sms(x.device.index or 0) * pps) if pps else nrb,)
-    fused[grid](x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile,
+    fused(grid, x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile,
                                  BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, num_warps=tu["fused_warps"],
                                  num_stages=tu["fused_stages"])
     return q, sx

@@ -57,6 +57,7 @@ def release_decode_buffers() -> None:
         pf.drain()
     _BUFFERS.clear()
     _PREFETCHERS.clear()
+    _PREFETCH["generation"] += 1
 
 
 def _cache(module) -> dict:
@@ -72,9 +73,9 @@ def _code_scale_compressed(module) -> torch.Tensor:
     return (module.hq_scales.view(torch.float32) * unit).contiguous()
 
 
-def _decode_into(module, buf, wdtype, n, check: bool, programs: int | None = None) -> None:
+def _decode_into(module, buf, wdtype, n, check: bool, programs: int | None = None, stream=None) -> None:
     rice_decode(module.hq_words, module.hq_offsets, module.hq_ks, n, module.lattice, module.block_values,
-                out=buf, out_dtype=wdtype, check=check, stats=check, programs=programs)
+                out=buf, out_dtype=wdtype, check=check, stats=check, programs=programs, stream=stream)
 
 
 def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +97,7 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not cache.get("checked"):
         # first call: decode on the compute stream with the stream checks (one host sync), no prefetching; with
         # the prefetch on, into one of its two slots (no third buffer of the largest layer's size)
-        pf = _prefetcher(module.hq_words.device, wdtype) if _PREFETCH["on"] and module.hq_words.is_cuda else None
+        pf = _module_prefetcher(module, cache, wdtype) if _PREFETCH["on"] and module.hq_words.is_cuda else None
         if pf is not None:
             pf.drain()
             buf = pf.checked_slot(n)
@@ -112,7 +113,7 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
             pf.observe(module)
         return buf.view(module.out_features, module.in_features), cache["sw"]
     if _PREFETCH["on"] and module.hq_words.is_cuda:
-        buf = _prefetcher(module.hq_words.device, wdtype).acquire(module, n)
+        buf = _module_prefetcher(module, cache, wdtype).acquire(module, n)
     else:
         buf = _decode_buffer(module.hq_words.device, wdtype, n)
         _decode_into(module, buf, wdtype, n, check=False)
@@ -124,7 +125,7 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
 #: programs_per_sm: the side-stream decode's grid (None: the decoder's own). With the two-pass decoder (2 warps per
 #: program) 8 per SM was best on the full LTX-2 compressed step: 1.004 s vs 1.038 s with the prefetch off, 1.020 s
 #: (16/SM), 1.113 s (4/SM), 1.198 s (2/SM), 1.515 s (1/SM) (bench/RESULTS.md, 2026-11-24 04:15 UTC)
-_PREFETCH = {"on": True, "programs_per_sm": 8}
+_PREFETCH = {"on": True, "programs_per_sm": 8, "generation": 0}
 _PREFETCHERS: dict = {}
 
 
@@ -143,6 +144,15 @@ def _prefetcher(device, wdtype) -> "_Prefetcher":
     return pf
 
 
+def _module_prefetcher(module, cache: dict, wdtype) -> "_Prefetcher":
+    """The prefetcher serving ``module``, remembered in its kernel cache (one lookup per call instead of building
+    the device key); ``release_decode_buffers`` starts a new generation, so no module keeps an old one alive."""
+    ent = cache.get(("pf", wdtype))
+    if ent is None or ent[0] != _PREFETCH["generation"]:
+        ent = cache[("pf", wdtype)] = (_PREFETCH["generation"], _prefetcher(module.hq_words.device, wdtype))
+    return ent[1]
+
+
 class _Prefetcher:
     """Overlaps the Rice decode of the next compressed-resident layer with the current layer's work.
 
@@ -150,15 +160,20 @@ class _Prefetcher:
     calls themselves (last seen successor, held by weak reference), so any model whose layers run in a repeating
     order benefits and a wrong guess only costs a just-in-time decode. Ordering between the compute stream and the
     side stream is by events only: the side stream writes a slot after the compute stream's last use of it
-    (``free``), the compute stream reads a slot after the side stream's write (``written``).
+    (``free``), the compute stream reads a slot after the side stream's write (``written``). The four events are
+    created once and re-recorded (a wait takes the event's state when it is enqueued), and the side-stream decode
+    is launched on the side stream directly: this path runs once per layer call, so its host time counts.
     """
 
     def __init__(self, device, wdtype):
         self.device, self.wdtype = torch.device(device), wdtype
+        self.index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.stream = torch.cuda.Stream(self.device)
         self.bufs: list = [None, None]
-        self.written: list = [None, None]   # side-stream event after the last prefetch into the slot
-        self.free: list = [None, None]      # compute-stream event after the last use of the slot
+        self.ev_written = [torch.cuda.Event(), torch.cuda.Event()]
+        self.ev_free = [torch.cuda.Event(), torch.cuda.Event()]
+        self.written: list = [False, False]   # ev_written[j] holds the side stream's last prefetch into slot j
+        self.free: list = [False, False]      # ev_free[j] holds the compute stream's last use of slot j
         self.ready: dict = {}               # id(module) -> (weakref of the module, slot holding its codes)
         self.succ: dict = {}                # id(module) -> weakref of the module seen after it
         self.prev = None                    # weakref of the module served last
@@ -169,7 +184,7 @@ class _Prefetcher:
 
     def drain(self) -> None:
         """Wait for the side stream and forget the prefetched slots (before buffers change or checks run)."""
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        torch.cuda.current_stream(self.index).wait_stream(self.stream)
         self.ready.clear()
 
     def observe(self, module) -> None:
@@ -181,11 +196,11 @@ class _Prefetcher:
         b = self.bufs[j]
         if b is None or b.numel() < n:
             # growing happens while the largest layer is first seen: wait for every use of the old buffers
-            torch.cuda.current_stream(self.device).synchronize()
+            torch.cuda.current_stream(self.index).synchronize()
             self.stream.synchronize()
             self.bufs = [torch.empty(max(n, 0 if x is None else x.numel()), dtype=self.wdtype, device=self.device)
                          for x in self.bufs]
-            self.written, self.free, self.ready = [None, None], [None, None], {}
+            self.written, self.free, self.ready = [False, False], [False, False], {}
             b = self.bufs[j]
         return b[:n]
 
@@ -199,7 +214,7 @@ class _Prefetcher:
 
     def acquire(self, module, n: int) -> torch.Tensor:
         """The decoded codes (n,) of ``module`` for use on the current stream; schedules the next prefetch."""
-        main = torch.cuda.current_stream(self.device)
+        main = torch.cuda.current_stream(self.index)
         self.observe(module)
         entry = self.ready.pop(id(module), None)
         # the weak reference guards against a dead module whose id a new module now has
@@ -207,12 +222,12 @@ class _Prefetcher:
         buf = None
         if j is not None and self.bufs[j] is not None and self.bufs[j].numel() >= n:
             buf = self.bufs[j][:n]
-            main.wait_event(self.written[j])
+            main.wait_event(self.ev_written[j])
         else:
             j = 1 - self.last_slot
             buf = self._slot(j, n)
-            if self.written[j] is not None:
-                main.wait_event(self.written[j])
+            if self.written[j]:
+                main.wait_event(self.ev_written[j])
             _decode_into(module, buf, self.wdtype, n, check=False)
         self._forget(j)
         self.last_slot = j
@@ -223,19 +238,20 @@ class _Prefetcher:
             nn_ = nxt.out_features * nxt.in_features
             if self.bufs[k] is not None and self.bufs[k].numel() >= nn_:
                 self._forget(k)
-                with torch.cuda.stream(self.stream):
-                    if self.free[k] is not None:
-                        self.stream.wait_event(self.free[k])
-                    pps = _PREFETCH["programs_per_sm"]
-                    _decode_into(nxt, self.bufs[k][:nn_], self.wdtype, nn_, check=False,
-                                 programs=num_sms(self.device.index or 0) * pps if pps else None)
-                    self.written[k] = self.stream.record_event()
+                if self.free[k]:
+                    self.stream.wait_event(self.ev_free[k])
+                pps = _PREFETCH["programs_per_sm"]
+                _decode_into(nxt, self.bufs[k][:nn_], self.wdtype, nn_, check=False,
+                             programs=num_sms(self.index) * pps if pps else None, stream=self.stream)
+                self.ev_written[k].record(self.stream)
+                self.written[k] = True
                 self.ready[id(nxt)] = (weakref.ref(nxt), k)
         return buf
 
     def release(self) -> None:
         """Called after the consumer of the last acquired slot was launched on the compute stream."""
-        self.free[self.last_slot] = torch.cuda.current_stream(self.device).record_event()
+        self.ev_free[self.last_slot].record(torch.cuda.current_stream(self.index))
+        self.free[self.last_slot] = True
 
     def _forget(self, j: int) -> None:
         for key in [key for key, v in self.ready.items() if v[1] == j]:
@@ -323,9 +339,9 @@ def cuda_forward(module, x: torch.Tensor) -> torch.Tensor:
         bb = bias.to(out_dtype) if bias is not None and bias.dtype != out_dtype else bias
         y = fp8_linear(xq, sx, wq, sw, bb, out_dtype=out_dtype).to(x.dtype)
     if getattr(module, "codes", None) is None and _PREFETCH["on"]:
-        pf = _PREFETCHERS.get((str(wq.device), wq.dtype))
-        if pf is not None:
-            pf.release()
+        pf = cache.get(("pf", wq.dtype))
+        if pf is not None and pf[0] == _PREFETCH["generation"]:
+            pf[1].release()
     return y.reshape(*lead, n)
 
 

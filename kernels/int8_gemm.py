@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ._launch import CachedLauncher
 from ._triton import jit_cache, require_triton
 
 _CONFIGS = {
@@ -123,7 +124,7 @@ def _kernels():
         c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
-    return int8_gemm_kernel, epilogue_kernel, int8_gemm_tma_kernel
+    return tuple(CachedLauncher(f) for f in (int8_gemm_kernel, epilogue_kernel, int8_gemm_tma_kernel))
 
 
 def _pick(m: int, n: int) -> tuple:
@@ -144,7 +145,7 @@ def int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tup
         raise ValueError(f"K={k} must be a multiple of {bk} for the Triton int8 GEMM")
     out = torch.empty(m, n, device=xq.device, dtype=out_dtype)
     grid = (((m + bm - 1) // bm) * ((n + bn - 1) // bn),)
-    _kernels()[0][grid](xq, wq, out, sx, sw, bias if bias is not None else sx, m, n, k, xq.stride(0),
+    _kernels()[0](grid, xq, wq, out, sx, sw, bias if bias is not None else sx, m, n, k, xq.stride(0),
                         wq.stride(0), out.stride(0), BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None,
                         num_warps=warps, num_stages=stages)
     return out
@@ -167,7 +168,7 @@ def _gemm_tma(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: bool):
     b_desc = TensorDescriptor.from_tensor(wq, [bn, bk])
     out = torch.empty(m, n, device=a.device, dtype=out_dtype)
     grid = (((m + bm - 1) // bm) * ((n + bn - 1) // bn),)
-    _kernels()[2][grid](a_desc, b_desc, out, sx, sw, bias if bias is not None else sx, m, n, k, out.stride(0),
+    _kernels()[2](grid, a_desc, b_desc, out, sx, sw, bias if bias is not None else sx, m, n, k, out.stride(0),
                         BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages, FP8=fp8,
                         WS=_TMA["warp_specialize"] and m > 256, num_warps=warps)
     return out
@@ -193,7 +194,7 @@ def int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
     acc = torch._int_mm(xq, wq.t())[:m]
     out = torch.empty(m, n, device=xq.device, dtype=out_dtype)
     bm, bn = 64, 128
-    _kernels()[1][((m + bm - 1) // bm, (n + bn - 1) // bn)](acc, out, sx, sw, bias if bias is not None else sx,
+    _kernels()[1](((m + bm - 1) // bm, (n + bn - 1) // bn), acc, out, sx, sw, bias if bias is not None else sx,
                                                             m, n, BM=bm, BN=bn, HAS_BIAS=bias is not None)
     return out
 

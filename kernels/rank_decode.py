@@ -38,7 +38,9 @@ import torch
 from ..codec import constants as codec_constants
 from ..codec.rank_index import _tables, escape_rank, packed_table, table_sizes
 from ..codec.rice import RiceStreamError
-from ._bits import bit_helpers, decode_buffers, decode_reference, decode_scratch, raise_on_flags
+from ._bits import (bit_helpers, decode_buffers, decode_reference, decode_scratch, raise_on_flags,
+                    stats_placeholder)
+from ._launch import CachedLauncher
 from ._triton import interpreting, jit_cache, num_sms, require_triton
 
 ESCAPE_Q = codec_constants.ESCAPE_Q
@@ -215,7 +217,7 @@ def _kernel():
                 tl.store(err_ptr + b, err)
             tl.debug_barrier()   # the next block reuses this program's scratch row
 
-    return rank_decode_kernel
+    return CachedLauncher(rank_decode_kernel)
 
 
 #: launch shape: best on the H100 over D4 3/4 bps and Z 4 bps of a few shapes near rice_decode's (bench/RESULTS.md)
@@ -257,7 +259,8 @@ def _launch_tables(lat: str, dev) -> tuple:
 def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n: int, lattice: str,
                 block_values: int, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int8,
                 check: bool = False, stats: bool = True, programs: int | None = None, num_warps: int | None = None,
-                chunk_words: int | None = None, sub: int | None = None, unit_bits: int | None = None):
+                chunk_words: int | None = None, sub: int | None = None, unit_bits: int | None = None,
+                stream=None):
     """Decode a rank-coded codec block stream (Z, D4 or A2) on the GPU (or the Triton interpreter).
 
     Same contract as :func:`.rice_decode.rice_decode`: ``words`` int32 (n_words,), ``offsets`` int32/int64
@@ -266,10 +269,10 @@ def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     torch.float8_e4m3fn; a view of a reused buffer may be passed) and returns ``(out, amax, err)``: per block
     ``max |c|`` int32 (n_blocks,) and error flags int32 (n_blocks,) (see the module docstring), computed when
     ``stats`` (default) or ``check``; ``stats=False, check=False`` is the fast path for a stream already checked
-    once (amax and err are then left unwritten; the table gathers and all reads stay masked either way).
+    once (amax and err are then None; the table gathers and all reads stay masked either way).
     ``check=True`` synchronizes and raises ``RiceStreamError`` on any error flag and ``ValueError`` if a
     coordinate was clamped. ``sub``: coordinates per sub-chunk of the per-symbol pass, ``chunk_words`` /
-    ``unit_bits``: the unary pass's step (as in ``rice_decode``).
+    ``unit_bits``: the unary pass's step (as in ``rice_decode``); ``stream`` as in ``rice_decode``.
     """
     require_triton()
     lat = str(lattice).upper()
@@ -284,17 +287,20 @@ def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     if offsets.numel() != nb + 1 or ks.shape[0] != nb:
         raise RiceStreamError(f"stream index describes {offsets.numel() - 1} blocks, expected {nb}")
     dev = words.device
-    out, amax, err = decode_buffers(n, nb, out, out_dtype, dev)
+    stats = bool(stats or check)
+    out, amax, err = decode_buffers(n, nb, out, out_dtype, dev, stats)
+    err_arg = err if stats else stats_placeholder(dev)
+    amax_arg = amax if stats else err_arg
     nprog = max(1, min(nb, programs or num_sms(dev.index or 0) * _TUNE["programs_per_sm"]))
-    scratch = decode_scratch(dev, nprog * (bv // 2))
+    scratch = decode_scratch(dev, nprog * (bv // 2), stream)
     tab1, tab2, kc = _launch_tables(lat, dev)
     s = min(bv, sub or _TUNE["sub"]) // 2   # ``sub`` counts coordinates, as in rice_decode; SUB counts pairs
     if nb:
-        _kernel()[(nprog,)](words, offsets, ks.reshape(-1), tab1, tab2, out, scratch, err, amax, int(n), nb,
+        _kernel()((nprog,), words, offsets, ks.reshape(-1), tab1, tab2, out, scratch, err_arg, amax_arg, int(n), nb,
                             BV=bv, LAT=_LAT_CODE[lat], CW=chunk_words or _TUNE["chunk_words"],
-                            OUT_FP8=out_dtype == torch.float8_e4m3fn, ESC_Q=ESCAPE_Q, CHECK=bool(stats or check),
+                            OUT_FP8=out_dtype == torch.float8_e4m3fn, ESC_Q=ESCAPE_Q, CHECK=stats,
                             SUB=max(2, s), UB=unit_bits or _TUNE["unit_bits"], **kc,
-                            HW=not interpreting(), num_warps=num_warps or _TUNE["num_warps"])
+                            HW=not interpreting(), num_warps=num_warps or _TUNE["num_warps"], stream=stream)
     if check and nb:
         raise_on_flags(err, amax, out_dtype, "rank-coded stream")
     return out, amax, err

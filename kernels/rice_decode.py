@@ -30,7 +30,9 @@ import torch
 
 from ..codec import constants as codec_constants
 from ..codec.rice import RiceStreamError
-from ._bits import bit_helpers, decode_buffers, decode_reference, decode_scratch, raise_on_flags
+from ._bits import (bit_helpers, decode_buffers, decode_reference, decode_scratch, raise_on_flags,
+                    stats_placeholder)
+from ._launch import CachedLauncher
 from ._triton import interpreting, jit_cache, num_sms, require_triton
 
 ESCAPE_Q = codec_constants.ESCAPE_Q
@@ -175,7 +177,7 @@ def _kernel():
                 tl.store(err_ptr + b, err)
             tl.debug_barrier()   # the next block reuses this program's scratch row
 
-    return rice_decode_kernel
+    return CachedLauncher(rice_decode_kernel)
 
 
 #: launch shape (bench/bench_kernels.py sweeps it on the device; see bench/RESULTS.md)
@@ -184,7 +186,8 @@ _TUNE = {"programs_per_sm": 32, "num_warps": 2, "chunk_words": 32, "sub": 512, "
 def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n: int, lattice: str,
                 block_values: int, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int8,
                 check: bool = False, stats: bool = True, programs: int | None = None, num_warps: int | None = None,
-                chunk_words: int | None = None, sub: int | None = None, unit_bits: int | None = None):
+                chunk_words: int | None = None, sub: int | None = None, unit_bits: int | None = None,
+                stream=None):
     """Decode a codec block stream on the GPU (or the Triton interpreter).
 
     ``words`` int32 (n_words,), ``offsets`` int32/int64 (n_blocks+1,) word offsets, ``ks`` uint8 (n_blocks, 1),
@@ -192,8 +195,9 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     torch.float8_e4m3fn; a view of a reused buffer may be passed) and returns ``(out, amax, err)``: per block
     ``max |c|`` int32 (n_blocks,) and error flags int32 (n_blocks,), computed when ``stats`` (default) or
     ``check``; ``stats=False, check=False`` is the fast path for a stream already checked once (amax and err are
-    then left unwritten). ``check=True`` synchronizes and raises ``RiceStreamError`` on any error flag and
-    ``ValueError`` if a coordinate was clamped.
+    then None). ``check=True`` synchronizes and raises ``RiceStreamError`` on any error flag and
+    ``ValueError`` if a coordinate was clamped. ``stream``: a ``torch.cuda.Stream`` to decode on (default: the
+    current stream).
     """
     require_triton()
     lat = str(lattice).upper()
@@ -202,7 +206,7 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
         from .rank_decode import rank_decode
         return rank_decode(words, offsets, ks, n, lat, block_values, out=out, out_dtype=out_dtype, check=check,
                            stats=stats, programs=programs, num_warps=num_warps, chunk_words=chunk_words, sub=sub,
-                           unit_bits=unit_bits)
+                           unit_bits=unit_bits, stream=stream)
     if lat != "E8":
         raise ValueError(f"unknown lattice {lattice!r}; the GPU decoders handle E8, D4, Z and A2")
     bv = int(block_values)
@@ -210,16 +214,19 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     if offsets.numel() != nb + 1 or ks.shape[0] != nb:
         raise RiceStreamError(f"stream index describes {offsets.numel() - 1} blocks, expected {nb}")
     dev = words.device
-    out, amax, err = decode_buffers(n, nb, out, out_dtype, dev)
+    stats = bool(stats or check)
+    out, amax, err = decode_buffers(n, nb, out, out_dtype, dev, stats)
+    err_arg = err if stats else stats_placeholder(dev)
+    amax_arg = amax if stats else err_arg
     nprog = max(1, min(nb, programs or num_sms(dev.index or 0) * _TUNE["programs_per_sm"]))
-    scratch = decode_scratch(dev, nprog * bv)
+    scratch = decode_scratch(dev, nprog * bv, stream)
     if nb:
-        _kernel()[(nprog,)](words, offsets, ks.reshape(-1), out, scratch, err, amax, int(n), nb, BV=bv,
+        _kernel()((nprog,), words, offsets, ks.reshape(-1), out, scratch, err_arg, amax_arg, int(n), nb, BV=bv,
                             CW=chunk_words or _TUNE["chunk_words"],
-                            OUT_FP8=out_dtype == torch.float8_e4m3fn, ESC_Q=ESCAPE_Q, CHECK=bool(stats or check),
+                            OUT_FP8=out_dtype == torch.float8_e4m3fn, ESC_Q=ESCAPE_Q, CHECK=stats,
                             SUB=min(bv, sub or _TUNE["sub"]), HWN=max(1, bv // 256), HW=not interpreting(),
                             UB=unit_bits or _TUNE["unit_bits"],
-                            num_warps=num_warps or _TUNE["num_warps"])
+                            num_warps=num_warps or _TUNE["num_warps"], stream=stream)
     if check and nb:
         raise_on_flags(err, amax, out_dtype, "Rice stream")
     return out, amax, err

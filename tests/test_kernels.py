@@ -428,3 +428,55 @@ def test_gpu_prefetch_compressed_matches_just_in_time(mma):
         assert pf.nbytes() >= 2 * 2048 * 512
     finally:
         dispatch.set_activation_sharing(True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mma", ["int8", "fp8"])
+def test_gpu_fast_launch_matches_ordinary_launch(mma):
+    """Cached launches (kernels/_launch.py) give bit-identical results to Triton's ordinary launch, also when the
+    arguments change what Triton specializes on (token counts, a 2-byte-aligned activation view) between calls
+    that reuse a cached kernel, and for a decode launched on a side stream."""
+    from hyperquant_diffusers.kernels import _launch, dispatch
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    torch.manual_seed(14)
+    layers = [LatticeLinear.from_linear(torch.nn.Linear(512, 384), bits=4.0, residency=r, mma=mma, lattice=lat).cuda()
+              for r, lat in (("int8", "E8"), ("compressed", "E8"), ("compressed", "D4"), ("compressed", "Z"))]
+    base = torch.randn(1000 * 512 + 8, device="cuda", dtype=torch.bfloat16)
+    inputs = []
+    for m in (1, 17, 256, 300, 1000):
+        inputs.append(base[: m * 512].view(m, 512))            # 16-byte aligned
+        inputs.append(base[1: 1 + m * 512].view(m, 512))       # 2-byte aligned: another specialization
+
+    def run():
+        out = [layer(x) for x in inputs for layer in layers]
+        q = layers[1]
+        side = torch.cuda.Stream()
+        buf = torch.empty(q.out_features * q.in_features, dtype=torch.int8, device="cuda")
+        side.wait_stream(torch.cuda.current_stream())
+        rice_decode(q.hq_words, q.hq_offsets, q.hq_ks, buf.numel(), "E8", q.block_values, out=buf, stats=False,
+                    stream=side)
+        torch.cuda.current_stream().wait_stream(side)
+        out.append(buf.clone())
+        return out
+
+    dispatch.set_activation_sharing(False)
+    try:
+        _launch.set_fast_launch(False)
+        ref = run()
+        _launch.set_fast_launch(True)
+        for _ in range(2):                      # the first round fills the cache, the second launches from it
+            got = run()
+            for r, g in zip(ref, got):
+                assert torch.equal(r, g)
+        assert any(lz.entries for lz in _cached_launchers())
+    finally:
+        _launch.set_fast_launch(True)
+        dispatch.set_activation_sharing(True)
+
+
+def _cached_launchers():
+    from hyperquant_diffusers.kernels import act_quant, int8_gemm, rank_decode, rice_decode as rd
+
+    return [*act_quant._kernel(), *int8_gemm._kernels(), rd._kernel(), rank_decode._kernel()]
