@@ -44,12 +44,16 @@ class _Unkeyable(Exception):
     pass
 
 
-def _arg_key(a):
-    if isinstance(a, torch.Tensor):
+_Tensor = torch.Tensor
+
+
+def _other_key(a):
+    # the rarer kinds, off the per-argument fast path of :meth:`CachedLauncher.__call__`
+    if isinstance(a, _Tensor):
         return (a.dtype, a.data_ptr() & 15 == 0)
-    if isinstance(a, bool) or a is None:
-        return a
-    if isinstance(a, int):
+    if isinstance(a, bool):
+        return ("bool", a)          # True == 1 as a dict key: keep the two kinds apart
+    if a is None or isinstance(a, int):
         return a
     if isinstance(a, float):
         return float
@@ -58,6 +62,19 @@ def _arg_key(a):
         return (b.dtype, b.data_ptr() & 15 == 0, tuple(a.shape), tuple(a.strides), tuple(a.block_shape),
                 getattr(a, "padding", None))
     raise _Unkeyable(type(a).__name__)
+
+
+_DRIVER: dict = {}
+
+
+def _raw_stream_fn():
+    """Triton's driver function (device index -> current raw CUDA stream), as its own launch calls it."""
+    f = _DRIVER.get("stream")
+    if f is None:
+        from triton.runtime import driver
+
+        f = _DRIVER["stream"] = driver.active.get_current_stream
+    return f
 
 
 def _hooks_empty(h) -> bool:
@@ -87,13 +104,18 @@ class CachedLauncher:
     def __call__(self, grid, *args, stream=None, **kw):
         if not _STATE["on"] or interpreting():
             return self._ordinary(grid, args, kw, stream)
-        from triton import knobs
+        rt = _DRIVER.get("runtime_knobs")
+        if rt is None:
+            from triton import knobs
 
-        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+            rt = _DRIVER["runtime_knobs"] = knobs.runtime
+        enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
         if not (_hooks_empty(enter) and _hooks_empty(leave)):
             return self._ordinary(grid, args, kw, stream)
+        dev = torch.cuda.current_device()
         try:
-            key = (tuple(map(_arg_key, args)), tuple(kw.items()), torch.cuda.current_device())
+            key = (tuple([(a.dtype, a.data_ptr() & 15 == 0) if type(a) is _Tensor else a if type(a) is int
+                          else _other_key(a) for a in args]), tuple(kw.items()), dev)
         except _Unkeyable:
             return self._ordinary(grid, args, kw, stream)
         ent = self.entries.get(key)
@@ -107,7 +129,7 @@ class CachedLauncher:
             self.entries[key] = (ck, tuple(kw[n] for n in tail_names))
             return ck
         ck, tail = ent
-        raw = stream.cuda_stream if stream is not None else torch.cuda.current_stream().cuda_stream
+        raw = stream.cuda_stream if stream is not None else _raw_stream_fn()(dev)
         g = grid + (1,) * (3 - len(grid))
         ck.run(g[0], g[1], g[2], raw, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
         return ck

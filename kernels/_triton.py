@@ -25,8 +25,15 @@ def triton_available() -> bool:
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``). Read once, on the first
+    kernel launch (Triton itself reads it when it is imported): this is asked on every launch."""
+    v = _INTERPRET.get("v")
+    if v is None:
+        v = _INTERPRET["v"] = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return v
+
+
+_INTERPRET: dict = {}
 
 
 def require_triton() -> None:
