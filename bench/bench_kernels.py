@@ -75,34 +75,18 @@ def sweeps(dev, parts=("decode", "actq", "gemm")):
     offs = q.offsets.to(torch.int32)
     buf = torch.empty(q.numel, dtype=torch.int8, device=dev)
     best = None
-    # (unit_bits, programs per SM, warps, chunk words, sub, fused scans): the measured best and its neighbours
-    decode_cands = ((16, 32, 2, 32, 512, True), (16, 32, 2, 32, 512, False), (16, 16, 2, 32, 512, True),
-                    (16, 32, 2, 16, 512, True), (8, 32, 2, 32, 512, True), (16, 16, 4, 64, 1024, True),
-                    (16, 32, 4, 64, 1024, True), (16, 16, 4, 64, 1024, False), (16, 16, 8, 128, 2048, True),
-                    (32, 32, 2, 32, 512, True)) if "decode" in parts else ((16, 32, 2, 32, 512, True),)
-    for ub, pps, nw, cwd, sub, fuse in decode_cands:
-        rd._TUNE["fuse_scans"] = fuse
+    # (unit_bits, programs per SM, warps, chunk words, sub): the measured best and its neighbours
+    decode_cands = ((16, 32, 2, 32, 512), (16, 16, 2, 32, 512), (16, 32, 2, 16, 512), (8, 32, 2, 32, 512),
+                    (16, 16, 4, 64, 1024), (16, 32, 4, 64, 1024), (16, 16, 8, 128, 2048),
+                    (32, 32, 2, 32, 512)) if "decode" in parts else ((16, 32, 2, 32, 512),)
+    for ub, pps, nw, cwd, sub in decode_cands:
         t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
                                          stats=False, programs=pps * 132, num_warps=nw, unit_bits=ub,
                                          chunk_words=cwd, sub=sub))
-        out["decode"][f"ub{ub}_pps{pps}_w{nw}_cw{cwd}_sub{sub}_fuse{int(fuse)}"] = t
+        out["decode"][f"ub{ub}_pps{pps}_w{nw}_cw{cwd}_sub{sub}"] = t
         if best is None or t < best[0]:
-            best = (t, pps, nw, ub, cwd, sub, fuse)
-    rd._TUNE.update(programs_per_sm=best[1], num_warps=best[2], unit_bits=best[3], chunk_words=best[4], sub=best[5],
-                    fuse_scans=best[6])
-    if "decode" in parts:
-        # the rank decoder (Z, D4) shares the unary pass: its default launch shape, scans fused or not
-        from hyperquant_diffusers.kernels import rank_decode as rk
-
-        for lat, bits in (("D4", 4.0), ("Z", 4.0)):
-            qr = quantize(w, bits=bits, lattice=lat)
-            offr = qr.offsets.to(torch.int32)
-            for fuse in (True, False):
-                rk._TUNE["fuse_scans"] = fuse
-                out["decode"][f"{lat}_default_fuse{int(fuse)}"] = bench(
-                    lambda: rk.rank_decode(qr.words, offr, qr.ks, qr.numel, lat, qr.block_values, out=buf,
-                                           stats=False))
-            rk._TUNE["fuse_scans"] = True
+            best = (t, pps, nw, ub, cwd, sub)
+    rd._TUNE.update(programs_per_sm=best[1], num_warps=best[2], unit_bits=best[3], chunk_words=best[4], sub=best[5])
     out["decode_best"] = best
     out["decode_best_gvalues_s"] = q.numel / best[0] / 1e6
     # the same decode with the per-block statistics (amax, error flags) computed: their cost
@@ -534,7 +518,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="4096x4096 and 2048x2048 only")
     ap.add_argument("--sweeps-only", action="store_true", help="only the launch-shape sweeps (printed as JSON)")
     ap.add_argument("--no-sweeps", action="store_true", help="skip the sweeps; use the launch shapes in the code")
-    ap.add_argument("--decode-sweep", action="store_true", help="only the Rice/rank decode launch-shape sweep")
+    ap.add_argument("--decode-sweep", action="store_true", help="only the Rice decode launch-shape sweep")
     ap.add_argument("--ncu-target", choices=("decode", "actq", "gemm"), default=None,
                     help="only launch this kernel a few times on the 4096x4096 / M=12288 case (run under ncu)")
     args = ap.parse_args(argv)

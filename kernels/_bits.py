@@ -91,7 +91,7 @@ def decode_reference(words, offsets, ks, n, lattice, block_values, out_dtype=tor
 
 @jit_cache
 def bit_helpers() -> SimpleNamespace:
-    global tl, libdevice, _popc, _read, _msb, _lowest, _max2, _sum_max, _sum_sum_max, _unit_terminators
+    global tl, libdevice, _popc, _read, _msb, _lowest, _max2, _unit_terminators
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
@@ -165,16 +165,8 @@ def bit_helpers() -> SimpleNamespace:
         return inv, hpos
 
     @triton.jit
-    def _sum_max(a0, a1, b0, b1):
-        return a0 + b0, tl.maximum(a1, b1)
-
-    @triton.jit
-    def _sum_sum_max(a0, a1, a2, b0, b1, b2):
-        return a0 + b0, a1 + b1, tl.maximum(a2, b2)
-
-    @triton.jit
     def unary_pass(wp, sp, un_start, cnt, nwords, NU: tl.constexpr, UB: tl.constexpr, ESC_Q: tl.constexpr,
-                   HW: tl.constexpr, FUSE: tl.constexpr = False):
+                   HW: tl.constexpr):
         # The unary section (``cnt`` terminated runs of ones from bit ``un_start`` of the block at ``wp``, which
         # has ``nwords`` words) cut into units of UB bits, NU units (one lane each) per step. A prefix sum of
         # per-unit zero counts ranks each unit's first terminator, an inclusive max-scan over the previous units'
@@ -182,9 +174,7 @@ def bit_helpers() -> SimpleNamespace:
         # zeros, two per step, storing q_r = ones between terminators r-1 and r as int8 (saturated at ESC_Q + 1,
         # which callers flag) at ``sp + r``. Short units keep the walk short and give each thread several
         # independent chains. Returns (bit after the last terminator, number of q == ESC_Q, 1 if the section
-        # is truncated else 0). FUSE: the prefix sum and the max-scan as one scan of pairs, and the three
-        # reductions after the walk as one reduction of triples (each block-wide scan or reduction of a
-        # multi-warp program is a round trip through shared memory with barriers).
+        # is truncated else 0).
         cu = tl.arange(0, NU)
         carry = cnt * 0
         last = un_start - 1
@@ -196,14 +186,9 @@ def bit_helpers() -> SimpleNamespace:
             ui = ustart + c * NU + cu
             inv, _ = _unit_terminators(wp, ui, ustart, nwords, un_start, UB, HW)
             _, hprev = _unit_terminators(wp, ui - 1, ustart, nwords, un_start, UB, HW)
+            prev = tl.maximum(tl.associative_scan(hprev, 0, _max2), last)
             z = _popc(inv, HW)
-            if FUSE:
-                zi, prev = tl.associative_scan((z, hprev), 0, _sum_max)
-                prev = tl.maximum(prev, last)
-                zr = zi - z + carry
-            else:
-                prev = tl.maximum(tl.associative_scan(hprev, 0, _max2), last)
-                zr = tl.cumsum(z, 0) - z + carry
+            zr = tl.cumsum(z, 0) - z + carry
             nesc_l = z * 0
             had = z < 0
             maxz = tl.max(z, 0)
@@ -221,15 +206,9 @@ def bit_helpers() -> SimpleNamespace:
                 prev = tl.where(ok1, pos1, tl.where(ok0, pos0, prev))
                 had = had | ok0
                 inv = inv1 & (inv1 - 1)
-            if FUSE:
-                zs, ne, lm = tl.reduce((z, nesc_l, tl.where(had, prev, -1)), 0, _sum_sum_max)
-                n_esc += ne
-                last = tl.maximum(last, lm)
-                carry += zs
-            else:
-                n_esc += tl.sum(nesc_l, 0)
-                last = tl.maximum(last, tl.max(tl.where(had, prev, -1), 0))
-                carry += tl.sum(z, 0)
+            n_esc += tl.sum(nesc_l, 0)
+            last = tl.maximum(last, tl.max(tl.where(had, prev, -1), 0))
+            carry += tl.sum(z, 0)
             c += 1
         tl.debug_barrier()   # the scratch row is read by other threads next
         return last + 1, n_esc, (carry < cnt).to(tl.int32)

@@ -84,7 +84,7 @@ def _kernel():
                            T1N: tl.constexpr, T1C1: tl.constexpr, T1C0: tl.constexpr,
                            E0N: tl.constexpr, E0C1: tl.constexpr, E0C0: tl.constexpr,
                            E1N: tl.constexpr, E1C1: tl.constexpr, E1C0: tl.constexpr,
-                           UB: tl.constexpr, HW: tl.constexpr, FUSE: tl.constexpr):
+                           UB: tl.constexpr, HW: tl.constexpr):
         # Symbols are handled as (SR, 2) tiles: row i, column t is symbol 2i + t (D4: vector i's pair t). The
         # block-level unary pass fills the scratch row with one quotient per symbol; the per-symbol work then runs
         # over sub-chunks of SUB symbols with scalar carries (Rice-escape rank, escaped-pair rank).
@@ -115,7 +115,7 @@ def _kernel():
                 un_start = cnt * k
             err = err | ((un_start > end_bit).to(tl.int32) * 2)
             # ---- unary section -> q per symbol (int8) in this program's scratch row ------------------------
-            esc_start, n_resc, trunc = _unary_pass(wp, sp, un_start, cnt, nwords, NU, UB, ESC_Q, HW, FUSE)
+            esc_start, n_resc, trunc = _unary_pass(wp, sp, un_start, cnt, nwords, NU, UB, ESC_Q, HW)
             err = err | trunc
             # Rice escapes come before the raw pairs
             tail_start = esc_start + n_resc * 32
@@ -221,8 +221,7 @@ def _kernel():
 
 
 #: launch shape: best on the H100 over D4 3/4 bps and Z 4 bps of a few shapes near rice_decode's (bench/RESULTS.md)
-_TUNE = {"programs_per_sm": 16, "num_warps": 4, "chunk_words": 64, "sub": 1024, "unit_bits": 16,
-         "fuse_scans": True}
+_TUNE = {"programs_per_sm": 16, "num_warps": 4, "chunk_words": 64, "sub": 1024, "unit_bits": 16}
 _KINDS = {"Z": ("Z2", "Z2"), "A2": ("A2", "A2"), "D4": ("Z2", "Z2coset")}
 
 
@@ -300,7 +299,7 @@ def rank_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
         _kernel()((nprog,), words, offsets, ks.reshape(-1), tab1, tab2, out, scratch, err_arg, amax_arg, int(n), nb,
                             BV=bv, LAT=_LAT_CODE[lat], CW=chunk_words or _TUNE["chunk_words"],
                             OUT_FP8=out_dtype == torch.float8_e4m3fn, ESC_Q=ESCAPE_Q, CHECK=stats,
-                            SUB=max(2, s), UB=unit_bits or _TUNE["unit_bits"], FUSE=_TUNE["fuse_scans"], **kc,
+                            SUB=max(2, s), UB=unit_bits or _TUNE["unit_bits"], **kc,
                             HW=not interpreting(), num_warps=num_warps or _TUNE["num_warps"], stream=stream)
     if check and nb:
         raise_on_flags(err, amax, out_dtype, "rank-coded stream")

@@ -55,7 +55,7 @@ def _kernel():
                            BV: tl.constexpr, CW: tl.constexpr,
                            OUT_FP8: tl.constexpr, ESC_Q: tl.constexpr, CHECK: tl.constexpr,
                            SUB: tl.constexpr, HWN: tl.constexpr, HW: tl.constexpr,
-                           UB: tl.constexpr, FUSE: tl.constexpr):
+                           UB: tl.constexpr):
         # Pass 1 walks the block's unary section and scatters each value's quotient q (int8) into a per-program
         # scratch row, counting escapes on the way; pass 2 works on (vectors, 8) tiles of SUB values with scalar
         # carries (even-vector count, escape rank, sign rank) across tiles.
@@ -92,7 +92,7 @@ def _kernel():
             head = ng
             un_start = head + cnt * k - kpos * n_even
             # ---- pass 1: the unary section -> q per value (int8) in this program's scratch row ------------------
-            esc_start, n_esc, trunc = _unary_pass(wp, sp, un_start, cnt, nwords, NU, UB, ESC_Q, HW, FUSE)
+            esc_start, n_esc, trunc = _unary_pass(wp, sp, un_start, cnt, nwords, NU, UB, ESC_Q, HW)
             err = err | trunc
             tail_start = esc_start + n_esc * 32
             if CHECK:
@@ -181,8 +181,7 @@ def _kernel():
 
 
 #: launch shape (bench/bench_kernels.py sweeps it on the device; see bench/RESULTS.md)
-_TUNE = {"programs_per_sm": 32, "num_warps": 2, "chunk_words": 32, "sub": 512, "unit_bits": 16,
-         "fuse_scans": True}
+_TUNE = {"programs_per_sm": 32, "num_warps": 2, "chunk_words": 32, "sub": 512, "unit_bits": 16}
 
 def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n: int, lattice: str,
                 block_values: int, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int8,
@@ -226,7 +225,7 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
                             CW=chunk_words or _TUNE["chunk_words"],
                             OUT_FP8=out_dtype == torch.float8_e4m3fn, ESC_Q=ESCAPE_Q, CHECK=stats,
                             SUB=min(bv, sub or _TUNE["sub"]), HWN=max(1, bv // 256), HW=not interpreting(),
-                            UB=unit_bits or _TUNE["unit_bits"], FUSE=_TUNE["fuse_scans"],
+                            UB=unit_bits or _TUNE["unit_bits"],
                             num_warps=num_warps or _TUNE["num_warps"], stream=stream)
     if check and nb:
         raise_on_flags(err, amax, out_dtype, "Rice stream")
