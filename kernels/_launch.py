@@ -64,6 +64,12 @@ def _other_key(a):
     raise _Unkeyable(type(a).__name__)
 
 
+def launch_key(args: tuple, kw: dict, device: int) -> tuple:
+    """The cache key of a launch (see the module docstring); raises ``_Unkeyable`` for an argument of another kind."""
+    return (tuple([(a.dtype, a.data_ptr() & 15 == 0) if type(a) is _Tensor else a if type(a) is int
+                   else _other_key(a) for a in args]), tuple(kw.items()), device)
+
+
 _DRIVER: dict = {}
 
 
@@ -114,8 +120,7 @@ class CachedLauncher:
             return self._ordinary(grid, args, kw, stream)
         dev = torch.cuda.current_device()
         try:
-            key = (tuple([(a.dtype, a.data_ptr() & 15 == 0) if type(a) is _Tensor else a if type(a) is int
-                          else _other_key(a) for a in args]), tuple(kw.items()), dev)
+            key = launch_key(args, kw, dev)
         except _Unkeyable:
             return self._ordinary(grid, args, kw, stream)
         ent = self.entries.get(key)
@@ -130,6 +135,6 @@ class CachedLauncher:
             return ck
         ck, tail = ent
         raw = stream.cuda_stream if stream is not None else _raw_stream_fn()(dev)
-        g = grid + (1,) * (3 - len(grid))
+        g = tuple(grid) + (1,) * (3 - len(grid))
         ck.run(g[0], g[1], g[2], raw, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
         return ck

@@ -480,3 +480,24 @@ def _cached_launchers():
     from hyperquant_diffusers.kernels import act_quant, int8_gemm, rank_decode, rice_decode as rd
 
     return [*act_quant._kernel(), *int8_gemm._kernels(), rd._kernel(), rank_decode._kernel()]
+
+
+def test_cached_launch_key_separates_what_triton_specializes_on():
+    """Two launches may share a compiled kernel only if every property Triton specializes on is equal: pointer
+    dtype and 16-byte alignment, integer values (1, multiples of 16, 64-bit range), bools apart from ints,
+    constexprs and launch options; anything else is refused (ordinary launch)."""
+    from hyperquant_diffusers.kernels._launch import _Unkeyable, launch_key
+
+    base = torch.zeros(64, dtype=torch.bfloat16)
+    aligned, shifted = base[:16], base[1:17]
+    assert launch_key((aligned, 16), {}, 0) == launch_key((base[8:24], 16), {}, 0)   # both 16-byte aligned
+    assert launch_key((aligned, 16), {}, 0) != launch_key((shifted, 16), {}, 0)
+    assert launch_key((aligned, 16), {}, 0) != launch_key((aligned.float(), 16), {}, 0)
+    assert len({launch_key((aligned, v), {}, 0) for v in (1, 16, 17, 2**31, 2**33)}) == 5
+    assert launch_key((aligned, True), {}, 0) != launch_key((aligned, 1), {}, 0)
+    assert launch_key((aligned, 0.5), {}, 0) == launch_key((aligned, 0.25), {}, 0)    # floats are not specialized
+    w4, w8 = {"BM": 64, "num_warps": 4}, {"BM": 64, "num_warps": 8}
+    assert launch_key((aligned,), w4, 0) != launch_key((aligned,), w8, 0)
+    assert launch_key((aligned,), {}, 0) != launch_key((aligned,), {}, 1)
+    with pytest.raises(_Unkeyable):
+        launch_key((aligned, "text"), {}, 0)
