@@ -3,9 +3,11 @@ forward, per residency and MMA type, with Triton's ordinary launch and with the 
 (``kernels/_launch.py``), next to bf16 ``F.linear``.
 
 At M = 256 tokens the kernels take a few µs each, so the GPU waits on the host and the wall time per call is the
-host time; at M = 12288 (few enough calls that the launch queue never fills) the host time is the issue time. Two 4096x4096 layers are called alternately (``l2(l1(x))``: a compressed layer's prefetch always has a
-successor, and no activation is shared). Also the launch alone: one ``rht_quantize`` call, ordinary vs cached.
-Prints µs per layer call and, with ``--profile``, the top of a cProfile of the compressed int8 call.
+host time; at M = 12288 (few enough calls that the launch queue never fills) the host time is the issue time.
+Two 4096x4096 layers are called alternately (``l2(l1(x))``: a compressed layer's prefetch always has a successor,
+and no activation is shared). Also the launch alone (one ``rht_quantize`` call, ordinary vs cached) and, at small
+M, the host cost of the parts of a call. Prints µs per layer call and, with ``--profile``, the top of a cProfile
+of the compressed int8 call.
 
     python bench/bench_host.py [--json OUT.json] [--profile] [--m 256 12288]
 """
