@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from . import cpu_kernels
 from .constants import lattice_spec
 
 _SQRT3 = math.sqrt(3.0)
@@ -94,6 +95,10 @@ CHUNK_VALUES = 1 << 20
 def nearest_point(lattice: str, x: torch.Tensor) -> torch.Tensor:
     """Dispatch to the nearest-point quantizer of ``lattice`` (see module docstring for the coordinates)."""
     spec = lattice_spec(lattice)
+    if cpu_kernels.usable(x):
+        c = cpu_kernels.nearest_point(spec.name, x)
+        if c is not None:
+            return c
     fn = _NEAREST[spec.name]
     n = x.numel()
     if n <= CHUNK_VALUES or x.shape[-1] % spec.dim or x.device.type != "cpu":

@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from . import cpu_kernels
 from .a2_index import a2_rank
 from .constants import A2_RANK_TABLE, ESCAPE_BITS, lattice_spec
 from .lattices import nearest_point
@@ -296,6 +297,10 @@ def rd_nearest_point(lattice: str, y: torch.Tensor, block_values: int, rdo: bool
     ``rdo=False`` this is the nearest point.
     """
     spec = lattice_spec(lattice)
+    if rdo and cpu_kernels.usable(y):
+        c = cpu_kernels.rd_nearest_point(spec.name, y, block_values, rd_lambda(spec.name))
+        if c is not None:
+            return c
     c0 = nearest_point(spec.name, y.reshape(-1))
     if not rdo:
         return c0.reshape(y.shape)

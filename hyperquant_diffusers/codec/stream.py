@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_kernels
 from .constants import ESCAPE_BITS, MAX_ABS_COORD, lattice_spec
 from .rank_index import escape_rank, rank_points, table_sizes, unrank_points
 from .rice import RiceStreamError, best_rice_k, decode_blocks, encode_blocks, read_fields, rice_cost, unpack_bits
@@ -120,6 +121,10 @@ def _symbols(c: torch.Tensor, lattice: str):
 
 def choose_ks(c: torch.Tensor, lattice: str, block_values: int) -> torch.Tensor:
     """Rice parameter per (block, class), uint8 (n_blocks, classes), minimizing each block's bits."""
+    if cpu_kernels.usable(c):
+        ks = cpu_kernels.choose_ks(c, lattice, block_values)
+        if ks is not None:
+            return ks
     lay = _layout(c.numel(), lattice, block_values, c.device)
     if lay["ranked"]:
         r, k_shift, _ = _rank_symbols(c, lattice)
@@ -144,6 +149,10 @@ def _rank_symbol_bits(c: torch.Tensor, ks: torch.Tensor, lay: dict, block_values
 
 def stream_bits(c: torch.Tensor, lattice: str, block_values: int, ks: torch.Tensor | None = None) -> int:
     """Bits the block stream of ``c`` takes, word padding included, without building it."""
+    if cpu_kernels.usable(c):
+        bits = cpu_kernels.stream_bits(c, lattice, block_values, ks)
+        if bits is not None:
+            return bits
     c = c.reshape(-1)
     lay = _layout(c.numel(), lattice, block_values, c.device)
     if ks is None:
@@ -162,8 +171,13 @@ def stream_bits(c: torch.Tensor, lattice: str, block_values: int, ks: torch.Tens
 def encode_coords(c: torch.Tensor, lattice: str, block_values: int, chunk_values: int = 1 << 21):
     """Integer lattice coordinates (n,) -> (int32 words, int64 word offsets (n_blocks+1,), uint8 ks).
 
-    Processes ``chunk_values`` coordinates at a time to bound memory.
+    Processes ``chunk_values`` coordinates at a time to bound memory (the torch code; the CPU kernels of
+    :mod:`.cpu_kernels` work block by block). The result does not depend on it.
     """
+    if cpu_kernels.usable(c):
+        out = cpu_kernels.encode_coords(c, lattice, block_values)
+        if out is not None:
+            return out
     c = c.reshape(-1)
     if c.numel() and int(c.abs().max()) > MAX_ABS_COORD:
         raise ValueError(f"lattice coordinate magnitude exceeds {MAX_ABS_COORD}: step size far too small")

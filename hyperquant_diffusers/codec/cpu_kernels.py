@@ -1,0 +1,296 @@
+"""Fast CPU path of the codec's hot loops: fused numba kernels behind the torch reference.
+
+The torch code (:mod:`.lattices`, :mod:`.rdo`, :mod:`.rank_rdo`, :mod:`.stream`, :mod:`.rice`) is the
+reference and the GPU path; on the CPU it spends its time in hundreds of elementwise passes. The kernels of
+:mod:`.jit_points` and :mod:`.jit_stream` do the same work in one or two passes per block and give the same
+coordinates, Rice parameters and words bit for bit (``tests/test_codec_cpu_kernels.py`` checks it on random and
+adversarial inputs). Each function here returns ``None`` where it does not apply, and the caller runs the torch
+code: inputs not on the CPU, not float32 / int32 / int64, empty, malformed (so the torch code raises its usual
+errors), or with magnitudes beyond ``MAX_ABS_Y`` (where the reference's float32 arithmetic stops being exact on
+integers, and its E8 RDO switches to per-candidate costs).
+
+The kernels are used when numba imports and ``HYPERQUANT_CPU_KERNELS`` is not ``"0"`` (set it to force the torch
+code, e.g. to compare); without numba (the GPU image installs the package without dependencies) the torch code
+runs, silently. They run on ``torch.get_num_threads()`` Python threads over disjoint block ranges (the kernels
+release the GIL), so no numba threading layer meets torch's OpenMP runtime. numba compiles them on first use
+and caches the machine code next to the modules (``cache=True``; a few seconds once per environment).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .constants import MAX_ABS_COORD, MAX_RICE_K, lattice_spec
+
+#: Inputs of the point quantizers (lattice units) are handled here only below this magnitude: every float32
+#: value the reference forms from them (rounded sums of 8, doubled coordinates) is then an exact integer.
+MAX_ABS_Y = float(1 << 20)
+#: Fewer values than this run in the calling thread (thread hand-off costs more than it saves).
+_MIN_PARALLEL_VALUES = 1 << 16
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _load():
+    """(jit_points, jit_stream, sum-8 order) or None when numba is missing or torch's sum order is unknown."""
+    with _lock:
+        if "mods" not in _state:
+            try:
+                from . import jit_points, jit_stream
+            except ImportError:  # numba not installed: the torch path
+                _state["mods"] = None
+            else:
+                order = _sum8_order(jit_points)
+                _state["mods"] = None if order is None else (jit_points, jit_stream, order)
+        return _state["mods"]
+
+
+def _sum8_order(jp):
+    """Which order torch's CPU ``sum(dim=1)`` of a (M, 8) float32 tensor adds in (it depends on the vector
+    width torch was dispatched to): a ``jit_points.SUM8_*`` code, or None if neither (then no kernels)."""
+    rng = np.random.RandomState(12345)
+    x = (10.0 ** rng.uniform(-8.0, 0.0, size=(256, 8))).astype(np.float32)
+    got = torch.from_numpy(x).sum(1).numpy()
+    seq = np.zeros(256, dtype=np.float32)
+    for i in range(8):
+        seq = (seq + x[:, i]).astype(np.float32)
+    p = [(x[:, i] + x[:, i + 4]).astype(np.float32) for i in range(4)]
+    ilp = (((p[0] + p[1]).astype(np.float32) + p[2]).astype(np.float32) + p[3]).astype(np.float32)
+    if np.array_equal(got, seq):
+        return jp.SUM8_SEQUENTIAL
+    if np.array_equal(got, ilp):
+        return jp.SUM8_ILP4
+    return None
+
+
+def enabled() -> bool:
+    """Whether the kernels run (numba present, ``HYPERQUANT_CPU_KERNELS`` not "0", torch's sum order known)."""
+    if os.environ.get("HYPERQUANT_CPU_KERNELS", "1").strip() == "0":
+        return False
+    return _load() is not None
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether ``t`` may take the kernels: a CPU tensor while :func:`enabled`."""
+    return t.device.type == "cpu" and enabled()
+
+
+# ---- threads ------------------------------------------------------------------------------------------
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _lock:
+        key = (os.getpid(), n)  # a forked child must not reuse its parent's (dead) threads
+        if _state.get("pool_key") != key:
+            _state["pool"] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="hq-cpu")
+            _state["pool_key"] = key
+        return _state["pool"]
+
+
+def _parallel(n_items: int, values: int, fn) -> None:
+    """Run ``fn(i0, i1)`` over ``[0, n_items)`` cut into ``torch.get_num_threads()`` contiguous ranges."""
+    threads = max(1, min(torch.get_num_threads(), n_items))
+    if threads == 1 or values < _MIN_PARALLEL_VALUES:
+        fn(0, n_items)
+        return
+    cuts = [n_items * i // threads for i in range(threads + 1)]
+    futures = [_pool(threads).submit(fn, cuts[i], cuts[i + 1]) for i in range(1, threads)]
+    fn(cuts[0], cuts[1])
+    for f in futures:
+        f.result()
+
+
+# ---- tables ---------------------------------------------------------------------------------------------
+
+_LAT = {"Z": 0, "A2": 1, "D4": 2, "E8": 3}  # jit_points.LAT_*
+#: Rank tables of the symbols of each rank-coded lattice (table a, table b, period): see ``stream._RANK_KINDS``.
+_RANK_TABLES = {"Z": ("Z2", "Z2", 1), "A2": ("A2", "A2", 1), "D4": ("Z2", "Z2coset", 2)}
+
+
+def _lut_args(lattice: str) -> tuple:
+    """(lut_a, b0, b1, esc, lut_b, b0, b1, esc, period) of ``lattice`` for the kernels (E8: dummies)."""
+    if lattice not in _RANK_TABLES:
+        dummy = np.zeros((1, 1), dtype=np.int32)
+        return (dummy, 0, 0, 0, dummy, 0, 0, 0, 1)
+    from .rank_index import _tables
+
+    a, b, period = _RANK_TABLES[lattice]
+    out = []
+    for kind in (a, b):
+        t = _tables(kind, "cpu")
+        out += [t["lut"].numpy(), int(t["b0"]), int(t["b1"]), int(t["esc"])]
+    return (*out, period)
+
+
+def _sqrt3_args():
+    """float32 √3 and √3/2 as the A2 reference rounds them (``lattices._SQRT3``, ``rdo``'s point scale)."""
+    from .lattices import _SQRT3
+
+    return np.float32(_SQRT3), np.float32(0.5 * _SQRT3)
+
+
+# ---- point quantizers -------------------------------------------------------------------------------------
+
+
+def _float_input(y: torch.Tensor, dim: int):
+    """Flat float32 numpy view of ``y`` and its largest magnitude, or None if the kernels do not apply."""
+    if y.dtype != torch.float32 or y.numel() == 0 or y.numel() % dim:
+        return None
+    flat = y.reshape(-1).contiguous()
+    lo, hi = torch.aminmax(flat)
+    big = max(-float(lo), float(hi))
+    if not big < MAX_ABS_Y:  # also NaN
+        return None
+    return flat.numpy(), big
+
+
+def nearest_point(lattice: str, x: torch.Tensor):
+    """``lattices.nearest_point``: int32 coordinates shaped like ``x``, or None (use the torch code)."""
+    mods = _load()
+    spec = lattice_spec(lattice)
+    if mods is None or x.dim() == 0 or x.shape[-1] % spec.dim:
+        return None
+    got = _float_input(x, spec.dim)
+    if got is None:
+        return None
+    jp, _, order = mods
+    y, _ = got
+    n = y.size
+    out = np.empty(n, dtype=np.int32)
+    sqrt3, _ = _sqrt3_args()
+    nvec = n // spec.dim
+    _parallel(nvec, n, lambda v0, v1: jp.nearest_range(_LAT[spec.name], y, v0 * spec.dim, v1 * spec.dim, out,
+                                                       sqrt3, order))
+    return torch.from_numpy(out).reshape(x.shape)
+
+
+def rd_nearest_point(lattice: str, y: torch.Tensor, block_values: int, lam: float):
+    """``rdo.rd_nearest_point`` with ``rdo=True``: int32 coordinates shaped like ``y``, or None.
+
+    Pass 1 per block: nearest points, their Rice bits at every k; then the Rice parameters (``choose_ks``'s
+    search); pass 2 per block: the RDO points with them."""
+    mods = _load()
+    spec = lattice_spec(lattice)
+    bv = int(block_values)
+    ranked = spec.name in _RANK_TABLES
+    if mods is None or bv <= 0 or bv % 8 or (ranked and y.numel() % 2):
+        return None
+    got = _float_input(y, spec.dim)
+    if got is None:
+        return None
+    from .rdo import _A2_RING2, _E8_TABLE_MAX, _e8_cost_table
+
+    jp, js, order = mods
+    x, big = got
+    cmax = int(2.0 * big) + 6
+    if spec.name == "E8" and cmax > _E8_TABLE_MAX:  # the reference computes these costs per candidate
+        return None
+    n = x.size
+    nb = (n + bv - 1) // bv
+    lat = _LAT[spec.name]
+    luts = _lut_args(spec.name)
+    sqrt3, h1 = _sqrt3_args()
+    table = np.empty((nb, MAX_RICE_K + 1), dtype=np.int64)
+    msum = np.empty(nb, dtype=np.int64)
+    nsym = np.empty(nb, dtype=np.int64)
+    _parallel(nb, n, lambda b0, b1: jp.nearest_stats(lat, x, b0, b1, bv, n, sqrt3, order, *luts, table, msum, nsym))
+    ks = js.choose_ks(table, msum, nsym, bv // 2 if ranked else bv)
+    out = np.empty(n, dtype=np.int32)
+    if spec.name == "E8":
+        lam_bits = _e8_cost_table(int(ks.max()), cmax, lam, torch.float32, "cpu").numpy()
+        width = 2 * cmax - 5
+        _parallel(nb, n, lambda b0, b1: jp.rd_e8_blocks(x, ks, b0, b1, bv, n, lam_bits, width, cmax, order, out))
+    else:
+        ring = _A2_RING2.to(torch.int64).numpy()
+        lam32 = np.float32(lam)
+        _parallel(nb, n, lambda b0, b1: jp.rd_rank_blocks(lat, x, ks, b0, b1, bv, n, lam32, sqrt3, h1, *luts[:8],
+                                                          ring, out))
+    return torch.from_numpy(out).reshape(y.shape)
+
+
+# ---- block stream -------------------------------------------------------------------------------------------
+
+
+def _stream_stats(c: torch.Tensor, lattice: str, block_values: int):
+    """Per-block statistics of the coordinates ``c`` (flat) for the stream, or None if the kernels do not apply:
+    dict of numpy arrays ``table`` (nb, MAX_RICE_K+1) Rice bits per k, ``msum``, ``nsym``, ``raw`` (head + tail
+    bits), plus the flat coordinates ``c`` and the kernel arguments. Raises the reference's errors for a bad
+    geometry (``stream._layout``) or, for D4, a vector of odd sum."""
+    mods = _load()
+    if mods is None or c.dtype not in (torch.int32, torch.int64) or c.numel() == 0:
+        return None
+    flat = c.reshape(-1).contiguous()
+    lo, hi = torch.aminmax(flat)
+    if int(hi) > MAX_ABS_COORD or int(lo) < -MAX_ABS_COORD:  # the reference decides (and raises)
+        return None
+    from .stream import _layout
+
+    spec = lattice_spec(lattice)
+    lay = _layout(flat.numel(), spec.name, block_values, "cpu")
+    _, js, _ = mods
+    bv = int(block_values)
+    cn = flat.numpy()
+    n, nb = cn.size, lay["nb"]
+    kind = js.KIND_E8 if spec.name == "E8" else js.KIND_RANK
+    luts = _lut_args(spec.name)
+    st = {k: np.empty(nb, dtype=np.int64) for k in ("msum", "nsym", "raw", "amax", "odd")}
+    st["table"] = np.empty((nb, MAX_RICE_K + 1), dtype=np.int64)
+    _parallel(nb, n, lambda b0, b1: js.block_stats(kind, cn, b0, b1, bv, n, *luts, st["table"], st["msum"],
+                                                   st["nsym"], st["raw"], st["amax"], st["odd"]))
+    if spec.name == "D4" and st["odd"].any():
+        raise ValueError("not D4 points: a vector of four coordinates has an odd sum")
+    st.update(c=cn, kind=kind, luts=luts, per=int(lay["per"]), nb=nb, js=js)
+    return st
+
+
+def _ks(st: dict) -> np.ndarray:
+    return st["js"].choose_ks(st["table"], st["msum"], st["nsym"], st["per"])
+
+
+def choose_ks(c: torch.Tensor, lattice: str, block_values: int):
+    """``stream.choose_ks``: uint8 (n_blocks, 1), or None."""
+    st = _stream_stats(c, lattice, block_values)
+    if st is None:
+        return None
+    return torch.from_numpy(_ks(st).astype(np.uint8)).unsqueeze(1)
+
+
+def _block_words(st: dict, ks: np.ndarray) -> np.ndarray:
+    bits = st["raw"] + st["table"][np.arange(st["nb"]), ks]
+    return (bits + 31) // 32
+
+
+def stream_bits(c: torch.Tensor, lattice: str, block_values: int, ks: torch.Tensor | None = None):
+    """``stream.stream_bits``: int, or None."""
+    if ks is not None and (ks.numel() == 0 or int(ks.max()) > MAX_RICE_K or ks.dim() != 2):
+        return None
+    st = _stream_stats(c, lattice, block_values)
+    if st is None:
+        return None
+    k = _ks(st) if ks is None else ks[:, 0].to(torch.int64).cpu().numpy()
+    if k.shape[0] != st["nb"]:
+        return None
+    return int(_block_words(st, k).sum()) * 32
+
+
+def encode_coords(c: torch.Tensor, lattice: str, block_values: int):
+    """``stream.encode_coords``: (int32 words, int64 word offsets (n_blocks+1,), uint8 ks), or None."""
+    st = _stream_stats(c, lattice, block_values)
+    if st is None:
+        return None
+    ks = _ks(st)
+    off = np.zeros(st["nb"] + 1, dtype=np.int64)
+    np.cumsum(_block_words(st, ks), out=off[1:])
+    words = np.zeros(int(off[-1]), dtype=np.uint32)
+    js, cn, bv = st["js"], st["c"], int(block_values)
+    _parallel(st["nb"], cn.size, lambda b0, b1: js.pack_blocks(st["kind"], cn, ks, off, b0, b1, bv, cn.size,
+                                                               *st["luts"], words))
+    return (torch.from_numpy(words.view(np.int32)), torch.from_numpy(off),
+            torch.from_numpy(ks.astype(np.uint8)).unsqueeze(1))
