@@ -161,3 +161,34 @@ def test_sum8_order_is_known():
     mods = cpu_kernels._load()
     assert mods is not None, "torch's float32 sum order of 8 values was not recognized: E8 kernels disabled"
     assert not math.isnan(float(mods[2]))
+
+
+@pytest.mark.parametrize("lattice", LATTICES)
+@pytest.mark.parametrize("kind", ["gauss", "ties", "flat", "outliers"])
+def test_one_pass_quantize_matches_two_steps(monkeypatch, lattice, kind):
+    """cpu_kernels.quantize_encode (values -> words in one pass, guessing each block's Rice parameter) against the
+    reference's two steps, rd_nearest_point then encode_coords, in torch."""
+    n = 3 * 1024 + 512
+    y = _values(kind, n, seed=3 * len(kind) + LATTICES.index(lattice)).view(-1, 64)
+    lam = __import__("hyperquant_diffusers.codec.rdo", fromlist=["rd_lambda"]).rd_lambda(lattice)
+    for rdo in (True, False):
+        for bv in (256, 1024):
+            got = cpu_kernels.quantize_encode(lattice, y, bv, rdo, lam)
+            monkeypatch.setenv("HYPERQUANT_CPU_KERNELS", "0")
+            ref = encode_coords(rd_nearest_point(lattice, y, bv, rdo).reshape(-1), lattice, bv)
+            monkeypatch.delenv("HYPERQUANT_CPU_KERNELS")
+            if got is not None:  # None: a guess failed and quantize runs the two steps
+                _same(got, ref)
+
+
+def test_rice_parameter_guess_check():
+    """_guess_holds replays best_rice_k's shared window: a block whose minimum sits on the first window's edge
+    widens the window of every full block (but not of a shorter last block's own search)."""
+    kt = torch.tensor([[3, 3, 3], [2, 4, 4], [5, 5, 6]]).numpy()  # what windows t = 0, 1, 2 give each block
+    nsym = torch.tensor([8, 8, 4]).numpy()
+    mask = torch.tensor([0, 1, 0]).numpy()  # block 1's first window minimum is on its edge: window 1 for 0 and 1
+    assert cpu_kernels._guess_holds(kt, mask, nsym, 8, torch.tensor([3, 4, 5]).numpy())
+    assert not cpu_kernels._guess_holds(kt, mask, nsym, 8, torch.tensor([3, 2, 5]).numpy())
+    mask = torch.tensor([0, 0, 3]).numpy()  # the last block alone widens twice: window 2 for it
+    assert cpu_kernels._guess_holds(kt, mask, nsym, 8, torch.tensor([3, 2, 6]).numpy())
+    assert not cpu_kernels._guess_holds(kt, mask, nsym, 8, torch.tensor([3, 2, 5]).numpy())

@@ -39,16 +39,18 @@ _state: dict = {}
 
 
 def _load():
-    """(jit_points, jit_stream, sum-8 order) or None when numba is missing or torch's sum order is unknown."""
+    """(jit_points, jit_stream, sum-8 order, jit_hadamard, jit_fused) or None when numba is missing or torch's
+    sum order is unknown."""
     with _lock:
         if "mods" not in _state:
             try:
-                from . import jit_points, jit_stream
+                from . import jit_fused, jit_hadamard, jit_points, jit_stream
             except ImportError:  # numba not installed: the torch path
                 _state["mods"] = None
             else:
                 order = _sum8_order(jit_points)
-                _state["mods"] = None if order is None else (jit_points, jit_stream, order)
+                _state["mods"] = None if order is None else (jit_points, jit_stream, order, jit_hadamard,
+                                                             jit_fused)
         return _state["mods"]
 
 
@@ -95,14 +97,29 @@ def _pool(n: int) -> ThreadPoolExecutor:
 
 
 def _parallel(n_items: int, values: int, fn) -> None:
-    """Run ``fn(i0, i1)`` over ``[0, n_items)`` cut into ``torch.get_num_threads()`` contiguous ranges."""
+    """Run ``fn(i0, i1)`` over ``[0, n_items)`` on ``torch.get_num_threads()`` threads (this one included).
+
+    The range is cut into a few pieces per thread, taken in turn by whichever thread is free: a thread that
+    starts late or shares its core (torch's own workers) does not hold the others up."""
     threads = max(1, min(torch.get_num_threads(), n_items))
     if threads == 1 or values < _MIN_PARALLEL_VALUES:
         fn(0, n_items)
         return
-    cuts = [n_items * i // threads for i in range(threads + 1)]
-    futures = [_pool(threads).submit(fn, cuts[i], cuts[i + 1]) for i in range(1, threads)]
-    fn(cuts[0], cuts[1])
+    pieces = min(n_items, 4 * threads)
+    cuts = [n_items * i // pieces for i in range(pieces + 1)]
+    nxt = iter(range(pieces))
+    take = threading.Lock()
+
+    def work():
+        while True:
+            with take:
+                i = next(nxt, None)
+            if i is None:
+                return
+            fn(cuts[i], cuts[i + 1])
+
+    futures = [_pool(threads - 1).submit(work) for _ in range(threads - 1)]
+    work()
     for f in futures:
         f.result()
 
@@ -136,6 +153,28 @@ def _sqrt3_args():
     return np.float32(_SQRT3), np.float32(0.5 * _SQRT3)
 
 
+# ---- Hadamard transform -------------------------------------------------------------------------------------
+
+
+def fwht(x: torch.Tensor, tile: int, signs: torch.Tensor | None = None):
+    """``hadamard.fwht(x * signs, tile)`` (``signs`` (K,) ±1, or None: no flip) for float32 ``x`` (..., K): a new
+    tensor, or None (use the torch code)."""
+    mods = _load()
+    if mods is None or x.dtype != torch.float32 or x.dim() == 0 or x.numel() == 0:
+        return None
+    if signs is not None and (signs.dtype != torch.float32 or signs.device.type != "cpu"):
+        return None
+    k = x.shape[-1]
+    rows = x.reshape(-1, k).contiguous().numpy()
+    out = np.empty_like(rows)
+    s = signs.contiguous().numpy() if signs is not None else np.ones(1, dtype=np.float32)
+    scale = np.float32(tile ** -0.5)  # the reference multiplies by the Python float, rounded to float32
+    jh = mods[3]
+    _parallel(rows.shape[0], rows.size, lambda r0, r1: jh.fwht_rows(rows, s, signs is not None, tile, scale, r0, r1,
+                                                                    out))
+    return torch.from_numpy(out).reshape(x.shape)
+
+
 # ---- point quantizers -------------------------------------------------------------------------------------
 
 
@@ -160,7 +199,7 @@ def nearest_point(lattice: str, x: torch.Tensor):
     got = _float_input(x, spec.dim)
     if got is None:
         return None
-    jp, _, order = mods
+    jp, _, order, _, _ = mods
     y, _ = got
     n = y.size
     out = np.empty(n, dtype=np.int32)
@@ -187,7 +226,7 @@ def rd_nearest_point(lattice: str, y: torch.Tensor, block_values: int, lam: floa
         return None
     from .rdo import _A2_RING2, _E8_TABLE_MAX, _e8_cost_table
 
-    jp, js, order = mods
+    jp, js, order, _, _ = mods
     x, big = got
     cmax = int(2.0 * big) + 6
     if spec.name == "E8" and cmax > _E8_TABLE_MAX:  # the reference computes these costs per candidate
@@ -234,7 +273,7 @@ def _stream_stats(c: torch.Tensor, lattice: str, block_values: int):
 
     spec = lattice_spec(lattice)
     lay = _layout(flat.numel(), spec.name, block_values, "cpu")
-    _, js, _ = mods
+    _, js, _, _, _ = mods
     bv = int(block_values)
     cn = flat.numpy()
     n, nb = cn.size, lay["nb"]
@@ -292,5 +331,87 @@ def encode_coords(c: torch.Tensor, lattice: str, block_values: int):
     js, cn, bv = st["js"], st["c"], int(block_values)
     _parallel(st["nb"], cn.size, lambda b0, b1: js.pack_blocks(st["kind"], cn, ks, off, b0, b1, bv, cn.size,
                                                                *st["luts"], words))
+    return (torch.from_numpy(words.view(np.int32)), torch.from_numpy(off),
+            torch.from_numpy(ks.astype(np.uint8)).unsqueeze(1))
+
+
+def _guess_holds(kt: np.ndarray, mask: np.ndarray, nsym: np.ndarray, per: int, guess: np.ndarray) -> bool:
+    """Whether ``rice.best_rice_k``, called as ``stream._per_block_k`` calls it (full blocks, then a shorter last
+    one), gives the Rice parameters ``guess``: ``kt`` (nb, windows) what each window gives each block, ``mask``
+    the windows whose minimum lies on a block's edge."""
+    nb = kt.shape[0]
+    nfull = nb - 1 if nb and nsym[-1] < per else nb
+    for g0, g1 in ((0, nfull), (nfull, nb)):
+        if g1 <= g0:
+            continue
+        edges = int(np.bitwise_or.reduce(mask[g0:g1]))
+        t = next((t for t in range(kt.shape[1] - 1) if not edges >> t & 1), kt.shape[1] - 1)
+        if not np.array_equal(kt[g0:g1, t], guess[g0:g1]):
+            return False
+    return True
+
+
+# ---- values to words in one pass -------------------------------------------------------------------------
+
+
+def quantize_encode(lattice: str, y: torch.Tensor, block_values: int, rdo: bool, lam: float):
+    """``encode_coords(rd_nearest_point(lattice, y, block_values, rdo))`` in one pass per block
+    (:mod:`.jit_fused`): (int32 words, int64 word offsets (n_blocks+1,), uint8 ks (n_blocks, 1)), or None (the
+    inputs do not suit the kernels, or a block needed the Rice search's wider window: run the two steps)."""
+    mods = _load()
+    spec = lattice_spec(lattice)
+    bv = int(block_values)
+    ranked = spec.name in _RANK_TABLES
+    if mods is None or bv <= 0 or bv % 8 or (ranked and y.numel() % 2):
+        return None
+    got = _float_input(y, spec.dim)
+    if got is None:
+        return None
+    from .rdo import _A2_RING2, _E8_TABLE_MAX, _e8_cost_table
+
+    x, big = got
+    cmax = int(2.0 * big) + 6
+    if rdo and spec.name == "E8" and cmax > _E8_TABLE_MAX:
+        return None
+    jf = mods[4]
+    n = x.size
+    nb = (n + bv - 1) // bv
+    lat = _LAT[spec.name]
+    sqrt3, h1 = _sqrt3_args()
+    if rdo and spec.name == "E8":  # rows of every k: a row's costs do not depend on the table's largest k
+        lam_bits = _e8_cost_table(MAX_RICE_K, cmax, lam, torch.float32, "cpu").numpy()
+    else:
+        lam_bits = np.zeros((1, 4), dtype=np.float32)
+    ring = _A2_RING2.to(torch.int64).numpy()
+    luts = _lut_args(spec.name)
+    ks0, ks = np.zeros(nb, dtype=np.int64), np.empty(nb, dtype=np.int64)
+    blk_words = np.empty(nb, dtype=np.int64)
+    nwin = mods[1].WINDOWS
+    kt0, kt1 = np.zeros((nb, nwin), dtype=np.int64), np.empty((nb, nwin), dtype=np.int64)
+    mask0, mask1 = np.zeros(nb, dtype=np.int64), np.empty(nb, dtype=np.int64)
+    threads = max(1, min(torch.get_num_threads(), nb))
+    pieces = 1 if threads == 1 or n < _MIN_PARALLEL_VALUES else min(nb, 4 * threads)
+    cuts = [nb * i // pieces for i in range(pieces + 1)]
+    bufs, used = [None] * pieces, [0] * pieces
+
+    def piece(i0, i1):
+        for i in range(i0, i1):
+            b0, b1 = cuts[i], cuts[i + 1]
+            # room for 96 bits per value, more than any block takes; untouched pages of np.zeros cost nothing
+            bufs[i] = np.zeros(((min(b1 * bv, n) - b0 * bv) * 96 + 31) // 32 + 1, dtype=np.uint32)
+            used[i] = jf.quantize_blocks(lat, bool(rdo), x, b0, b1, bv, n, sqrt3, h1, mods[2], np.float32(lam),
+                                         lam_bits, 2 * cmax - 5, cmax, ring, *luts, ks0, ks, blk_words, kt0, mask0, kt1,
+                                         mask1, bufs[i])
+
+    _parallel(pieces, n, piece)
+    per = bv // 2 if ranked else bv
+    nsym = np.full(nb, per, dtype=np.int64)
+    nsym[-1] = (n - (nb - 1) * bv) // (2 if ranked else 1)
+    if min(used) < 0 or not _guess_holds(kt1, mask1, nsym, per, ks) or (
+            rdo and not _guess_holds(kt0, mask0, nsym, per, ks0)):
+        return None
+    off = np.zeros(nb + 1, dtype=np.int64)
+    np.cumsum(blk_words, out=off[1:])
+    words = np.concatenate([bufs[i][: used[i]] for i in range(pieces)])
     return (torch.from_numpy(words.view(np.int32)), torch.from_numpy(off),
             torch.from_numpy(ks.astype(np.uint8)).unsqueeze(1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_kernels
 from .constants import check_tile_size
 
 
@@ -35,6 +36,10 @@ def fwht(x: torch.Tensor, tile_size: int) -> torch.Tensor:
     k = x.shape[-1]
     if k % t:
         raise ValueError(f"last dimension {k} is not divisible by tile_size {t}")
+    if cpu_kernels.usable(x):
+        out = cpu_kernels.fwht(x, t)
+        if out is not None:
+            return out
     lead = x.shape[:-1]
     rows = x.reshape(-1, k)
     n_rows = rows.shape[0]
@@ -68,7 +73,13 @@ def _fwht_rows(rows: torch.Tensor, t: int) -> torch.Tensor:
 
 def rht(x: torch.Tensor, signs: torch.Tensor, tile_size: int) -> torch.Tensor:
     """Forward RHT: flip signs, then per-tile orthonormal Hadamard. ``signs``: (K,), ±1."""
-    return fwht(x * signs.to(device=x.device, dtype=x.dtype), tile_size)
+    s = signs.to(device=x.device, dtype=x.dtype)
+    if cpu_kernels.usable(x):
+        t = check_tile_size(tile_size)
+        out = cpu_kernels.fwht(x, t, s) if x.shape[-1] % t == 0 and s.shape == x.shape[-1:] else None
+        if out is not None:
+            return out
+    return fwht(x * s, tile_size)
 
 
 def inverse_rht(y: torch.Tensor, signs: torch.Tensor, tile_size: int) -> torch.Tensor:

@@ -82,26 +82,20 @@ def block_symbols(kind, c, s, e, lut_a, ba0, ba1, esc_a, lut_b, bb0, bb1, esc_b,
     (shift -1). Returns (symbols, head bits, tail bits, largest |c|, vectors of odd sum (D4 check))."""
     n = e - s
     amax = 0
-    if kind == KIND_E8:
+    if kind == KIND_E8:  # branch-free: zeros, signs and parities are coin flips to a branch predictor
         head = n // 8
         tail = 0
         for v in range(head):
             o = s + 8 * v
-            even = (c[o] & 1) == 0
+            even = np.int64((c[o] & 1) == 0)
             for i in range(8):
                 x = np.int64(c[o + i])
                 a = -x if x < 0 else x
-                if a > amax:
-                    amax = a
-                m = a >> 1
-                sh = 0
-                if i == 7 and even:
-                    m >>= 1
-                    sh = -1
-                sym[8 * v + i] = m
-                shift[8 * v + i] = sh
-                if x != 0 and (i < 7 or even):
-                    tail += 1
+                amax = max(amax, a)
+                last_even = even if i == 7 else 0
+                sym[8 * v + i] = (a >> 1) >> last_even
+                shift[8 * v + i] = -last_even
+                tail += np.int64(x != 0) & (1 if i < 7 else even)
         return n, head, tail, amax, 0
     npair = n // 2
     tail = 0
@@ -197,6 +191,33 @@ def _window_best(row, k0, lo, hi):
     return best_i, best_k
 
 
+#: Windows ``rice.best_rice_k`` may search: t = 0 .. WINDOWS - 1 (the t-th spans k0 - 1 - 3t .. k0 + 1 + 3t).
+WINDOWS = 9
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def window_ks(row, msum, n, kt):
+    """What ``rice.best_rice_k`` gives one row (``row`` its bits per k, ``msum`` its symbols' sum, ``n`` their
+    count) in each window t: ``kt[t]``; returns the bit mask of the windows whose minimum is on the edge (the
+    call's window is the first t whose bit no row of the call sets, or the last). Also returns the first
+    minimum over every k, what the last window gives."""
+    k0 = np.int64(math.floor(math.log2(max(msum / n, 0.0) + 1.0)))
+    mask = 0
+    for t in range(WINDOWS):
+        lo, hi = -1 - 3 * t, 1 + 3 * t
+        i, k = _window_best(row, k0, lo, hi)
+        kt[t] = k
+        first = min(max(k0 + lo, 0), MAX_RICE_K)
+        last = min(max(k0 + hi, 0), MAX_RICE_K)
+        if (i == 0 and first > 0) or (i == hi - lo and last < MAX_RICE_K):
+            mask |= 1 << t
+    best = 0
+    for k in range(1, MAX_RICE_K + 1):
+        if row[k] < row[best]:
+            best = k
+    return mask, best
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def _group_ks(table, msum, n, g0, g1, out):
     """``rice.best_rice_k`` of the rows [g0, g1) of one call (rows of ``n`` symbols): the window around
@@ -240,24 +261,88 @@ def choose_ks(table, msum, nsym, per):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _or_bits(words, pos, value, nbits):
-    """OR ``value`` (< 2**nbits, nbits <= 32) into ``words`` at bit ``pos`` (LSB first); the bits there are 0."""
+def _or_bits(words, pos, value, nbits, wend):
+    """OR ``value`` (< 2**nbits, nbits <= 32) into ``words`` at bit ``pos`` (LSB first); the bits there are 0.
+    A field never reaches word ``wend`` (the next block's, another thread's): its high half is only written
+    below it, and is 0 when the field ends in the last word."""
     v = value << (pos & 31)
     w = pos >> 5
     words[w] |= v & _MASK32
-    hi = v >> 32
-    if hi:
-        words[w + 1] |= hi
+    if w + 1 < wend:
+        words[w + 1] |= v >> 32
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _or_bit(words, pos, bit):
+    """OR one bit (0 or 1) into ``words`` at bit ``pos``."""
+    words[pos >> 5] |= bit << (pos & 31)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def pack_block(kind, c, s, e, sym, shift, ns, k, words, w0, wend, qc, esc_a, esc_b, period):
+    """Write one block (coordinates ``c[s:e]``, its symbols ``sym``/``shift`` (``ns``), Rice parameter ``k``) in
+    ``rice.encode_blocks``' layout (head, low bits, unary, Rice escapes, tail, word padding) into words
+    [w0, wend) of ``words`` (uint32, zero on entry); ``qc`` int64 scratch.
+
+    Fields are ORed in at positions that only grow (no serial bit writer: its carried state made it 8x slower);
+    a unary section is filled with ones, then each value's terminating zero is cleared."""
+    pos = w0 * 32
+    if kind == KIND_E8:  # head: one parity bit per vector
+        nv = (e - s) // 8
+        for v in range(nv):
+            _or_bit(words, pos + v, c[s + 8 * v] & 1)
+        pos += nv
+    ulen = 0
+    for i in range(ns):  # low bits (zeros for a Rice escape)
+        ke = max(k + shift[i], 0)
+        q = sym[i] >> ke
+        esc = q >= ESCAPE_Q
+        low = 0 if esc else sym[i] - (q << ke)
+        _or_bits(words, pos, low, ke, wend)
+        q = ESCAPE_Q if esc else q
+        qc[i] = q
+        ulen += q + 1
+        pos += ke
+    if ulen:  # unary: min(q, ESCAPE_Q) ones then a zero per value: all ones, then clear the zeros
+        end = pos + ulen
+        wa = pos >> 5
+        wb = (end - 1) >> 5
+        words[wa] |= (_MASK32 << (pos & 31)) & _MASK32
+        for w in range(wa + 1, wb + 1):
+            words[w] = _MASK32
+        words[wb] &= (np.int64(1) << (((end - 1) & 31) + 1)) - 1
+        p = pos
+        for i in range(ns):
+            p += qc[i] + 1
+            words[(p - 1) >> 5] &= ~(np.int64(1) << ((p - 1) & 31))
+        pos = end
+    for i in range(ns):  # Rice escapes: the value raw
+        if qc[i] == ESCAPE_Q:
+            _or_bits(words, pos, sym[i] & _MASK32, ESCAPE_BITS, wend)
+            pos += ESCAPE_BITS
+    if kind == KIND_E8:  # tail: sign bits of the coordinates whose sign is not implied
+        for v in range((e - s) // 8):
+            o = s + 8 * v
+            even = np.int64((c[o] & 1) == 0)
+            for i in range(8):
+                x = c[o + i]
+                present = np.int64(x != 0) & (1 if i < 7 else even)
+                _or_bit(words, pos, np.int64(x < 0) & present)
+                pos += present
+    else:  # tail: raw coordinates of escaped pairs
+        for p in range(ns):
+            esc = esc_b if (period == 2 and p % 2 == 1) else esc_a
+            if sym[p] == esc:
+                for j in range(2):
+                    _or_bits(words, pos, np.int64(c[s + 2 * p + j]) & _MASK32, ESCAPE_BITS, wend)
+                    pos += ESCAPE_BITS
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def pack_blocks(kind, c, ks, word_off, b0, b1, block_values, n_total, lut_a, ba0, ba1, esc_a, lut_b, bb0, bb1,
                 esc_b, period, words):
-    """Write blocks [b0, b1) of the stream (``rice.encode_blocks``' layout: head, low bits, unary, Rice escapes,
-    tail, word padding) from word ``word_off[b]`` on into ``words`` (uint32, zero on entry).
-
-    Fields are ORed in at positions that only grow (no serial bit writer: its carried state made it 8x slower);
-    a unary section is filled with ones, then each value's terminating zero is cleared."""
+    """Write blocks [b0, b1) of the stream from word ``word_off[b]`` on into ``words`` (uint32, zero on entry):
+    :func:`pack_block` with Rice parameters ``ks``."""
     sym = np.empty(block_values, dtype=np.int64)
     shift = np.empty(block_values, dtype=np.int64)
     qc = np.empty(block_values, dtype=np.int64)
@@ -266,58 +351,5 @@ def pack_blocks(kind, c, ks, word_off, b0, b1, block_values, n_total, lut_a, ba0
         e = min(s + block_values, n_total)
         ns, _, _, _, _ = block_symbols(kind, c, s, e, lut_a, ba0, ba1, esc_a, lut_b, bb0, bb1, esc_b, period,
                                        sym, shift)
-        k = ks[b]
-        pos = word_off[b] * 32
-        if kind == KIND_E8:  # head: one parity bit per vector
-            nv = (e - s) // 8
-            for v in range(nv):
-                if c[s + 8 * v] & 1:
-                    _or_bits(words, pos + v, 1, 1)
-            pos += nv
-        ulen = 0
-        for i in range(ns):  # low bits (zeros for a Rice escape)
-            ke = max(k + shift[i], 0)
-            q = sym[i] >> ke
-            if q < ESCAPE_Q:
-                low = sym[i] - (q << ke)
-                if low:
-                    _or_bits(words, pos, low, ke)
-            else:
-                q = ESCAPE_Q
-            qc[i] = q
-            ulen += q + 1
-            pos += ke
-        if ulen:  # unary: min(q, ESCAPE_Q) ones then a zero per value: all ones, then clear the zeros
-            end = pos + ulen
-            w0 = pos >> 5
-            w1 = (end - 1) >> 5
-            words[w0] |= (_MASK32 << (pos & 31)) & _MASK32
-            for w in range(w0 + 1, w1 + 1):
-                words[w] = _MASK32
-            words[w1] &= (np.int64(1) << (((end - 1) & 31) + 1)) - 1
-            p = pos
-            for i in range(ns):
-                p += qc[i] + 1
-                words[(p - 1) >> 5] &= ~(np.int64(1) << ((p - 1) & 31))
-            pos = end
-        for i in range(ns):  # Rice escapes: the value raw
-            if qc[i] == ESCAPE_Q:
-                _or_bits(words, pos, sym[i] & _MASK32, ESCAPE_BITS)
-                pos += ESCAPE_BITS
-        if kind == KIND_E8:  # tail: sign bits of the coordinates whose sign is not implied
-            for v in range((e - s) // 8):
-                o = s + 8 * v
-                even = (c[o] & 1) == 0
-                for i in range(8):
-                    x = c[o + i]
-                    if x != 0 and (i < 7 or even):
-                        if x < 0:
-                            _or_bits(words, pos, 1, 1)
-                        pos += 1
-        else:  # tail: raw coordinates of escaped pairs
-            for p in range(ns):
-                esc = esc_b if (period == 2 and p % 2 == 1) else esc_a
-                if sym[p] == esc:
-                    for j in range(2):
-                        _or_bits(words, pos, np.int64(c[s + 2 * p + j]) & _MASK32, ESCAPE_BITS)
-                        pos += ESCAPE_BITS
+        pack_block(kind, c, s, e, sym, shift, ns, ks[b], words, word_off[b], word_off[b + 1], qc, esc_a, esc_b,
+                   period)

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import cpu_kernels
 from .constants import (BLOB_MAGIC, DEFAULT_BLOCK_VALUES, DEFAULT_TILE, FORMAT_VERSION, MAX_BLOCK_VALUES,
                         MIN_BLOCK_VALUES, check_bits, check_tile_size, lattice_spec)
 from .hadamard import inverse_rht, random_signs, rht
 from .lattices import coords_to_points
-from .rdo import rd_nearest_point
+from .rdo import rd_lambda, rd_nearest_point
 from .side import decode_side, encode_side, log8_steps, side_nbytes
 from .stream import decode_coords, encode_coords, stream_bits
 
@@ -473,8 +474,13 @@ def quantize(
     # row steps are stored on a 1/16-octave grid (side.log8_steps): quantize with the rounded step, so the
     # stored step is the one the coordinates were computed with
     steps = log8_steps((rho * alpha).to(torch.float32))
-    c = rd_nearest_point(spec.name, y / steps.unsqueeze(1), bv, rdo)
-    words, offsets, ks = encode_coords(c.reshape(-1), spec.name, bv, chunk_values=int(chunk_values))
+    yq = y / steps.unsqueeze(1)
+    # CPU kernels: both steps in one pass per block (None where they do not apply); else the two steps
+    enc = cpu_kernels.quantize_encode(spec.name, yq, bv, rdo, rd_lambda(spec.name)) if cpu_kernels.usable(yq) else None
+    if enc is None:
+        c = rd_nearest_point(spec.name, yq, bv, rdo)
+        enc = encode_coords(c.reshape(-1), spec.name, bv, chunk_values=int(chunk_values))
+    words, offsets, ks = enc
     q = LatticeTensor(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode, signs, steps,
                       words, offsets, ks)
     q.search_alpha = alpha
