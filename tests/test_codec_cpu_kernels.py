@@ -174,11 +174,20 @@ def test_one_pass_quantize_matches_two_steps(monkeypatch, lattice, kind):
     for rdo in (True, False):
         for bv in (256, 1024):
             got = cpu_kernels.quantize_encode(lattice, y, bv, rdo, lam)
+            assert got is not None or kind != "gauss", "the guessed Rice parameters fail on plain Gaussian values"
             monkeypatch.setenv("HYPERQUANT_CPU_KERNELS", "0")
             ref = encode_coords(rd_nearest_point(lattice, y, bv, rdo).reshape(-1), lattice, bv)
             monkeypatch.delenv("HYPERQUANT_CPU_KERNELS")
             if got is not None:  # None: a guess failed and quantize runs the two steps
                 _same(got, ref)
+    # the division by per-row steps of tensor.quantize, fused into the pass
+    steps = torch.rand(y.shape[0], generator=torch.Generator().manual_seed(2)) + 0.3
+    got = cpu_kernels.quantize_encode(lattice, y * 1.7, 512, True, lam, row_steps=steps)
+    monkeypatch.setenv("HYPERQUANT_CPU_KERNELS", "0")
+    ref = encode_coords(rd_nearest_point(lattice, y * 1.7 / steps.unsqueeze(1), 512, True).reshape(-1), lattice, 512)
+    monkeypatch.delenv("HYPERQUANT_CPU_KERNELS")
+    if got is not None:
+        _same(got, ref)
 
 
 def test_rice_parameter_guess_check():

@@ -354,22 +354,38 @@ def _guess_holds(kt: np.ndarray, mask: np.ndarray, nsym: np.ndarray, per: int, g
 # ---- values to words in one pass -------------------------------------------------------------------------
 
 
-def quantize_encode(lattice: str, y: torch.Tensor, block_values: int, rdo: bool, lam: float):
-    """``encode_coords(rd_nearest_point(lattice, y, block_values, rdo))`` in one pass per block
-    (:mod:`.jit_fused`): (int32 words, int64 word offsets (n_blocks+1,), uint8 ks (n_blocks, 1)), or None (the
-    inputs do not suit the kernels, or a block needed the Rice search's wider window: run the two steps)."""
+def quantize_encode(lattice: str, y: torch.Tensor, block_values: int, rdo: bool, lam: float,
+                    row_steps: torch.Tensor | None = None):
+    """``encode_coords(rd_nearest_point(lattice, y / row_steps[:, None], block_values, rdo))`` in one pass per
+    block (:mod:`.jit_fused`): (int32 words, int64 word offsets (n_blocks+1,), uint8 ks (n_blocks, 1)), or None
+    (the inputs do not suit the kernels, or a block needed the Rice search's wider window: run the two steps).
+    ``y`` float32 (rows, K), ``row_steps`` float32 (rows,) positive (None: no division)."""
     mods = _load()
     spec = lattice_spec(lattice)
     bv = int(block_values)
     ranked = spec.name in _RANK_TABLES
-    if mods is None or bv <= 0 or bv % 8 or (ranked and y.numel() % 2):
+    if mods is None or bv <= 0 or bv % 8 or (ranked and y.numel() % 2) or y.dim() != 2:
         return None
-    got = _float_input(y, spec.dim)
+    if row_steps is None:
+        row_steps = torch.ones(1, dtype=torch.float32)
+        row_len = max(1, y.numel())
+        got = _float_input(y, spec.dim)
+    else:
+        if row_steps.dtype != torch.float32 or row_steps.shape != y.shape[:1] or y.dtype != torch.float32:
+            return None
+        row_len = y.shape[1]
+        # the largest |y / step|: per row the largest |y| over its step (rounding is monotone, so this is exact)
+        lo, hi = torch.aminmax(y, dim=1)
+        yq_max = (torch.maximum(-lo, hi) / row_steps).max() if y.numel() else torch.zeros(())
+        got = None if y.numel() % spec.dim else (y.reshape(-1).contiguous().numpy(), float(yq_max))
+        if got is not None and not got[1] < MAX_ABS_Y:
+            got = None
     if got is None:
         return None
     from .rdo import _A2_RING2, _E8_TABLE_MAX, _e8_cost_table
 
     x, big = got
+    steps = row_steps.contiguous().numpy()
     cmax = int(2.0 * big) + 6
     if rdo and spec.name == "E8" and cmax > _E8_TABLE_MAX:
         return None
@@ -399,9 +415,9 @@ def quantize_encode(lattice: str, y: torch.Tensor, block_values: int, rdo: bool,
             b0, b1 = cuts[i], cuts[i + 1]
             # room for 96 bits per value, more than any block takes; untouched pages of np.zeros cost nothing
             bufs[i] = np.zeros(((min(b1 * bv, n) - b0 * bv) * 96 + 31) // 32 + 1, dtype=np.uint32)
-            used[i] = jf.quantize_blocks(lat, bool(rdo), x, b0, b1, bv, n, sqrt3, h1, mods[2], np.float32(lam),
-                                         lam_bits, 2 * cmax - 5, cmax, ring, *luts, ks0, ks, blk_words, kt0, mask0, kt1,
-                                         mask1, bufs[i])
+            used[i] = jf.quantize_blocks(lat, bool(rdo), x, steps, row_len, b0, b1, bv, n, sqrt3, h1, mods[2],
+                                         np.float32(lam), lam_bits, 2 * cmax - 5, cmax, ring, *luts, ks0, ks,
+                                         blk_words, kt0, mask0, kt1, mask1, bufs[i])
 
     _parallel(pieces, n, piece)
     per = bv // 2 if ranked else bv

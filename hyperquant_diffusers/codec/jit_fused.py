@@ -21,10 +21,12 @@ from .jit_stream import _NBUCKETS, KIND_E8, KIND_RANK, block_symbols, cost_table
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def quantize_blocks(lat, rdo, y, b0, b1, block_values, n_total, sqrt3, h1, order, lam32, lam_bits, width, cmax,
+def quantize_blocks(lat, rdo, y, row_steps, row_len, b0, b1, block_values, n_total, sqrt3, h1, order, lam32,
+                    lam_bits, width, cmax,
                     ring, lut_a, ba0, ba1, esc_a, lut_b, bb0, bb1, esc_b, period, ks0, ks, blk_words, kt0, mask0,
                     kt1, mask1, words):
-    """Blocks [b0, b1) of the flat float32 values ``y`` (lattice units): coordinates (nearest, or with ``rdo`` the
+    """Blocks [b0, b1) of the flat float32 values ``y / row_steps[i // row_len]`` (lattice units; the division of
+    ``tensor.quantize``, float32 as there): coordinates (nearest, or with ``rdo`` the
     RDO points for the nearest points' Rice parameter ``ks0[b]``), their Rice parameter ``ks[b]``, words
     ``blk_words[b]``.
     The parameters taken are the rows' first minimum over every k; ``kt0``/``mask0`` (the nearest points', with
@@ -33,6 +35,7 @@ def quantize_blocks(lat, rdo, y, b0, b1, block_values, n_total, sqrt3, h1, order
     other into ``words`` (uint32, zero on entry); returns the words used, or -1 when they do not fit."""
     kind = KIND_E8 if lat == LAT_E8 else KIND_RANK
     c = np.empty(block_values, dtype=np.int32)
+    yb = np.empty(block_values, dtype=np.float32)
     sym = np.empty(block_values, dtype=np.int64)
     shift = np.empty(block_values, dtype=np.int64)
     qc = np.empty(block_values, dtype=np.int64)
@@ -44,7 +47,14 @@ def quantize_blocks(lat, rdo, y, b0, b1, block_values, n_total, sqrt3, h1, order
     for b in range(b0, b1):
         s = b * block_values
         e = min(s + block_values, n_total)
-        yb = y[s:e]
+        i = s
+        while i < e:  # row by row: one integer division per row, not per value
+            r = i // row_len
+            j1 = min(e, (r + 1) * row_len)
+            st = row_steps[r]
+            for j in range(i, j1):
+                yb[j - s] = y[j] / st
+            i = j1
         nearest_range(lat, yb, 0, e - s, c, sqrt3, order)
         ns, head, tail, _, _ = block_symbols(kind, c, 0, e - s, lut_a, ba0, ba1, esc_a, lut_b, bb0, bb1, esc_b,
                                              period, sym, shift)

@@ -474,11 +474,12 @@ def quantize(
     # row steps are stored on a 1/16-octave grid (side.log8_steps): quantize with the rounded step, so the
     # stored step is the one the coordinates were computed with
     steps = log8_steps((rho * alpha).to(torch.float32))
-    yq = y / steps.unsqueeze(1)
-    # CPU kernels: both steps in one pass per block (None where they do not apply); else the two steps
-    enc = cpu_kernels.quantize_encode(spec.name, yq, bv, rdo, rd_lambda(spec.name)) if cpu_kernels.usable(yq) else None
+    # CPU kernels: the division by the steps and both steps below in one pass per block (None where they do
+    # not apply); else the two steps
+    enc = (cpu_kernels.quantize_encode(spec.name, y, bv, rdo, rd_lambda(spec.name), row_steps=steps)
+           if cpu_kernels.usable(y) else None)
     if enc is None:
-        c = rd_nearest_point(spec.name, yq, bv, rdo)
+        c = rd_nearest_point(spec.name, y / steps.unsqueeze(1), bv, rdo)
         enc = encode_coords(c.reshape(-1), spec.name, bv, chunk_values=int(chunk_values))
     words, offsets, ks = enc
     q = LatticeTensor(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode, signs, steps,
