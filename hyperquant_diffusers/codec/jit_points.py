@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit
 
 from .constants import ESCAPE_BITS
+from .rank_rdo import _REACH
 from .jit_stream import _NBUCKETS, KIND_E8, KIND_RANK, _rank, _rice_cost, block_symbols, cost_table
 
 #: Codes of the lattices in these kernels.
@@ -248,33 +249,45 @@ def rd_e8_blocks(y, ks, b0, b1, block_values, n_total, lam_bits, width, cmax, or
                 out[o + i] = (offo[i] + aio[i]) if u else (offe[i] + aie[i])
 
 
+def _spiral(reach: int) -> np.ndarray:
+    """Offsets (d0, d1) within ``reach`` of a pair, nearest first, with their index in ``rank_rdo._offsets``'
+    order (d0 outer, d1 inner): int64 (C, 3)."""
+    offs = [(d0, d1, (d0 + reach) * (2 * reach + 1) + d1 + reach)
+            for d0 in range(-reach, reach + 1) for d1 in range(-reach, reach + 1)]
+    return np.array(sorted(offs, key=lambda o: (o[0] ** 2 + o[1] ** 2, o[2])), dtype=np.int64)
+
+
+#: rank_rdo's candidate offsets (``_REACH``), nearest first: near candidates set a low bar early, and a
+#: candidate whose distance alone exceeds the best J so far is never scored (its J can only be larger).
+_SPIRAL = _spiral(_REACH)
+
+
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _pair_best(y0, y1, k, lam, lut, bl0, bl1, esc, parity):
-    """Over the integer pairs within 2 of the rounded (y0, y1) (``rank_rdo._offsets`` order), the first
-    minimum of ``J = dist + lam * bits`` (``rank_rdo._pair_costs``), among pairs of coordinate-sum parity
+    """Over the integer pairs within 2 of the rounded (y0, y1), the first minimum (in ``rank_rdo._offsets``
+    order) of ``J = dist + lam * bits`` (``rank_rdo._pair_costs``), among pairs of coordinate-sum parity
     ``parity`` (-1: all pairs); returns (J, c0, c1)."""
     r0 = np.int64(np.rint(y0))
     r1 = np.int64(np.rint(y1))
     best_j = _FMAX
+    best_i = 1 << 30
     b0c, b1c = r0, r1
-    first = True
-    for d0 in range(-2, 3):
-        for d1 in range(-2, 3):
-            c0 = r0 + d0
-            c1 = r1 + d1
-            if parity >= 0 and ((c0 + c1) & 1) != parity:
-                continue
-            t0 = np.float32(c0) - y0
-            t1 = np.float32(c1) - y1
-            dist = t0 * t0 + t1 * t1
-            if not first and dist > best_j:  # J >= dist: cannot win (a strict minimum is needed)
-                continue
-            r = _rank(lut, bl0, bl1, esc, c0, c1)
-            bits = _rice_cost(r, k) + (2 * ESCAPE_BITS if r == esc else 0)
-            j = dist + lam * np.float32(bits)
-            if first or j < best_j:
-                best_j, b0c, b1c = j, c0, c1
-                first = False
+    for o in range(_SPIRAL.shape[0]):
+        c0 = r0 + _SPIRAL[o, 0]
+        c1 = r1 + _SPIRAL[o, 1]
+        if parity >= 0 and ((c0 + c1) & 1) != parity:
+            continue
+        t0 = np.float32(c0) - y0
+        t1 = np.float32(c1) - y1
+        dist = t0 * t0 + t1 * t1
+        if best_i < (1 << 30) and dist > best_j:  # J >= dist > best J: cannot win
+            continue
+        r = _rank(lut, bl0, bl1, esc, c0, c1)
+        bits = _rice_cost(r, k) + (2 * ESCAPE_BITS if r == esc else 0)
+        j = dist + lam * np.float32(bits)
+        idx = _SPIRAL[o, 2]
+        if j < best_j or (j == best_j and idx < best_i):
+            best_j, best_i, b0c, b1c = j, idx, c0, c1
     return best_j, b0c, b1c
 
 
