@@ -275,7 +275,8 @@ def _stream_stats(c: torch.Tensor, lattice: str, block_values: int):
     lay = _layout(flat.numel(), spec.name, block_values, "cpu")
     _, js, _, _, _ = mods
     bv = int(block_values)
-    cn = flat.numpy()
+    # int32 in the kernels (one compiled version): lossless, |c| <= MAX_ABS_COORD < 2**31 was checked above
+    cn = flat.to(torch.int32).numpy()
     n, nb = cn.size, lay["nb"]
     kind = js.KIND_E8 if spec.name == "E8" else js.KIND_RANK
     luts = _lut_args(spec.name)

@@ -262,7 +262,7 @@ def _spiral(reach: int) -> np.ndarray:
 _SPIRAL = _spiral(_REACH)
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _pair_best(y0, y1, k, lam, lut, bl0, bl1, esc, parity):
     """Over the integer pairs within 2 of the rounded (y0, y1), the first minimum (in ``rank_rdo._offsets``
     order) of ``J = dist + lam * bits`` (``rank_rdo._pair_costs``), among pairs of coordinate-sum parity

@@ -278,7 +278,7 @@ def _or_bit(words, pos, bit):
     words[pos >> 5] |= bit << (pos & 31)
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+@njit(cache=True, nogil=True, error_model="numpy")
 def pack_block(kind, c, s, e, sym, shift, ns, k, words, w0, wend, qc, esc_a, esc_b, period):
     """Write one block (coordinates ``c[s:e]``, its symbols ``sym``/``shift`` (``ns``), Rice parameter ``k``) in
     ``rice.encode_blocks``' layout (head, low bits, unary, Rice escapes, tail, word padding) into words
