@@ -18,7 +18,6 @@ and caches the machine code next to the modules (``cache=True``; a few seconds o
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -87,12 +86,12 @@ def usable(t: torch.Tensor) -> bool:
 # ---- threads ------------------------------------------------------------------------------------------
 
 
-def _pool(n: int) -> ThreadPoolExecutor:
+def _pool() -> ThreadPoolExecutor:
+    """This process's worker threads (created on demand, as many as CPUs at most)."""
     with _lock:
-        key = (os.getpid(), n)  # a forked child must not reuse its parent's (dead) threads
-        if _state.get("pool_key") != key:
-            _state["pool"] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="hq-cpu")
-            _state["pool_key"] = key
+        if _state.get("pool_pid") != os.getpid():  # a forked child must not reuse its parent's (dead) threads
+            _state["pool"] = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="hq-cpu")
+            _state["pool_pid"] = os.getpid()
         return _state["pool"]
 
 
@@ -118,7 +117,8 @@ def _parallel(n_items: int, values: int, fn) -> None:
                 return
             fn(cuts[i], cuts[i + 1])
 
-    futures = [_pool(threads - 1).submit(work) for _ in range(threads - 1)]
+    pool = _pool()
+    futures = [pool.submit(work) for _ in range(threads - 1)]
     work()
     for f in futures:
         f.result()

@@ -20,8 +20,8 @@ import numpy as np
 from numba import njit
 
 from .constants import ESCAPE_BITS
-from .rank_rdo import _REACH
 from .jit_stream import _NBUCKETS, KIND_E8, KIND_RANK, _rank, _rice_cost, block_symbols, cost_table
+from .rank_rdo import _REACH
 
 #: Codes of the lattices in these kernels.
 LAT_Z, LAT_A2, LAT_D4, LAT_E8 = 0, 1, 2, 3
