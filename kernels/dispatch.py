@@ -305,7 +305,9 @@ GEMM_K_MULTIPLE, GEMM_N_MULTIPLE = 128, 16
 
 
 def supports(module, x: torch.Tensor) -> bool:
-    return (x.is_cuda and module.lattice in _KERNEL_LATTICES and module.mma in ("int8", "fp8")
+    # the kernels build no autograd graph: an input that needs a gradient takes the (differentiable) reference
+    return (x.is_cuda and not (x.requires_grad and torch.is_grad_enabled())
+            and module.lattice in _KERNEL_LATTICES and module.mma in ("int8", "fp8")
             and module.in_features % GEMM_K_MULTIPLE == 0 and module.out_features % GEMM_N_MULTIPLE == 0
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_available())
 

@@ -63,3 +63,33 @@ def test_fwht_row_passes_do_not_change_the_result(monkeypatch):
     one = hadamard.fwht(x, 128)
     monkeypatch.setattr(hadamard, "_CHUNK_VALUES", 3 * 512)
     assert torch.equal(hadamard.fwht(x, 128), one)
+
+
+def test_rht_differentiates_on_cpu():
+    """A float32 CPU input that requires grad keeps the torch code (the numba kernels build no autograd graph):
+    the RHT is orthonormal, so the gradient of <rht(x), g> with respect to x is inverse_rht(g)."""
+    torch.manual_seed(3)
+    s = random_signs(256, 1)
+    x = torch.randn(5, 256, requires_grad=True)
+    g = torch.randn(5, 256)
+    y = rht(x, s, 128)
+    assert y.requires_grad
+    (y * g).sum().backward()
+    want = inverse_rht(g.double(), s.double(), 128)
+    assert torch.allclose(x.grad.double(), want, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(rht(x, s, 128), y, atol=1e-6)
+
+
+def test_lattice_linear_backward_on_cpu():
+    """The float32 reference forward of a LatticeLinear differentiates in x: y = x @ W_hat.T + b, so dL/dx = g @ W_hat
+    for the dequantized weight W_hat (float64 reference)."""
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    torch.manual_seed(4)
+    m = LatticeLinear.from_linear(torch.nn.Linear(256, 64), bits=4.0, residency="int8")
+    x = torch.randn(3, 256, requires_grad=True)
+    g = torch.randn(3, 64)
+    (m(x) * g).sum().backward()
+    want = g.double() @ m.dequantize(torch.float64)
+    assert torch.allclose(x.grad.double(), want, atol=1e-4 * float(want.abs().max()))

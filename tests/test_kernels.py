@@ -501,3 +501,21 @@ def test_cached_launch_key_separates_what_triton_specializes_on():
     assert launch_key((aligned,), {}, 0) != launch_key((aligned,), {}, 1)
     with pytest.raises(_Unkeyable):
         launch_key((aligned, "text"), {}, 0)
+
+
+@gpu
+@needs_cuda
+def test_gpu_lattice_linear_backward_takes_the_reference():
+    """An input that needs a gradient takes the differentiable float32 reference on CUDA (the kernels build no graph):
+    dL/dx = g @ W_hat for the dequantized weight."""
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    torch.manual_seed(15)
+    m = LatticeLinear.from_linear(torch.nn.Linear(512, 256), bits=4.0, residency="compressed").cuda()
+    x = torch.randn(40, 512, device="cuda", requires_grad=True)
+    g = torch.randn(40, 256, device="cuda")
+    (m(x) * g).sum().backward()
+    want = g.double() @ m.dequantize(torch.float64)
+    assert torch.allclose(x.grad.double(), want, atol=1e-4 * float(want.abs().max()))
+    with torch.no_grad():
+        assert m(x).grad_fn is None            # inference keeps the kernels

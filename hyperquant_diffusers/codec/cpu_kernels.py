@@ -79,8 +79,9 @@ def enabled() -> bool:
 
 
 def usable(t: torch.Tensor) -> bool:
-    """Whether ``t`` may take the kernels: a CPU tensor while :func:`enabled`."""
-    return t.device.type == "cpu" and enabled()
+    """Whether ``t`` may take the kernels: a CPU tensor outside autograd (the kernels build no graph; a tensor that
+    requires grad keeps the torch code, which differentiates) while :func:`enabled`."""
+    return t.device.type == "cpu" and not t.requires_grad and enabled()
 
 
 # ---- threads ------------------------------------------------------------------------------------------

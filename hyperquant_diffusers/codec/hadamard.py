@@ -36,11 +36,13 @@ def fwht(x: torch.Tensor, tile_size: int) -> torch.Tensor:
     k = x.shape[-1]
     if k % t:
         raise ValueError(f"last dimension {k} is not divisible by tile_size {t}")
+    lead = x.shape[:-1]
+    if x.requires_grad and torch.is_grad_enabled():
+        return _fwht_rows_autograd(x.reshape(-1, k), t).reshape(*lead, k)
     if cpu_kernels.usable(x):
         out = cpu_kernels.fwht(x, t)
         if out is not None:
             return out
-    lead = x.shape[:-1]
     rows = x.reshape(-1, k)
     n_rows = rows.shape[0]
     per = max(1, _CHUNK_VALUES // k)
@@ -69,6 +71,18 @@ def _fwht_rows(rows: torch.Tensor, t: int) -> torch.Tensor:
         torch.sub(y[:, :, :, 0, :], y[:, :, :, 1, :], out=dst[:, :, :, 1, :])
         src, i, h = bufs[i], 1 - i, h * 2
     return src.view(r, k).mul_(t ** -0.5)
+
+
+def _fwht_rows_autograd(rows: torch.Tensor, t: int) -> torch.Tensor:
+    """:func:`_fwht_rows` without ``out=`` buffers, so autograd can differentiate it (same sums in the same order,
+    so the same values)."""
+    r, k = rows.shape
+    y, h = rows, 1
+    while h < t:
+        v = y.reshape(r, k // t, t // (2 * h), 2, h)
+        a, b = v[:, :, :, 0, :], v[:, :, :, 1, :]
+        y, h = torch.stack((a + b, a - b), 3).reshape(r, k), h * 2
+    return y * t ** -0.5
 
 
 def rht(x: torch.Tensor, signs: torch.Tensor, tile_size: int) -> torch.Tensor:
