@@ -275,9 +275,147 @@ def chain_case(dev, m=12288):
     return out
 
 
+def cast_case(dev):
+    """int8 codes -> e4m3: torch's cast vs kernels/cast.py (launch-shape sweep), 16.7M and 67M codes; bit-exact."""
+    from hyperquant_diffusers.kernels import cast
+
+    out = {}
+    for n, k in ((4096, 4096), (16384, 4096)):
+        c = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev)
+        o = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=dev)
+        key = f"{n}x{k}"
+        out[f"{key} torch_ms"] = bench(lambda: c.to(torch.float8_e4m3fn))
+        best = None
+        for blk, nw in ((4096, 4), (8192, 8), (16384, 8), (16384, 16), (32768, 16)):
+            cast._TUNE.update(block=blk, warps=nw)
+            t = bench(lambda: cast.codes_to_e4m3(c, out=o))
+            out[f"{key} kernel b{blk} w{nw} ms"] = t
+            if best is None or t < best[0]:
+                best = (t, blk, nw)
+        cast._TUNE.update(block=best[1], warps=best[2])
+        out[f"{key} best"] = best
+        out[f"{key} best_tbps"] = 2 * n * k / best[0] / 1e9
+        out[f"{key} bit_exact"] = bool(torch.equal(cast.codes_to_e4m3(c).view(torch.uint8),
+                                                   c.to(torch.float8_e4m3fn).view(torch.uint8)))
+    print("# cast", json.dumps(out), flush=True)
+    return out
+
+
+def actq_long_case(dev):
+    """Act-quant launch shapes for the rows the auto rule changed (K = 16384: one program per row) and the
+    4096-wide default, int8; GB/s counts the 3-byte floor (2 in, 1 out)."""
+    from hyperquant_diffusers.codec import random_signs
+    from hyperquant_diffusers.kernels import act_quant as aq
+
+    out = {}
+    saved = dict(aq._TUNE)
+    for mm, kk in ((12288, 16384), (256, 16384), (12288, 4096), (12288, 2048)):
+        xx = torch.randn(mm, kk, device=dev).to(torch.bfloat16)
+        ss = random_signs(kk, 0).to(dev, torch.bfloat16)
+        key = f"{mm}x{kk}"
+        out[f"{key} auto"] = bench(lambda: aq.rht_quantize(xx, ss, 128, "int8", signs_cast=ss))
+        cands = [("fused", {}), ("split", {})] if kk > 8192 else []
+        for pps in (0, 1, 2, 4, 8):
+            for st in (1, 2, 3):
+                for nw in ((4, 8) if kk <= 8192 else (8, 16)):
+                    tune = dict(onepass_pps=pps, onepass_stages=st, onepass_stages_long=st, onepass_warps=nw,
+                                onepass_warps_long=nw)
+                    if pps == 0 and st > 1:
+                        continue
+                    cands.append(("onepass", tune))
+        best = None
+        for impl, tune in cands:
+            aq._TUNE.clear()
+            aq._TUNE.update(saved)
+            aq._TUNE.update(tune)
+            try:
+                t = bench(lambda: aq.rht_quantize(xx, ss, 128, "int8", signs_cast=ss, impl=impl))
+            except Exception as e:  # a shape that does not fit (shared memory, registers)
+                out[f"{key} {impl} {tune}"] = repr(e)[:80]
+                continue
+            out[f"{key} {impl} {tune}"] = t
+            if best is None or t < best[0]:
+                best = (t, impl, tune)
+        aq._TUNE.clear()
+        aq._TUNE.update(saved)
+        out[f"{key} best"] = best
+        out[f"{key} best_tbps"] = 3 * mm * kk / best[0] / 1e9
+        out[f"{key} auto_tbps"] = 3 * mm * kk / out[f"{key} auto"] / 1e9
+        print(f"# actq {key}: auto {out[f'{key} auto']:.4f} ms, best {best}", flush=True)
+        del xx
+    return out
+
+
+def overlap_case(dev, m=12288, nlayers=4, shapes=None):
+    """Per-layer cost in steady state: ``nlayers`` distinct layers of one shape called in turn (as consecutive layers
+    of a model; activation sharing off, so every call runs its own activation pass), int8-resident vs compressed
+    with the decode just in time and with the side-stream prefetch (decode grid programs/SM x whether the next
+    layer's decode is launched before or after the activation pass). ms per layer (median over chains)."""
+    from hyperquant_diffusers.codec import quantize
+    from hyperquant_diffusers.kernels import dispatch
+    from hyperquant_diffusers.kernels.dispatch import make_int8_resident
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    dispatch.set_activation_sharing(False)
+    out = {}
+    saved = dict(dispatch._PREFETCH)
+    for (n, k) in (shapes or SHAPES):
+        key = f"{n}x{k}"
+        g = torch.Generator(device=dev).manual_seed(n + k)
+        x = torch.randn(m, k, device=dev, generator=g).to(torch.bfloat16)
+        lin, i8, cp = [], [], []
+        for _ in range(nlayers):
+            li = torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16)
+            torch.nn.init.normal_(li.weight, 0, 0.02)
+            q = quantize(li.weight.detach(), bits=4.0, lattice="E8")
+            c = LatticeLinear.from_lattice_tensor(q, li.bias.detach(), bits=4.0, residency="compressed")
+            r = LatticeLinear.from_lattice_tensor(q, li.bias.detach(), bits=4.0, residency="compressed")
+            assert make_int8_resident(r)
+            lin.append(li)
+            cp.append(c)
+            i8.append(r)
+
+        def chain(mods):
+            return lambda: [mo(x) for mo in mods]
+
+        row = {"bf16": bench(chain(lin)) / nlayers}
+        for mma in ("int8", "fp8"):
+            for mo in i8 + cp:
+                mo.mma = mma
+            row[f"int8res_{mma}"] = bench(chain(i8)) / nlayers
+            dispatch.set_prefetch(False)
+            row[f"compres_{mma}_jit"] = bench(chain(cp)) / nlayers
+            ref = chain(cp)()
+            dispatch.set_prefetch(True)
+            best = None
+            for first in (False, True):
+                for pps in (2, 4, 8, 16):
+                    dispatch._PREFETCH.update(decode_first=first, programs_per_sm=pps)
+                    chain(cp)()
+                    chain(cp)()
+                    t = bench(chain(cp)) / nlayers
+                    tag = f"compres_{mma}_prefetch_{'decfirst' if first else 'actfirst'}_pps{pps}"
+                    row[tag] = t
+                    if best is None or t < best[0]:
+                        best = (t, tag)
+            row[f"compres_{mma}_prefetch_exact"] = all(torch.equal(a, b) for a, b in zip(chain(cp)(), ref))
+            dispatch._PREFETCH.update(decode_first=saved["decode_first"], programs_per_sm=saved["programs_per_sm"])
+            row[f"compres_{mma}_best"] = best
+            row[f"compres_vs_int8res_{mma}_best"] = best[0] / row[f"int8res_{mma}"] - 1
+            row[f"compres_vs_int8res_{mma}_jit"] = row[f"compres_{mma}_jit"] / row[f"int8res_{mma}"] - 1
+            row[f"speedup_int8res_{mma}"] = row["bf16"] / row[f"int8res_{mma}"]
+        out[key] = row
+        print(f"# overlap {key} " + json.dumps(row), flush=True)
+        del lin, i8, cp, x
+        torch.cuda.empty_cache()
+    dispatch._PREFETCH.update(saved)
+    return out
+
+
 def run(args):
     from hyperquant_diffusers.kernels import fp4
     from hyperquant_diffusers.kernels.act_quant import rht_quantize
+    from hyperquant_diffusers.kernels.cast import codes_to_e4m3
     from hyperquant_diffusers.kernels.dispatch import weight_codes
     from hyperquant_diffusers.kernels.int8_gemm import (fp8_gemm_tma, fp8_linear, int8_gemm_int_mm, int8_gemm_tma,
                                                         int8_gemm_triton, set_fp8_path, set_int8_path)
@@ -340,7 +478,8 @@ def run(args):
             wq8 = wq.to(torch.float8_e4m3fn)
             row["gemm_triton_ms"] = bench(lambda: int8_gemm_triton(xq, sx, wq, sw, bias))
             row["gemm_int_mm_ms"] = bench(lambda: int8_gemm_int_mm(xq, sx, wq, sw, bias))
-            row["cast_fp8_ms"] = bench(lambda: wq.to(torch.float8_e4m3fn))
+            row["cast_fp8_torch_ms"] = bench(lambda: wq.to(torch.float8_e4m3fn))
+            row["cast_fp8_ms"] = bench(lambda: codes_to_e4m3(wq))  # what fp8_linear runs on int8 codes
             set_fp8_path("scaled_mm")
             row["gemm_fp8_ms"] = bench(lambda: fp8_linear(xq8, sx8, wq8, sw, bias))
             if "gemm_tma_best" in res["sweeps"]:
@@ -400,6 +539,7 @@ def run(args):
         torch.cuda.empty_cache()
     res["rows"], res["decode"] = rows, dec_rows
     res["chain"] = chain_case(dev)
+    res["overlap"] = overlap_case(dev, shapes=shapes)
     # quantize + encode throughput: codec per layer vs stacked (kernels.quantize.quantize_many)
     qt = {}
     ws = [(torch.randn(4096, 4096, device=dev) * 0.02).to(torch.bfloat16) for _ in range(16)]
@@ -507,6 +647,15 @@ def table(res):
     for r in res["rows"]:
         lines.append(f"| {r['shape']} | {r['M']} | {r['gemm_fp8_ms']:.3f} | {r.get('gemm_fp8_tma_ms', float('nan')):.3f} | "
                      f"{r['fp8_path']} |")
+    lines += ["", "steady state, ms per layer (4 distinct layers of a shape in turn, M = 12288; compressed: the best "
+              "prefetch variant):", "| shape | bf16 | int8-res int8 | compr int8 | vs int8-res | int8-res fp8 | "
+              "compr fp8 | vs int8-res fp8 | best variants |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, o in res.get("overlap", {}).items():
+        lines.append(f"| {key} | {o['bf16']:.3f} | {o['int8res_int8']:.3f} ({o['speedup_int8res_int8']:.2f}x) | "
+                     f"{o['compres_int8_best'][0]:.3f} | {100 * o['compres_vs_int8res_int8_best']:+.1f}% | "
+                     f"{o['int8res_fp8']:.3f} ({o['speedup_int8res_fp8']:.2f}x) | {o['compres_fp8_best'][0]:.3f} | "
+                     f"{100 * o['compres_vs_int8res_fp8_best']:+.1f}% | {o['compres_int8_best'][1]}, "
+                     f"{o['compres_fp8_best'][1]} |")
     lines += ["", "chain (4 shapes in sequence, M = 12288) and q/k/v sharing: " + json.dumps(res["chain"])]
     lines += ["", "quantize: " + json.dumps(res["quantize"])]
     return "\n".join(lines)
@@ -519,6 +668,9 @@ def main(argv=None):
     ap.add_argument("--sweeps-only", action="store_true", help="only the launch-shape sweeps (printed as JSON)")
     ap.add_argument("--no-sweeps", action="store_true", help="skip the sweeps; use the launch shapes in the code")
     ap.add_argument("--decode-sweep", action="store_true", help="only the Rice decode launch-shape sweep")
+    ap.add_argument("--overlap", action="store_true",
+                    help="only: the e4m3 cast sweep, the act-quant launch shapes of long rows, and the steady-state "
+                         "per-layer chains (compressed decode overlap variants); JSON to --json")
     ap.add_argument("--ncu-target", choices=("decode", "actq", "gemm"), default=None,
                     help="only launch this kernel a few times on the 4096x4096 / M=12288 case (run under ncu)")
     args = ap.parse_args(argv)
@@ -530,6 +682,15 @@ def main(argv=None):
     if args.decode_sweep:
         with torch.no_grad():
             sweeps(torch.device("cuda"), parts=("decode",))
+        return
+    if args.overlap:
+        dev = torch.device("cuda")
+        with torch.no_grad():
+            res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "cast": cast_case(dev), "actq": actq_long_case(dev), "overlap": overlap_case(dev)}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
         return
     if args.sweeps_only:
         with torch.no_grad():

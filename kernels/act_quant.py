@@ -178,8 +178,11 @@ def _kernel():
 #: onepass: R = onepass_elems / K_pad whole rows per program (K_pad <= onepass_max_k); fused: one program per BM
 #: rows walking all of K twice; split: (rows / BM) x (K / KC) programs, two launches.
 #: (H100 sweep, bench/RESULTS.md: 12288x4096 0.073 ms, 12288x16384 0.310 ms; one program per row block: 0.096 / 0.39)
-_TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_max_k": 16384, "onepass_pps": 4, "onepass_stages": 3,
-         "onepass_stages_long": 2, "onepass_long_k": 4096,
+#: A row longer than onepass_elems takes one program per row (R = 1) with onepass_warps_long warps (a 16384-wide
+#: row is a (128, 128) view: 64 float32 per thread at 8 warps); before 2026-11-24 such rows fell to "fused", which
+#: reads x twice.
+_TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_warps_long": 8, "onepass_max_k": 16384,
+         "onepass_pps": 4, "onepass_stages": 3, "onepass_stages_long": 2, "onepass_long_k": 4096,
          "fused_bm": 64, "fused_warps": 8, "fused_stages": 4, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
          "split_kc": 256, "split_warps": 4}
 
@@ -190,8 +193,8 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     ``signs`` ±1 (K,); ``fmt`` "int8" or "fp8". Returns (codes (M, K) int8 / float8_e4m3fn, scale float32 (M,)).
     ``signs_cast``: the signs already in x's dtype on x's device (avoids a per-call cast). ``impl``: "onepass"
     (rows held in registers, one read of x), "fused" (one launch, two passes over each row block), "split"
-    (split-K in two launches: more programs for small M), "auto" (onepass when K fits, else split for small M and
-    fused for large)."""
+    (split-K in two launches: more programs for small M), "auto" (onepass when the padded row fits ``onepass_max_k``,
+    except split for a few rows longer than ``onepass_elems``; fused for longer rows)."""
     require_triton()
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("rht_quantize expects a 2-D activation with unit stride along K")
@@ -212,7 +215,8 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     nt = 1 << max(0, (k // tile - 1).bit_length())     # tiles per row, rounded up to a power of two
     rows_per_prog = tu["onepass_elems"] // (nt * tile)
     if impl == "auto":
-        if nt * tile <= tu["onepass_max_k"] and rows_per_prog >= 1:
+        # rows longer than onepass_elems: one program per row, except for few rows (split-K has more programs)
+        if nt * tile <= tu["onepass_max_k"] and (rows_per_prog >= 1 or m > tu["split_max_m"]):
             impl = "onepass"
         else:
             impl = "split" if m <= tu["split_max_m"] else "fused"
@@ -226,7 +230,7 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
         onepass_k(grid, x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile, R=r,
                         NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee,
                         STAGES=tu["onepass_stages"] if nt * tile <= tu["onepass_long_k"] else tu["onepass_stages_long"],
-                        num_warps=tu["onepass_warps"])
+                        num_warps=tu["onepass_warps"] if rows_per_prog >= 1 else tu["onepass_warps_long"])
         return q, sx
     if impl == "split":
         kc = max(tile, min(tu["split_kc"], k))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._launch import CachedLauncher
+from .cast import codes_to_e4m3
 from ._triton import jit_cache, require_triton
 
 _CONFIGS = {
@@ -233,7 +234,7 @@ def fp8_linear(xq8, sx, wq8, sw, bias, out_dtype=torch.bfloat16):
     """fp8-e4m3 GEMM; ``wq8`` (N, K) float8_e4m3fn (or int8 codes, cast to e4m3 first). Output ``out_dtype``."""
     m = xq8.shape[0]
     if wq8.dtype == torch.int8:
-        wq8 = wq8.to(torch.float8_e4m3fn)
+        wq8 = codes_to_e4m3(wq8.contiguous())
     path = _FP8_PATH["path"]
     if path == "tma" or (path == "auto" and m > 256):
         return fp8_gemm_tma(xq8, sx, wq8, sw, bias, out_dtype)

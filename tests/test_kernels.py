@@ -268,10 +268,12 @@ def test_gpu_rice_decode_bit_exact_full_layer(lattice, bits):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_gpu_act_quant_bf16(fmt):
+@pytest.mark.parametrize("m,k", [(4096, 4096), (3000, 16384), (200, 16384)])
+def test_gpu_act_quant_bf16(fmt, m, k):
+    # (3000, 16384): rows longer than one program's share, one program per row (auto); (200, 16384): split-K
     torch.manual_seed(11)
-    x = torch.randn(4096, 4096, device="cuda").to(torch.bfloat16)
-    s = random_signs(4096, 2)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    s = random_signs(k, 2)
     q, sx = rht_quantize(x, s, 128, fmt)
     qr, sxr = rht_quantize_reference(x, s, 128, fmt)
     assert torch.allclose(sx, sxr, rtol=1e-5)
@@ -279,6 +281,28 @@ def test_gpu_act_quant_bf16(fmt):
     assert float((d > 0).float().mean()) < 1e-4
     y = rht(x.double(), s.double().cuda(), 128)
     assert _rel(q.double() * sx.double()[:, None], y) < (0.01 if fmt == "int8" else 0.03)
+
+
+@gpu
+@needs_cuda
+def test_gpu_codes_to_e4m3_bit_exact():
+    from hyperquant_diffusers.kernels.cast import codes_to_e4m3, codes_to_e4m3_reference
+
+    every = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).cuda()
+    assert torch.equal(codes_to_e4m3(every).view(torch.uint8), codes_to_e4m3_reference(every).view(torch.uint8))
+    # exact below 17, rounded to nearest even above (e4m3: 3 mantissa bits)
+    back = codes_to_e4m3(every).float()
+    small = every.abs() <= 16
+    assert torch.equal(back[small], every[small].float())
+    assert float(back[every == 17]) == 16.0 and float(back[every == 19]) == 20.0
+    torch.manual_seed(15)
+    c = torch.randint(-127, 128, (4099, 1031), dtype=torch.int8, device="cuda")  # not a multiple of the block
+    out = torch.empty(c.shape, dtype=torch.float8_e4m3fn, device="cuda")
+    r = codes_to_e4m3(c, out=out)
+    assert r.data_ptr() == out.data_ptr()
+    assert torch.equal(r.view(torch.uint8), codes_to_e4m3_reference(c).view(torch.uint8))
+    with pytest.raises(TypeError, match="int8"):
+        codes_to_e4m3(c.float())
 
 
 @gpu
