@@ -346,19 +346,37 @@ def actq_long_case(dev):
     return out
 
 
+def kernel_resources() -> dict:
+    """Registers, spills and shared memory of every compiled variant of the decode, act-quant and GEMM kernels seen
+    so far (from the cached launchers): what decides whether two kernels can share an SM."""
+    from hyperquant_diffusers.kernels import act_quant, int8_gemm, rice_decode
+
+    out = {}
+    launchers = {"rice_decode": rice_decode._kernel(), "int8_gemm_tma": int8_gemm._kernels()[2],
+                 "act_quant_onepass": act_quant._kernel()[3]}
+    for name, cl in launchers.items():
+        for i, (ck, tail) in enumerate(cl.entries.values()):
+            md = ck.metadata
+            out[f"{name}[{i}] {tail}"] = {"regs": ck.n_regs, "spills": ck.n_spills, "shared_bytes": md.shared,
+                                          "warps": md.num_warps}
+    return out
+
+
 def overlap_case(dev, m=12288, nlayers=4, shapes=None):
     """Per-layer cost in steady state: ``nlayers`` distinct layers of one shape called in turn (as consecutive layers
     of a model; activation sharing off, so every call runs its own activation pass), int8-resident vs compressed
-    with the decode just in time and with the side-stream prefetch (decode grid programs/SM x whether the next
-    layer's decode is launched before or after the activation pass). ms per layer (median over chains)."""
+    with the decode just in time and with the side-stream prefetch (decode grid programs/SM), each with the TMA GEMM
+    at 4 pipeline stages (the default; 192 KB of shared memory per program) and at 3 (144 KB: room for decode
+    programs beside it). ms per layer (median over chains)."""
     from hyperquant_diffusers.codec import quantize
-    from hyperquant_diffusers.kernels import dispatch
+    from hyperquant_diffusers.kernels import dispatch, int8_gemm
     from hyperquant_diffusers.kernels.dispatch import make_int8_resident
     from hyperquant_diffusers.nn import LatticeLinear
 
     dispatch.set_activation_sharing(False)
     out = {}
     saved = dict(dispatch._PREFETCH)
+    saved_tma = dict(int8_gemm._TMA)
     for (n, k) in (shapes or SHAPES):
         key = f"{n}x{k}"
         g = torch.Generator(device=dev).manual_seed(n + k)
@@ -382,33 +400,43 @@ def overlap_case(dev, m=12288, nlayers=4, shapes=None):
         for mma in ("int8", "fp8"):
             for mo in i8 + cp:
                 mo.mma = mma
-            row[f"int8res_{mma}"] = bench(chain(i8)) / nlayers
-            dispatch.set_prefetch(False)
-            row[f"compres_{mma}_jit"] = bench(chain(cp)) / nlayers
-            ref = chain(cp)()
-            dispatch.set_prefetch(True)
-            best = None
-            for first in (False, True):
-                for pps in (2, 4, 8, 16):
-                    dispatch._PREFETCH.update(decode_first=first, programs_per_sm=pps)
+            best, best_i8 = None, None
+            for stages in (4, 3):
+                for cfg in ("config", "fp8"):
+                    int8_gemm._TMA[cfg] = saved_tma[cfg][:5] + (stages,)
+                sfx = f"st{stages}"
+                t8 = row[f"int8res_{mma}_{sfx}"] = bench(chain(i8)) / nlayers
+                if best_i8 is None or t8 < best_i8[0]:
+                    best_i8 = (t8, sfx)
+                dispatch.set_prefetch(False)
+                row[f"compres_{mma}_jit_{sfx}"] = bench(chain(cp)) / nlayers
+                ref = chain(cp)()
+                dispatch.set_prefetch(True)
+                for pps in (4, 8, 16, 32):
+                    dispatch._PREFETCH.update(programs_per_sm=pps)
                     chain(cp)()
                     chain(cp)()
-                    t = bench(chain(cp)) / nlayers
-                    tag = f"compres_{mma}_prefetch_{'decfirst' if first else 'actfirst'}_pps{pps}"
-                    row[tag] = t
+                    tag = f"compres_{mma}_prefetch_pps{pps}_{sfx}"
+                    t = row[tag] = bench(chain(cp)) / nlayers
                     if best is None or t < best[0]:
                         best = (t, tag)
-            row[f"compres_{mma}_prefetch_exact"] = all(torch.equal(a, b) for a, b in zip(chain(cp)(), ref))
-            dispatch._PREFETCH.update(decode_first=saved["decode_first"], programs_per_sm=saved["programs_per_sm"])
+                row[f"compres_{mma}_prefetch_exact_{sfx}"] = all(torch.equal(a, b) for a, b in zip(chain(cp)(), ref))
+                dispatch._PREFETCH.update(programs_per_sm=saved["programs_per_sm"])
+            int8_gemm._TMA.update(saved_tma)
+            row[f"int8res_{mma}"] = row[f"int8res_{mma}_st4"]
+            row[f"int8res_{mma}_best"] = best_i8
             row[f"compres_{mma}_best"] = best
-            row[f"compres_vs_int8res_{mma}_best"] = best[0] / row[f"int8res_{mma}"] - 1
-            row[f"compres_vs_int8res_{mma}_jit"] = row[f"compres_{mma}_jit"] / row[f"int8res_{mma}"] - 1
-            row[f"speedup_int8res_{mma}"] = row["bf16"] / row[f"int8res_{mma}"]
+            row[f"compres_vs_int8res_{mma}_best"] = best[0] / best_i8[0] - 1
+            row[f"compres_vs_int8res_{mma}_jit"] = row[f"compres_{mma}_jit_st4"] / row[f"int8res_{mma}_st4"] - 1
+            row[f"speedup_int8res_{mma}"] = row["bf16"] / best_i8[0]
         out[key] = row
         print(f"# overlap {key} " + json.dumps(row), flush=True)
         del lin, i8, cp, x
         torch.cuda.empty_cache()
     dispatch._PREFETCH.update(saved)
+    int8_gemm._TMA.update(saved_tma)
+    out["kernel_resources"] = kernel_resources()
+    print("# resources " + json.dumps(out["kernel_resources"]), flush=True)
     return out
 
 
@@ -651,9 +679,11 @@ def table(res):
               "prefetch variant):", "| shape | bf16 | int8-res int8 | compr int8 | vs int8-res | int8-res fp8 | "
               "compr fp8 | vs int8-res fp8 | best variants |", "|---|---|---|---|---|---|---|---|---|"]
     for key, o in res.get("overlap", {}).items():
-        lines.append(f"| {key} | {o['bf16']:.3f} | {o['int8res_int8']:.3f} ({o['speedup_int8res_int8']:.2f}x) | "
+        if key == "kernel_resources":
+            continue
+        lines.append(f"| {key} | {o['bf16']:.3f} | {o['int8res_int8_best'][0]:.3f} ({o['speedup_int8res_int8']:.2f}x) | "
                      f"{o['compres_int8_best'][0]:.3f} | {100 * o['compres_vs_int8res_int8_best']:+.1f}% | "
-                     f"{o['int8res_fp8']:.3f} ({o['speedup_int8res_fp8']:.2f}x) | {o['compres_fp8_best'][0]:.3f} | "
+                     f"{o['int8res_fp8_best'][0]:.3f} ({o['speedup_int8res_fp8']:.2f}x) | {o['compres_fp8_best'][0]:.3f} | "
                      f"{100 * o['compres_vs_int8res_fp8_best']:+.1f}% | {o['compres_int8_best'][1]}, "
                      f"{o['compres_fp8_best'][1]} |")
     lines += ["", "chain (4 shapes in sequence, M = 12288) and q/k/v sharing: " + json.dumps(res["chain"])]

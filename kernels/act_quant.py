@@ -177,12 +177,12 @@ def _kernel():
 #: launch shapes; ``bench/bench_kernels.py`` sweeps them on the device (results in bench/RESULTS.md).
 #: onepass: R = onepass_elems / K_pad whole rows per program (K_pad <= onepass_max_k); fused: one program per BM
 #: rows walking all of K twice; split: (rows / BM) x (K / KC) programs, two launches.
-#: (H100 sweep, bench/RESULTS.md: 12288x4096 0.073 ms, 12288x16384 0.310 ms; one program per row block: 0.096 / 0.39)
 #: A row longer than onepass_elems takes one program per row (R = 1) with onepass_warps_long warps (a 16384-wide
-#: row is a (128, 128) view: 64 float32 per thread at 8 warps); before 2026-11-24 such rows fell to "fused", which
-#: reads x twice.
+#: row is a (128, 128) view: 64 float32 per thread at 8 warps). Until 2026-11-24 such rows fell to "fused" (two
+#: reads of x) or "split"; the H100 sweep (bench_kernels.py --overlap, bench/RESULTS.md): 12288x16384 0.314 ms
+#: (fused 0.405, the old default 0.426), 256x16384 0.014 ms (split 0.034); 12288x4096 0.072, 12288x2048 0.041 ms.
 _TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_warps_long": 8, "onepass_max_k": 16384,
-         "onepass_pps": 4, "onepass_stages": 3, "onepass_stages_long": 2, "onepass_long_k": 4096,
+         "onepass_pps": 2, "onepass_stages": 3, "onepass_stages_long": 1, "onepass_long_k": 4096,
          "fused_bm": 64, "fused_warps": 8, "fused_stages": 4, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
          "split_kc": 256, "split_warps": 4}
 
@@ -194,7 +194,7 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     ``signs_cast``: the signs already in x's dtype on x's device (avoids a per-call cast). ``impl``: "onepass"
     (rows held in registers, one read of x), "fused" (one launch, two passes over each row block), "split"
     (split-K in two launches: more programs for small M), "auto" (onepass when the padded row fits ``onepass_max_k``,
-    except split for a few rows longer than ``onepass_elems``; fused for longer rows)."""
+    else split for few rows and fused for many)."""
     require_triton()
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("rht_quantize expects a 2-D activation with unit stride along K")
@@ -215,8 +215,7 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     nt = 1 << max(0, (k // tile - 1).bit_length())     # tiles per row, rounded up to a power of two
     rows_per_prog = tu["onepass_elems"] // (nt * tile)
     if impl == "auto":
-        # rows longer than onepass_elems: one program per row, except for few rows (split-K has more programs)
-        if nt * tile <= tu["onepass_max_k"] and (rows_per_prog >= 1 or m > tu["split_max_m"]):
+        if nt * tile <= tu["onepass_max_k"]:
             impl = "onepass"
         else:
             impl = "split" if m <= tu["split_max_m"] else "fused"

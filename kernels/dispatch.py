@@ -125,10 +125,7 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
 #: programs_per_sm: the side-stream decode's grid (None: the decoder's own). With the two-pass decoder (2 warps per
 #: program) 8 per SM was best on the full LTX-2 compressed step: 1.004 s vs 1.038 s with the prefetch off, 1.020 s
 #: (16/SM), 1.113 s (4/SM), 1.198 s (2/SM), 1.515 s (1/SM) (bench/RESULTS.md, 2026-11-24 04:15 UTC)
-#: decode_first: take the weight codes (and so launch the next layer's side-stream decode) before the activation
-#: pass instead of after it, so that the decode's integer work runs beside the memory-bound activation pass rather
-#: than beside the GEMM (measured both ways: bench/bench_kernels.py --overlap, bench/RESULTS.md)
-_PREFETCH = {"on": True, "programs_per_sm": 8, "generation": 0, "decode_first": False}
+_PREFETCH = {"on": True, "programs_per_sm": 8, "generation": 0}
 _PREFETCHERS: dict = {}
 
 
@@ -334,12 +331,8 @@ def cuda_forward(module, x: torch.Tensor) -> torch.Tensor:
         s = _interned_signs(module.signs, x.dtype, x.device)
         cache[skey] = s
     fmt = module.mma
-    if _PREFETCH["decode_first"]:
-        wq, sw = weight_codes(module, fmt)
-        xq, sx = _quantized_activation(x, x2, s, module.tile_size, fmt)
-    else:
-        xq, sx = _quantized_activation(x, x2, s, module.tile_size, fmt)
-        wq, sw = weight_codes(module, fmt)
+    xq, sx = _quantized_activation(x, x2, s, module.tile_size, fmt)
+    wq, sw = weight_codes(module, fmt)
     bias = module.bias
     if fmt == "int8":
         y = int8_linear(xq, sx, wq, sw, bias, out_dtype=x.dtype)
