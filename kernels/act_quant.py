@@ -51,7 +51,7 @@ def hadamard_pm1(tile: int, dtype, device) -> torch.Tensor:
 
 @jit_cache
 def _kernel():
-    global tl, _rht_tile, _codes, _hadamard_kron
+    global tl, _rht_tile, _codes
     import triton
     import triton.language as tl
 
@@ -140,49 +140,23 @@ def _kernel():
             tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], qv, mask=rmask[:, None])
 
     @triton.jit
-    def _hadamard_kron(xs, h16, BLK: tl.constexpr, T: tl.constexpr, LOG_TA: tl.constexpr, IEEE: tl.constexpr):
-        # (BLK, T) @ H_T for H_T = H_TA (x) H_16 (Sylvester: the +-1 entry of (16a'+b', 16a+b) is H_TA[a',a] *
-        # H_16[b',b]): a tensor-core product with H_16 along b, then LOG_TA butterfly rounds along a in float32
-        # (constant geometry: each round transforms the lowest bit of a and rotates it to the top, so after LOG_TA
-        # rounds the order is natural again). 16 + LOG_TA operations per value instead of T.
-        TA: tl.constexpr = T // 16
-        x2 = tl.reshape(xs, (BLK * TA, 16))
-        if IEEE:
-            z = tl.dot(x2, h16, input_precision="ieee")
-        else:
-            z = tl.dot(x2, h16)
-        z = tl.permute(tl.reshape(z, (BLK, TA, 16)), (0, 2, 1))          # (BLK, b', a)
-        for _ in tl.static_range(LOG_TA):
-            u, v = tl.split(tl.reshape(z, (BLK, 16, TA // 2, 2)))
-            z = tl.reshape(tl.permute(tl.join(u + v, u - v), (0, 1, 3, 2)), (BLK, 16, TA))
-        return tl.reshape(tl.permute(z, (0, 2, 1)), (BLK, T))             # (BLK, 16a' + b')
-
-    @triton.jit
     def rht_quant_onepass_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
                                  T: tl.constexpr, R: tl.constexpr, NT: tl.constexpr, FP8: tl.constexpr,
-                                 QMAX: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr,
-                                 LOG_TA: tl.constexpr = 0):
-        # (R rows x NT tiles) of T values in registers: view i = row * NT + tile, one (R*NT, T) @ (T, T) product
-        # (LOG_TA = 0), or the Kronecker-factored product (LOG_TA = log2(T / 16) > 0: h_ptr holds H_16).
+                                 QMAX: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr):
+        # (R rows x NT tiles) of T values in registers: view i = row * NT + tile, one (R*NT, T) @ (T, T) product.
         # Programs walk row blocks (a persistent grid when launched with fewer programs than blocks, so the loop's
         # software pipeline loads the next block while this one computes).
         i = tl.arange(0, R * NT)
         tt = tl.arange(0, T)
         col = (i % NT)[:, None] * T + tt[None, :]
         s = tl.load(s_ptr + col, mask=col < K, other=0.0)
-        if LOG_TA > 0:
-            t16 = tl.arange(0, 16)
-            h = tl.load(h_ptr + t16[:, None] * 16 + t16[None, :])
-        else:
-            h = tl.load(h_ptr + tt[:, None] * T + tt[None, :])
+        h = tl.load(h_ptr + tt[:, None] * T + tt[None, :])
         for rb in tl.range(tl.program_id(0), tl.cdiv(M, R), tl.num_programs(0), num_stages=STAGES):
             row = rb * R + i // NT
             m = (row < M)[:, None] & (col < K)
             row64 = row.to(tl.int64)
             x = tl.load(x_ptr + row64[:, None] * stride_xm + col, mask=m, other=0.0)
-            if LOG_TA > 0:
-                y = _hadamard_kron(x * s, h, R * NT, T, LOG_TA, IEEE)
-            elif IEEE:
+            if IEEE:
                 y = tl.dot(x * s, h, input_precision="ieee")
             else:
                 y = tl.dot(x * s, h)
@@ -207,7 +181,7 @@ def _kernel():
 #: row is a (128, 128) view: 64 float32 per thread at 8 warps). Until 2026-11-24 such rows fell to "fused" (two
 #: reads of x) or "split"; the H100 sweep (bench_kernels.py --overlap, bench/RESULTS.md): 12288x16384 0.314 ms
 #: (fused 0.405, the old default 0.426), 256x16384 0.014 ms (split 0.034); 12288x4096 0.072, 12288x2048 0.041 ms.
-_TUNE = {"kron": True, "onepass_elems": 8192, "onepass_warps": 4, "onepass_warps_long": 8, "onepass_max_k": 16384,
+_TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_warps_long": 8, "onepass_max_k": 16384,
          "onepass_pps": 2, "onepass_stages": 3, "onepass_stages_long": 1, "onepass_long_k": 4096,
          "fused_bm": 64, "fused_warps": 8, "fused_stages": 4, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
          "split_kc": 256, "split_warps": 4}
@@ -252,11 +226,10 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
         nblk = triton_cdiv(m, r)
         pps = tu["onepass_pps"]  # programs per SM of a persistent grid; 0: one program per row block
         grid = (min(nblk, num_sms(x.device.index or 0) * pps) if pps else nblk,)
-        log_ta = kron_log_ta(tile) if tu["kron"] else 0
-        onepass_k(grid, x, s, hadamard_pm1(16, x.dtype, x.device) if log_ta else h, q, sx, m, k, x.stride(0),
-                  q.stride(0), 1.0 / math.sqrt(tile), T=tile, R=r, NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee,
-                  STAGES=tu["onepass_stages"] if nt * tile <= tu["onepass_long_k"] else tu["onepass_stages_long"],
-                  LOG_TA=log_ta, num_warps=tu["onepass_warps"] if rows_per_prog >= 1 else tu["onepass_warps_long"])
+        onepass_k(grid, x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile, R=r,
+                        NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee,
+                        STAGES=tu["onepass_stages"] if nt * tile <= tu["onepass_long_k"] else tu["onepass_stages_long"],
+                        num_warps=tu["onepass_warps"] if rows_per_prog >= 1 else tu["onepass_warps_long"])
         return q, sx
     if impl == "split":
         kc = max(tile, min(tu["split_kc"], k))
@@ -277,12 +250,6 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
                                  BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, num_warps=tu["fused_warps"],
                                  num_stages=tu["fused_stages"])
     return q, sx
-
-
-def kron_log_ta(tile: int) -> int:
-    """log2(tile / 16) when the one-pass kernel factors H_tile = H_(tile/16) (x) H_16 (tiles 32..256), else 0 (one
-    dense tensor-core product with H_tile)."""
-    return (tile // 16).bit_length() - 1 if 32 <= tile <= 256 else 0
 
 
 def triton_cdiv(a: int, b: int) -> int:
