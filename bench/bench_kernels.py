@@ -309,7 +309,7 @@ def actq_long_case(dev):
 
     out = {}
     saved = dict(aq._TUNE)
-    for mm, kk in ((12288, 16384), (256, 16384), (12288, 4096), (12288, 2048)):
+    for mm, kk in ((12288, 16384), (256, 16384), (12288, 4096), (12288, 2048), (12288, 8192), (256, 4096)):
         xx = torch.randn(mm, kk, device=dev).to(torch.bfloat16)
         ss = random_signs(kk, 0).to(dev, torch.bfloat16)
         key = f"{mm}x{kk}"
@@ -698,6 +698,7 @@ def main(argv=None):
     ap.add_argument("--sweeps-only", action="store_true", help="only the launch-shape sweeps (printed as JSON)")
     ap.add_argument("--no-sweeps", action="store_true", help="skip the sweeps; use the launch shapes in the code")
     ap.add_argument("--decode-sweep", action="store_true", help="only the Rice decode launch-shape sweep")
+    ap.add_argument("--actq-sweep", action="store_true", help="only the act-quant launch-shape sweep (JSON to --json)")
     ap.add_argument("--overlap", action="store_true",
                     help="only: the e4m3 cast sweep, the act-quant launch shapes of long rows, and the steady-state "
                          "per-layer chains (compressed decode overlap variants); JSON to --json")
@@ -712,6 +713,14 @@ def main(argv=None):
     if args.decode_sweep:
         with torch.no_grad():
             sweeps(torch.device("cuda"), parts=("decode",))
+        return
+    if args.actq_sweep:
+        with torch.no_grad():
+            res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "actq": actq_long_case(torch.device("cuda"))}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
         return
     if args.overlap:
         dev = torch.device("cuda")
