@@ -6,8 +6,10 @@
    fp8-e4m3 codes (:mod:`.act_quant`). Consecutive layers fed the same tensor with the same RHT signs (an
    attention's to_q / to_k / to_v) reuse one result (``set_activation_sharing``).
 2. Weight codes in the MMA's type:
-   * int8 residency: the module's resident ``codes`` (int8, (out, in)); for the fp8 MMA they are cast to e4m3
-     per call (exact for |c| <= 16, rounded to 3 mantissa bits above: the fp8 path's extra weight error).
+   * int8 residency: the module's resident ``codes``, (out, in), one byte per weight in the MMA's operand type:
+     int8, or e4m3 for a layer whose MMA is fp8 (exact for |c| <= 16, rounded to 3 mantissa bits above: the fp8
+     path's extra weight error; the layer keeps the exact values of the rounded codes aside for saving). int8
+     codes asked for by the fp8 MMA are cast per call (:mod:`.cast`).
    * compressed residency: the Rice stream is decoded by the Triton block decoder (:mod:`.rice_decode`) straight
      into reused buffers, in int8 or e4m3 as the MMA needs. While a layer computes, the layer that followed it
      last time is decoded on a side stream into the other of two buffers (``set_prefetch``), so the decode
@@ -85,9 +87,13 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     :class:`_Prefetcher`); the returned codes live in a buffer reused by later layers, valid until the next call.
     """
     wdtype = torch.float8_e4m3fn if fmt == "fp8" else torch.int8
-    if getattr(module, "codes", None) is not None:
-        # int8 codes serve the fp8 MMA too: fp8_linear casts them to e4m3 per call (kernels/cast.py)
-        return module.codes, module.code_scale
+    codes = getattr(module, "codes", None)
+    if codes is not None:
+        # a layer with mma="fp8" holds e4m3 codes (LatticeLinear.fit_codes_to_mma); int8 codes serve the fp8 MMA
+        # too (fp8_linear casts them per call, kernels/cast.py); e4m3 codes asked for as int8 are rebuilt exactly
+        if codes.dtype != wdtype and wdtype == torch.int8:
+            return module.int8_weight()
+        return codes, module.code_scale
     cache = _cache(module)
     n = module.out_features * module.in_features
     if cache.get("fallback"):
@@ -364,4 +370,5 @@ def make_int8_resident(module) -> bool:
         setattr(module, name, None)
     module.residency = "int8"
     _cache(module).clear()
+    module.fit_codes_to_mma()   # e4m3 codes for a layer whose MMA is fp8
     return True

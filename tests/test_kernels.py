@@ -343,6 +343,30 @@ def test_gpu_quantized_gemm_paths_vs_float64(path, m):
 
 @gpu
 @needs_cuda
+def test_gpu_fp8_residency_equals_the_per_call_cast():
+    # mma="fp8" + int8 residency holds e4m3 codes (finalized on the GPU decoder path): the same output, bit for bit,
+    # as int8 codes cast to e4m3 on every call, and the exact int8 codes survive
+    from hyperquant_diffusers.kernels.dispatch import _interned_signs
+    from hyperquant_diffusers.kernels.int8_gemm import fp8_linear
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    torch.manual_seed(16)
+    lin = torch.nn.Linear(1024, 768, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, 0.0, 0.02)
+    a = LatticeLinear.from_linear(lin, bits=4.0, mma="int8", residency="int8")
+    b = LatticeLinear.from_linear(lin, bits=4.0, mma="fp8", residency="int8")
+    assert a.codes.is_cuda and b.codes.dtype == torch.float8_e4m3fn and b.code_fix_idx.numel() > 0
+    assert torch.equal(b.exact_codes(), a.codes)
+    for m in (1000, 200):
+        x = torch.randn(m, 1024, device="cuda").to(torch.bfloat16)
+        s = _interned_signs(a.signs, x.dtype, x.device)
+        xq, sx = rht_quantize(x, a.signs, 128, "fp8", signs_cast=s)
+        y_cast = fp8_linear(xq, sx, a.codes, a.code_scale, a.bias)  # int8 codes, cast per call
+        assert torch.equal(b(x), y_cast)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("residency", ["int8", "compressed"])
 @pytest.mark.parametrize("mma", ["int8", "fp8"])
 def test_gpu_lattice_linear_cuda_forward(residency, mma):

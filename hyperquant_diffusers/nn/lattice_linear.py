@@ -11,6 +11,12 @@ Storage (never a float copy of the weight):
   coordinates and ``code_scale`` float32 (N,) (``codes * code_scale[:, None]`` == the rotated weight exactly, for
   the integer lattices Z/D4/E8), and the ``hq_*`` buffers are dropped: 0.5x bf16. ``state_dict()`` re-encodes the
   ``hq_*`` tensors from the int8 codes (Rice coding is deterministic, so they are bit-identical to the loaded ones).
+  With ``mma="fp8"`` the one byte per weight is the fp8 MMA's own operand instead: ``codes`` float8_e4m3fn (the
+  round-to-nearest e4m3 of each code, exact for |c| <= 16), so nothing is cast per call. The exact int8 value of
+  every code e4m3 rounds (~1.6% of the codes at 4 bps E8) is kept in host memory (``code_fix_idx`` int32 flat
+  indices, ``code_fix_val`` int8: plain CPU tensors, not buffers, so the device holds one byte per weight as with
+  int8 codes); :meth:`exact_codes`, ``state_dict()`` and the CPU reference use them and stay exact. Setting
+  ``mma`` converts between the two forms.
 
 Forward: ``y = rht(x) @ W_rot.T + bias`` where ``W_rot`` is the rotated (RHT-domain) weight as decoded from the
 codes; since the RHT is orthonormal this equals ``x @ W_hat.T`` for the dequantized weight ``W_hat``. On CPU (and on
@@ -79,7 +85,8 @@ class LatticeLinear(nn.Module):
             raise ValueError(f"in_features={in_features} is not a multiple of tile_size={tile_size}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.lattice, self.bits, self.tile_size = lattice_spec(lattice).name, bits, int(tile_size)
-        self.block_values, self.seed, self.mma, self.residency = int(block_values), int(seed), mma, residency
+        self.block_values, self.seed, self.residency = int(block_values), int(seed), residency
+        self._mma = mma
         self.weight_dtype = weight_dtype
         self.n_words = int(n_words)
         self.is_finalized = False  # True once the configured residency is in place
@@ -88,6 +95,7 @@ class LatticeLinear(nn.Module):
             self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
         self.register_buffer("codes", None, persistent=False)
         self.register_buffer("code_scale", None, persistent=False)
+        self.code_fix_idx = self.code_fix_val = None  # host-side exact values of rounded e4m3 codes (see above)
         self.register_buffer("signs_f32", None, persistent=False)
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype or weight_dtype))
@@ -145,6 +153,7 @@ class LatticeLinear(nn.Module):
             self.bias.requires_grad_(False)
         self.signs_f32 = unpack_signs(self.hq_signs)
         if self.residency == "int8" and self.hq_words.is_cuda and self._gpu_make_int8_resident():
+            self.fit_codes_to_mma()
             self.is_finalized = True
             return self
         if self.residency == "int8":
@@ -157,8 +166,50 @@ class LatticeLinear(nn.Module):
                 self.codes, self.code_scale = codes.contiguous(), scale.contiguous()
                 for name in _COMPRESSED:
                     setattr(self, name, None)
+                self.fit_codes_to_mma()
         self.is_finalized = True
         return self
+
+    # ---- the MMA type and the form of the resident codes ----------------------------------------------
+    @property
+    def mma(self) -> str:
+        """Compute path on CUDA: "int8", "fp8" or "float". Setting it on an int8-resident layer converts the
+        resident codes to that MMA's operand type (int8 <-> e4m3 with the exact values of rounded codes)."""
+        return self._mma
+
+    @mma.setter
+    def mma(self, value: str) -> None:
+        self._mma = value
+        self.fit_codes_to_mma()
+
+    def fit_codes_to_mma(self) -> None:
+        """Hold the resident codes in the form the MMA reads: float8_e4m3fn (+ exact values of the rounded codes)
+        for "fp8", int8 otherwise. No-op for compressed residency."""
+        codes = self.__dict__.get("_buffers", {}).get("codes")
+        if codes is None:
+            return
+        if self._mma == "fp8" and codes.dtype == torch.int8:
+            c8 = codes.to(torch.float8_e4m3fn)
+            flat = codes.reshape(-1)
+            idx = (c8.reshape(-1).to(torch.float32) != flat.to(torch.float32)).nonzero().reshape(-1)
+            self.code_fix_idx = idx.to(torch.int32).cpu()
+            self.code_fix_val = flat[idx].cpu()
+            self.codes = c8
+        elif self._mma != "fp8" and codes.dtype != torch.int8:
+            self.codes = self.exact_codes()
+            self.code_fix_idx = self.code_fix_val = None
+
+    def exact_codes(self) -> torch.Tensor:
+        """The resident int8 lattice codes (out, in), rebuilt from the e4m3 form when the layer holds that."""
+        if self.codes is None or self.codes.dtype == torch.int8:
+            return self.codes
+        return self._exact_codes_float(torch.float32).to(torch.int8)
+
+    def _exact_codes_float(self, dtype) -> torch.Tensor:
+        c = self.codes.to(dtype)
+        if self.codes.dtype != torch.int8 and self.code_fix_idx is not None and self.code_fix_idx.numel():
+            c.view(-1)[self.code_fix_idx.to(c.device, torch.long)] = self.code_fix_val.to(c.device, dtype)
+        return c
 
     def _gpu_make_int8_resident(self) -> bool:
         """Decode the stream with the parallel GPU Rice decoder (kernels/rice_decode.py) instead of the torch
@@ -207,7 +258,8 @@ class LatticeLinear(nn.Module):
     def _compressed_from_codes(self) -> dict[str, torch.Tensor]:
         """Re-encode the int8 codes into the ``hq_*`` tensors (bit-identical to the loaded stream)."""
         unit = 0.5 if self.lattice == "E8" else 1.0  # E8 coordinates are stored doubled (codec contract)
-        words, offsets, ks = encode_coords(self.codes.to(torch.int32).reshape(-1), self.lattice, self.block_values)
+        words, offsets, ks = encode_coords(self.exact_codes().to(torch.int32).reshape(-1), self.lattice,
+                                           self.block_values)
         scales = (self.code_scale / unit).to(torch.float32)
         from ..codec.tensor import pack_signs
 
@@ -227,13 +279,13 @@ class LatticeLinear(nn.Module):
     def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 codes (out, in), float32 scale (out,)): ``codes * scale[:, None]`` = rotated weight."""
         if self.codes is not None:
-            return self.codes, self.code_scale
+            return self.exact_codes(), self.code_scale
         return self._lattice_tensor_from_stream().int8_codes(on_overflow="rescale")
 
     def rotated_weight(self, dtype=torch.float32) -> torch.Tensor:
         """RHT-domain weight (out, in) exactly as the codes define it."""
         if self.codes is not None:
-            return self.codes.to(dtype) * self.code_scale.to(dtype).unsqueeze(1)
+            return self._exact_codes_float(dtype) * self.code_scale.to(dtype).unsqueeze(1)
         return self._lattice_tensor_from_stream().rotated(dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -277,7 +329,7 @@ class LatticeLinear(nn.Module):
             for name, (shape, dt) in compressed_shapes(self.out_features, self.in_features, self.lattice,
                                                        self.block_values, n_words).items():
                 self.register_buffer(name, torch.empty(shape, dtype=dt, device=dev))
-            self.codes = self.code_scale = None
+            self.codes = self.code_scale = self.code_fix_idx = self.code_fix_val = None
             self.residency = "int8"
             self.is_finalized = False
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -301,7 +353,8 @@ class LatticeLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"lattice={self.lattice}, bits={self.bits}, tile={self.tile_size}, mma={self.mma}, "
-                f"residency={self.residency}")
+                f"residency={self.residency}" + (", codes=e4m3" if self.codes is not None
+                                                 and self.codes.dtype != torch.int8 else ""))
 
 
 def memory_footprint(model: nn.Module) -> dict[str, int | float]:

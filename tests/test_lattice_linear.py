@@ -1,0 +1,87 @@
+"""LatticeLinear storage: the fp8 MMA's resident form (e4m3 codes + the exact values of the codes e4m3 rounds)."""
+
+import pytest
+import torch
+
+from hyperquant_diffusers.nn import LatticeLinear
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _e4m3_integers() -> set:
+    # every finite value an e4m3 byte can hold, from its 256 bit patterns: the independent reference for which
+    # int8 codes e4m3 holds exactly
+    vals = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(E4M3).to(torch.float32)
+    return {int(v) for v in vals.tolist() if v == v and float(v).is_integer()}
+
+
+@pytest.fixture(scope="module")
+def layers():
+    torch.manual_seed(21)
+    lin = torch.nn.Linear(512, 96)
+    torch.nn.init.normal_(lin.weight, 0.0, 0.02)
+    a = LatticeLinear.from_linear(lin, bits=5.0, lattice="E8", mma="int8", residency="int8")
+    b = LatticeLinear.from_linear(lin, bits=5.0, lattice="E8", mma="fp8", residency="int8")
+    return lin, a, b
+
+
+def test_fp8_residency_holds_e4m3_codes_and_exact_values_of_rounded_codes(layers):
+    _, a, b = layers
+    assert a.codes.dtype == torch.int8 and b.codes.dtype == E4M3
+    exact = _e4m3_integers()
+    c = a.codes.reshape(-1)
+    inexact = torch.tensor([int(v) not in exact for v in c.tolist()])
+    assert 0 < int(inexact.sum()) < c.numel()  # 5 bps E8 has codes above 16 (the test must exercise both kinds)
+    assert torch.equal(b.code_fix_idx.long(), inexact.nonzero().reshape(-1))
+    assert torch.equal(b.code_fix_val, c[inexact])
+    # the resident e4m3 byte is the round-to-nearest-even cast of the code (what the fp8 MMA multiplies)
+    assert torch.equal(b.codes.view(torch.uint8), a.codes.to(E4M3).view(torch.uint8))
+    assert torch.equal(b.exact_codes(), a.codes)
+    assert torch.equal(b.int8_weight()[0], a.codes)
+    # one byte per weight on the device either way; the exact values of rounded codes live in host memory
+    assert b.resident_nbytes() == a.resident_nbytes()
+    assert b.code_fix_idx.device.type == "cpu" and b.code_fix_val.device.type == "cpu"
+    assert "codes=e4m3" in repr(b)
+
+
+def test_fp8_residency_saves_and_computes_exactly(layers):
+    _, a, b = layers
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    x = torch.randn(7, 512)
+    assert torch.equal(b.reference_forward(x), a.reference_forward(x))
+    assert torch.equal(b.rotated_weight(), a.rotated_weight())
+    # a checkpoint loaded into an fp8 layer comes back in the e4m3 form
+    c = LatticeLinear(512, 96, lattice="E8", bits=5.0, mma="fp8", residency="int8",
+                      n_words=int(sa["hq_words"].numel()))
+    c.load_state_dict(sa)
+    c.finalize()
+    assert c.codes.dtype == E4M3 and torch.equal(c.exact_codes(), a.codes)
+
+
+def test_setting_mma_converts_the_resident_codes(layers):
+    lin, a, _ = layers
+    m = LatticeLinear.from_linear(lin, bits=5.0, lattice="E8", mma="int8", residency="int8")
+    m.mma = "fp8"
+    assert m.codes.dtype == E4M3 and torch.equal(m.exact_codes(), a.codes)
+    m.mma = "int8"
+    assert m.codes.dtype == torch.int8 and torch.equal(m.codes, a.codes)
+    assert m.code_fix_idx is None and m.code_fix_val is None
+    assert m.resident_nbytes() == a.resident_nbytes()
+    # compressed residency holds no codes: nothing to convert
+    comp = LatticeLinear.from_linear(lin, bits=5.0, lattice="E8", mma="int8", residency="compressed")
+    comp.mma = "fp8"
+    assert comp.codes is None and comp.hq_words is not None
+
+
+def test_fp8_residency_is_one_device_byte_per_weight_at_4_bps():
+    torch.manual_seed(22)
+    lin = torch.nn.Linear(1024, 256)
+    torch.nn.init.normal_(lin.weight, 0.0, 0.02)
+    m = LatticeLinear.from_linear(lin, bits=4.0, lattice="E8", mma="fp8", residency="int8")
+    frac = m.code_fix_idx.numel() / m.codes.numel()
+    # 4 bps E8 codes (stored doubled) reach past 16 in the Gaussian tails only: ~1.6% of them on 16.7M weights
+    assert 0.001 < frac < 0.05
+    code_bytes = m.resident_nbytes() - m.code_scale.numel() * 4 - m.signs_f32.numel() * 4
+    assert code_bytes == m.codes.numel()
