@@ -346,6 +346,53 @@ def actq_long_case(dev):
     return out
 
 
+def interleaved_case(dev, m=12288, rounds=7, shapes=None):
+    """Per-layer end to end at M tokens, the variants measured in turn for ``rounds`` rounds (each a
+    ``do_bench`` median) so that clock and power drift hit all of them alike; reports each variant's median over
+    rounds and its speed-up over bf16 (median of the per-round ratios). Variants: bf16 ``F.linear``, int8-resident
+    int8, int8-resident fp8 with e4m3 codes resident, the same with int8 codes cast per call, compressed int8 and
+    fp8 (just-in-time decode: a single layer called again and again cannot prefetch itself)."""
+    from hyperquant_diffusers.kernels import dispatch
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    dispatch.set_activation_sharing(False)
+    out = {}
+    for (n, k) in (shapes or SHAPES):
+        w, bias, q, comp, i8, _ = layer_case(n, k, dev)
+
+        def layer(mma, int8_resident):
+            mo = LatticeLinear.from_lattice_tensor(q, bias, bits=4.0, mma="int8", residency="compressed")
+            if int8_resident:
+                assert dispatch.make_int8_resident(mo)
+            mo.mma = mma
+            return mo
+
+        i8f = layer("fp8", True)            # e4m3 codes resident
+        i8c = layer("int8", True)
+        i8c._mma = "fp8"                    # int8 codes, cast to e4m3 per call
+        cp8 = layer("fp8", False)
+        x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+        fns = {"bf16": lambda: F.linear(x, w, bias), "int8res_int8": lambda: i8(x), "int8res_fp8_e4m3": lambda: i8f(x),
+               "int8res_fp8_cast": lambda: i8c(x), "compres_int8": lambda: comp(x), "compres_fp8": lambda: cp8(x)}
+        for f in fns.values():
+            f()
+        t = {key: [] for key in fns}
+        for _ in range(rounds):
+            for key, f in fns.items():
+                t[key].append(bench(f, warmup=10, rep=50))
+        med = {key: sorted(v)[len(v) // 2] for key, v in t.items()}
+        row = {"ms": med, "rounds": t}
+        row["speedup"] = {key: sorted(a / b for a, b in zip(t["bf16"], v))[rounds // 2] for key, v in t.items()}
+        row["compres_vs_int8res_int8"] = med["compres_int8"] / med["int8res_int8"] - 1
+        row["compres_vs_int8res_fp8"] = med["compres_fp8"] / med["int8res_fp8_e4m3"] - 1
+        row["e4m3_equals_cast"] = bool(torch.equal(i8f(x), i8c(x)))
+        out[f"{n}x{k}"] = row
+        print(f"# interleaved {n}x{k} M={m} " + json.dumps({"ms": med, "speedup": row["speedup"]}), flush=True)
+        del w, q, comp, i8, i8f, i8c, cp8, x
+        torch.cuda.empty_cache()
+    return out
+
+
 def kernel_resources() -> dict:
     """Registers, spills and shared memory of every compiled variant of the decode, act-quant and GEMM kernels seen
     so far (from the cached launchers): what decides whether two kernels can share an SM."""
@@ -705,6 +752,8 @@ def main(argv=None):
     ap.add_argument("--sweeps-only", action="store_true", help="only the launch-shape sweeps (printed as JSON)")
     ap.add_argument("--no-sweeps", action="store_true", help="skip the sweeps; use the launch shapes in the code")
     ap.add_argument("--decode-sweep", action="store_true", help="only the Rice decode launch-shape sweep")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="only the per-layer variants measured in interleaved rounds at M = 12288 (JSON to --json)")
     ap.add_argument("--actq-sweep", action="store_true", help="only the act-quant launch-shape sweep (JSON to --json)")
     ap.add_argument("--overlap", action="store_true",
                     help="only: the e4m3 cast sweep, the act-quant launch shapes of long rows, and the steady-state "
@@ -720,6 +769,14 @@ def main(argv=None):
     if args.decode_sweep:
         with torch.no_grad():
             sweeps(torch.device("cuda"), parts=("decode",))
+        return
+    if args.interleaved:
+        with torch.no_grad():
+            res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "interleaved": interleaved_case(torch.device("cuda"))}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
         return
     if args.actq_sweep:
         with torch.no_grad():
