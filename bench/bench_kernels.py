@@ -353,6 +353,8 @@ def interleaved_case(dev, m=12288, rounds=7, shapes=None):
     int8, int8-resident fp8 with e4m3 codes resident, the same with int8 codes cast per call, compressed int8 and
     fp8 (just-in-time decode: a single layer called again and again cannot prefetch itself)."""
     from hyperquant_diffusers.kernels import dispatch
+    from hyperquant_diffusers.kernels.act_quant import rht_quantize
+    from hyperquant_diffusers.kernels.int8_gemm import fp8_gemm_tma, int8_gemm_tma
     from hyperquant_diffusers.nn import LatticeLinear
 
     dispatch.set_activation_sharing(False)
@@ -372,14 +374,22 @@ def interleaved_case(dev, m=12288, rounds=7, shapes=None):
         i8c._mma = "fp8"                    # int8 codes, cast to e4m3 per call
         cp8 = layer("fp8", False)
         x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+        sg = i8.signs.to(dev, torch.bfloat16)
+        xq, sx = rht_quantize(x, sg, 128, "int8", signs_cast=sg)
+        xq8, sx8 = rht_quantize(x, sg, 128, "fp8", signs_cast=sg)
         fns = {"bf16": lambda: F.linear(x, w, bias), "int8res_int8": lambda: i8(x), "int8res_fp8_e4m3": lambda: i8f(x),
-               "int8res_fp8_cast": lambda: i8c(x), "compres_int8": lambda: comp(x), "compres_fp8": lambda: cp8(x)}
+               "int8res_fp8_cast": lambda: i8c(x), "compres_int8": lambda: comp(x), "compres_fp8": lambda: cp8(x),
+               # the parts, in the same rounds
+               "actq_int8": lambda: rht_quantize(x, sg, 128, "int8", signs_cast=sg),
+               "actq_fp8": lambda: rht_quantize(x, sg, 128, "fp8", signs_cast=sg),
+               "gemm_int8_tma": lambda: int8_gemm_tma(xq, sx, i8.codes, i8.code_scale, bias),
+               "gemm_fp8_tma": lambda: fp8_gemm_tma(xq8, sx8, i8f.codes, i8f.code_scale, bias)}
         for f in fns.values():
             f()
         t = {key: [] for key in fns}
         for _ in range(rounds):
             for key, f in fns.items():
-                t[key].append(bench(f, warmup=10, rep=50))
+                t[key].append(bench(f, warmup=100, rep=100))
         med = {key: sorted(v)[len(v) // 2] for key, v in t.items()}
         row = {"ms": med, "rounds": t}
         row["speedup"] = {key: sorted(a / b for a, b in zip(t["bf16"], v))[rounds // 2] for key, v in t.items()}
