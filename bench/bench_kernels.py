@@ -419,12 +419,18 @@ def kernel_resources() -> dict:
     return out
 
 
-def overlap_case(dev, m=12288, nlayers=4, shapes=None):
+#: TMA GEMM tiles (BM, BN, BK, GROUP_M, warps, stages) the steady-state chains try: the default (192 KB of shared
+#: memory and 230 registers x 256 threads per program leave no room for a decode program beside it) and smaller
+#: footprints that leave room
+OVERLAP_GEMM_TILES = ((128, 256, 128, 8, 8, 4), (128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4),
+                      (128, 128, 128, 8, 4, 3))
+
+
+def overlap_case(dev, m=12288, nlayers=4, shapes=None, gemm_tiles=OVERLAP_GEMM_TILES, pps_list=(8, 16, 32)):
     """Per-layer cost in steady state: ``nlayers`` distinct layers of one shape called in turn (as consecutive layers
     of a model; activation sharing off, so every call runs its own activation pass), int8-resident vs compressed
     with the decode just in time and with the side-stream prefetch (decode grid programs/SM), each with the TMA GEMM
-    at 4 pipeline stages (the default; 192 KB of shared memory per program) and at 3 (144 KB: room for decode
-    programs beside it). ms per layer (median over chains)."""
+    tiles of ``gemm_tiles``. ms per layer (median over chains)."""
     from hyperquant_diffusers.codec import quantize
     from hyperquant_diffusers.kernels import dispatch, int8_gemm
     from hyperquant_diffusers.kernels.dispatch import make_int8_resident
@@ -458,10 +464,10 @@ def overlap_case(dev, m=12288, nlayers=4, shapes=None):
             for mo in i8 + cp:
                 mo.mma = mma
             best, best_i8 = None, None
-            for stages in (4, 3):
+            for tile in gemm_tiles:
                 for cfg in ("config", "fp8"):
-                    int8_gemm._TMA[cfg] = saved_tma[cfg][:5] + (stages,)
-                sfx = f"st{stages}"
+                    int8_gemm._TMA[cfg] = tile
+                sfx = "tile" + "x".join(map(str, tile))
                 t8 = row[f"int8res_{mma}_{sfx}"] = bench(chain(i8)) / nlayers
                 if best_i8 is None or t8 < best_i8[0]:
                     best_i8 = (t8, sfx)
@@ -469,7 +475,7 @@ def overlap_case(dev, m=12288, nlayers=4, shapes=None):
                 row[f"compres_{mma}_jit_{sfx}"] = bench(chain(cp)) / nlayers
                 ref = chain(cp)()
                 dispatch.set_prefetch(True)
-                for pps in (4, 8, 16, 32):
+                for pps in pps_list:
                     dispatch._PREFETCH.update(programs_per_sm=pps)
                     chain(cp)()
                     chain(cp)()
@@ -480,11 +486,13 @@ def overlap_case(dev, m=12288, nlayers=4, shapes=None):
                 row[f"compres_{mma}_prefetch_exact_{sfx}"] = all(torch.equal(a, b) for a, b in zip(chain(cp)(), ref))
                 dispatch._PREFETCH.update(programs_per_sm=saved["programs_per_sm"])
             int8_gemm._TMA.update(saved_tma)
-            row[f"int8res_{mma}"] = row[f"int8res_{mma}_st4"]
+            dflt = "tile" + "x".join(map(str, saved_tma["config"]))
+            row[f"int8res_{mma}"] = row.get(f"int8res_{mma}_{dflt}", best_i8[0])
             row[f"int8res_{mma}_best"] = best_i8
             row[f"compres_{mma}_best"] = best
             row[f"compres_vs_int8res_{mma}_best"] = best[0] / best_i8[0] - 1
-            row[f"compres_vs_int8res_{mma}_jit"] = row[f"compres_{mma}_jit_st4"] / row[f"int8res_{mma}_st4"] - 1
+            row[f"compres_vs_int8res_{mma}_jit"] = (row.get(f"compres_{mma}_jit_{dflt}", float("nan"))
+                                                    / row[f"int8res_{mma}"] - 1)
             row[f"speedup_int8res_{mma}"] = row["bf16"] / best_i8[0]
         out[key] = row
         print(f"# overlap {key} " + json.dumps(row), flush=True)
@@ -762,6 +770,7 @@ def main(argv=None):
     ap.add_argument("--sweeps-only", action="store_true", help="only the launch-shape sweeps (printed as JSON)")
     ap.add_argument("--no-sweeps", action="store_true", help="skip the sweeps; use the launch shapes in the code")
     ap.add_argument("--decode-sweep", action="store_true", help="only the Rice decode launch-shape sweep")
+    ap.add_argument("--overlap-only", action="store_true", help="only the steady-state chains (JSON to --json)")
     ap.add_argument("--interleaved", action="store_true",
                     help="only the per-layer variants measured in interleaved rounds at M = 12288 (JSON to --json)")
     ap.add_argument("--actq-sweep", action="store_true", help="only the act-quant launch-shape sweep (JSON to --json)")
@@ -779,6 +788,14 @@ def main(argv=None):
     if args.decode_sweep:
         with torch.no_grad():
             sweeps(torch.device("cuda"), parts=("decode",))
+        return
+    if args.overlap_only:
+        with torch.no_grad():
+            res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "overlap": overlap_case(torch.device("cuda"))}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
         return
     if args.interleaved:
         with torch.no_grad():
