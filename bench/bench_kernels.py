@@ -793,39 +793,21 @@ def main(argv=None):
         with torch.no_grad():
             sweeps(torch.device("cuda"), parts=("decode",))
         return
-    if args.overlap_only:
-        with torch.no_grad():
-            res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   "overlap": overlap_case(torch.device("cuda"))}
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        return
-    if args.interleaved:
-        with torch.no_grad():
-            res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   "interleaved": interleaved_case(torch.device("cuda"))}
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        return
-    if args.actq_sweep:
-        with torch.no_grad():
-            res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   "actq": actq_long_case(torch.device("cuda"))}
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        return
-    if args.overlap:
-        dev = torch.device("cuda")
-        with torch.no_grad():
-            res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   "cast": cast_case(dev), "actq": actq_long_case(dev), "overlap": overlap_case(dev)}
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        return
+    # the partial runs: each writes {device, date, <its parts>} to --json
+    only = {"overlap_only": {"overlap": overlap_case}, "interleaved": {"interleaved": interleaved_case},
+            "actq_sweep": {"actq": actq_long_case},
+            "overlap": {"cast": cast_case, "actq": actq_long_case, "overlap": overlap_case}}
+    for flag, parts in only.items():
+        if getattr(args, flag):
+            dev = torch.device("cuda")
+            res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            with torch.no_grad():
+                for key, fn in parts.items():
+                    res[key] = fn(dev)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(res, f, indent=1)
+            return
     if args.sweeps_only:
         with torch.no_grad():
             sweeps(torch.device("cuda"), parts=("actq", "gemm"))
