@@ -23,14 +23,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin as _T
 
 from .codec.constants import (DEFAULT_BLOCK_VALUES, LATTICES, MAX_BITS, MAX_BLOCK_VALUES, MAX_TILE, MIN_BITS,
                               MIN_BLOCK_VALUES, MIN_TILE)
+from .nn.lattice_linear import MMA_TYPES, RESIDENCIES  # the layer defines what it supports
 
 #: Version of the backend's checkpoint layout (buffer names/dtypes, ``layout`` entries, safetensors metadata).
 #: Bump on any change; loading another version raises ``UnsupportedFormatVersionError``.
 CHECKPOINT_FORMAT_VERSION = 1
 QUANT_METHOD = "hyperquant"
 
-MMA_TYPES = ("int8", "fp8", "float")
-RESIDENCIES = ("int8", "compressed")
 KV_BIAS_CORRECTIONS = ("dither", "qjl", "none")
 MIN_KV_BITS, MAX_KV_BITS = 1.5, 8.0
 #: default ``quantize_batch_values``: float values of same-shape weights stacked into one codec call while loading

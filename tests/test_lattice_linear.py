@@ -85,3 +85,14 @@ def test_fp8_residency_is_one_device_byte_per_weight_at_4_bps():
     assert 0.001 < frac < 0.05
     code_bytes = m.resident_nbytes() - m.code_scale.numel() * 4 - m.signs_f32.numel() * 4
     assert code_bytes == m.codes.numel()
+
+
+def test_bad_mma_or_residency_is_named(layers):
+    _, a, _ = layers
+    with pytest.raises(ValueError, match="mma must be one of"):
+        a.mma = "fp16"
+    assert a.mma == "int8" and a.codes.dtype == torch.int8
+    with pytest.raises(ValueError, match="residency must be one of"):
+        LatticeLinear(256, 64, residency="fp8")
+    with pytest.raises(ValueError, match="mma must be one of"):
+        LatticeLinear(256, 64, mma="bf16")

@@ -36,6 +36,9 @@ from ..codec.stream import encode_coords
 from ..codec.tensor import _DTYPES, unpack_signs
 
 _COMPRESSED = ("hq_signs", "hq_scales", "hq_ks", "hq_offsets", "hq_words")
+#: compute paths on CUDA and weight residencies a LatticeLinear supports (HyperQuantConfig checks against these)
+MMA_TYPES = ("int8", "fp8", "float")
+RESIDENCIES = ("int8", "compressed")
 _CUDA_FORWARD = None  # resolved once: a callable, or False when the kernels package is absent
 
 
@@ -85,6 +88,10 @@ class LatticeLinear(nn.Module):
             raise ValueError(f"in_features={in_features} is not a multiple of tile_size={tile_size}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.lattice, self.bits, self.tile_size = lattice_spec(lattice).name, bits, int(tile_size)
+        if mma not in MMA_TYPES:
+            raise ValueError(f"LatticeLinear mma must be one of {MMA_TYPES}, got {mma!r}")
+        if residency not in RESIDENCIES:
+            raise ValueError(f"LatticeLinear residency must be one of {RESIDENCIES}, got {residency!r}")
         self.block_values, self.seed, self.residency = int(block_values), int(seed), residency
         self._mma = mma
         self.weight_dtype = weight_dtype
@@ -179,6 +186,8 @@ class LatticeLinear(nn.Module):
 
     @mma.setter
     def mma(self, value: str) -> None:
+        if value not in MMA_TYPES:
+            raise ValueError(f"LatticeLinear.mma must be one of {MMA_TYPES}, got {value!r}")
         self._mma = value
         self.fit_codes_to_mma()
 
@@ -380,4 +389,4 @@ def memory_footprint(model: nn.Module) -> dict[str, int | float]:
             "quantized_params": qparams, "dense_bf16_bytes": 2 * qparams}
 
 
-__all__ = ["LatticeLinear", "memory_footprint", "compressed_shapes"]
+__all__ = ["LatticeLinear", "memory_footprint", "compressed_shapes", "MMA_TYPES", "RESIDENCIES"]
