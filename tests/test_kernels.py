@@ -367,6 +367,27 @@ def test_gpu_fp8_residency_equals_the_per_call_cast():
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("mma", ["int8", "fp8"])
+def test_gpu_dtype_casts_keep_the_kernel_path_exact(mma):
+    # .float() then .to(bf16) on a CUDA model: codes, scales and signs keep their dtypes, the bias round-trips, and
+    # the kernel output is unchanged bit for bit
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    torch.manual_seed(17)
+    lin = torch.nn.Linear(1024, 768, device="cuda", dtype=torch.bfloat16)
+    m = LatticeLinear.from_linear(lin, bits=4.0, mma=mma, residency="int8")
+    x = torch.randn(1000, 1024, device="cuda").to(torch.bfloat16)
+    y0 = m(x)
+    m.float()
+    assert m.code_scale.dtype == torch.float32 and m.bias.dtype == torch.float32
+    m.to(torch.bfloat16)
+    assert m.codes.dtype == (torch.float8_e4m3fn if mma == "fp8" else torch.int8)
+    assert m.code_scale.dtype == torch.float32 and m.signs_f32.dtype == torch.float32
+    assert torch.equal(m(x), y0)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("residency", ["int8", "compressed"])
 @pytest.mark.parametrize("mma", ["int8", "fp8"])
 def test_gpu_lattice_linear_cuda_forward(residency, mma):

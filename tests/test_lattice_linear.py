@@ -96,3 +96,20 @@ def test_bad_mma_or_residency_is_named(layers):
         LatticeLinear(256, 64, residency="fp8")
     with pytest.raises(ValueError, match="mma must be one of"):
         LatticeLinear(256, 64, mma="bf16")
+
+
+@pytest.mark.parametrize("mma", ["int8", "fp8"])
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "double"])
+def test_dtype_casts_keep_the_quantized_state(layers, mma, cast):
+    # a model-wide dtype cast must not round the float32 scales or convert the codes (a silent weight change)
+    lin, a, _ = layers
+    m = LatticeLinear.from_linear(lin, bits=5.0, lattice="E8", mma=mma, residency="int8")
+    before = {n: getattr(m, n).clone() for n in ("codes", "code_scale", "signs_f32")}
+    rot = m.rotated_weight()
+    {"to_bf16": lambda: m.to(torch.bfloat16), "half": m.half, "double": m.double}[cast]()
+    for n, t in before.items():
+        assert getattr(m, n).dtype == t.dtype and torch.equal(getattr(m, n).view(torch.uint8), t.view(torch.uint8))
+    assert torch.equal(m.rotated_weight(), rot)
+    assert m.bias.dtype != torch.float32  # ordinary parameters still follow the cast
+    x = torch.randn(3, 512, dtype=m.bias.dtype)
+    assert m(x).dtype == m.bias.dtype

@@ -36,6 +36,11 @@ from ..codec.stream import encode_coords
 from ..codec.tensor import _DTYPES, unpack_signs
 
 _COMPRESSED = ("hq_signs", "hq_scales", "hq_ks", "hq_offsets", "hq_words")
+#: buffers whose dtype is part of the quantized state: a dtype cast of the model (``.to(torch.bfloat16)``,
+#: ``.half()``) moves them but must not convert them (float32 scales rounded to bf16 would silently change the
+#: weights; e4m3 codes would stop being the fp8 MMA's operand). The ``hq_*`` buffers are integers, which dtype casts
+#: never touch.
+_KEEP_DTYPE = ("codes", "code_scale", "signs_f32")
 #: compute paths on CUDA and weight residencies a LatticeLinear supports (HyperQuantConfig checks against these)
 MMA_TYPES = ("int8", "fp8", "float")
 RESIDENCIES = ("int8", "compressed")
@@ -175,6 +180,16 @@ class LatticeLinear(nn.Module):
                     setattr(self, name, None)
                 self.fit_codes_to_mma()
         self.is_finalized = True
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # device moves apply to every buffer; dtype casts skip the quantized state (see _KEEP_DTYPE)
+        keep = {n: b for n, b in self._buffers.items() if n in _KEEP_DTYPE and b is not None}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers.get(name)
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
         return self
 
     # ---- the MMA type and the form of the resident codes ----------------------------------------------
