@@ -209,7 +209,7 @@ class LatticeLinear(nn.Module):
     def fit_codes_to_mma(self) -> None:
         """Hold the resident codes in the form the MMA reads: float8_e4m3fn (+ exact values of the rounded codes)
         for "fp8", int8 otherwise. No-op for compressed residency."""
-        codes = self.__dict__.get("_buffers", {}).get("codes")
+        codes = self.codes
         if codes is None:
             return
         if self._mma == "fp8" and codes.dtype == torch.int8:
