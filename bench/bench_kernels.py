@@ -75,18 +75,16 @@ def sweeps(dev, parts=("decode", "actq", "gemm")):
     offs = q.offsets.to(torch.int32)
     buf = torch.empty(q.numel, dtype=torch.int8, device=dev)
     best = None
-    # (unit_bits, programs per SM, warps, chunk words, sub): the measured best and its neighbours
-    decode_cands = ((16, 32, 2, 32, 512), (16, 16, 2, 32, 512), (16, 32, 2, 16, 512), (8, 32, 2, 32, 512),
-                    (16, 16, 4, 64, 1024), (16, 32, 4, 64, 1024), (16, 16, 8, 128, 2048),
-                    (32, 32, 2, 32, 512)) if "decode" in parts else ((16, 32, 2, 32, 512),)
-    for ub, pps, nw, cwd, sub in decode_cands:
+    # (programs per SM, warps, unary words per step, coordinates per tile): the default and its neighbours
+    decode_cands = tuple((pps, nw, cw, sub) for pps in (8, 16, 32) for nw in (2, 4, 8) for cw in (64, 128, 256)
+                         for sub in (2048, 4096)) if "decode" in parts else ((16, 4, 128, 4096),)
+    for pps, nw, cwd, sub in decode_cands:
         t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
-                                         stats=False, programs=pps * 132, num_warps=nw, unit_bits=ub,
-                                         chunk_words=cwd, sub=sub))
-        out["decode"][f"ub{ub}_pps{pps}_w{nw}_cw{cwd}_sub{sub}"] = t
+                                         stats=False, programs=pps * 132, num_warps=nw, chunk_words=cwd, sub=sub))
+        out["decode"][f"pps{pps}_w{nw}_cw{cwd}_sub{sub}"] = t
         if best is None or t < best[0]:
-            best = (t, pps, nw, ub, cwd, sub)
-    rd._TUNE.update(programs_per_sm=best[1], num_warps=best[2], unit_bits=best[3], chunk_words=best[4], sub=best[5])
+            best = (t, pps, nw, cwd, sub)
+    rd._TUNE.update(programs_per_sm=best[1], num_warps=best[2], chunk_words=best[3], sub=best[4])
     out["decode_best"] = best
     out["decode_best_gvalues_s"] = q.numel / best[0] / 1e6
     # the same decode with the per-block statistics (amax, error flags) computed: their cost

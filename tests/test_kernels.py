@@ -129,34 +129,72 @@ def test_rice_decode_kernel_bit_exact(lattice, bits):
     assert torch.equal(out, rice_decode_reference(q.words, q.offsets, q.ks, q.numel, lattice, 256))
 
 
+def _e8_points(nvec, seed, scale=3):
+    """Random E8 points, doubled (the codec's integer contract): all-even or all-odd vectors, sum = 0 mod 4."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randint(-scale, scale + 1, (nvec, 8), generator=g) * 2
+    odd = torch.rand(nvec, generator=g) < 0.5
+    c[odd] += 1
+    c[c.sum(1) % 4 != 0, 0] += 2
+    return c
+
+
 @needs_triton
-@pytest.mark.parametrize("sub,chunk_words,unit_bits", [(None, None, None), (64, 8, 8), (128, 4, 32), (256, 2, 4)])
-def test_rice_decode_kernel_escapes_and_partial_block(sub, chunk_words, unit_bits):
+@pytest.mark.parametrize("sub,chunk_words", [(None, None), (64, 8), (128, 4), (256, 2)])
+def test_rice_decode_kernel_escapes_and_partial_block(sub, chunk_words):
     # a few huge coordinates force escape codes; 760 values leave a partial last block
-    g = torch.Generator().manual_seed(5)
-    c = (torch.randint(-3, 4, (95, 8), generator=g) * 2)
-    c[c.sum(1) % 4 != 0, 0] += 2  # E8 (doubled): even vectors with sum = 0 mod 4
+    c = _e8_points(95, 5)
     c[10, :] = torch.tensor([101, 99, -3, 1, 1, 1, 1, 3])  # odd vector, sum 204 = 0 mod 4
-    c[40, 0] = 120
-    c[40, 1] = c[40, 1] + (-c[40].sum() % 4)
+    c[40, :] = torch.tensor([120, 2, 0, -2, 0, 4, 0, 0])  # even vector, sum 124 = 0 mod 4
+    # three escapes in one vector: its unary run (3 x 25 bits and more) outgrows a 64-bit window
+    c[70, :] = torch.tensor([120, -118, 116, 2, 0, 0, 0, 0])
     c = c.reshape(-1).to(torch.int32).to(_DEV)
-    assert int(c.sum()) % 2 == 0
+    assert int(c.view(-1, 8).sum(1).remainder(4).abs().sum()) == 0
     words, offs, ks = encode_coords(c, "E8", 256)
-    # sub=64 splits each block into tiles of 64 values (carries across tiles); a few words per chunk scan the
-    # unary section in several steps (terminator positions carried across steps), in units of 4..32 bits
+    assert torch.equal(decode_coords(words, offs, ks, c.numel(), "E8", 256), c)  # valid E8 points
+    # sub=64 splits each block into tiles of 8 vectors (carries across tiles, escapes counted ahead); a few words
+    # per step scan the unary section in several steps (terminator ranks carried across steps)
     out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 256, sub=sub,
-                                 chunk_words=chunk_words, unit_bits=unit_bits)
+                                 chunk_words=chunk_words)
     assert int(err.abs().sum()) == 0
     assert torch.equal(out.to(torch.int32), c)
-    assert int(amax.max()) == int(c.abs().max())
+    assert amax.tolist() == [int(b.abs().max()) for b in c.split(256)]
     # a truncated stream is flagged, never read past
     bad_offs = offs.clone()
     bad_offs[1] = bad_offs[1] - 3
     _, _, err2 = rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, sub=sub,
-                             chunk_words=chunk_words, unit_bits=unit_bits)
+                             chunk_words=chunk_words)
     assert int(err2[0]) != 0
     with pytest.raises(RiceStreamError):
         rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, check=True)
+
+
+_INTERP_E4M3 = pytest.mark.skipif(not torch.cuda.is_available(), reason=(
+    "Triton's CPU interpreter rounds float32 -> e4m3 ties away from zero (68 -> 72); the GPU rounds them to nearest "
+    "even like torch, so the fp8 output is compared on CUDA"))
+
+
+@needs_triton
+@pytest.mark.parametrize("out_dtype", [torch.int8, pytest.param(torch.float8_e4m3fn, marks=_INTERP_E4M3)])
+def test_rice_decode_kernel_large_k_and_unaligned_output(out_dtype):
+    # coordinates in the thousands: Rice parameters k > 8 (the low bits of a vector no longer fit one 64-bit
+    # window, each field is read on its own); blocks of 512 values, one with small coordinates (k <= 8)
+    c = torch.cat([_e8_points(64, 7, scale=4000), _e8_points(64, 8, scale=2)]).reshape(-1).to(torch.int32).to(_DEV)
+    words, offs, ks = encode_coords(c, "E8", 512)
+    assert torch.equal(decode_coords(words, offs, ks, c.numel(), "E8", 512), c)
+    assert int(ks[0]) > 8 >= int(ks[1])
+    ref = rice_decode_reference(words, offs, ks, c.numel(), "E8", 512, out_dtype=out_dtype)
+    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 512, out_dtype=out_dtype)
+    assert int(err.abs().sum()) == 0
+    assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
+    assert amax.tolist() == [int(c[:512].abs().max()), int(c[512:].abs().max())]
+    # an output view off an 8-byte boundary (the kernel stores 8 bytes per vector) decodes through a copy
+    buf = torch.zeros(c.numel() + 3, dtype=out_dtype, device=_DEV)
+    view = buf[3:]
+    assert view.data_ptr() % 8 != 0
+    rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 512, out=view, out_dtype=out_dtype)
+    assert torch.equal(view.view(torch.uint8), ref.view(torch.uint8))
+    assert int(buf[:3].view(torch.uint8).sum()) == 0
 
 
 @needs_triton
