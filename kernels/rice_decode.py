@@ -113,7 +113,7 @@ def _kernel():
         bad = u < 0
         win = _read64(wp, u, nwords, gmask, -1)
         p = u
-        for j in tl.static_range(_D):
+        for j in tl.static_range(8):            # the E8 vector's coordinates
             if REREAD:
                 win = _read64(wp, p, nwords, gmask, -1)
             q = _first_zero64(win, HW)
@@ -142,7 +142,7 @@ def _kernel():
                            BV: tl.constexpr, SG: tl.constexpr, NT: tl.constexpr, NWU: tl.constexpr,
                            SROW: tl.constexpr, OUT_FP8: tl.constexpr, ESC_Q: tl.constexpr, CHECK: tl.constexpr,
                            HWN: tl.constexpr, HW: tl.constexpr):
-        D: tl.constexpr = _D
+        D: tl.constexpr = 8                                  # _D: Triton reads no plain globals
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         gi = tl.arange(0, SG)
