@@ -95,12 +95,11 @@ def _kernel():
         # the popcounts of halves
         pos = t * 0
         for s in tl.static_range(5):
-            width: tl.constexpr = 16 >> s
-            lo = _popc(x & ((1 << width) - 1), HW)
+            lo = _popc(x & ((1 << (16 >> s)) - 1), HW)
             up = t >= lo
             t = tl.where(up, t - lo, t)
-            x = tl.where(up, x >> width, x)
-            pos += tl.where(up, width, 0)
+            x = tl.where(up, x >> (16 >> s), x)
+            pos += tl.where(up, 16 >> s, 0)
         return pos
 
     @triton.jit
