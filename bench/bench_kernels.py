@@ -75,16 +75,18 @@ def sweeps(dev, parts=("decode", "actq", "gemm")):
     offs = q.offsets.to(torch.int32)
     buf = torch.empty(q.numel, dtype=torch.int8, device=dev)
     best = None
-    # (programs per SM, warps, unary words per step, coordinates per tile): the default and its neighbours
-    decode_cands = tuple((pps, nw, cw, sub) for pps in (8, 16, 32) for nw in (2, 4, 8) for cw in (64, 128, 256)
-                         for sub in (2048, 4096)) if "decode" in parts else ((16, 4, 128, 4096),)
-    for pps, nw, cwd, sub in decode_cands:
+    # (unit_bits, programs per SM, warps, chunk words, sub): the measured best and its neighbours
+    decode_cands = ((16, 32, 2, 32, 512), (16, 16, 2, 32, 512), (16, 32, 2, 16, 512), (8, 32, 2, 32, 512),
+                    (16, 16, 4, 64, 1024), (16, 32, 4, 64, 1024), (16, 16, 8, 128, 2048),
+                    (32, 32, 2, 32, 512)) if "decode" in parts else ((16, 32, 2, 32, 512),)
+    for ub, pps, nw, cwd, sub in decode_cands:
         t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
-                                         stats=False, programs=pps * 132, num_warps=nw, chunk_words=cwd, sub=sub))
-        out["decode"][f"pps{pps}_w{nw}_cw{cwd}_sub{sub}"] = t
+                                         stats=False, programs=pps * 132, num_warps=nw, unit_bits=ub,
+                                         chunk_words=cwd, sub=sub))
+        out["decode"][f"ub{ub}_pps{pps}_w{nw}_cw{cwd}_sub{sub}"] = t
         if best is None or t < best[0]:
-            best = (t, pps, nw, cwd, sub)
-    rd._TUNE.update(programs_per_sm=best[1], num_warps=best[2], chunk_words=best[3], sub=best[4])
+            best = (t, pps, nw, ub, cwd, sub)
+    rd._TUNE.update(programs_per_sm=best[1], num_warps=best[2], unit_bits=best[3], chunk_words=best[4], sub=best[5])
     out["decode_best"] = best
     out["decode_best_gvalues_s"] = q.numel / best[0] / 1e6
     # the same decode with the per-block statistics (amax, error flags) computed: their cost
@@ -341,6 +343,85 @@ def actq_long_case(dev):
         out[f"{key} auto_tbps"] = 3 * mm * kk / out[f"{key} auto"] / 1e9
         print(f"# actq {key}: auto {out[f'{key} auto']:.4f} ms, best {best}", flush=True)
         del xx
+    return out
+
+
+def overlap_default_tiles(dev):
+    """:func:`overlap_case` with the default GEMM tiles and 8 or 16 side-stream decode programs per SM only."""
+    from hyperquant_diffusers.kernels import int8_gemm
+
+    return overlap_case(dev, gemm_tiles=(tuple(int8_gemm._TMA["config"]),), pps_list=(8, 16))
+
+
+def decoder_ab_case(dev, rounds=5):
+    """The two E8 Rice decoders (``kernels/rice_decode.py`` IMPLS) on the LTX-2 weight shapes: each output
+    compared bit for bit with the codec's decoder (int8) and with the other implementation (int8 and e4m3), then
+    timed in alternating rounds (median of per-round ``do_bench`` medians, fast path: no statistics). Then a launch
+    sweep of the vector decoder on 4096x4096; the faster implementation at its best launch becomes the default for
+    the rest of the run (so ``--decoder-ab`` then measures the steady-state chains with it)."""
+    from hyperquant_diffusers.codec import quantize
+    from hyperquant_diffusers.kernels import rice_decode as rd, rice_decode_vectors as rdv
+
+    out = {"shapes": {}}
+    for (n, k), bits_list in (((4096, 4096), (3.0, 4.0, 5.0)), ((16384, 4096), (4.0,)), ((4096, 16384), (4.0,)),
+                              ((2048, 2048), (4.0,))):
+        w = torch.randn(n, k, device=dev) * 0.02
+        for bits in bits_list:
+            q = quantize(w, bits=bits, lattice="E8")
+            offs = q.offsets.to(torch.int32)
+            ref = q.decode_coords().reshape(-1).clamp(-127, 127).to(torch.int8)
+            for dt in (torch.int8, torch.float8_e4m3fn):
+                bufs = {i: torch.empty(q.numel, dtype=dt, device=dev) for i in rd.IMPLS}
+                fns = {i: (lambda i=i: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values,
+                                                      out=bufs[i], out_dtype=dt, stats=False, impl=i))
+                       for i in rd.IMPLS}
+                row = {}
+                for i, f in fns.items():
+                    f()
+                    _, amax, err = rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out_dtype=dt,
+                                                  impl=i)
+                    row[f"{i}_flags_clear"] = int(err.abs().sum()) == 0
+                torch.cuda.synchronize()
+                if dt == torch.int8:
+                    for i in rd.IMPLS:
+                        row[f"{i}_exact_vs_codec"] = bool(torch.equal(bufs[i], ref))
+                row["impls_identical"] = all(torch.equal(bufs[i].view(torch.uint8), bufs["units"].view(torch.uint8))
+                                             for i in rd.IMPLS)
+                times = {i: [] for i in rd.IMPLS}
+                for _ in range(rounds):
+                    for i, f in fns.items():
+                        times[i].append(bench(f))
+                for i in rd.IMPLS:
+                    t = sorted(times[i])[rounds // 2]
+                    row[f"{i}_ms"] = t
+                    row[f"{i}_gvalues_s"] = q.numel / t / 1e6
+                row["speedup_vectors"] = row["units_ms"] / row["vectors_ms"]
+                out["shapes"][f"{n}x{k}_{bits:g}bps_{str(dt).split('.')[-1]}"] = row
+                print("# decoder", f"{n}x{k}", bits, dt, json.dumps(row), flush=True)
+    # launch sweep of the vector decoder (programs per SM, warps, unary words per step, coordinates per tile)
+    w = torch.randn(4096, 4096, device=dev) * 0.02
+    q = quantize(w, bits=4.0, lattice="E8")
+    offs = q.offsets.to(torch.int32)
+    buf = torch.empty(q.numel, dtype=torch.int8, device=dev)
+    sweep, best = {}, None
+    for pps, nw, cw, sub in ((8, 4, 128, 4096), (16, 4, 128, 4096), (32, 4, 128, 4096), (8, 8, 128, 4096),
+                             (16, 8, 128, 4096), (32, 2, 128, 4096), (16, 2, 64, 2048), (16, 4, 64, 4096),
+                             (16, 4, 256, 4096), (16, 4, 128, 2048), (16, 8, 256, 4096), (4, 8, 128, 4096)):
+        t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf, stats=False,
+                                         impl="vectors", programs=pps * 132, num_warps=nw, chunk_words=cw, sub=sub))
+        sweep[f"pps{pps}_w{nw}_cw{cw}_sub{sub}"] = t
+        if best is None or t < best[0]:
+            best = (t, pps, nw, cw, sub)
+    out["vectors_sweep"] = sweep
+    out["vectors_best"] = best
+    units_t = out["shapes"]["4096x4096_4bps_int8"]["units_ms"]
+    exact = all(r.get("vectors_exact_vs_codec", True) and r["impls_identical"] and r["vectors_flags_clear"]
+                for r in out["shapes"].values())
+    if exact and best[0] < units_t:
+        rdv._TUNE.update(programs_per_sm=best[1], num_warps=best[2], chunk_words=best[3], sub=best[4])
+        rd._TUNE["impl"] = "vectors"
+    out["default_for_the_run"] = {"impl": rd._TUNE["impl"], "vectors_tune": dict(rdv._TUNE)}
+    print("# decoder sweep", json.dumps({k: out[k] for k in ("vectors_best", "default_for_the_run")}), flush=True)
     return out
 
 
@@ -772,6 +853,9 @@ def main(argv=None):
     ap.add_argument("--sweeps-only", action="store_true", help="only the launch-shape sweeps (printed as JSON)")
     ap.add_argument("--no-sweeps", action="store_true", help="skip the sweeps; use the launch shapes in the code")
     ap.add_argument("--decode-sweep", action="store_true", help="only the Rice decode launch-shape sweep")
+    ap.add_argument("--decoder-ab", action="store_true",
+                    help="the two E8 decoders compared (exactness, time), a sweep of the vector one, then the "
+                         "steady-state chains with the faster (JSON to --json)")
     ap.add_argument("--overlap-only", action="store_true", help="only the steady-state chains (JSON to --json)")
     ap.add_argument("--interleaved", action="store_true",
                     help="only the per-layer variants measured in interleaved rounds at M = 12288 (JSON to --json)")
@@ -793,6 +877,7 @@ def main(argv=None):
         return
     # the partial runs: each writes {device, date, <its parts>} to --json
     only = {"overlap_only": {"overlap": overlap_case}, "interleaved": {"interleaved": interleaved_case},
+            "decoder_ab": {"decoder": decoder_ab_case, "overlap": overlap_default_tiles},
             "actq_sweep": {"actq": actq_long_case},
             "overlap": {"cast": cast_case, "actq": actq_long_case, "overlap": overlap_case}}
     for flag, parts in only.items():

@@ -117,11 +117,17 @@ def _stream(lattice, bits, bv, rows=8, k=256, seed=0):
     return quantize(w.to(_DEV), bits=bits, lattice=lattice, tile_size=128, block_values=bv, seed=seed)
 
 
+#: the E8 decoders (kernels/rice_decode.py: IMPLS); every E8 decoder test runs on each
+E8_IMPLS = ["units", "vectors"]
+
+
 @needs_triton
-@pytest.mark.parametrize("lattice,bits", [("E8", 4.0), ("D4", 3.0), ("Z", 5.0)])
-def test_rice_decode_kernel_bit_exact(lattice, bits):
+@pytest.mark.parametrize("lattice,bits,impl", [("E8", 4.0, "units"), ("E8", 4.0, "vectors"), ("D4", 3.0, None),
+                                               ("Z", 5.0, None)])
+def test_rice_decode_kernel_bit_exact(lattice, bits, impl):
     q = _stream(lattice, bits, 256)
-    out, amax, err = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, 256, sub=128)
+    out, amax, err = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, 256, sub=128,
+                                 impl=impl)
     ref = decode_coords(q.words, q.offsets, q.ks, q.numel, lattice, 256)
     assert int(err.abs().sum()) == 0
     assert torch.equal(out.to(torch.int32), ref.clamp(-127, 127))
@@ -140,8 +146,10 @@ def _e8_points(nvec, seed, scale=3):
 
 
 @needs_triton
-@pytest.mark.parametrize("sub,chunk_words", [(None, None), (64, 8), (128, 4), (256, 2)])
-def test_rice_decode_kernel_escapes_and_partial_block(sub, chunk_words):
+@pytest.mark.parametrize("impl,sub,chunk_words,unit_bits", [
+    ("units", None, None, None), ("units", 64, 8, 8), ("units", 128, 4, 32), ("units", 256, 2, 4),
+    ("vectors", None, None, None), ("vectors", 64, 8, None), ("vectors", 128, 4, None), ("vectors", 256, 2, None)])
+def test_rice_decode_kernel_escapes_and_partial_block(impl, sub, chunk_words, unit_bits):
     # a few huge coordinates force escape codes; 760 values leave a partial last block
     c = _e8_points(95, 5)
     c[10, :] = torch.tensor([101, 99, -3, 1, 1, 1, 1, 3])  # odd vector, sum 204 = 0 mod 4
@@ -152,21 +160,20 @@ def test_rice_decode_kernel_escapes_and_partial_block(sub, chunk_words):
     assert int(c.view(-1, 8).sum(1).remainder(4).abs().sum()) == 0
     words, offs, ks = encode_coords(c, "E8", 256)
     assert torch.equal(decode_coords(words, offs, ks, c.numel(), "E8", 256), c)  # valid E8 points
-    # sub=64 splits each block into tiles of 8 vectors (carries across tiles, escapes counted ahead); a few words
-    # per step scan the unary section in several steps (terminator ranks carried across steps)
-    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 256, sub=sub,
-                                 chunk_words=chunk_words)
+    # sub=64 splits each block into tiles of 64 values (carries across tiles; the vector kernel counts escapes
+    # ahead); a few words per chunk scan the unary section in several steps (positions carried across steps)
+    kw = dict(sub=sub, chunk_words=chunk_words, unit_bits=unit_bits, impl=impl)
+    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 256, **kw)
     assert int(err.abs().sum()) == 0
     assert torch.equal(out.to(torch.int32), c)
     assert amax.tolist() == [int(b.abs().max()) for b in c.split(256)]
     # a truncated stream is flagged, never read past
     bad_offs = offs.clone()
     bad_offs[1] = bad_offs[1] - 3
-    _, _, err2 = rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, sub=sub,
-                             chunk_words=chunk_words)
+    _, _, err2 = rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, **kw)
     assert int(err2[0]) != 0
     with pytest.raises(RiceStreamError):
-        rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, check=True)
+        rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, check=True, impl=impl)
 
 
 _INTERP_E4M3 = pytest.mark.skipif(not torch.cuda.is_available(), reason=(
@@ -175,8 +182,9 @@ _INTERP_E4M3 = pytest.mark.skipif(not torch.cuda.is_available(), reason=(
 
 
 @needs_triton
+@pytest.mark.parametrize("impl", E8_IMPLS)
 @pytest.mark.parametrize("out_dtype", [torch.int8, pytest.param(torch.float8_e4m3fn, marks=_INTERP_E4M3)])
-def test_rice_decode_kernel_large_k_and_unaligned_output(out_dtype):
+def test_rice_decode_kernel_large_k_and_unaligned_output(out_dtype, impl):
     # coordinates in the thousands: Rice parameters k > 8 (the low bits of a vector no longer fit one 64-bit
     # window, each field is read on its own); blocks of 512 values, one with small coordinates (k <= 8)
     c = torch.cat([_e8_points(64, 7, scale=4000), _e8_points(64, 8, scale=2)]).reshape(-1).to(torch.int32).to(_DEV)
@@ -184,7 +192,8 @@ def test_rice_decode_kernel_large_k_and_unaligned_output(out_dtype):
     assert torch.equal(decode_coords(words, offs, ks, c.numel(), "E8", 512), c)
     assert int(ks[0]) > 8 >= int(ks[1])
     ref = rice_decode_reference(words, offs, ks, c.numel(), "E8", 512, out_dtype=out_dtype)
-    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 512, out_dtype=out_dtype)
+    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 512, out_dtype=out_dtype,
+                                 impl=impl)
     assert int(err.abs().sum()) == 0
     assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
     assert amax.tolist() == [int(c[:512].abs().max()), int(c[512:].abs().max())]
@@ -192,14 +201,30 @@ def test_rice_decode_kernel_large_k_and_unaligned_output(out_dtype):
     buf = torch.zeros(c.numel() + 3, dtype=out_dtype, device=_DEV)
     view = buf[3:]
     assert view.data_ptr() % 8 != 0
-    rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 512, out=view, out_dtype=out_dtype)
+    rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 512, out=view, out_dtype=out_dtype, impl=impl)
     assert torch.equal(view.view(torch.uint8), ref.view(torch.uint8))
     assert int(buf[:3].view(torch.uint8).sum()) == 0
 
 
 @needs_triton
-@pytest.mark.parametrize("lattice", ["E8", "D4", "Z"])
-def test_decoders_agree_with_the_codec_on_corrupted_streams(lattice):
+def test_rice_decode_block_sizes_and_bad_arguments():
+    # 264-value blocks (33 vectors: tiles padded to 64 lanes, two parity-head words): the vector decoder takes any
+    # multiple of 8; the units decoder takes the powers of two that quantize writes and names the problem otherwise
+    c = _e8_points(66, 3).reshape(-1).to(torch.int32).to(_DEV)
+    words, offs, ks = encode_coords(c, "E8", 264)
+    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 264, impl="vectors")
+    assert int(err.abs().sum()) == 0 and torch.equal(out.to(torch.int32), c)
+    with pytest.raises(ValueError, match="power-of-two block_values"):
+        rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 264, impl="units")
+    with pytest.raises(ValueError, match="unknown E8 decoder impl 'bogus'"):
+        rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 264, impl="bogus")
+    with pytest.raises(ValueError, match="multiple of the E8 dimension"):
+        rice_decode(words, offs.to(torch.int32), ks, c.numel() - 4, "E8", 264)
+
+
+@needs_triton
+@pytest.mark.parametrize("lattice,impl", [("E8", "units"), ("E8", "vectors"), ("D4", None), ("Z", None)])
+def test_decoders_agree_with_the_codec_on_corrupted_streams(lattice, impl):
     # Bit flips in a valid stream and random words: the GPU decoder (rank decoder for D4/Z) must flag a block
     # exactly when the codec's torch decoder rejects it, and otherwise return the same coordinates (a Rice stream
     # has no redundancy, so most corruptions decode to other valid values; neither decoder may disagree).
@@ -231,7 +256,7 @@ def test_decoders_agree_with_the_codec_on_corrupted_streams(lattice):
             ref = decode_coords(w, offs, ks, 256, lattice, 256)
         except RiceStreamError:
             ref = None
-        out, _, err = rice_decode(w, offs.to(torch.int32), ks, 256, lattice, 256)
+        out, _, err = rice_decode(w, offs.to(torch.int32), ks, 256, lattice, 256, impl=impl)
         flagged = bool((err != 0).any())
         assert flagged == (ref is None), (t, err.tolist())
         if ref is None:
@@ -288,17 +313,19 @@ def test_cuda_forward_falls_back_on_cpu():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("lattice,bits", [("E8", 4.0), ("E8", 3.0), ("E8", 5.0), ("D4", 4.0), ("Z", 4.0)])
-def test_gpu_rice_decode_bit_exact_full_layer(lattice, bits):
+@pytest.mark.parametrize("lattice,bits,impl", [("E8", b, i) for b in (4.0, 3.0, 5.0) for i in E8_IMPLS]
+                         + [("D4", 4.0, None), ("Z", 4.0, None)])
+def test_gpu_rice_decode_bit_exact_full_layer(lattice, bits, impl):
     torch.manual_seed(10)
     w = torch.randn(2048, 2048, device="cuda") * 0.02
     q = quantize(w, bits=bits, lattice=lattice)
-    out, amax, err = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, q.block_values)
+    out, amax, err = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, q.block_values,
+                                 impl=impl)
     ref = q.decode_coords().reshape(-1)
     assert int(err.abs().sum()) == 0
     assert torch.equal(out.to(torch.int32), ref.clamp(-127, 127))
     f8, _, _ = rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lattice, q.block_values,
-                           out_dtype=torch.float8_e4m3fn)
+                           out_dtype=torch.float8_e4m3fn, impl=impl)
     assert torch.equal(f8, rice_decode_reference(q.words, q.offsets, q.ks, q.numel, lattice, q.block_values,
                                                  out_dtype=torch.float8_e4m3fn))
 

@@ -1,0 +1,132 @@
+"""Compile the package's GPU decoders and casts for a GPU architecture on a machine without a GPU (sm_90: the H100).
+
+Triton's CPU interpreter runs a kernel's Python semantics, not its compiler: a kernel can pass every interpreter
+test and still fail to compile for the GPU (a reassigned constexpr, a plain global, a type the backend rejects).
+This module records the arguments a real launch passes (the launcher runs on CPU tensors with its kernel swapped
+for a recorder) and compiles that kernel with ``triton.compile`` for the target, down to a cubin: what CI can check
+without a GPU. Triton's own ``ptxas`` ships in its wheel.
+
+Run it in a process where ``TRITON_INTERPRET`` is unset (kernels built under the interpreter are not compilable):
+``python -m hyperquant_diffusers.testing.triton_compile`` prints one JSON line per case and exits non-zero if any
+case failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+import torch
+
+#: torch dtype -> Triton pointer element type string (the ones the package's kernels take)
+_PTR = {torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.int64: "i64", torch.float32: "fp32",
+        torch.bfloat16: "bf16", torch.float16: "fp16", torch.float8_e4m3fn: "fp8e4nv"}
+#: launch options that are not kernel parameters
+_OPTIONS = ("num_warps", "num_stages", "stream")
+
+
+class _Recorder:
+    """Stands in for a :class:`~hyperquant_diffusers.kernels._launch.CachedLauncher`: keeps each launch's
+    arguments instead of running it."""
+
+    def __init__(self, launcher):
+        self.fn = launcher.fn
+        self.calls: list = []
+
+    def __call__(self, grid, *args, **kw):
+        self.calls.append((args, kw))
+
+
+@contextlib.contextmanager
+def recording(*modules):
+    """Within the block, the ``_kernel()`` launchers of ``modules`` record launches instead of running them, and
+    the modules believe Triton can run (on the GPU, not the interpreter). Yields {module name: recorder}."""
+    saved, recs = [], {}
+    try:
+        for m in modules:
+            rec = _Recorder(m._kernel())
+            recs[m.__name__.rsplit(".", 1)[-1]] = rec
+            for name, value in (("_kernel", lambda rec=rec: rec), ("require_triton", lambda: None),
+                                ("interpreting", lambda: False)):
+                if hasattr(m, name):
+                    saved.append((m, name, getattr(m, name)))
+                    setattr(m, name, value)
+        yield recs
+    finally:
+        for m, name, value in reversed(saved):
+            setattr(m, name, value)
+
+
+def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
+    """Compile every launch ``rec`` recorded for ``cuda`` ``sm_<arch>``; one dict per launch: the constexprs,
+    ``ok``, and on success the shared memory (bytes) and whether the PTX uses local memory (register spills)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(rec.fn.arg_names)
+    results = []
+    for args, kw in rec.calls:
+        sig, const = {}, {}
+        for name, a in zip(names, args):
+            if isinstance(a, torch.Tensor):
+                sig[name] = "*" + _PTR[a.dtype]
+            elif isinstance(a, bool):
+                sig[name] = "i1"
+            elif isinstance(a, int):
+                sig[name] = "i32" if -2**31 <= a < 2**31 else "i64"
+            else:
+                raise TypeError(f"{name}: cannot type a {type(a).__name__} argument")
+        for name in names[len(args):]:
+            if name not in kw:
+                raise TypeError(f"{name}: not passed by the launcher")
+            sig[name] = "constexpr"
+            const[name] = kw[name]
+        src = ASTSource(fn=rec.fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+        row = {"kernel": rec.fn.__name__, **const}
+        try:
+            ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                options={k: kw[k] for k in ("num_warps", "num_stages") if k in kw})
+            row.update(ok="cubin" in ck.asm, shared_bytes=int(ck.metadata.shared),
+                       local_memory=".local" in ck.asm["ptx"])
+        except Exception as e:  # the point: report the compiler's error, whatever it is
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
+        results.append(row)
+    return results
+
+
+def decoder_and_cast_cases() -> list[dict]:
+    """Compile the E8 Rice decoders (both implementations; int8 and fp8 output; with and without statistics; one
+    and several tiles per block), the rank decoder (D4, Z) and the int8 -> e4m3 cast, as their launchers launch
+    them on LTX-2-sized streams."""
+    from ..codec import quantize
+    from ..kernels import cast, rank_decode, rice_decode, rice_decode_vectors
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 512, generator=g) * 0.02
+    streams = {lat: quantize(w, bits=4.0, lattice=lat) for lat in ("E8", "D4", "Z")}
+    with recording(rice_decode, rice_decode_vectors, rank_decode, cast) as recs:
+        for impl in rice_decode.IMPLS:
+            q = streams["E8"]
+            for out_dtype, stats, sub in ((torch.int8, False, None), (torch.float8_e4m3fn, True, None),
+                                          (torch.int8, True, 1024)):
+                rice_decode.rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, "E8", q.block_values,
+                                        out_dtype=out_dtype, stats=stats, sub=sub, impl=impl)
+        for lat in ("D4", "Z"):
+            q = streams[lat]
+            rice_decode.rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lat, q.block_values,
+                                    stats=False)
+        cast.codes_to_e4m3(torch.zeros(1000, dtype=torch.int8))
+    return [row for rec in recs.values() for row in compile_recorded(rec)]
+
+
+def main() -> int:
+    rows = decoder_and_cast_cases()
+    for row in rows:
+        print(json.dumps(row, default=str), flush=True)
+    return 0 if rows and all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""E8 Rice block decode, one lane per E8 vector (``rice_decode(..., impl="vectors")``): the codec's bit-stripped block
+stream -> int8 (or fp8-e4m3) coordinates, the same contract as the default kernel in :mod:`.rice_decode`.
+
+Status: checked bit for bit against the codec in Triton's CPU interpreter (tests/test_kernels.py runs every E8
+decoder test on both implementations) and compiled for sm_90 on the CPU (tests/test_kernels_compile.py), but not yet
+run on the H100: it becomes the default only once it has been checked and timed there (bench/RESULTS.md).
+
+Why a second design: the default kernel walks every unary terminator with one lane per 16-bit unit and works on
+(vectors, 8) tiles whose per-vector values Triton broadcasts across lanes; it decodes ~165 Gvalues/s, which is the
+whole cost of compressed residency (bench/RESULTS.md). Here the unit of work is the E8 vector: one lane owns whole
+8-coordinate vectors, so nothing crosses lanes but four prefix sums per tile.
+
+* pass 1 cuts the unary section into words, one lane each: a prefix sum of the words' zero counts ranks their
+  terminators, and every 8th terminator (the end of a vector's unary run) is located inside its word by a
+  popcount binary search; its bit position + 1, where the next vector's run starts, goes to a per-program scratch
+  row (4 bytes per vector);
+* pass 2 takes tiles of up to ``sub // 8`` vectors. A lane reads its vector's unary run as one 64-bit window (a
+  tile with a run longer than 64 bits re-reads the window before each coordinate) and its low bits as one more
+  (``8 k <= 64``; larger ``k`` read each field); the quotients, then the magnitudes, are packed one byte per
+  coordinate in 64-bit registers between the steps. Prefix sums over the tile place the low bits (even vectors
+  strip one), the escapes and the sign bits; E8's parity rules rebuild the stripped bits exactly as the codec
+  does, and the 8 output bytes of a vector leave as one 64-bit store (the output must be 8-byte aligned).
+
+Error flags per block as the default kernel's, plus 8: an escaped value small enough to be coded directly (the
+codec rejects that stream too). No read leaves its block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._bits import bit_helpers, decode_scratch
+from ._launch import CachedLauncher
+from ._triton import interpreting, jit_cache, num_sms
+
+#: E8 coordinates per vector: a lane's unit of work
+_D = 8
+
+
+@jit_cache
+def _kernel():
+    # Triton resolves a jitted function's callees and ``tl`` through the module globals, so the helpers are bound
+    # there (built lazily: importing this module never imports Triton).
+    global tl, _popc, _lowest, _read32, _read64, _first_zero64, _select, _quotients, _tile_quotients
+    import triton
+    import triton.language as tl
+
+    h = bit_helpers()
+    _popc, _lowest = h.popc, h.lowest
+
+    @triton.jit
+    def _read32(wp, pos, nbits, nwords, mask):
+        # ``nbits`` (0..32) bits LSB-first at bit ``pos`` of the block at ``wp`` (``nwords`` words) as uint32;
+        # words outside the block read as 0
+        wi = pos >> 5
+        off = (pos & 31).to(tl.uint32)
+        lo = tl.load(wp + wi, mask=mask & (wi >= 0) & (wi < nwords), other=0).to(tl.uint32, bitcast=True)
+        hi = tl.load(wp + wi + 1, mask=mask & (wi >= -1) & (wi + 1 < nwords) & ((pos & 31) + nbits > 32),
+                     other=0).to(tl.uint32, bitcast=True)
+        v = (lo >> off) | ((hi << 1) << (31 - off))
+        m = tl.where(nbits >= 32, tl.full(v.shape, 0xFFFFFFFF, tl.uint32),
+                     (tl.full(v.shape, 1, tl.uint32) << tl.minimum(nbits, 31).to(tl.uint32)) - 1)
+        return v & m
+
+    @triton.jit
+    def _read64(wp, pos, nwords, mask, other):
+        # 64 bits LSB-first at bit ``pos`` as uint64; words outside the block read as ``other`` (0 or -1)
+        wi = pos >> 5
+        a = tl.load(wp + wi, mask=mask & (wi >= 0) & (wi < nwords), other=other)
+        b = tl.load(wp + wi + 1, mask=mask & (wi >= -1) & (wi + 1 < nwords), other=other)
+        c = tl.load(wp + wi + 2, mask=mask & (wi >= -2) & (wi + 2 < nwords), other=other)
+        a = a.to(tl.uint32, bitcast=True).to(tl.uint64)
+        b = b.to(tl.uint32, bitcast=True).to(tl.uint64)
+        c = c.to(tl.uint32, bitcast=True).to(tl.uint64)
+        off = (pos & 31).to(tl.uint64)
+        return ((a | (b << 32)) >> off) | ((c << 32) << (32 - off))
+
+    @triton.jit
+    def _first_zero64(x, HW: tl.constexpr):
+        # index of the lowest zero bit of uint64 lanes (64: none)
+        lo = (x & 0xFFFFFFFF).to(tl.uint32) ^ 0xFFFFFFFF
+        hi = (x >> 32).to(tl.uint32) ^ 0xFFFFFFFF
+        return tl.where(lo != 0, _lowest(lo, HW), tl.where(hi != 0, 32 + _lowest(hi, HW), 64))
+
+    @triton.jit
+    def _select(x, t, HW: tl.constexpr):
+        # index of the ``t``-th (from 0) set bit of uint32 lanes ``x``, for ``t < popc(x)``: binary search on
+        # the popcounts of halves
+        pos = t * 0
+        for s in tl.static_range(5):
+            lo = _popc(x & ((1 << (16 >> s)) - 1), HW)
+            up = t >= lo
+            t = tl.where(up, t - lo, t)
+            x = tl.where(up, x >> (16 >> s), x)
+            pos += tl.where(up, 16 >> s, 0)
+        return pos
+
+    @triton.jit
+    def _quotients(wp, u, nwords, gmask, REREAD: tl.constexpr, ESC_Q: tl.constexpr, HW: tl.constexpr):
+        # The 8 unary quotients of each vector whose run starts at bit ``u``: packed one byte each (saturated at
+        # 255) in uint64, the vector's escape count, and whether a run exceeded the escape code. REREAD: read a
+        # fresh 64-bit window before each coordinate (runs longer than one window), else one window per vector.
+        qp = tl.zeros(u.shape, tl.uint64)
+        ne = u * 0
+        bad = u < 0
+        win = _read64(wp, u, nwords, gmask, -1)
+        p = u
+        for j in tl.static_range(8):            # the E8 vector's coordinates
+            if REREAD:
+                win = _read64(wp, p, nwords, gmask, -1)
+            q = _first_zero64(win, HW)
+            if REREAD:
+                p += q + 1
+            else:
+                win = tl.where(q >= 63, tl.zeros_like(win), (win >> q.to(tl.uint64)) >> 1)
+            qp |= tl.minimum(q, 255).to(tl.uint64) << (8 * j)
+            ne += (q == ESC_Q).to(tl.int32)
+            bad = bad | (q > ESC_Q)
+        return qp, ne, bad & gmask
+
+    @triton.jit
+    def _tile_quotients(wp, sp, g, gmask, nwords, ESC_Q: tl.constexpr, HW: tl.constexpr):
+        # quotients of the tile's vectors ``g`` from their run starts in the scratch row (see _quotients)
+        u = tl.load(sp + g, mask=gmask, other=0)
+        span = tl.load(sp + g + 1, mask=gmask, other=0) - u
+        if tl.max((gmask & (span > 64)).to(tl.int32), 0) > 0:
+            qp, ne, bad = _quotients(wp, u, nwords, gmask, True, ESC_Q, HW)
+        else:
+            qp, ne, bad = _quotients(wp, u, nwords, gmask, False, ESC_Q, HW)
+        return qp, ne, bad
+
+    @triton.jit
+    def rice_decode_kernel(words_ptr, offs_ptr, ks_ptr, out_ptr, scratch_ptr, err_ptr, amax_ptr, n, nb,
+                           BV: tl.constexpr, SG: tl.constexpr, NT: tl.constexpr, NWU: tl.constexpr,
+                           SROW: tl.constexpr, OUT_FP8: tl.constexpr, ESC_Q: tl.constexpr, CHECK: tl.constexpr,
+                           HWN: tl.constexpr, HW: tl.constexpr):
+        D: tl.constexpr = 8                                  # _D: Triton reads no plain globals
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        gi = tl.arange(0, SG)
+        wu = tl.arange(0, NWU)
+        sp = scratch_ptr + (pid + 0 * n).to(tl.int64) * SROW     # int32: the start bit of each vector's run
+        out64 = out_ptr.to(tl.pointer_type(tl.uint64))
+        for b in range(pid, nb, nprog):
+            w0 = tl.load(offs_ptr + b).to(tl.int64)
+            w1 = tl.load(offs_ptr + b + 1).to(tl.int64)
+            wp = words_ptr + w0
+            nwords = (w1 - w0).to(tl.int32)
+            end_bit = nwords * 32
+            v0 = (w0 * 0 + b) * BV
+            cnt = tl.minimum(n - v0, BV).to(tl.int32)
+            k = tl.load(ks_ptr + b).to(tl.int32)
+            kpos = (k > 0).to(tl.int32)
+            ng = cnt // D                                        # vectors
+            err = cnt * 0
+            # one parity bit per vector in the head; even vectors strip their last magnitude's low bit
+            hw = tl.arange(0, HWN)
+            hwv = tl.load(wp + hw, mask=(hw * 32 < ng) & (hw < nwords), other=0).to(tl.uint32, bitcast=True)
+            nbits = tl.minimum(tl.maximum(ng - hw * 32, 0), 32)
+            hmask = tl.where(nbits >= 32, tl.full([HWN], 0xFFFFFFFF, tl.uint32),
+                             (tl.full([HWN], 1, tl.uint32) << tl.minimum(nbits, 31).to(tl.uint32)) - 1)
+            n_even = ng - tl.sum(_popc(hwv & hmask, HW), 0)
+            head = ng
+            un_start = head + cnt * k - kpos * n_even
+            # ---- pass 1: where each vector's unary run starts ----------------------------------------------------
+            tl.store(sp, un_start)
+            ws = un_start >> 5
+            before = (tl.full([], 1, tl.uint32) << (un_start & 31).to(tl.uint32)) - 1   # bits ahead of the section
+            carry = cnt * 0
+            c = cnt * 0
+            while (carry < cnt) & (ws + c * NWU < nwords):
+                wi = ws + c * NWU + wu
+                w = tl.load(wp + wi, mask=wi < nwords, other=-1).to(tl.uint32, bitcast=True)
+                inv = w ^ 0xFFFFFFFF                             # terminators as set bits
+                inv = tl.where(wi == ws, inv & (before ^ 0xFFFFFFFF), inv)
+                z = _popc(inv, HW)
+                zr = carry + tl.cumsum(z, 0) - z                 # rank of the word's first terminator
+                t0 = (7 - zr) & 7                                # its first terminator of rank 7 mod 8
+                for s in tl.static_range(4):
+                    t = t0 + 8 * s
+                    ok = (t < z) & (zr + t < cnt)
+                    tl.store(sp + ((zr + t + 1) >> 3), wi * 32 + _select(inv, t, HW) + 1, mask=ok)
+                carry += tl.sum(z, 0)
+                c += 1
+            err = err | (carry < cnt).to(tl.int32)
+            tl.debug_barrier()                                   # the scratch row is read by other lanes next
+            esc_start = tl.load(sp + ng)                         # the bit after the last terminator
+            # ---- the block's escape count: the sign section starts after the escapes ---------------------------
+            n_esc = cnt * 0
+            if NT > 1:
+                for t in range(NT):
+                    g = t * SG + gi
+                    qp, ne, bad = _tile_quotients(wp, sp, g, g < ng, nwords, ESC_Q, HW)
+                    n_esc += tl.sum(ne, 0)
+            # ---- pass 2: tiles of SG vectors ----------------------------------------------------------------------
+            ev_carry = cnt * 0
+            esc_carry = cnt * 0
+            sign_carry = cnt * 0
+            amax = cnt * 0
+            for t in range(NT):
+                g = t * SG + gi
+                gmask = g < ng
+                qp, ne, bad = _tile_quotients(wp, sp, g, gmask, nwords, ESC_Q, HW)
+                if NT == 1:
+                    n_esc = tl.sum(ne, 0)
+                tail_start = esc_start + n_esc * 32
+                if CHECK:
+                    err = err | (tl.max(bad.to(tl.int32), 0) * 4) | ((tail_start > end_bit).to(tl.int32) * 2)
+                par = (tl.load(wp + (g >> 5), mask=gmask & ((g >> 5) < nwords), other=0) >> (g & 31)) & 1
+                odd = par == 1
+                ev = (gmask & (par == 0)).to(tl.int32)
+                lp = head + g * (D * k) - kpos * (ev_carry + tl.cumsum(ev, 0) - ev)
+                ev_carry += tl.sum(ev, 0)
+                esc_rank = esc_carry + tl.cumsum(ne, 0) - ne
+                esc_carry += tl.sum(ne, 0)
+                has_esc = tl.sum(ne, 0) > 0
+                k7 = tl.maximum(k - ev, 0)                       # coordinate 7 of an even vector is stripped
+                small_k = k * D <= 64
+                lw = _read64(wp, lp, nwords, gmask & small_k, 0)
+                # magnitudes: packed one byte each (saturated at 255: |c| then exceeds both clamps anyway)
+                magp = tl.zeros([SG], tl.uint64)
+                pm = gi * 0                                      # present (signed) coordinates, one bit each
+                msum = gi * 0
+                for j in tl.static_range(D):
+                    q = ((qp >> (8 * j)) & 0xFF).to(tl.int32)
+                    if j == D - 1:
+                        keff = k7
+                    else:
+                        keff = gi * 0 + k
+                    if small_k:
+                        fm = (tl.full([SG], 1, tl.uint64) << keff.to(tl.uint64)) - 1
+                        low = ((lw >> (j * k).to(tl.uint64)) & fm).to(tl.int32)
+                    else:
+                        low = _read32(wp, lp + j * k, keff, nwords, gmask).to(tl.int32)
+                    m = (tl.minimum(q, ESC_Q - 1) << keff) | low
+                    if has_esc:
+                        esc = gmask & (q == ESC_Q)
+                        epos = esc_start + esc_rank * 32
+                        e32 = _read32(wp, epos, gi * 0 + 32, nwords, esc & (epos + 32 <= end_bit))
+                        m = tl.where(esc, e32.to(tl.int32, bitcast=True), m)
+                        esc_rank += esc.to(tl.int32)
+                        if CHECK:
+                            small = (e32 >> keff.to(tl.uint32)) < ESC_Q
+                            err = err | (tl.max((esc & small).to(tl.int32), 0) * 8)
+                    if j == D - 1:
+                        mag = tl.where(ev == 1, 2 * m + (msum & 1), m)
+                        present = (ev == 1) & (mag != 0)
+                    else:
+                        mag = m
+                        present = (mag != 0) | odd
+                    msum += mag
+                    pm |= present.to(tl.int32) << j
+                    # an escaped magnitude of 2**31 or more reads negative as int32: unsigned minima saturate it
+                    magu = mag.to(tl.uint32, bitcast=True)
+                    magp |= tl.minimum(magu, 255).to(tl.uint64) << (8 * j)
+                    if CHECK:
+                        big = tl.minimum(magu, 1 << 29).to(tl.int32)
+                        amax = tl.maximum(amax, tl.max(tl.where(gmask, 2 * big + par, 0), 0))
+                # signs: a vector's are consecutive in the tail, one read per vector
+                pg = _popc(pm.to(tl.uint32), HW)
+                sbase = tail_start + sign_carry + tl.cumsum(pg, 0) - pg
+                sign_carry += tl.sum(pg, 0)
+                if CHECK:
+                    err = err | (tl.max((gmask & (sbase + pg > end_bit)).to(tl.int32), 0) * 2)
+                sw = _read32(wp, sbase, pg, nwords, gmask & (pg > 0) & (sbase + pg <= end_bit))
+                outp = tl.zeros([SG], tl.uint64)
+                srank = gi * 0
+                nneg = gi * 0
+                for j in tl.static_range(D):
+                    mag = ((magp >> (8 * j)) & 0xFF).to(tl.int32)
+                    pj = (pm >> j) & 1
+                    neg = (pj & (sw >> srank.to(tl.uint32)).to(tl.int32)) & 1
+                    srank += pj
+                    if j == D - 1:
+                        # an odd vector's last sign makes the sum 0 mod 4: parity of (sum of magnitudes - negatives)
+                        neg = tl.where(odd, (msum - nneg) & 1, neg)
+                    else:
+                        nneg += neg
+                    val = 2 * mag + par
+                    cval = tl.where(neg == 1, -val, val)
+                    if OUT_FP8:
+                        o = tl.minimum(tl.maximum(cval, -448), 448).to(tl.float32).to(tl.float8e4nv)
+                        byte = o.to(tl.uint8, bitcast=True)
+                    else:
+                        byte = tl.minimum(tl.maximum(cval, -127), 127).to(tl.int8).to(tl.uint8, bitcast=True)
+                    outp |= byte.to(tl.uint64) << (8 * j)
+                tl.store(out64 + (v0 // D + g), outp, mask=gmask)
+            if CHECK:
+                tl.store(amax_ptr + b, amax)
+                tl.store(err_ptr + b, err)
+            tl.debug_barrier()   # the next block reuses this program's scratch row
+
+    return CachedLauncher(rice_decode_kernel)
+
+
+#: launch shape: persistent programs per SM, warps, unary words per step of pass 1, coordinates per tile of pass 2
+#: (a first guess: the device sweep in bench/bench_kernels.py has not run on this kernel yet)
+_TUNE = {"programs_per_sm": 16, "num_warps": 4, "chunk_words": 128, "sub": 4096}
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def launch(words, offsets, ks, out, err_arg, amax_arg, n: int, nb: int, block_values: int, esc_q: int, *,
+           stats: bool, programs=None, num_warps=None, chunk_words=None, sub=None, stream=None) -> None:
+    """Launch the kernel on validated arguments (:func:`.rice_decode.rice_decode` checks them): ``out`` (n,) int8
+    or float8_e4m3fn, 8-byte aligned; ``err_arg``/``amax_arg`` int32 (nb,) (written when ``stats``)."""
+    bv = int(block_values)
+    tile = sub or _TUNE["sub"]
+    if tile < _D or tile & (tile - 1):
+        raise ValueError(f"sub must be a power of two of at least {_D} coordinates, got {sub}")
+    cw = chunk_words or _TUNE["chunk_words"]
+    if cw <= 0 or cw & (cw - 1):
+        raise ValueError(f"chunk_words must be a power of two, got {chunk_words}")
+    if out.data_ptr() % 8:
+        raise ValueError("the vector decoder stores 8 bytes per vector: out must be 8-byte aligned")
+    dev = words.device
+    nprog = max(1, min(nb, programs or num_sms(dev.index or 0) * _TUNE["programs_per_sm"]))
+    sg = min(_pow2_at_least(bv // _D), tile // _D)
+    nt = -(-(bv // _D) // sg)
+    srow = nt * sg + 1
+    scratch = decode_scratch(dev, nprog * srow * 4, stream)[: nprog * srow * 4].view(torch.int32)
+    _kernel()((nprog,), words, offsets, ks.reshape(-1), out, scratch, err_arg, amax_arg, int(n), nb, BV=bv,
+              SG=sg, NT=nt, NWU=cw, SROW=srow, OUT_FP8=out.dtype == torch.float8_e4m3fn, ESC_Q=esc_q,
+              CHECK=stats, HWN=_pow2_at_least(-(-(bv // _D) // 32)), HW=not interpreting(),
+              num_warps=num_warps or _TUNE["num_warps"], stream=stream)

@@ -1,0 +1,61 @@
+"""The GPU kernels compile for the H100 (sm_90) on a machine without a GPU (hyperquant_diffusers.testing.triton_compile).
+
+Triton's interpreter, which runs the kernels in the CPU tests, does not compile them: a kernel can pass there and
+fail on the device. Each check runs in a subprocess without TRITON_INTERPRET (the test session may have set it)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hyperquant_diffusers.kernels._triton import triton_available
+
+pytestmark = pytest.mark.skipif(not (triton_available() or os.environ.get("TRITON_INTERPRET")),
+                                reason="Triton is not installed")
+
+
+def _run(code: str, tmp_path) -> subprocess.CompletedProcess:
+    # from a file: Triton reads a kernel's source through inspect
+    script = tmp_path / "check.py"
+    script.write_text(textwrap.dedent(code))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_decoders_and_cast_compile_for_sm90(tmp_path):
+    p = _run("from hyperquant_diffusers.testing import triton_compile as t; raise SystemExit(t.main())", tmp_path)
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    failed = [r for r in rows if not r["ok"]]
+    assert p.returncode == 0 and not failed, (failed, p.stderr[-3000:])
+    kernels = [r["kernel"] for r in rows]
+    # both E8 decoders x 3 variants, the rank decoder for D4 and Z, the cast
+    assert kernels.count("rice_decode_kernel") == 6 and kernels.count("rank_decode_kernel") == 2
+    assert kernels.count("codes_to_e4m3_kernel") == 1
+    assert sum(1 for r in rows if r.get("OUT_FP8")) == 2 and sum(1 for r in rows if r.get("NT", 1) > 1) == 1
+    assert not any(r["local_memory"] for r in rows)  # no register spills
+
+
+def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects(tmp_path):
+    # the interpreter accepts a reassigned constexpr; the compiler does not, and the check must say so
+    p = _run('''
+        import json, torch, triton, triton.language as tl
+        from hyperquant_diffusers.testing.triton_compile import _Recorder, compile_recorded
+
+        @triton.jit
+        def broken(x_ptr, N: tl.constexpr):
+            for s in tl.static_range(2):
+                width: tl.constexpr = 4 >> s
+                tl.store(x_ptr + s, width)
+
+        class L:
+            fn = broken
+        rec = _Recorder(L())
+        rec(None, torch.zeros(2, dtype=torch.int32), N=2, num_warps=1)
+        print(json.dumps(compile_recorded(rec)))
+    ''', tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (row,) = json.loads(p.stdout.strip().splitlines()[-1])
+    assert row["ok"] is False and "constexpr cannot be reassigned" in row["error"]
