@@ -406,7 +406,8 @@ def decoder_ab_case(dev, rounds=5):
     sweep, best = {}, None
     for pps, nw, cw, sub in ((8, 4, 128, 4096), (16, 4, 128, 4096), (32, 4, 128, 4096), (8, 8, 128, 4096),
                              (16, 8, 128, 4096), (32, 2, 128, 4096), (16, 2, 64, 2048), (16, 4, 64, 4096),
-                             (16, 4, 256, 4096), (16, 4, 128, 2048), (16, 8, 256, 4096), (4, 8, 128, 4096)):
+                             (16, 4, 256, 4096), (16, 4, 128, 2048), (16, 8, 256, 4096), (4, 8, 128, 4096),
+                             (3, 8, 256, 4096), (2, 16, 256, 4096), (4, 16, 256, 4096), (8, 4, 128, 2048)):
         t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf, stats=False,
                                          impl="vectors", programs=pps * 132, num_warps=nw, chunk_words=cw, sub=sub))
         sweep[f"pps{pps}_w{nw}_cw{cw}_sub{sub}"] = t

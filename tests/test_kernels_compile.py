@@ -1,4 +1,5 @@
-"""The GPU kernels compile for the H100 (sm_90) on a machine without a GPU (hyperquant_diffusers.testing.triton_compile).
+"""The Triton kernels compile for the H100 (sm_90) on a machine without a GPU (hyperquant_diffusers.testing.triton_compile):
+the decoders, the cast and the activation pass (the TMA GEMMs take host tensor descriptors and are not covered).
 
 Triton's interpreter, which runs the kernels in the CPU tests, does not compile them: a kernel can pass there and
 fail on the device. Each check runs in a subprocess without TRITON_INTERPRET (the test session may have set it)."""
@@ -25,7 +26,7 @@ def _run(code: str, tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_decoders_and_cast_compile_for_sm90(tmp_path):
+def test_kernels_compile_for_sm90(tmp_path):
     p = _run("from hyperquant_diffusers.testing import triton_compile as t; raise SystemExit(t.main())", tmp_path)
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     failed = [r for r in rows if not r["ok"]]
@@ -34,7 +35,11 @@ def test_decoders_and_cast_compile_for_sm90(tmp_path):
     # both E8 decoders x 3 variants, the rank decoder for D4 and Z, the cast
     assert kernels.count("rice_decode_kernel") == 6 and kernels.count("rank_decode_kernel") == 2
     assert kernels.count("codes_to_e4m3_kernel") == 1
-    assert sum(1 for r in rows if r.get("OUT_FP8")) == 2 and sum(1 for r in rows if r.get("NT", 1) > 1) == 1
+    # activation RHT + quantization: one-pass (4096 and 16384 wide), split-K (two kernels), fused two-pass
+    assert kernels.count("rht_quant_onepass_kernel") == 2 and kernels.count("rht_amax_split_kernel") == 1
+    assert kernels.count("rht_quant_split_kernel") == 1 and kernels.count("rht_quant_kernel") == 1
+    assert sum(1 for r in rows if r.get("OUT_FP8")) == 2
+    assert sum(1 for r in rows if r["kernel"] == "rice_decode_kernel" and r.get("NT", 1) > 1) == 1
     assert not any(r["local_memory"] for r in rows)  # no register spills
 
 

@@ -41,12 +41,18 @@ class _Recorder:
 @contextlib.contextmanager
 def recording(*modules):
     """Within the block, the ``_kernel()`` launchers of ``modules`` record launches instead of running them, and
-    the modules believe Triton can run (on the GPU, not the interpreter). Yields {module name: recorder}."""
+    the modules believe Triton can run (on the GPU, not the interpreter). Yields {module name: recorder}, or
+    {kernel name: recorder} for a module whose ``_kernel()`` builds a tuple of launchers."""
     saved, recs = [], {}
     try:
         for m in modules:
-            rec = _Recorder(m._kernel())
-            recs[m.__name__.rsplit(".", 1)[-1]] = rec
+            built = m._kernel()
+            if isinstance(built, tuple):     # a module with several kernels builds them together
+                rec = tuple(_Recorder(b) for b in built)
+                recs.update({r.fn.__name__: r for r in rec})
+            else:
+                rec = _Recorder(built)
+                recs[m.__name__.rsplit(".", 1)[-1]] = rec
             for name, value in (("_kernel", lambda rec=rec: rec), ("require_triton", lambda: None),
                                 ("interpreting", lambda: False)):
                 if hasattr(m, name):
@@ -76,6 +82,8 @@ def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
                 sig[name] = "i1"
             elif isinstance(a, int):
                 sig[name] = "i32" if -2**31 <= a < 2**31 else "i64"
+            elif isinstance(a, float):
+                sig[name] = "fp32"
             else:
                 raise TypeError(f"{name}: cannot type a {type(a).__name__} argument")
         for name in names[len(args):]:
@@ -96,17 +104,18 @@ def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
     return results
 
 
-def decoder_and_cast_cases() -> list[dict]:
+def kernel_cases() -> list[dict]:
     """Compile the E8 Rice decoders (both implementations; int8 and fp8 output; with and without statistics; one
-    and several tiles per block), the rank decoder (D4, Z) and the int8 -> e4m3 cast, as their launchers launch
-    them on LTX-2-sized streams."""
-    from ..codec import quantize
-    from ..kernels import cast, rank_decode, rice_decode, rice_decode_vectors
+    and several tiles per block), the rank decoder (D4, Z), the int8 -> e4m3 cast and the activation RHT +
+    quantization (one-pass on 4096- and 16384-wide rows, int8 and fp8; split-K; fused two-pass), as their
+    launchers launch them on LTX-2-sized streams and activations."""
+    from ..codec import quantize, random_signs
+    from ..kernels import act_quant, cast, rank_decode, rice_decode, rice_decode_vectors
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 512, generator=g) * 0.02
     streams = {lat: quantize(w, bits=4.0, lattice=lat) for lat in ("E8", "D4", "Z")}
-    with recording(rice_decode, rice_decode_vectors, rank_decode, cast) as recs:
+    with recording(rice_decode, rice_decode_vectors, rank_decode, cast, act_quant) as recs:
         for impl in rice_decode.IMPLS:
             q = streams["E8"]
             for out_dtype, stats, sub in ((torch.int8, False, None), (torch.float8_e4m3fn, True, None),
@@ -118,11 +127,15 @@ def decoder_and_cast_cases() -> list[dict]:
             rice_decode.rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lat, q.block_values,
                                     stats=False)
         cast.codes_to_e4m3(torch.zeros(1000, dtype=torch.int8))
+        for k, fmt, impl in ((4096, "int8", "auto"), (16384, "fp8", "auto"), (4096, "int8", "split"),
+                             (4096, "fp8", "fused")):
+            x = torch.zeros(256, k, dtype=torch.bfloat16)
+            act_quant.rht_quantize(x, random_signs(k, 0), 128, fmt, impl=impl)
     return [row for rec in recs.values() for row in compile_recorded(rec)]
 
 
 def main() -> int:
-    rows = decoder_and_cast_cases()
+    rows = kernel_cases()
     for row in rows:
         print(json.dumps(row, default=str), flush=True)
     return 0 if rows and all(r["ok"] for r in rows) else 1
