@@ -4,7 +4,9 @@
   instructions on a GPU (``HW=True``), portable SWAR forms in Triton's CPU interpreter;
 * ``read``: up to 32 bits LSB-first at any bit position of an int32 word stream;
 * ``unary_pass``: a block's unary section -> one quotient per symbol (int8) in a scratch row, with the escape count
-  and the bit position after the last terminator.
+  and the bit position after the last terminator;
+* ``block_header``: a block's place in the stream (word pointer, sizes, Rice parameter); ``e8_even_vectors``: the
+  even vectors of an E8 block, from its parity head.
 
 Built on first use (importing this module never imports Triton); the kernels bind them into their own module
 globals, where Triton resolves a jitted function's callees.
@@ -213,4 +215,28 @@ def bit_helpers() -> SimpleNamespace:
         tl.debug_barrier()   # the scratch row is read by other threads next
         return last + 1, n_esc, (carry < cnt).to(tl.int32)
 
-    return SimpleNamespace(popc=_popc, read=_read, msb=_msb, lowest=_lowest, unary_pass=unary_pass)
+    @triton.jit
+    def block_header(words_ptr, offs_ptr, ks_ptr, b, n, BV: tl.constexpr):
+        # Block ``b`` of a stream of ``n`` values in blocks of BV: its word pointer, words, bits, first value,
+        # values, Rice parameter and whether that is positive (the low-bit sections strip bits only then)
+        w0 = tl.load(offs_ptr + b).to(tl.int64)
+        w1 = tl.load(offs_ptr + b + 1).to(tl.int64)
+        nwords = (w1 - w0).to(tl.int32)
+        v0 = (w0 * 0 + b) * BV
+        k = tl.load(ks_ptr + b).to(tl.int32)
+        return (words_ptr + w0, nwords, nwords * 32, v0, tl.minimum(n - v0, BV).to(tl.int32), k,
+                (k > 0).to(tl.int32))
+
+    @triton.jit
+    def e8_even_vectors(wp, ng, nwords, HWN: tl.constexpr, HW: tl.constexpr):
+        # even vectors among the ``ng`` of an E8 block: its head holds one parity bit per vector (HWN words,
+        # a power of two >= ng / 32)
+        hw = tl.arange(0, HWN)
+        hwv = tl.load(wp + hw, mask=(hw * 32 < ng) & (hw < nwords), other=0).to(tl.uint32, bitcast=True)
+        nbits = tl.minimum(tl.maximum(ng - hw * 32, 0), 32)
+        hmask = tl.where(nbits >= 32, tl.full([HWN], 0xFFFFFFFF, tl.uint32),
+                         (tl.full([HWN], 1, tl.uint32) << tl.minimum(nbits, 31).to(tl.uint32)) - 1)
+        return ng - tl.sum(_popc(hwv & hmask, HW), 0)
+
+    return SimpleNamespace(popc=_popc, read=_read, msb=_msb, lowest=_lowest, unary_pass=unary_pass,
+                           block_header=block_header, e8_even_vectors=e8_even_vectors)

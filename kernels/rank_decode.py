@@ -52,12 +52,12 @@ _LAT_CODE = {"Z": 0, "A2": 1, "D4": 2}
 def _kernel():
     # Triton resolves a jitted function's callees and ``tl`` through the module globals, so the helpers are bound
     # there (built lazily: importing this module never imports Triton).
-    global tl, _read, _unary_pass, _outside
+    global tl, _read, _unary_pass, _outside, _block_header
     import triton
     import triton.language as tl
 
     h = bit_helpers()
-    _read, _unary_pass = h.read, h.unary_pass
+    _read, _unary_pass, _block_header = h.read, h.unary_pass, h.block_header
 
     @triton.jit
     def _outside(c0, c1, A2: tl.constexpr, BOX: tl.constexpr, LN: tl.constexpr, L1: tl.constexpr,
@@ -98,15 +98,8 @@ def _kernel():
         NU: tl.constexpr = CW * (32 // UB)                      # units of the unary pass scanned per step
         sp = scratch_ptr + (pid + 0 * n).to(tl.int64) * (BV // 2)
         for b in range(pid, nb, nprog):
-            w0 = tl.load(offs_ptr + b).to(tl.int64)
-            w1 = tl.load(offs_ptr + b + 1).to(tl.int64)
-            wp = words_ptr + w0
-            nwords = (w1 - w0).to(tl.int32)
-            end_bit = nwords * 32
-            v0 = (w0 * 0 + b) * BV
-            cnt = (tl.minimum(n - v0, BV) // 2).to(tl.int32)   # symbols in this block
-            k = tl.load(ks_ptr + b).to(tl.int32)
-            kpos = (k > 0).to(tl.int32)
+            wp, nwords, end_bit, v0, nvals, k, kpos = _block_header(words_ptr, offs_ptr, ks_ptr, b, n, BV)
+            cnt = nvals // 2                                     # symbols in this block
             err = cnt * 0
             amax = cnt * 0
             if LAT == 2:

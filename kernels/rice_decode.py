@@ -43,12 +43,13 @@ ESCAPE_BITS = codec_constants.ESCAPE_BITS
 def _kernel():
     # Triton resolves a jitted function's callees and ``tl`` through the module globals, so the helpers are bound
     # there (built lazily: importing this module never imports Triton).
-    global tl, _popc, _read, _unary_pass
+    global tl, _popc, _read, _unary_pass, _block_header, _e8_even_vectors
     import triton
     import triton.language as tl
 
     h = bit_helpers()
     _popc, _read, _unary_pass = h.popc, h.read, h.unary_pass
+    _block_header, _e8_even_vectors = h.block_header, h.e8_even_vectors
 
     @triton.jit
     def rice_decode_kernel(words_ptr, offs_ptr, ks_ptr, out_ptr, scratch_ptr, err_ptr, amax_ptr, n, nb,
@@ -69,26 +70,12 @@ def _kernel():
         NU: tl.constexpr = CW * (32 // UB)                      # units scanned per step
         sp = scratch_ptr + (pid + 0 * n).to(tl.int64) * BV
         for b in range(pid, nb, nprog):
-            w0 = tl.load(offs_ptr + b).to(tl.int64)
-            w1 = tl.load(offs_ptr + b + 1).to(tl.int64)
-            wp = words_ptr + w0
-            nwords = (w1 - w0).to(tl.int32)
-            end_bit = nwords * 32
-            v0 = (w0 * 0 + b) * BV
-            cnt = tl.minimum(n - v0, BV).to(tl.int32)
-            k = tl.load(ks_ptr + b).to(tl.int32)
-            kpos = (k > 0).to(tl.int32)
+            wp, nwords, end_bit, v0, cnt, k, kpos = _block_header(words_ptr, offs_ptr, ks_ptr, b, n, BV)
             ng = cnt // D                                        # vectors
             err = cnt * 0
             amax = cnt * 0
             # one parity bit per vector in the head; even vectors strip their last magnitude's low bit
-            hw = tl.arange(0, HWN)
-            hwv = tl.load(wp + hw, mask=hw * 32 < ng, other=0).to(tl.uint32, bitcast=True)
-            nbits = tl.minimum(tl.maximum(ng - hw * 32, 0), 32)
-            one = tl.full([HWN], 1, tl.uint32)
-            hmask = tl.where(nbits >= 32, tl.full([HWN], 0xFFFFFFFF, tl.uint32),
-                             (one << tl.minimum(nbits, 31).to(tl.uint32)) - 1)
-            n_even = ng - tl.sum(_popc(hwv & hmask, HW), 0)
+            n_even = _e8_even_vectors(wp, ng, nwords, HWN, HW)
             head = ng
             un_start = head + cnt * k - kpos * n_even
             # ---- pass 1: the unary section -> q per value (int8) in this program's scratch row ------------------
