@@ -1,5 +1,5 @@
 """The Triton kernels compile for the H100 (sm_90) on a machine without a GPU (hyperquant_diffusers.testing.triton_compile):
-the decoders, the cast and the activation pass (the TMA GEMMs take host tensor descriptors and are not covered).
+the decoders, the cast, the activation pass and the GEMMs (all but the epilogue that follows ``torch._int_mm``).
 
 Triton's interpreter, which runs the kernels in the CPU tests, does not compile them: a kernel can pass there and
 fail on the device. Each check runs in a subprocess without TRITON_INTERPRET (the test session may have set it)."""
@@ -38,6 +38,8 @@ def test_kernels_compile_for_sm90(tmp_path):
     # activation RHT + quantization: one-pass (4096 and 16384 wide), split-K (two kernels), fused two-pass
     assert kernels.count("rht_quant_onepass_kernel") == 2 and kernels.count("rht_amax_split_kernel") == 1
     assert kernels.count("rht_quant_split_kernel") == 1 and kernels.count("rht_quant_kernel") == 1
+    # the TMA GEMM (int8 and fp8 at M = 12288, int8 at M = 256) and the pointer GEMM
+    assert kernels.count("int8_gemm_tma_kernel") == 3 and kernels.count("int8_gemm_kernel") == 1
     assert sum(1 for r in rows if r.get("OUT_FP8")) == 2
     assert sum(1 for r in rows if r["kernel"] == "rice_decode_kernel" and r.get("NT", 1) > 1) == 1
     assert not any(r["local_memory"] for r in rows)  # no register spills

@@ -1,4 +1,4 @@
-"""Compile the package's GPU decoders and casts for a GPU architecture on a machine without a GPU (sm_90: the H100).
+"""Compile the package's Triton kernels for a GPU architecture on a machine without a GPU (sm_90: the H100).
 
 Triton's CPU interpreter runs a kernel's Python semantics, not its compiler: a kernel can pass every interpreter
 test and still fail to compile for the GPU (a reassigned constexpr, a plain global, a type the backend rejects).
@@ -40,20 +40,21 @@ class _Recorder:
 
 @contextlib.contextmanager
 def recording(*modules):
-    """Within the block, the ``_kernel()`` launchers of ``modules`` record launches instead of running them, and
+    """Within the block, the ``_kernel()`` (or ``_kernels()``) launchers of ``modules`` record launches instead of running them, and
     the modules believe Triton can run (on the GPU, not the interpreter). Yields {module name: recorder}, or
     {kernel name: recorder} for a module whose ``_kernel()`` builds a tuple of launchers."""
     saved, recs = [], {}
     try:
         for m in modules:
-            built = m._kernel()
+            builder = "_kernel" if hasattr(m, "_kernel") else "_kernels"
+            built = getattr(m, builder)()
             if isinstance(built, tuple):     # a module with several kernels builds them together
                 rec = tuple(_Recorder(b) for b in built)
                 recs.update({r.fn.__name__: r for r in rec})
             else:
                 rec = _Recorder(built)
                 recs[m.__name__.rsplit(".", 1)[-1]] = rec
-            for name, value in (("_kernel", lambda rec=rec: rec), ("require_triton", lambda: None),
+            for name, value in ((builder, lambda rec=rec: rec), ("require_triton", lambda: None),
                                 ("interpreting", lambda: False)):
                 if hasattr(m, name):
                     saved.append((m, name, getattr(m, name)))
@@ -84,6 +85,8 @@ def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
                 sig[name] = "i32" if -2**31 <= a < 2**31 else "i64"
             elif isinstance(a, float):
                 sig[name] = "fp32"
+            elif type(a).__name__ == "TensorDescriptor":   # Hopper TMA: element type and block shape
+                sig[name] = f"tensordesc<{_PTR[a.base.dtype]}[{', '.join(map(str, a.block_shape))}]>"
             else:
                 raise TypeError(f"{name}: cannot type a {type(a).__name__} argument")
         for name in names[len(args):]:
@@ -106,16 +109,17 @@ def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
 
 def kernel_cases() -> list[dict]:
     """Compile the E8 Rice decoders (both implementations; int8 and fp8 output; with and without statistics; one
-    and several tiles per block), the rank decoder (D4, Z), the int8 -> e4m3 cast and the activation RHT +
-    quantization (one-pass on 4096- and 16384-wide rows, int8 and fp8; split-K; fused two-pass), as their
-    launchers launch them on LTX-2-sized streams and activations."""
+    and several tiles per block), the rank decoder (D4, Z), the int8 -> e4m3 cast, the activation RHT +
+    quantization (one-pass on 4096- and 16384-wide rows, int8 and fp8; split-K; fused two-pass) and the GEMMs
+    (TMA int8 and fp8 at both tile configurations, the pointer GEMM), as their launchers launch them on
+    LTX-2-sized streams and activations. Not covered: the epilogue after ``torch._int_mm`` (cuBLAS runs first)."""
     from ..codec import quantize, random_signs
-    from ..kernels import act_quant, cast, rank_decode, rice_decode, rice_decode_vectors
+    from ..kernels import act_quant, cast, int8_gemm, rank_decode, rice_decode, rice_decode_vectors
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 512, generator=g) * 0.02
     streams = {lat: quantize(w, bits=4.0, lattice=lat) for lat in ("E8", "D4", "Z")}
-    with recording(rice_decode, rice_decode_vectors, rank_decode, cast, act_quant) as recs:
+    with recording(rice_decode, rice_decode_vectors, rank_decode, cast, act_quant, int8_gemm) as recs:
         for impl in rice_decode.IMPLS:
             q = streams["E8"]
             for out_dtype, stats, sub in ((torch.int8, False, None), (torch.float8_e4m3fn, True, None),
@@ -131,6 +135,14 @@ def kernel_cases() -> list[dict]:
                              (4096, "fp8", "fused")):
             x = torch.zeros(256, k, dtype=torch.bfloat16)
             act_quant.rht_quantize(x, random_signs(k, 0), 128, fmt, impl=impl)
+        # the GEMMs at M = 12288 and M = 256 (their tiles differ), int8 and fp8 operands, with and without bias
+        for m, fp8, bias in ((12288, False, True), (12288, True, True), (256, False, False)):
+            a = torch.zeros(m, 512, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+            wq = torch.zeros(256, 512, dtype=a.dtype)
+            sx, sw, b = torch.ones(m), torch.ones(256), torch.zeros(256, dtype=torch.bfloat16) if bias else None
+            (int8_gemm.fp8_gemm_tma if fp8 else int8_gemm.int8_gemm_tma)(a, sx, wq, sw, b)
+        int8_gemm.int8_gemm_triton(torch.zeros(256, 512, dtype=torch.int8), torch.ones(256),
+                                   torch.zeros(256, 512, dtype=torch.int8), torch.ones(256), None)
     return [row for rec in recs.values() for row in compile_recorded(rec)]
 
 
