@@ -176,6 +176,21 @@ def test_rice_decode_kernel_escapes_and_partial_block(impl, sub, chunk_words, un
         rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, check=True, impl=impl)
 
 
+@needs_triton
+@pytest.mark.parametrize("impl", E8_IMPLS)
+def test_rice_decode_kernel_e4m3_output_where_exact(impl):
+    # |c| <= 16 is exact in e4m3 (3 mantissa bits), so no rounding tie arises and the interpreter's cast agrees
+    # with torch's: the fp8 output path (the cast, the vector decoder's byte packing) is checked on the CPU too
+    c = _e8_points(300, 9, scale=4).reshape(-1).to(torch.int32).to(_DEV)
+    assert int(c.abs().max()) <= 16
+    words, offs, ks = encode_coords(c, "E8", 1024)
+    out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 1024,
+                                 out_dtype=torch.float8_e4m3fn, impl=impl)
+    assert int(err.abs().sum()) == 0
+    assert torch.equal(out.view(torch.uint8), c.to(torch.float32).to(torch.float8_e4m3fn).view(torch.uint8))
+    assert amax.tolist() == [int(b.abs().max()) for b in c.split(1024)]
+
+
 _INTERP_E4M3 = pytest.mark.skipif(not torch.cuda.is_available(), reason=(
     "Triton's CPU interpreter rounds float32 -> e4m3 ties away from zero (68 -> 72); the GPU rounds them to nearest "
     "even like torch, so the fp8 output is compared on CUDA"))
