@@ -22,8 +22,6 @@ import torch
 #: torch dtype -> Triton pointer element type string (the ones the package's kernels take)
 _PTR = {torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.int64: "i64", torch.float32: "fp32",
         torch.bfloat16: "bf16", torch.float16: "fp16", torch.float8_e4m3fn: "fp8e4nv"}
-#: launch options that are not kernel parameters
-_OPTIONS = ("num_warps", "num_stages", "stream")
 
 
 class _Recorder:
@@ -40,9 +38,9 @@ class _Recorder:
 
 @contextlib.contextmanager
 def recording(*modules):
-    """Within the block, the ``_kernel()`` (or ``_kernels()``) launchers of ``modules`` record launches instead of running them, and
-    the modules believe Triton can run (on the GPU, not the interpreter). Yields {module name: recorder}, or
-    {kernel name: recorder} for a module whose ``_kernel()`` builds a tuple of launchers."""
+    """Within the block, the ``_kernel()`` (or ``_kernels()``) launchers of ``modules`` record launches instead of
+    running them, and the modules believe Triton can run (on the GPU, not the interpreter). Yields {module name:
+    recorder}, or {kernel name: recorder} for a module whose builder returns a tuple of launchers."""
     saved, recs = [], {}
     try:
         for m in modules:
