@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hyperquant_diffusers.nn import LatticeLinear
+from hyperquant_diffusers.nn import LatticeLinear, memory_footprint
 
 E4M3 = torch.float8_e4m3fn
 
@@ -42,6 +42,12 @@ def test_fp8_residency_holds_e4m3_codes_and_exact_values_of_rounded_codes(layers
     assert b.resident_nbytes() == a.resident_nbytes()
     assert b.code_fix_idx.device.type == "cpu" and b.code_fix_val.device.type == "cpu"
     assert "codes=e4m3" in repr(b)
+    # the host-side table is counted apart: int32 index + int8 value per rounded code
+    n_fix = int(inexact.sum())
+    assert b.host_nbytes() == 5 * n_fix and a.host_nbytes() == 0
+    fa, fb = memory_footprint(torch.nn.Sequential(a)), memory_footprint(torch.nn.Sequential(b))
+    assert fb["lattice_host_bytes"] == 5 * n_fix and fa["lattice_host_bytes"] == 0
+    assert fb["lattice_bytes"] == fa["lattice_bytes"] == a.resident_nbytes()
 
 
 def test_fp8_residency_saves_and_computes_exactly(layers):

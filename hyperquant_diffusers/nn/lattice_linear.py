@@ -15,8 +15,8 @@ Storage (never a float copy of the weight):
   round-to-nearest e4m3 of each code, exact for |c| <= 16), so nothing is cast per call. The exact int8 value of
   every code e4m3 rounds (~1.6% of the codes at 4 bps E8) is kept in host memory (``code_fix_idx`` int32 flat
   indices, ``code_fix_val`` int8: plain CPU tensors, not buffers, so the device holds one byte per weight as with
-  int8 codes); :meth:`exact_codes`, ``state_dict()`` and the CPU reference use them and stay exact. Setting
-  ``mma`` converts between the two forms.
+  int8 codes; :meth:`host_nbytes` counts them); :meth:`exact_codes`, ``state_dict()`` and the CPU reference use
+  them and stay exact. Setting ``mma`` converts between the two forms.
 
 Forward: ``y = rht(x) @ W_rot.T + bias`` where ``W_rot`` is the rotated (RHT-domain) weight as decoded from the
 codes; since the RHT is orthonormal this equals ``x @ W_hat.T`` for the dequantized weight ``W_hat``. On CPU (and on
@@ -368,6 +368,11 @@ class LatticeLinear(nn.Module):
         """Bytes this layer's weight representation occupies in memory now (buffers, bias excluded)."""
         return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False) if b is not None)
 
+    def host_nbytes(self) -> int:
+        """Bytes this layer keeps in host memory beside its buffers: the exact values of the codes that e4m3
+        rounds (``mma="fp8"`` with int8 residency; 5 bytes per rounded code), else 0."""
+        return sum(t.numel() * t.element_size() for t in (self.code_fix_idx, self.code_fix_val) if t is not None)
+
     def stored_nbytes(self) -> int:
         """Bytes of the ``hq_*`` tensors a checkpoint holds for this layer (bias excluded)."""
         if self.hq_words is not None:
@@ -384,15 +389,19 @@ class LatticeLinear(nn.Module):
 def memory_footprint(model: nn.Module) -> dict[str, int | float]:
     """True memory of ``model``: bytes held by LatticeLinear weight buffers vs everything else.
 
-    Returns ``{"lattice_bytes", "other_bytes", "total_bytes", "quantized_params", "dense_bf16_bytes"}`` where
-    ``quantized_params`` counts the weight scalars the LatticeLinears represent and ``dense_bf16_bytes`` what
-    those weights would take in bf16 (for a compression ratio).
+    Returns ``{"lattice_bytes", "other_bytes", "total_bytes", "quantized_params", "dense_bf16_bytes",
+    "lattice_host_bytes"}`` where ``quantized_params`` counts the weight scalars the LatticeLinears represent,
+    ``dense_bf16_bytes`` what those weights would take in bf16 (for a compression ratio), and
+    ``lattice_host_bytes`` what the LatticeLinears keep in host memory outside their buffers (the exact values of
+    e4m3-rounded codes, :meth:`LatticeLinear.host_nbytes`; not in ``total_bytes``, which counts the model's
+    parameters and buffers wherever they are).
     """
-    lattice_bytes = other = qparams = 0
+    lattice_bytes = other = qparams = host = 0
     seen: set[int] = set()
     for mod in model.modules():
         if isinstance(mod, LatticeLinear):
             lattice_bytes += mod.resident_nbytes()
+            host += mod.host_nbytes()
             qparams += mod.in_features * mod.out_features
             for b in mod.buffers(recurse=False):
                 seen.add(id(b))
@@ -401,7 +410,7 @@ def memory_footprint(model: nn.Module) -> dict[str, int | float]:
             seen.add(id(t))
             other += t.numel() * t.element_size()
     return {"lattice_bytes": lattice_bytes, "other_bytes": other, "total_bytes": lattice_bytes + other,
-            "quantized_params": qparams, "dense_bf16_bytes": 2 * qparams}
+            "quantized_params": qparams, "dense_bf16_bytes": 2 * qparams, "lattice_host_bytes": host}
 
 
 __all__ = ["LatticeLinear", "memory_footprint", "compressed_shapes", "MMA_TYPES", "RESIDENCIES"]
