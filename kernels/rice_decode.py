@@ -194,6 +194,8 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     """
     require_triton()
     lat = str(lattice).upper()
+    if impl is not None and lat != "E8":
+        raise ValueError(f"impl chooses between the E8 decoders; a {lat} stream has one decoder (pass impl=None)")
     if lat in ("Z", "D4", "A2"):
         # pair-rank-coded streams have their own decoder
         from .rank_decode import rank_decode

@@ -235,6 +235,8 @@ def test_rice_decode_block_sizes_and_bad_arguments():
         rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 264, impl="bogus")
     with pytest.raises(ValueError, match="multiple of the E8 dimension"):
         rice_decode(words, offs.to(torch.int32), ks, c.numel() - 4, "E8", 264)
+    with pytest.raises(ValueError, match="a D4 stream has one decoder"):
+        rice_decode(words, offs.to(torch.int32), ks, c.numel(), "D4", 264, impl="vectors")
 
 
 @needs_triton
