@@ -52,12 +52,12 @@ _LAT_CODE = {"Z": 0, "A2": 1, "D4": 2}
 def _kernel():
     # Triton resolves a jitted function's callees and ``tl`` through the module globals, so the helpers are bound
     # there (built lazily: importing this module never imports Triton).
-    global tl, _read, _unary_pass, _outside, _block_header
+    global tl, _read, _unary_pass, _outside, _block_header, _e4m3_bits
     import triton
     import triton.language as tl
 
     h = bit_helpers()
-    _read, _unary_pass, _block_header = h.read, h.unary_pass, h.block_header
+    _read, _unary_pass, _block_header, _e4m3_bits = h.read, h.unary_pass, h.block_header, h.e4m3_bits
 
     @triton.jit
     def _outside(c0, c1, A2: tl.constexpr, BOX: tl.constexpr, LN: tl.constexpr, L1: tl.constexpr,
@@ -198,13 +198,14 @@ def _kernel():
                     a64 = tl.maximum(tl.abs(c0.to(tl.int64)), tl.abs(c1.to(tl.int64)))
                     amax = tl.maximum(amax, tl.max(tl.max(tl.where(valid, tl.minimum(a64, 0x7FFFFFFF), 0), 1), 0).to(tl.int32))
                 if OUT_FP8:
-                    o0 = tl.minimum(tl.maximum(c0, -448), 448).to(tl.float32).to(tl.float8e4nv)
-                    o1 = tl.minimum(tl.maximum(c1, -448), 448).to(tl.float32).to(tl.float8e4nv)
+                    o0 = _e4m3_bits(tl.minimum(tl.maximum(c0, -448), 448), HW).to(tl.uint8)
+                    o1 = _e4m3_bits(tl.minimum(tl.maximum(c1, -448), 448), HW).to(tl.uint8)
                 else:
-                    o0 = tl.minimum(tl.maximum(c0, -127), 127).to(tl.int8)
-                    o1 = tl.minimum(tl.maximum(c1, -127), 127).to(tl.int8)
-                tl.store(out_ptr + v0 + 2 * idx, o0, mask=valid)
-                tl.store(out_ptr + v0 + 2 * idx + 1, o1, mask=valid)
+                    o0 = tl.minimum(tl.maximum(c0, -127), 127).to(tl.int8).to(tl.uint8, bitcast=True)
+                    o1 = tl.minimum(tl.maximum(c1, -127), 127).to(tl.int8).to(tl.uint8, bitcast=True)
+                out8 = out_ptr.to(tl.pointer_type(tl.uint8))        # int8 or e4m3 bytes
+                tl.store(out8 + v0 + 2 * idx, o0, mask=valid)
+                tl.store(out8 + v0 + 2 * idx + 1, o1, mask=valid)
             if CHECK:
                 tl.store(amax_ptr + b, amax)
                 tl.store(err_ptr + b, err)

@@ -43,13 +43,13 @@ ESCAPE_BITS = codec_constants.ESCAPE_BITS
 def _kernel():
     # Triton resolves a jitted function's callees and ``tl`` through the module globals, so the helpers are bound
     # there (built lazily: importing this module never imports Triton).
-    global tl, _popc, _read, _unary_pass, _block_header, _e8_even_vectors
+    global tl, _popc, _read, _unary_pass, _block_header, _e8_even_vectors, _e4m3_bits
     import triton
     import triton.language as tl
 
     h = bit_helpers()
     _popc, _read, _unary_pass = h.popc, h.read, h.unary_pass
-    _block_header, _e8_even_vectors = h.block_header, h.e8_even_vectors
+    _block_header, _e8_even_vectors, _e4m3_bits = h.block_header, h.e8_even_vectors, h.e4m3_bits
 
     @triton.jit
     def rice_decode_kernel(words_ptr, offs_ptr, ks_ptr, out_ptr, scratch_ptr, err_ptr, amax_ptr, n, nb,
@@ -69,6 +69,7 @@ def _kernel():
         lidx = gi[:, None] * D + pj[None, :]                    # (SG, D) value index within a tile
         NU: tl.constexpr = CW * (32 // UB)                      # units scanned per step
         sp = scratch_ptr + (pid + 0 * n).to(tl.int64) * BV
+        out8 = out_ptr.to(tl.pointer_type(tl.uint8))            # int8 or e4m3 bytes
         for b in range(pid, nb, nprog):
             wp, nwords, end_bit, v0, cnt, k, kpos = _block_header(words_ptr, offs_ptr, ks_ptr, b, n, BV)
             ng = cnt // D                                        # vectors
@@ -155,10 +156,10 @@ def _kernel():
                 if CHECK:
                     amax = tl.maximum(amax, tl.max(tl.max(tl.where(valid, tl.abs(cval), 0), 1), 0))
                 if OUT_FP8:
-                    o = tl.minimum(tl.maximum(cval, -448), 448).to(tl.float32).to(tl.float8e4nv)
+                    o = _e4m3_bits(tl.minimum(tl.maximum(cval, -448), 448), HW).to(tl.uint8)
                 else:
-                    o = tl.minimum(tl.maximum(cval, -127), 127).to(tl.int8)
-                tl.store(out_ptr + v0 + idx, o, mask=valid)
+                    o = tl.minimum(tl.maximum(cval, -127), 127).to(tl.int8).to(tl.uint8, bitcast=True)
+                tl.store(out8 + v0 + idx, o, mask=valid)
             if CHECK:
                 tl.store(amax_ptr + b, amax)
                 tl.store(err_ptr + b, err)

@@ -42,12 +42,13 @@ def _kernel():
     # Triton resolves a jitted function's callees and ``tl`` through the module globals, so the helpers are bound
     # there (built lazily: importing this module never imports Triton).
     global tl, _popc, _lowest, _read32, _read64, _first_zero64, _select, _quotients, _tile_quotients, \
-        _block_header, _e8_even_vectors
+        _block_header, _e8_even_vectors, _e4m3_bits
     import triton
     import triton.language as tl
 
     h = bit_helpers()
     _popc, _lowest, _block_header, _e8_even_vectors = h.popc, h.lowest, h.block_header, h.e8_even_vectors
+    _e4m3_bits = h.e4m3_bits
 
     @triton.jit
     def _read32(wp, pos, nbits, nwords, mask):
@@ -97,23 +98,41 @@ def _kernel():
         return pos
 
     @triton.jit
-    def _quotients(wp, u, nwords, gmask, REREAD: tl.constexpr, ESC_Q: tl.constexpr, HW: tl.constexpr):
+    def _quotients(wp, u, nwords, gmask, SPAN: tl.constexpr, ESC_Q: tl.constexpr, HW: tl.constexpr):
         # The 8 unary quotients of each vector whose run starts at bit ``u``: packed one byte each (saturated at
-        # 255) in uint64, the vector's escape count, and whether a run exceeded the escape code. REREAD: read a
-        # fresh 64-bit window before each coordinate (runs longer than one window), else one window per vector.
+        # 255) in uint64, the vector's escape count, and whether a run exceeded the escape code. SPAN bounds the
+        # tile's runs: 32 or 64, one window per vector, whose terminators (zeros) are taken lowest first (find
+        # first set, clear it: 32-bit operations only); 0, runs longer than 64 bits: a fresh 64-bit window is read
+        # before each coordinate.
         qp = tl.zeros(u.shape, tl.uint64)
         ne = u * 0
         bad = u < 0
-        win = _read64(wp, u, nwords, gmask, -1)
+        if SPAN == 32:
+            tlo = _read32(wp, u, u * 0 + 32, nwords, gmask) ^ 0xFFFFFFFF     # terminators as set bits
+            thi = tlo * 0
+        else:
+            win = _read64(wp, u, nwords, gmask, -1)
+            tlo = (win & 0xFFFFFFFF).to(tl.uint32) ^ 0xFFFFFFFF
+            thi = (win >> 32).to(tl.uint32) ^ 0xFFFFFFFF
+        prev = u * 0 - 1
         p = u
         for j in tl.static_range(8):            # the E8 vector's coordinates
-            if REREAD:
+            if SPAN == 0:
                 win = _read64(wp, p, nwords, gmask, -1)
-            q = _first_zero64(win, HW)
-            if REREAD:
+                q = _first_zero64(win, HW)
                 p += q + 1
+            elif SPAN == 32:
+                pos = _lowest(tlo, HW)
+                tlo = tlo & (tlo - 1)
+                q = pos - prev - 1
+                prev = pos
             else:
-                win = tl.where(q >= 63, tl.zeros_like(win), (win >> q.to(tl.uint64)) >> 1)
+                inlo = tlo != 0
+                pos = tl.where(inlo, _lowest(tlo, HW), 32 + _lowest(thi, HW))
+                tlo = tl.where(inlo, tlo & (tlo - 1), tlo)
+                thi = tl.where(inlo, thi, thi & (thi - 1))
+                q = pos - prev - 1
+                prev = pos
             qp |= tl.minimum(q, 255).to(tl.uint64) << (8 * j)
             ne += (q == ESC_Q).to(tl.int32)
             bad = bad | (q > ESC_Q)
@@ -121,13 +140,16 @@ def _kernel():
 
     @triton.jit
     def _tile_quotients(wp, sp, g, gmask, nwords, ESC_Q: tl.constexpr, HW: tl.constexpr):
-        # quotients of the tile's vectors ``g`` from their run starts in the scratch row (see _quotients)
+        # quotients of the tile's vectors ``g`` from their run starts in the scratch row (see _quotients), through
+        # the cheapest window that holds every run of the tile
         u = tl.load(sp + g, mask=gmask, other=0)
-        span = tl.load(sp + g + 1, mask=gmask, other=0) - u
-        if tl.max((gmask & (span > 64)).to(tl.int32), 0) > 0:
-            qp, ne, bad = _quotients(wp, u, nwords, gmask, True, ESC_Q, HW)
+        span = tl.max(tl.where(gmask, tl.load(sp + g + 1, mask=gmask, other=0) - u, 0), 0)
+        if span > 64:
+            qp, ne, bad = _quotients(wp, u, nwords, gmask, 0, ESC_Q, HW)
+        elif span > 32:
+            qp, ne, bad = _quotients(wp, u, nwords, gmask, 64, ESC_Q, HW)
         else:
-            qp, ne, bad = _quotients(wp, u, nwords, gmask, False, ESC_Q, HW)
+            qp, ne, bad = _quotients(wp, u, nwords, gmask, 32, ESC_Q, HW)
         return qp, ne, bad
 
     @triton.jit
@@ -204,7 +226,10 @@ def _kernel():
                 has_esc = tl.sum(ne, 0) > 0
                 k7 = tl.maximum(k - ev, 0)                       # coordinate 7 of an even vector is stripped
                 small_k = k * D <= 64
-                lw = _read64(wp, lp, nwords, gmask & small_k, 0)
+                if k * D <= 32:
+                    lw = _read32(wp, lp, gi * 0 + 32, nwords, gmask).to(tl.uint64)
+                else:
+                    lw = _read64(wp, lp, nwords, gmask & small_k, 0)
                 # magnitudes: packed one byte each (saturated at 255: |c| then exceeds both clamps anyway)
                 magp = tl.zeros([SG], tl.uint64)
                 pm = gi * 0                                      # present (signed) coordinates, one bit each
@@ -215,7 +240,10 @@ def _kernel():
                         keff = k7
                     else:
                         keff = gi * 0 + k
-                    if small_k:
+                    if k * D <= 32:
+                        fm32 = (tl.full([SG], 1, tl.uint32) << keff.to(tl.uint32)) - 1
+                        low = ((lw.to(tl.uint32) >> (j * k).to(tl.uint32)) & fm32).to(tl.int32)
+                    elif small_k:
                         fm = (tl.full([SG], 1, tl.uint64) << keff.to(tl.uint64)) - 1
                         low = ((lw >> (j * k).to(tl.uint64)) & fm).to(tl.int32)
                     else:
@@ -267,8 +295,7 @@ def _kernel():
                     val = 2 * mag + par
                     cval = tl.where(neg == 1, -val, val)
                     if OUT_FP8:
-                        o = tl.minimum(tl.maximum(cval, -448), 448).to(tl.float32).to(tl.float8e4nv)
-                        byte = o.to(tl.uint8, bitcast=True)
+                        byte = _e4m3_bits(tl.minimum(tl.maximum(cval, -448), 448), HW).to(tl.uint8)
                     else:
                         byte = tl.minimum(tl.maximum(cval, -127), 127).to(tl.int8).to(tl.uint8, bitcast=True)
                     outp |= byte.to(tl.uint64) << (8 * j)
