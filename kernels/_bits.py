@@ -7,10 +7,10 @@
   and the bit position after the last terminator;
 * ``block_header``: a block's place in the stream (word pointer, sizes, Rice parameter); ``e8_even_vectors``: the
   even vectors of an E8 block, from its parity head;
-* ``e4m3_bits``: the float8-e4m3fn bit pattern of an integer, rounded to nearest even in integer arithmetic, so
+* ``e4m3_bits``: the float8-e4m3fn bit pattern of an integer (round to nearest even on the float32 bits), so
   that the decoders' fp8 output is the same on the GPU, in the interpreter and in torch's cast (the interpreter's
-  float cast rounds ties away from zero; a float8 bitcast inside the vector decoder's packing miscompiled on the
-  H100 with Triton 3.6, bench/RESULTS.md).
+  float8 cast rounds ties away from zero; a float8 bitcast inside the vector decoder's packing gave wrong bytes on
+  the H100 with Triton 3.6, bench/RESULTS.md).
 
 Built on first use (importing this module never imports Triton); the kernels bind them into their own module
 globals, where Triton resolves a jitted function's callees.
@@ -243,20 +243,15 @@ def bit_helpers() -> SimpleNamespace:
         return ng - tl.sum(_popc(hwv & hmask, HW), 0)
 
     @triton.jit
-    def e4m3_bits(v, HW: tl.constexpr):
-        # int32 lanes, |v| <= 448 (callers clamp) -> the float8_e4m3fn byte (int32 in [0, 255]) of v: 3 mantissa
-        # bits under the leading one (exponent bias 7), rounded to nearest, ties to even; |v| < 16 is exact
+    def e4m3_bits(v):
+        # int32 lanes, |v| <= 448 (callers clamp) -> the float8_e4m3fn byte (int32 in [0, 255]) of v. |v| is exact
+        # in float32; its 23 mantissa bits are rounded to e4m3's 3 (nearest, ties to even: add 2**19 - 1 plus the
+        # kept lowest bit, a carry moves into the exponent) and the exponent is rebiased from 127 to 7. Every
+        # nonzero integer is a normal e4m3 number, and |v| <= 448 never rounds past e4m3's largest finite value.
         a = tl.abs(v)
-        e = _msb(a.to(tl.uint32), HW)                          # a = 2**e * 1.mmm...
-        sh = tl.maximum(e - 3, 0)
-        m4 = tl.where(e >= 3, a >> sh, a << tl.maximum(3 - e, 0))   # the leading one and 3 mantissa bits: 8..15
-        rem = a & ((1 << sh) - 1)
-        half = (1 << sh) >> 1
-        m4 += ((rem > half) | ((rem == half) & (sh > 0) & ((m4 & 1) == 1))).to(tl.int32)
-        e += m4 >> 4                                           # rounded up to the next power of two
-        m4 = tl.where(m4 >= 16, 8, m4)
-        mag = ((e + 7) << 3) | (m4 & 7)
-        return tl.where(a == 0, 0, mag | tl.where(v < 0, 0x80, 0))
+        f = a.to(tl.float32).to(tl.int32, bitcast=True)
+        mag = ((f + 0x7FFFF + ((f >> 20) & 1)) >> 20) - ((127 - 7) << 3)
+        return tl.where(a == 0, 0, mag) | tl.where(v < 0, 0x80, 0)
 
     return SimpleNamespace(popc=_popc, read=_read, msb=_msb, lowest=_lowest, unary_pass=unary_pass,
                            block_header=block_header, e8_even_vectors=e8_even_vectors, e4m3_bits=e4m3_bits)

@@ -42,7 +42,7 @@ def _kernel():
     # Triton resolves a jitted function's callees and ``tl`` through the module globals, so the helpers are bound
     # there (built lazily: importing this module never imports Triton).
     global tl, _popc, _lowest, _read32, _read64, _first_zero64, _select, _quotients, _tile_quotients, \
-        _block_header, _e8_even_vectors, _e4m3_bits
+        _run_starts, _tile_magnitudes, _block_header, _e8_even_vectors, _e4m3_bits
     import triton
     import triton.language as tl
 
@@ -139,11 +139,15 @@ def _kernel():
         return qp, ne, bad & gmask
 
     @triton.jit
-    def _tile_quotients(wp, sp, g, gmask, nwords, ESC_Q: tl.constexpr, HW: tl.constexpr):
-        # quotients of the tile's vectors ``g`` from their run starts in the scratch row (see _quotients), through
-        # the cheapest window that holds every run of the tile
+    def _run_starts(sp, g, gmask):
+        # the tile's vectors' unary run starts (scratch row of pass 1) and its longest run, bits
         u = tl.load(sp + g, mask=gmask, other=0)
         span = tl.max(tl.where(gmask, tl.load(sp + g + 1, mask=gmask, other=0) - u, 0), 0)
+        return u, span
+
+    @triton.jit
+    def _tile_quotients(wp, u, span, gmask, nwords, ESC_Q: tl.constexpr, HW: tl.constexpr):
+        # quotients of the tile's vectors (see _quotients) through the cheapest window that holds every run
         if span > 64:
             qp, ne, bad = _quotients(wp, u, nwords, gmask, 0, ESC_Q, HW)
         elif span > 32:
@@ -151,6 +155,69 @@ def _kernel():
         else:
             qp, ne, bad = _quotients(wp, u, nwords, gmask, 32, ESC_Q, HW)
         return qp, ne, bad
+
+    @triton.jit
+    def _tile_magnitudes(wp, nwords, gi, gmask, qp, term, lw, lp, k, k7, ev, odd, par, has_esc, esc_start,
+                         esc_rank, end_bit, err, amax, INLINE: tl.constexpr, SG: tl.constexpr,
+                         ESC_Q: tl.constexpr, CHECK: tl.constexpr, HW: tl.constexpr):
+        # The magnitudes of the tile's vectors, packed one byte each (saturated at 255: |c| then exceeds both
+        # clamps anyway), the mask of present (signed) coordinates and the magnitude sum. INLINE: a tile whose runs
+        # are all shorter than an escape's and whose low bits fit 32: quotients straight from the vectors' 32-bit
+        # windows of terminators ``term`` (no escapes, no saturation), low bits from the 32-bit ``lw``; otherwise
+        # quotients from the packed ``qp``, escapes read from their section, low bits by the window that fits.
+        D: tl.constexpr = 8
+        magp = tl.zeros([SG], tl.uint64)
+        pm = gi * 0
+        msum = gi * 0
+        prev = gi * 0 - 1
+        for j in tl.static_range(D):
+            if j == D - 1:
+                keff = k7
+            else:
+                keff = gi * 0 + k
+            if INLINE:
+                pos = _lowest(term, HW)
+                term = term & (term - 1)
+                q = pos - prev - 1
+                prev = pos
+                fm32 = (tl.full([SG], 1, tl.uint32) << keff.to(tl.uint32)) - 1
+                low = ((lw.to(tl.uint32) >> (j * k).to(tl.uint32)) & fm32).to(tl.int32)
+                m = (q << keff) | low
+            else:
+                q = ((qp >> (8 * j)) & 0xFF).to(tl.int32)
+                if k * D <= 32:
+                    fm32 = (tl.full([SG], 1, tl.uint32) << keff.to(tl.uint32)) - 1
+                    low = ((lw.to(tl.uint32) >> (j * k).to(tl.uint32)) & fm32).to(tl.int32)
+                elif k * D <= 64:
+                    fm = (tl.full([SG], 1, tl.uint64) << keff.to(tl.uint64)) - 1
+                    low = ((lw >> (j * k).to(tl.uint64)) & fm).to(tl.int32)
+                else:
+                    low = _read32(wp, lp + j * k, keff, nwords, gmask).to(tl.int32)
+                m = (tl.minimum(q, ESC_Q - 1) << keff) | low
+                if has_esc:
+                    esc = gmask & (q == ESC_Q)
+                    epos = esc_start + esc_rank * 32
+                    e32 = _read32(wp, epos, gi * 0 + 32, nwords, esc & (epos + 32 <= end_bit))
+                    m = tl.where(esc, e32.to(tl.int32, bitcast=True), m)
+                    esc_rank += esc.to(tl.int32)
+                    if CHECK:
+                        small = (e32 >> keff.to(tl.uint32)) < ESC_Q
+                        err = err | (tl.max((esc & small).to(tl.int32), 0) * 8)
+            if j == D - 1:
+                mag = tl.where(ev == 1, 2 * m + (msum & 1), m)
+                present = (ev == 1) & (mag != 0)
+            else:
+                mag = m
+                present = (mag != 0) | odd
+            msum += mag
+            pm |= present.to(tl.int32) << j
+            # an escaped magnitude of 2**31 or more reads negative as int32: unsigned minima saturate it
+            magu = mag.to(tl.uint32, bitcast=True)
+            magp |= tl.minimum(magu, 255).to(tl.uint64) << (8 * j)
+            if CHECK:
+                big = tl.minimum(magu, 1 << 29).to(tl.int32)
+                amax = tl.maximum(amax, tl.max(tl.where(gmask, 2 * big + par, 0), 0))
+        return magp, pm, msum, err, amax
 
     @triton.jit
     def rice_decode_kernel(words_ptr, offs_ptr, ks_ptr, out_ptr, scratch_ptr, err_ptr, amax_ptr, n, nb,
@@ -200,7 +267,8 @@ def _kernel():
             if NT > 1:
                 for t in range(NT):
                     g = t * SG + gi
-                    qp, ne, bad = _tile_quotients(wp, sp, g, g < ng, nwords, ESC_Q, HW)
+                    u, span = _run_starts(sp, g, g < ng)
+                    qp, ne, bad = _tile_quotients(wp, u, span, g < ng, nwords, ESC_Q, HW)
                     n_esc += tl.sum(ne, 0)
             # ---- pass 2: tiles of SG vectors ----------------------------------------------------------------------
             ev_carry = cnt * 0
@@ -210,7 +278,18 @@ def _kernel():
             for t in range(NT):
                 g = t * SG + gi
                 gmask = g < ng
-                qp, ne, bad = _tile_quotients(wp, sp, g, gmask, nwords, ESC_Q, HW)
+                u, span = _run_starts(sp, g, gmask)
+                # every run shorter than an escape's (8 terminators + at most ESC_Q - 1 ones) and the low bits
+                # within 32 bits: the common tile, whose quotients are read inline below
+                inline = (span < D + ESC_Q) & (k * D <= 32)
+                if inline:
+                    qp = tl.zeros([SG], tl.uint64)
+                    ne = gi * 0
+                    bad = gi < 0
+                    term = _read32(wp, u, gi * 0 + 32, nwords, gmask) ^ 0xFFFFFFFF    # terminators as set bits
+                else:
+                    qp, ne, bad = _tile_quotients(wp, u, span, gmask, nwords, ESC_Q, HW)
+                    term = tl.zeros([SG], tl.uint32)
                 if NT == 1:
                     n_esc = tl.sum(ne, 0)
                 tail_start = esc_start + n_esc * 32
@@ -230,48 +309,14 @@ def _kernel():
                     lw = _read32(wp, lp, gi * 0 + 32, nwords, gmask).to(tl.uint64)
                 else:
                     lw = _read64(wp, lp, nwords, gmask & small_k, 0)
-                # magnitudes: packed one byte each (saturated at 255: |c| then exceeds both clamps anyway)
-                magp = tl.zeros([SG], tl.uint64)
-                pm = gi * 0                                      # present (signed) coordinates, one bit each
-                msum = gi * 0
-                for j in tl.static_range(D):
-                    q = ((qp >> (8 * j)) & 0xFF).to(tl.int32)
-                    if j == D - 1:
-                        keff = k7
-                    else:
-                        keff = gi * 0 + k
-                    if k * D <= 32:
-                        fm32 = (tl.full([SG], 1, tl.uint32) << keff.to(tl.uint32)) - 1
-                        low = ((lw.to(tl.uint32) >> (j * k).to(tl.uint32)) & fm32).to(tl.int32)
-                    elif small_k:
-                        fm = (tl.full([SG], 1, tl.uint64) << keff.to(tl.uint64)) - 1
-                        low = ((lw >> (j * k).to(tl.uint64)) & fm).to(tl.int32)
-                    else:
-                        low = _read32(wp, lp + j * k, keff, nwords, gmask).to(tl.int32)
-                    m = (tl.minimum(q, ESC_Q - 1) << keff) | low
-                    if has_esc:
-                        esc = gmask & (q == ESC_Q)
-                        epos = esc_start + esc_rank * 32
-                        e32 = _read32(wp, epos, gi * 0 + 32, nwords, esc & (epos + 32 <= end_bit))
-                        m = tl.where(esc, e32.to(tl.int32, bitcast=True), m)
-                        esc_rank += esc.to(tl.int32)
-                        if CHECK:
-                            small = (e32 >> keff.to(tl.uint32)) < ESC_Q
-                            err = err | (tl.max((esc & small).to(tl.int32), 0) * 8)
-                    if j == D - 1:
-                        mag = tl.where(ev == 1, 2 * m + (msum & 1), m)
-                        present = (ev == 1) & (mag != 0)
-                    else:
-                        mag = m
-                        present = (mag != 0) | odd
-                    msum += mag
-                    pm |= present.to(tl.int32) << j
-                    # an escaped magnitude of 2**31 or more reads negative as int32: unsigned minima saturate it
-                    magu = mag.to(tl.uint32, bitcast=True)
-                    magp |= tl.minimum(magu, 255).to(tl.uint64) << (8 * j)
-                    if CHECK:
-                        big = tl.minimum(magu, 1 << 29).to(tl.int32)
-                        amax = tl.maximum(amax, tl.max(tl.where(gmask, 2 * big + par, 0), 0))
+                if inline:
+                    magp, pm, msum, err, amax = _tile_magnitudes(
+                        wp, nwords, gi, gmask, qp, term, lw, lp, k, k7, ev, odd, par, has_esc, esc_start, esc_rank,
+                        end_bit, err, amax, True, SG, ESC_Q, CHECK, HW)
+                else:
+                    magp, pm, msum, err, amax = _tile_magnitudes(
+                        wp, nwords, gi, gmask, qp, term, lw, lp, k, k7, ev, odd, par, has_esc, esc_start, esc_rank,
+                        end_bit, err, amax, False, SG, ESC_Q, CHECK, HW)
                 # signs: a vector's are consecutive in the tail, one read per vector
                 pg = _popc(pm.to(tl.uint32), HW)
                 sbase = tail_start + sign_carry + tl.cumsum(pg, 0) - pg
@@ -295,7 +340,7 @@ def _kernel():
                     val = 2 * mag + par
                     cval = tl.where(neg == 1, -val, val)
                     if OUT_FP8:
-                        byte = _e4m3_bits(tl.minimum(tl.maximum(cval, -448), 448), HW).to(tl.uint8)
+                        byte = _e4m3_bits(tl.minimum(tl.maximum(cval, -448), 448)).to(tl.uint8)
                     else:
                         byte = tl.minimum(tl.maximum(cval, -127), 127).to(tl.int8).to(tl.uint8, bitcast=True)
                     outp |= byte.to(tl.uint64) << (8 * j)

@@ -181,18 +181,17 @@ def _e4m3_bits_of(v):
     import triton
     import triton.language as tl
     from hyperquant_diffusers.kernels._bits import bit_helpers
-    from hyperquant_diffusers.kernels._triton import interpreting
 
     global _E4M3_BITS
     _E4M3_BITS = bit_helpers().e4m3_bits
 
     @triton.jit
-    def one_line(v_ptr, o_ptr, n, HW: tl.constexpr, B: tl.constexpr):
+    def one_line(v_ptr, o_ptr, n, B: tl.constexpr):
         i = tl.program_id(0) * B + tl.arange(0, B)
-        tl.store(o_ptr + i, _E4M3_BITS(tl.load(v_ptr + i, mask=i < n, other=0), HW), mask=i < n)
+        tl.store(o_ptr + i, _E4M3_BITS(tl.load(v_ptr + i, mask=i < n, other=0)), mask=i < n)
 
     out = torch.empty_like(v)
-    one_line[(triton.cdiv(v.numel(), 1024),)](v, out, v.numel(), HW=not interpreting(), B=1024)
+    one_line[(triton.cdiv(v.numel(), 1024),)](v, out, v.numel(), B=1024)
     return out
 
 
