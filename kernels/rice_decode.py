@@ -4,9 +4,12 @@ The stream layout is :mod:`hyperquant_diffusers.codec.stream`'s for E8: per bloc
 coordinates of the row-major (out, in) weight, ``[parity head][low k_eff bits per value][unary q ones + a zero
 per value][32-bit escapes][sign bits]``, LSB first in int32 words, each block starting at ``offsets[b]`` words.
 The pair-rank-coded lattices (Z, D4, A2) have their own decoder, :mod:`.rank_decode`; :func:`rice_decode` routes
-them there.
+them there. E8 streams go to one of two kernels (``impl``): by default the one-lane-per-vector kernel of
+:mod:`.rice_decode_vectors`, or this module's "units" kernel, the first design, kept as the measured reference
+for the A/B bench (``bench_kernels.py --decoder-ab``).
 
-One Triton program decodes one block at a time (a persistent grid walks the blocks), in two passes:
+In the units kernel one Triton program decodes one block at a time (a persistent grid walks the blocks), in two
+passes:
 
 * pass 1, the unary section -> one quotient ``q`` per value in a per-program scratch row (``unary_pass`` of
   :mod:`._bits`: units of ``unit_bits`` bits, one lane each, ``chunk_words`` words per step, each lane walking
@@ -169,7 +172,7 @@ def _kernel():
 
 
 #: launch shape (bench/bench_kernels.py sweeps it on the device; see bench/RESULTS.md)
-_TUNE = {"programs_per_sm": 32, "num_warps": 2, "chunk_words": 32, "sub": 512, "unit_bits": 16, "impl": "units"}
+_TUNE = {"programs_per_sm": 32, "num_warps": 2, "chunk_words": 32, "sub": 512, "unit_bits": 16, "impl": "vectors"}
 #: the E8 decoders: this module's kernel (one lane per 16-bit unit of the unary section), and one lane per vector
 IMPLS = ("units", "vectors")
 
@@ -188,8 +191,8 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     ``check``; ``stats=False, check=False`` is the fast path for a stream already checked once (amax and err are
     then None). ``check=True`` synchronizes and raises ``RiceStreamError`` on any error flag and
     ``ValueError`` if a coordinate was clamped. ``stream``: a ``torch.cuda.Stream`` to decode on (default: the
-    current stream). ``impl`` (E8 only): ``"units"`` (this module's kernel, the default in ``_TUNE``) or
-    ``"vectors"`` (:mod:`.rice_decode_vectors`, not yet run on a GPU). Launch shape: ``programs``, ``num_warps``,
+    current stream). ``impl`` (E8 only): ``"vectors"`` (:mod:`.rice_decode_vectors`, the default in ``_TUNE``:
+    1.2-1.5x faster on the H100, bench/RESULTS.md) or ``"units"`` (this module's kernel). Launch shape: ``programs``, ``num_warps``,
     ``chunk_words``, ``sub`` as the chosen kernel reads them (defaults in its ``_TUNE``); ``unit_bits`` for the
     units and rank kernels.
     """

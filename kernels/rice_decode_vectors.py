@@ -1,27 +1,30 @@
 """E8 Rice block decode, one lane per E8 vector (``rice_decode(..., impl="vectors")``): the codec's bit-stripped block
-stream -> int8 (or fp8-e4m3) coordinates, the same contract as the default kernel in :mod:`.rice_decode`.
+stream -> int8 (or fp8-e4m3) coordinates, the contract of :func:`.rice_decode.rice_decode`.
 
-Status: checked bit for bit against the codec in Triton's CPU interpreter (tests/test_kernels.py runs every E8
-decoder test on both implementations) and compiled for sm_90 on the CPU (tests/test_kernels_compile.py), but not yet
-run on the H100: it becomes the default only once it has been checked and timed there (bench/RESULTS.md).
+The default E8 decoder (``_TUNE["impl"]`` of :mod:`.rice_decode`): bit-exact against the codec on the H100 and in
+Triton's CPU interpreter (tests/test_kernels.py runs every E8 decoder test on both implementations), 1.2-1.5x the
+units kernel's speed on the LTX-2 shapes (bench/RESULTS.md).
 
-Why a second design: the default kernel walks every unary terminator with one lane per 16-bit unit and works on
-(vectors, 8) tiles whose per-vector values Triton broadcasts across lanes; it decodes ~165 Gvalues/s, which is the
-whole cost of compressed residency (bench/RESULTS.md). Here the unit of work is the E8 vector: one lane owns whole
-8-coordinate vectors, so nothing crosses lanes but four prefix sums per tile.
+Why a second design: the units kernel walks every unary terminator with one lane per 16-bit unit and works on
+(vectors, 8) tiles whose per-vector values Triton broadcasts across lanes (~170-200 Gvalues/s on the H100). Here the
+unit of work is the E8 vector: one lane owns whole 8-coordinate vectors, so nothing crosses lanes but four prefix
+sums per tile. The decode is bound by the integer ALU pipe (ncu, bench/RESULTS.md), so the common case is kept to
+32-bit operations.
 
 * pass 1 cuts the unary section into words, one lane each: a prefix sum of the words' zero counts ranks their
   terminators, and every 8th terminator (the end of a vector's unary run) is located inside its word by a
   popcount binary search; its bit position + 1, where the next vector's run starts, goes to a per-program scratch
   row (4 bytes per vector);
-* pass 2 takes tiles of up to ``sub // 8`` vectors. A lane reads its vector's unary run as one 64-bit window (a
-  tile with a run longer than 64 bits re-reads the window before each coordinate) and its low bits as one more
-  (``8 k <= 64``; larger ``k`` read each field); the quotients, then the magnitudes, are packed one byte per
-  coordinate in 64-bit registers between the steps. Prefix sums over the tile place the low bits (even vectors
-  strip one), the escapes and the sign bits; E8's parity rules rebuild the stripped bits exactly as the codec
-  does, and the 8 output bytes of a vector leave as one 64-bit store (the output must be 8-byte aligned).
+* pass 2 takes tiles of up to ``sub // 8`` vectors. In the common tile (~99% at 4 bits per weight) every run is
+  shorter than an escape's and the low bits of a vector fit 32 bits: a lane reads one 32-bit window of its run's
+  terminators and takes them lowest first (find first set, clear it), and one 32-bit window of low bits. Other
+  tiles first pack the quotients one byte per coordinate in a 64-bit register, from a 32- or 64-bit window, or
+  (runs longer than 64 bits) a fresh window per coordinate, and read escapes and wide low-bit fields on their own.
+  Magnitudes are packed one byte per coordinate until prefix sums over the tile place the sign bits; E8's parity
+  rules rebuild the stripped bits exactly as the codec does, and the 8 output bytes of a vector leave as one
+  64-bit store (the output must be 8-byte aligned).
 
-Error flags per block as the default kernel's, plus 8: an escaped value small enough to be coded directly (the
+Error flags per block as the units kernel's, plus 8: an escaped value small enough to be coded directly (the
 codec rejects that stream too). No read leaves its block.
 """
 
@@ -354,7 +357,7 @@ def _kernel():
 
 
 #: launch shape: persistent programs per SM, warps, unary words per step of pass 1, coordinates per tile of pass 2
-#: (a first guess: the device sweep in bench/bench_kernels.py has not run on this kernel yet)
+#: (H100 sweep of 16 launch shapes, bench_kernels.py --decoder-ab: the best three within 1.5%, bench/RESULTS.md)
 _TUNE = {"programs_per_sm": 16, "num_warps": 4, "chunk_words": 128, "sub": 4096}
 
 
