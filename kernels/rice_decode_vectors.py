@@ -20,9 +20,10 @@ sums per tile. The decode is bound by the integer ALU pipe (ncu, bench/RESULTS.m
   terminators and takes them lowest first (find first set, clear it), and one 32-bit window of low bits. Other
   tiles first pack the quotients one byte per coordinate in a 64-bit register, from a 32- or 64-bit window, or
   (runs longer than 64 bits) a fresh window per coordinate, and read escapes and wide low-bit fields on their own.
-  Magnitudes are packed one byte per coordinate until prefix sums over the tile place the sign bits; E8's parity
-  rules rebuild the stripped bits exactly as the codec does, and the 8 output bytes of a vector leave as one
-  64-bit store (the output must be 8-byte aligned).
+  E8's parity rules rebuild the stripped bits exactly as the codec does. The absolute values are packed as output
+  bytes (clamped int8, or e4m3 bits) until a prefix sum over the tile places each vector's sign bits; the signs
+  then go onto all 8 bytes at once (a byte mask from the vector's negative-coordinate bits: two's complement for
+  int8, the sign bit for e4m3), and the 8 bytes leave as one 64-bit store (the output must be 8-byte aligned).
 
 Error flags per block as the units kernel's, plus 8: an escaped value small enough to be coded directly (the
 codec rejects that stream too). No read leaves its block.
@@ -162,14 +163,16 @@ def _kernel():
     @triton.jit
     def _tile_magnitudes(wp, nwords, gi, gmask, qp, term, lw, lp, k, k7, ev, odd, par, has_esc, esc_start,
                          esc_rank, end_bit, err, amax, INLINE: tl.constexpr, SG: tl.constexpr,
-                         ESC_Q: tl.constexpr, CHECK: tl.constexpr, HW: tl.constexpr):
-        # The magnitudes of the tile's vectors, packed one byte each (saturated at 255: |c| then exceeds both
-        # clamps anyway), the mask of present (signed) coordinates and the magnitude sum. INLINE: a tile whose runs
+                         ESC_Q: tl.constexpr, CHECK: tl.constexpr, OUT_FP8: tl.constexpr,
+                         HW: tl.constexpr):
+        # The absolute values |c| = 2 m + parity of the tile's vectors, packed one output byte each (clamped to
+        # 127 for int8, e4m3 bits of min(|c|, 448) for fp8: the signs are applied to all 8 bytes at once), the
+        # mask of present (signed) coordinates and the magnitude sum. INLINE: a tile whose runs
         # are all shorter than an escape's and whose low bits fit 32: quotients straight from the vectors' 32-bit
         # windows of terminators ``term`` (no escapes, no saturation), low bits from the 32-bit ``lw``; otherwise
         # quotients from the packed ``qp``, escapes read from their section, low bits by the window that fits.
         D: tl.constexpr = 8
-        magp = tl.zeros([SG], tl.uint64)
+        valp = tl.zeros([SG], tl.uint64)
         pm = gi * 0
         msum = gi * 0
         prev = gi * 0 - 1
@@ -215,12 +218,15 @@ def _kernel():
             msum += mag
             pm |= present.to(tl.int32) << j
             # an escaped magnitude of 2**31 or more reads negative as int32: unsigned minima saturate it
-            magu = mag.to(tl.uint32, bitcast=True)
-            magp |= tl.minimum(magu, 255).to(tl.uint64) << (8 * j)
+            val = 2 * tl.minimum(mag.to(tl.uint32, bitcast=True), 1 << 29).to(tl.int32) + par
+            if OUT_FP8:
+                byte = _e4m3_bits(tl.minimum(val, 448))
+            else:
+                byte = tl.minimum(val, 127)
+            valp |= byte.to(tl.uint64) << (8 * j)
             if CHECK:
-                big = tl.minimum(magu, 1 << 29).to(tl.int32)
-                amax = tl.maximum(amax, tl.max(tl.where(gmask, 2 * big + par, 0), 0))
-        return magp, pm, msum, err, amax
+                amax = tl.maximum(amax, tl.max(tl.where(gmask, val, 0), 0))
+        return valp, pm, msum, err, amax
 
     @triton.jit
     def rice_decode_kernel(words_ptr, offs_ptr, ks_ptr, out_ptr, scratch_ptr, err_ptr, amax_ptr, n, nb,
@@ -313,13 +319,13 @@ def _kernel():
                 else:
                     lw = _read64(wp, lp, nwords, gmask & small_k, 0)
                 if inline:
-                    magp, pm, msum, err, amax = _tile_magnitudes(
+                    valp, pm, msum, err, amax = _tile_magnitudes(
                         wp, nwords, gi, gmask, qp, term, lw, lp, k, k7, ev, odd, par, has_esc, esc_start, esc_rank,
-                        end_bit, err, amax, True, SG, ESC_Q, CHECK, HW)
+                        end_bit, err, amax, True, SG, ESC_Q, CHECK, OUT_FP8, HW)
                 else:
-                    magp, pm, msum, err, amax = _tile_magnitudes(
+                    valp, pm, msum, err, amax = _tile_magnitudes(
                         wp, nwords, gi, gmask, qp, term, lw, lp, k, k7, ev, odd, par, has_esc, esc_start, esc_rank,
-                        end_bit, err, amax, False, SG, ESC_Q, CHECK, HW)
+                        end_bit, err, amax, False, SG, ESC_Q, CHECK, OUT_FP8, HW)
                 # signs: a vector's are consecutive in the tail, one read per vector
                 pg = _popc(pm.to(tl.uint32), HW)
                 sbase = tail_start + sign_carry + tl.cumsum(pg, 0) - pg
@@ -327,26 +333,26 @@ def _kernel():
                 if CHECK:
                     err = err | (tl.max((gmask & (sbase + pg > end_bit)).to(tl.int32), 0) * 2)
                 sw = _read32(wp, sbase, pg, nwords, gmask & (pg > 0) & (sbase + pg <= end_bit))
-                outp = tl.zeros([SG], tl.uint64)
+                # the negative coordinates, one bit each: present ones take the next sign bit
+                nm = gi * 0
                 srank = gi * 0
-                nneg = gi * 0
-                for j in tl.static_range(D):
-                    mag = ((magp >> (8 * j)) & 0xFF).to(tl.int32)
+                for j in tl.static_range(D - 1):
                     pj = (pm >> j) & 1
-                    neg = (pj & (sw >> srank.to(tl.uint32)).to(tl.int32)) & 1
+                    nm |= (pj & (sw >> srank.to(tl.uint32)).to(tl.int32)) << j
                     srank += pj
-                    if j == D - 1:
-                        # an odd vector's last sign makes the sum 0 mod 4: parity of (sum of magnitudes - negatives)
-                        neg = tl.where(odd, (msum - nneg) & 1, neg)
-                    else:
-                        nneg += neg
-                    val = 2 * mag + par
-                    cval = tl.where(neg == 1, -val, val)
-                    if OUT_FP8:
-                        byte = _e4m3_bits(tl.minimum(tl.maximum(cval, -448), 448)).to(tl.uint8)
-                    else:
-                        byte = tl.minimum(tl.maximum(cval, -127), 127).to(tl.int8).to(tl.uint8, bitcast=True)
-                    outp |= byte.to(tl.uint64) << (8 * j)
+                n7 = ((pm >> (D - 1)) & 1) & (sw >> srank.to(tl.uint32)).to(tl.int32)
+                # an odd vector's last sign makes the sum 0 mod 4: parity of (sum of magnitudes - negatives)
+                n7 = tl.where(odd, (msum - _popc(nm.to(tl.uint32), HW)) & 1, n7)
+                nm |= n7 << (D - 1)
+                # 0x01 in each negative coordinate's byte (4 mask bits -> 4 bytes by one multiply, no carries)
+                lo = ((nm & 0xF).to(tl.uint32) * 0x00204081) & 0x01010101
+                hi = ((nm >> 4).to(tl.uint32) * 0x00204081) & 0x01010101
+                ones = lo.to(tl.uint64) | (hi.to(tl.uint64) << 32)
+                if OUT_FP8:
+                    outp = valp | (ones << 7)                    # e4m3's sign bit
+                else:
+                    # two's complement of the negative bytes; none is 0 (a signed |c| is >= 1), so no carry
+                    outp = (valp ^ (ones * 0xFF)) + ones
                 tl.store(out64 + (v0 // D + g), outp, mask=gmask)
             if CHECK:
                 tl.store(amax_ptr + b, amax)
