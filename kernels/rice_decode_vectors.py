@@ -165,9 +165,9 @@ def _kernel():
                          esc_rank, end_bit, err, amax, INLINE: tl.constexpr, SG: tl.constexpr,
                          ESC_Q: tl.constexpr, CHECK: tl.constexpr, OUT_FP8: tl.constexpr,
                          HW: tl.constexpr):
-        # The absolute values |c| = 2 m + parity of the tile's vectors, packed one output byte each (clamped to
-        # 127 for int8, e4m3 bits of min(|c|, 448) for fp8: the signs are applied to all 8 bytes at once), the
-        # mask of present (signed) coordinates and the magnitude sum. INLINE: a tile whose runs
+        # Packed one byte per coordinate: for int8 output the absolute values |c| = 2 m + parity clamped to 127
+        # (the signs are applied to all 8 bytes at once), for fp8 the magnitudes m saturated at 255 (|c| then
+        # exceeds e4m3's 448 anyway); the mask of present (signed) coordinates and the magnitude sum. INLINE: a tile whose runs
         # are all shorter than an escape's and whose low bits fit 32: quotients straight from the vectors' 32-bit
         # windows of terminators ``term`` (no escapes, no saturation), low bits from the 32-bit ``lw``; otherwise
         # quotients from the packed ``qp``, escapes read from their section, low bits by the window that fits.
@@ -218,11 +218,12 @@ def _kernel():
             msum += mag
             pm |= present.to(tl.int32) << j
             # an escaped magnitude of 2**31 or more reads negative as int32: unsigned minima saturate it
-            val = 2 * tl.minimum(mag.to(tl.uint32, bitcast=True), 1 << 29).to(tl.int32) + par
+            magu = mag.to(tl.uint32, bitcast=True)
+            val = 2 * tl.minimum(magu, 1 << 29).to(tl.int32) + par
             if OUT_FP8:
-                byte = _e4m3_bits(tl.minimum(val, 448))
+                byte = tl.minimum(magu, 255)        # |c| = 2 m + parity becomes e4m3 bits with the signs
             else:
-                byte = tl.minimum(val, 127)
+                byte = tl.minimum(val, 127).to(tl.uint32)
             valp |= byte.to(tl.uint64) << (8 * j)
             if CHECK:
                 amax = tl.maximum(amax, tl.max(tl.where(gmask, val, 0), 0))
@@ -349,7 +350,10 @@ def _kernel():
                 hi = ((nm >> 4).to(tl.uint32) * 0x00204081) & 0x01010101
                 ones = lo.to(tl.uint64) | (hi.to(tl.uint64) << 32)
                 if OUT_FP8:
-                    outp = valp | (ones << 7)                    # e4m3's sign bit
+                    outp = ones << 7                             # e4m3's sign bit
+                    for j in tl.static_range(D):
+                        cabs = 2 * ((valp >> (8 * j)) & 0xFF).to(tl.int32) + par
+                        outp |= _e4m3_bits(tl.minimum(cabs, 448)).to(tl.uint64) << (8 * j)
                 else:
                     # two's complement of the negative bytes; none is 0 (a signed |c| is >= 1), so no carry
                     outp = (valp ^ (ones * 0xFF)) + ones
