@@ -239,7 +239,9 @@ def _kernel():
         nprog = tl.num_programs(0)
         gi = tl.arange(0, SG)
         wu = tl.arange(0, NWU)
-        sp = scratch_ptr + (pid + 0 * n).to(tl.int64) * SROW     # int32: the start bit of each vector's run
+        # the shared int8 scratch area holds an int32 row per program (the start bit of each vector's run); the
+        # pointer is cast here rather than the tensor viewed per call (host time: one launch per layer call)
+        sp = scratch_ptr.to(tl.pointer_type(tl.int32)) + (pid + 0 * n).to(tl.int64) * SROW
         out64 = out_ptr.to(tl.pointer_type(tl.uint64))
         for b in range(pid, nb, nprog):
             wp, nwords, end_bit, v0, cnt, k, kpos = _block_header(words_ptr, offs_ptr, ks_ptr, b, n, BV)
@@ -393,7 +395,7 @@ def launch(words, offsets, ks, out, err_arg, amax_arg, n: int, nb: int, block_va
     sg = min(_pow2_at_least(bv // _D), tile // _D)
     nt = -(-(bv // _D) // sg)
     srow = nt * sg + 1
-    scratch = decode_scratch(dev, nprog * srow * 4, stream)[: nprog * srow * 4].view(torch.int32)
+    scratch = decode_scratch(dev, nprog * srow * 4, stream)
     _kernel()((nprog,), words, offsets, ks.reshape(-1), out, scratch, err_arg, amax_arg, int(n), nb, BV=bv,
               SG=sg, NT=nt, NWU=cw, SROW=srow, OUT_FP8=out.dtype == torch.float8_e4m3fn, ESC_Q=esc_q,
               CHECK=stats, HWN=_pow2_at_least(-(-(bv // _D) // 32)), HW=not interpreting(),
