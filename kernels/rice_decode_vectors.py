@@ -370,7 +370,8 @@ def _kernel():
 
 #: launch shape: persistent programs per SM, warps, unary words per step of pass 1, coordinates per tile of pass 2
 #: (H100 sweep of 16 launch shapes, bench_kernels.py --decoder-ab: the best three within 1.5%, bench/RESULTS.md)
-_TUNE = {"programs_per_sm": 16, "num_warps": 4, "chunk_words": 128, "sub": 4096}
+#: maxnreg: a register cap per thread for ptxas (None: ptxas chooses; 128 at 4 warps with Triton 3.6)
+_TUNE = {"programs_per_sm": 16, "num_warps": 4, "chunk_words": 128, "sub": 4096, "maxnreg": None}
 
 
 def _pow2_at_least(x: int) -> int:
@@ -378,7 +379,8 @@ def _pow2_at_least(x: int) -> int:
 
 
 def launch(words, offsets, ks, out, err_arg, amax_arg, n: int, nb: int, block_values: int, esc_q: int, *,
-           stats: bool, programs=None, num_warps=None, chunk_words=None, sub=None, stream=None) -> None:
+           stats: bool, programs=None, num_warps=None, chunk_words=None, sub=None, maxnreg=None,
+           stream=None) -> None:
     """Launch the kernel on validated arguments (:func:`.rice_decode.rice_decode` checks them): ``out`` (n,) int8
     or float8_e4m3fn, 8-byte aligned; ``err_arg``/``amax_arg`` int32 (nb,) (written when ``stats``)."""
     bv = int(block_values)
@@ -396,7 +398,9 @@ def launch(words, offsets, ks, out, err_arg, amax_arg, n: int, nb: int, block_va
     nt = -(-(bv // _D) // sg)
     srow = nt * sg + 1
     scratch = decode_scratch(dev, nprog * srow * 4, stream)
+    cap = maxnreg or _TUNE["maxnreg"]
+    opts = {"maxnreg": cap} if cap else {}
     _kernel()((nprog,), words, offsets, ks.reshape(-1), out, scratch, err_arg, amax_arg, int(n), nb, BV=bv,
               SG=sg, NT=nt, NWU=cw, SROW=srow, OUT_FP8=out.dtype == torch.float8_e4m3fn, ESC_Q=esc_q,
               CHECK=stats, HWN=_pow2_at_least(-(-(bv // _D) // 32)), HW=not interpreting(),
-              num_warps=num_warps or _TUNE["num_warps"], stream=stream)
+              num_warps=num_warps or _TUNE["num_warps"], stream=stream, **opts)
