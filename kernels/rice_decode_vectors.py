@@ -369,9 +369,11 @@ def _kernel():
 
 
 #: launch shape: persistent programs per SM, warps, unary words per step of pass 1, coordinates per tile of pass 2
-#: (H100 sweep of 16 launch shapes, bench_kernels.py --decoder-ab: the best three within 1.5%, bench/RESULTS.md)
-#: maxnreg: a register cap per thread for ptxas (None: ptxas chooses; 128 at 4 warps with Triton 3.6)
-_TUNE = {"programs_per_sm": 16, "num_warps": 4, "chunk_words": 128, "sub": 4096, "maxnreg": None}
+#: (H100 sweep of 16 launch shapes without a cap, bench_kernels.py --decoder-ab: the best three within 1.5%)
+#: maxnreg: a register cap per thread for ptxas (None: ptxas chooses, 128 at 4 warps with Triton 3.6). Capped at 64
+#: with 32 programs per SM the kernel spills 54 registers but runs 8 programs per SM instead of 4: 1.18-1.25x faster
+#: on the H100 (bench/RESULTS.md, 14:31 UTC sweep of caps 64-96)
+_TUNE = {"programs_per_sm": 32, "num_warps": 4, "chunk_words": 128, "sub": 4096, "maxnreg": 64}
 
 
 def _pow2_at_least(x: int) -> int:
@@ -399,7 +401,7 @@ def launch(words, offsets, ks, out, err_arg, amax_arg, n: int, nb: int, block_va
     srow = nt * sg + 1
     scratch = decode_scratch(dev, nprog * srow * 4, stream)
     cap = maxnreg or _TUNE["maxnreg"]
-    opts = {"maxnreg": cap} if cap else {}
+    opts = {"maxnreg": cap} if cap and not interpreting() else {}   # a ptxas option: nothing to cap on the CPU
     _kernel()((nprog,), words, offsets, ks.reshape(-1), out, scratch, err_arg, amax_arg, int(n), nb, BV=bv,
               SG=sg, NT=nt, NWU=cw, SROW=srow, OUT_FP8=out.dtype == torch.float8_e4m3fn, ESC_Q=esc_q,
               CHECK=stats, HWN=_pow2_at_least(-(-(bv // _D) // 32)), HW=not interpreting(),

@@ -40,7 +40,10 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert kernels.count("int8_gemm_tma_kernel") == 3 and kernels.count("int8_gemm_kernel") == 1
     assert sum(1 for r in rows if r.get("OUT_FP8")) == 2
     assert sum(1 for r in rows if r["kernel"] == "rice_decode_kernel" and r.get("NT", 1) > 1) == 1
-    assert not any(r["local_memory"] for r in rows)  # no register spills
+    # no local arrays in the PTX; ptxas may still spill under a register cap, which the vector decoder sets on
+    # purpose (its launches are compiled with it)
+    assert not any(r["local_memory"] for r in rows)
+    assert {r.get("maxnreg") for r in rows if r.get("SG")} == {64}
 
 
 def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects(tmp_path):

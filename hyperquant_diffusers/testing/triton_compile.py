@@ -93,10 +93,10 @@ def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
             sig[name] = "constexpr"
             const[name] = kw[name]
         src = ASTSource(fn=rec.fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-        row = {"kernel": rec.fn.__name__, **const}
+        row = {"kernel": rec.fn.__name__, **const, **({"maxnreg": kw["maxnreg"]} if "maxnreg" in kw else {})}
         try:
             ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options={k: kw[k] for k in ("num_warps", "num_stages") if k in kw})
+                                options={k: kw[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kw})
             row.update(ok="cubin" in ck.asm, shared_bytes=int(ck.metadata.shared),
                        local_memory=".local" in ck.asm["ptx"])
         except Exception as e:  # the point: report the compiler's error, whatever it is
