@@ -2,7 +2,7 @@
 stream -> int8 (or fp8-e4m3) coordinates, the contract of :func:`.rice_decode.rice_decode`.
 
 The default E8 decoder (``_TUNE["impl"]`` of :mod:`.rice_decode`): bit-exact against the codec on the H100 and in
-Triton's CPU interpreter (tests/test_kernels.py runs every E8 decoder test on both implementations), 1.2-1.5x the
+Triton's CPU interpreter (tests/test_kernels.py runs every E8 decoder test on both implementations), 1.5-1.7x the
 units kernel's speed on the LTX-2 shapes (bench/RESULTS.md).
 
 Why a second design: the units kernel walks every unary terminator with one lane per 16-bit unit and works on
