@@ -8,8 +8,8 @@ units kernel's speed on the LTX-2 shapes (bench/RESULTS.md).
 Why a second design: the units kernel walks every unary terminator with one lane per 16-bit unit and works on
 (vectors, 8) tiles whose per-vector values Triton broadcasts across lanes (~170-200 Gvalues/s on the H100). Here the
 unit of work is the E8 vector: one lane owns whole 8-coordinate vectors, so nothing crosses lanes but four prefix
-sums per tile. The decode is bound by the integer ALU pipe (ncu, bench/RESULTS.md), so the common case is kept to
-32-bit operations.
+sums per tile. The decode is bound by the integer ALU pipe and by latency (ncu, bench/RESULTS.md): the common case
+is kept to 32-bit operations, and the launch caps registers at 64 (some spill) so that 8 programs fit an SM.
 
 * pass 1 cuts the unary section into words, one lane each: a prefix sum of the words' zero counts ranks their
   terminators, and every 8th terminator (the end of a vector's unary run) is located inside its word by a
