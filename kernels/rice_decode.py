@@ -35,6 +35,7 @@ from ..codec import constants as codec_constants
 from ..codec.rice import RiceStreamError
 from ._bits import (bit_helpers, decode_buffers, decode_reference, decode_scratch, raise_on_flags,
                     stats_placeholder)
+from . import rice_decode_vectors
 from ._launch import CachedLauncher
 from ._triton import interpreting, jit_cache, num_sms, require_triton
 
@@ -225,7 +226,6 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     err_arg = err if stats else stats_placeholder(dev)
     amax_arg = amax if stats else err_arg
     if nb and impl == "vectors":
-        from . import rice_decode_vectors
         # that kernel stores a vector's 8 bytes at once: an output view off an 8-byte boundary decodes via a copy
         target = out if out.data_ptr() % 8 == 0 else torch.empty_like(out)
         rice_decode_vectors.launch(words, offsets, ks, target, err_arg, amax_arg, int(n), nb, bv, ESCAPE_Q,

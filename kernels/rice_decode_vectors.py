@@ -31,6 +31,8 @@ codec rejects that stream too). No read leaves its block.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._bits import bit_helpers, decode_scratch
@@ -380,29 +382,37 @@ def _pow2_at_least(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=64)
+def _launch_plan(bv: int, tile: int, cw: int, num_warps: int, maxnreg, interp: bool):
+    """The launch constants of a block size and launch shape, computed once (this runs per layer call, so its host
+    time counts): the scratch row length (int32 per program) and the kernel's constexpr / option keywords."""
+    if tile < _D or tile & (tile - 1):
+        raise ValueError(f"sub must be a power of two of at least {_D} coordinates, got {tile}")
+    if cw <= 0 or cw & (cw - 1):
+        raise ValueError(f"chunk_words must be a power of two, got {cw}")
+    sg = min(_pow2_at_least(bv // _D), tile // _D)
+    nt = -(-(bv // _D) // sg)
+    srow = nt * sg + 1
+    kw = dict(BV=bv, SG=sg, NT=nt, NWU=cw, SROW=srow, HWN=_pow2_at_least(-(-(bv // _D) // 32)), HW=not interp,
+              num_warps=num_warps)
+    if maxnreg and not interp:           # a ptxas option: nothing to cap in the interpreter
+        kw["maxnreg"] = maxnreg
+    return srow, kw
+
+
 def launch(words, offsets, ks, out, err_arg, amax_arg, n: int, nb: int, block_values: int, esc_q: int, *,
            stats: bool, programs=None, num_warps=None, chunk_words=None, sub=None, maxnreg=None,
            stream=None) -> None:
     """Launch the kernel on validated arguments (:func:`.rice_decode.rice_decode` checks them): ``out`` (n,) int8
     or float8_e4m3fn, 8-byte aligned; ``err_arg``/``amax_arg`` int32 (nb,) (written when ``stats``)."""
-    bv = int(block_values)
-    tile = sub or _TUNE["sub"]
-    if tile < _D or tile & (tile - 1):
-        raise ValueError(f"sub must be a power of two of at least {_D} coordinates, got {sub}")
-    cw = chunk_words or _TUNE["chunk_words"]
-    if cw <= 0 or cw & (cw - 1):
-        raise ValueError(f"chunk_words must be a power of two, got {chunk_words}")
+    srow, kw = _launch_plan(int(block_values), sub or _TUNE["sub"], chunk_words or _TUNE["chunk_words"],
+                            num_warps or _TUNE["num_warps"], maxnreg or _TUNE["maxnreg"], interpreting())
     if out.data_ptr() % 8:
         raise ValueError("the vector decoder stores 8 bytes per vector: out must be 8-byte aligned")
     dev = words.device
     nprog = max(1, min(nb, programs or num_sms(dev.index or 0) * _TUNE["programs_per_sm"]))
-    sg = min(_pow2_at_least(bv // _D), tile // _D)
-    nt = -(-(bv // _D) // sg)
-    srow = nt * sg + 1
     scratch = decode_scratch(dev, nprog * srow * 4, stream)
-    cap = maxnreg or _TUNE["maxnreg"]
-    opts = {"maxnreg": cap} if cap and not interpreting() else {}   # a ptxas option: nothing to cap on the CPU
-    _kernel()((nprog,), words, offsets, ks.reshape(-1), out, scratch, err_arg, amax_arg, int(n), nb, BV=bv,
-              SG=sg, NT=nt, NWU=cw, SROW=srow, OUT_FP8=out.dtype == torch.float8_e4m3fn, ESC_Q=esc_q,
-              CHECK=stats, HWN=_pow2_at_least(-(-(bv // _D) // 32)), HW=not interpreting(),
-              num_warps=num_warps or _TUNE["num_warps"], stream=stream, **opts)
+    # ks is (n_blocks, 1) or (n_blocks,): the kernel reads it flat
+    _kernel()((nprog,), words, offsets, ks if ks.is_contiguous() else ks.reshape(-1), out, scratch, err_arg,
+              amax_arg, int(n), nb, OUT_FP8=out.dtype == torch.float8_e4m3fn, ESC_Q=esc_q, CHECK=stats,
+              stream=stream, **kw)

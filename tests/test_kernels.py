@@ -260,6 +260,12 @@ def test_rice_decode_block_sizes_and_bad_arguments():
         rice_decode(words, offs.to(torch.int32), ks, c.numel() - 4, "E8", 264)
     with pytest.raises(ValueError, match="a D4 stream has one decoder"):
         rice_decode(words, offs.to(torch.int32), ks, c.numel(), "D4", 264, impl="vectors")
+    # the vector decoder's launch shape (its constants are cached per shape: a bad one still raises every time)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="sub must be a power of two"):
+            rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 264, impl="vectors", sub=96)
+        with pytest.raises(ValueError, match="chunk_words must be a power of two"):
+            rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 264, impl="vectors", chunk_words=12)
 
 
 @needs_triton
