@@ -193,9 +193,9 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     then None). ``check=True`` synchronizes and raises ``RiceStreamError`` on any error flag and
     ``ValueError`` if a coordinate was clamped. ``stream``: a ``torch.cuda.Stream`` to decode on (default: the
     current stream). ``impl`` (E8 only): ``"vectors"`` (:mod:`.rice_decode_vectors`, the default in ``_TUNE``:
-    1.5-1.7x faster on the H100, bench/RESULTS.md) or ``"units"`` (this module's kernel). Launch shape: ``programs``, ``num_warps``,
-    ``chunk_words``, ``sub`` as the chosen kernel reads them (defaults in its ``_TUNE``); ``unit_bits`` for the
-    units and rank kernels.
+    1.5-1.7x faster on the H100, bench/RESULTS.md) or ``"units"`` (this module's kernel). Launch shape:
+    ``programs``, ``num_warps``, ``chunk_words``, ``sub`` as the chosen kernel reads them (defaults in its
+    ``_TUNE``); ``unit_bits`` for the units and rank kernels.
     """
     require_triton()
     lat = str(lattice).upper()

@@ -197,7 +197,7 @@ def _e4m3_bits_of(v):
 
 @needs_triton
 def test_e4m3_bits_is_torchs_cast_on_every_integer_in_range():
-    # the decoders round in integer arithmetic: nearest, ties to even (17 -> 16, 19 -> 20, 68 -> 64, 440 -> 448)
+    # the decoders' own rounding (on the float32 bits): nearest, ties to even (17 -> 16, 19 -> 20, 68 -> 64, 440 -> 448)
     v = torch.arange(-448, 449, dtype=torch.int32, device=_DEV)
     got = _e4m3_bits_of(v)
     want = v.to(torch.float32).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
@@ -208,7 +208,7 @@ def test_e4m3_bits_is_torchs_cast_on_every_integer_in_range():
 @needs_triton
 @pytest.mark.parametrize("impl", E8_IMPLS)
 def test_rice_decode_kernel_e4m3_output(impl):
-    # coordinates up to ~40: the rounded e4m3 values (ties to even) as torch's cast gives them, on the CPU too
+    # coordinates up to 23: the rounded e4m3 values (ties to even) as torch's cast gives them, on the CPU too
     c = _e8_points(300, 9, scale=10).reshape(-1).to(torch.int32).to(_DEV)
     assert int(c.abs().max()) > 16
     words, offs, ks = encode_coords(c, "E8", 1024)
