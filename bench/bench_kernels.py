@@ -495,6 +495,139 @@ def interleaved_case(dev, m=12288, rounds=7, shapes=None):
     return out
 
 
+#: the persistent GEMM launches --gemm-sweep tries, (BM, BN, BK, GROUP_M, warps, stages, SUBTILE, FLATTEN)
+PERSISTENT_SWEEP = [(128, 256, 128, 8, 8, 3, True, True), (128, 256, 128, 8, 8, 3, True, False),
+                    (128, 256, 128, 8, 8, 3, False, True), (128, 256, 128, 8, 8, 4, True, True),
+                    (128, 256, 64, 8, 8, 4, True, True), (128, 256, 64, 8, 8, 6, True, True),
+                    (128, 128, 128, 8, 8, 4, True, True), (128, 128, 128, 8, 4, 4, True, True),
+                    (256, 128, 128, 8, 8, 3, True, True), (128, 256, 128, 16, 8, 3, True, True)]
+
+
+def _graphed(fn):
+    """``fn`` captured in a CUDA graph (after a warm-up call on a side stream): a callable replaying it. Timing
+    the replay gives the GPU time of ``fn`` without the host's launch cost."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def gemm_sweep_case(dev, m=12288, shapes=None, rounds=3):
+    """The GEMMs alone at M tokens: the one-tile-per-program TMA kernel (the code's default) against the
+    persistent kernel at each launch of ``PERSISTENT_SWEEP``, int8 and fp8 operands; every launch's output checked
+    against the float64 product of the same codes (rel. error) and, for int8, against the TMA kernel bit for bit.
+    Then per layer (int8 residency, M tokens) with the best persistent launch on and off, eager and replayed from a
+    CUDA graph (GPU time without the host's launch cost), next to bf16 ``F.linear``. ms, median of per-round
+    ``do_bench`` medians."""
+    from hyperquant_diffusers.kernels import dispatch, int8_gemm as G
+
+    dispatch.set_activation_sharing(False)
+    out = {}
+    for (n, k) in (shapes or SHAPES):
+        torch.manual_seed(n + k)
+        xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
+        wq = torch.randint(-12, 13, (n, k), dtype=torch.int8, device=dev)
+        sx = torch.rand(m, device=dev) + 0.5
+        sw = torch.rand(n, device=dev) * 1e-3 + 1e-3
+        b = torch.randn(n, device=dev).to(torch.bfloat16)
+        x8 = (torch.randn(m, k, device=dev) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+        w8 = wq.to(torch.float8_e4m3fn)
+        ref = {"int8": G.quantized_linear_reference(xq, sx, wq, sw, b),
+               "fp8": G.quantized_linear_reference(x8.float(), sx, w8.float(), sw, b)}
+        ops = {"int8": (xq, sx, wq, sw, b), "fp8": (x8, sx, w8, sw, b)}
+        row = {}
+        for fmt in ("int8", "fp8"):
+            tma = G.fp8_gemm_tma if fmt == "fp8" else G.int8_gemm_tma
+            per = G.fp8_gemm_persistent if fmt == "fp8" else G.int8_gemm_persistent
+            y_tma = tma(*ops[fmt])
+            fns = {"tma": lambda: tma(*ops[fmt])}
+            checks = {"tma": {"rel": rel(y_tma, ref[fmt])}}
+            for cfg in PERSISTENT_SWEEP:
+                name = "p" + "-".join(str(int(v)) for v in cfg)
+                try:
+                    y = per(*ops[fmt], config=cfg)
+                    torch.cuda.synchronize()
+                except Exception as e:  # a launch the compiler or the GPU rejects is a result, not a crash
+                    checks[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                    continue
+                checks[name] = {"rel": rel(y, ref[fmt]), "equal_tma": bool(torch.equal(y, y_tma))}
+                fns[name] = (lambda cfg=cfg: per(*ops[fmt], config=cfg))
+            t = {key: [] for key in fns}
+            for _ in range(rounds):
+                for key, f in fns.items():
+                    t[key].append(bench(f))
+            med = {key: sorted(v)[len(v) // 2] for key, v in t.items()}
+            ok = [key for key in med if key != "tma" and checks[key]["rel"] < 1e-2]
+            best = min(ok, key=med.get) if ok else None
+            row[fmt] = {"ms": med, "checks": checks, "best": best,
+                        "tops": {key: 2 * m * n * k / v / 1e9 for key, v in med.items()}}
+            print(f"# gemm {n}x{k} {fmt} tma {med['tma']:.4f} best {best} "
+                  f"{med.get(best, float('nan')):.4f} ms", flush=True)
+        out[f"{n}x{k}"] = row
+        del xq, wq, x8, w8, ref, ops
+        torch.cuda.empty_cache()
+    # per layer with the best persistent launch (each format's most common best across the shapes)
+    saved = dict(G.PERSISTENT)
+    for fmt in ("int8", "fp8"):
+        bests = [out[s_][fmt]["best"] for s_ in out if out[s_][fmt]["best"]]
+        if bests:
+            name = max(set(bests), key=bests.count)
+            G.PERSISTENT[fmt] = next(c for c in PERSISTENT_SWEEP
+                                     if "p" + "-".join(str(int(v)) for v in c) == name)
+    out["persistent_chosen"] = {fmt: G.PERSISTENT[fmt] for fmt in ("int8", "fp8")}
+    for (n, k) in (shapes or SHAPES):
+        w, bias, q, comp, i8, _ = layer_case(n, k, dev)
+        i8f = _int8_resident_layer(q, bias, "fp8")
+        x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+        ref64 = x.double() @ q.dequantize(torch.float64).T + bias.double()
+        fns, errs = {"bf16": lambda: F.linear(x, w, bias)}, {}
+        for use in ((), ("int8", "fp8")):
+            G.PERSISTENT["use"] = use
+            tag = "persistent" if use else "tma"
+            errs[f"int8_{tag}"] = rel(i8(x), ref64)
+            errs[f"fp8_{tag}"] = rel(i8f(x), ref64)
+            fns[f"int8res_int8_{tag}"] = (lambda: i8(x))
+            fns[f"int8res_fp8_{tag}"] = (lambda: i8f(x))
+            for key, f in ((f"int8res_int8_{tag}_graph", lambda: i8(x)), (f"int8res_fp8_{tag}_graph", lambda: i8f(x)),
+                           ("bf16_graph", lambda: F.linear(x, w, bias))):
+                try:
+                    fns[key] = _graphed(f)
+                except Exception as e:  # a capture failure is a finding: record it, time the rest
+                    errs[key] = f"capture failed: {type(e).__name__}: {str(e)[:200]}"
+        # the eager variants read PERSISTENT["use"] at call time: time each with its own setting
+        uses = {key: (("int8", "fp8") if "persistent" in key else ()) for key in fns}
+        t = {key: [] for key in fns}
+        for _ in range(rounds + 2):
+            for key, f in fns.items():
+                G.PERSISTENT["use"] = uses[key]
+                t[key].append(bench(f, warmup=50, rep=100))
+        med = {key: sorted(v)[len(v) // 2] for key, v in t.items()}
+        sp = {key: sorted(a / b_ for a, b_ in zip(t["bf16"], v))[len(v) // 2] for key, v in t.items()}
+        out[f"layer_{n}x{k}"] = {"ms": med, "speedup": sp, "rel_err_vs_fp64": errs}
+        print(f"# layer {n}x{k} " + json.dumps({"ms": med, "speedup": sp, "err": errs}), flush=True)
+        del w, q, comp, i8, i8f, x, ref64
+        torch.cuda.empty_cache()
+    G.PERSISTENT.clear()
+    G.PERSISTENT.update(saved)
+    return out
+
+
+def _int8_resident_layer(q, bias, mma):
+    """A LatticeLinear of ``q`` with int8 residency (e4m3 codes resident when ``mma`` is fp8)."""
+    from hyperquant_diffusers.kernels import dispatch
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    mo = LatticeLinear.from_lattice_tensor(q, bias, bits=4.0, mma="int8", residency="compressed")
+    assert dispatch.make_int8_resident(mo)
+    mo.mma = mma
+    return mo
+
+
 def kernel_resources() -> dict:
     """Registers, spills and shared memory of every compiled variant of the decode, act-quant and GEMM kernels seen
     so far (from the cached launchers): what decides whether two kernels can share an SM."""
@@ -873,6 +1006,8 @@ def main(argv=None):
     ap.add_argument("--interleaved", action="store_true",
                     help="only the per-layer variants measured in interleaved rounds at M = 12288 (JSON to --json)")
     ap.add_argument("--actq-sweep", action="store_true", help="only the act-quant launch-shape sweep (JSON to --json)")
+    ap.add_argument("--gemm-sweep", action="store_true",
+                    help="only the GEMMs: TMA vs persistent launches, then per layer eager and CUDA-graphed (JSON)")
     ap.add_argument("--overlap", action="store_true",
                     help="only: the e4m3 cast sweep, the act-quant launch shapes of long rows, and the steady-state "
                          "per-layer chains (compressed decode overlap variants); JSON to --json")
@@ -891,7 +1026,7 @@ def main(argv=None):
     # the partial runs: each writes {device, date, <its parts>} to --json
     only = {"overlap_only": {"overlap": overlap_case}, "interleaved": {"interleaved": interleaved_case},
             "decoder_ab": {"decoder": decoder_ab_case, "overlap": overlap_default_tiles},
-            "actq_sweep": {"actq": actq_long_case},
+            "actq_sweep": {"actq": actq_long_case}, "gemm_sweep": {"gemm": gemm_sweep_case},
             "overlap": {"cast": cast_case, "actq": actq_long_case, "overlap": overlap_case}}
     for flag, parts in only.items():
         if getattr(args, flag):

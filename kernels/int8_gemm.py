@@ -125,7 +125,71 @@ def _kernels():
         c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
-    return tuple(CachedLauncher(f) for f in (int8_gemm_kernel, epilogue_kernel, int8_gemm_tma_kernel))
+    @triton.jit
+    def _tile_coords(tile, group, num_m, GROUP_M: tl.constexpr):
+        gid = tile // group
+        first_m = gid * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (tile % group) % gsize, (tile % group) // gsize
+
+    @triton.jit
+    def _scaled_store(c_desc, acc, sa, sb_ptr, bias_ptr, om, on, N, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
+        rn = on + tl.arange(0, BN)
+        sb = tl.load(sb_ptr + rn, mask=rn < N, other=0.0)
+        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        c_desc.store([om, on], y.to(c_desc.dtype))
+
+    @triton.jit
+    def gemm_persistent_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N, K,
+                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, PROGRAMS: tl.constexpr,
+                               FP8: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr):
+        # Persistent TMA GEMM (the schedule of Triton's tutorial 09): PROGRAMS programs walk the output tiles in
+        # grouped order, so the next tile's loads are issued while this tile's epilogue runs (FLATTEN pipelines the
+        # tile loop and the K loop as one), and the output leaves through a TMA store, in two halves with SUBTILE
+        # (half the registers and shared memory for the bf16 staging). Why: at K = 2048 a tile's K loop is only
+        # 16 steps, and the one-tile-per-program kernel above leaves the tensor cores idle through every prologue
+        # and epilogue.
+        start = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        k_tiles = tl.cdiv(K, BK)
+        group = GROUP_M * num_n
+        # the epilogue's tile index runs as its own counter, so it does not depend on the loop's (lets the
+        # compiler pipeline across tiles)
+        tile_c = start - PROGRAMS
+        for tile in tl.range(start, num_m * num_n, PROGRAMS, flatten=FLATTEN):
+            pid_m, pid_n = _tile_coords(tile, group, num_m, GROUP_M)
+            om = pid_m * BM
+            on = pid_n * BN
+            if FP8:
+                acc = tl.zeros((BM, BN), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BM, BN), dtype=tl.int32)
+            for ki in tl.range(k_tiles, num_stages=STAGES):
+                a = a_desc.load([om, ki * BK])
+                b = b_desc.load([on, ki * BK])
+                if FP8:
+                    acc = tl.dot(a, b.T, acc)
+                else:
+                    acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            tile_c += PROGRAMS
+            pid_m, pid_n = _tile_coords(tile_c, group, num_m, GROUP_M)
+            om = pid_m * BM
+            on = pid_n * BN
+            rm = om + tl.arange(0, BM)
+            sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
+            if SUBTILE:
+                acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+                _scaled_store(c_desc, acc0, sa, sb_ptr, bias_ptr, om, on, N, BN // 2, HAS_BIAS)
+                _scaled_store(c_desc, acc1, sa, sb_ptr, bias_ptr, om, on + BN // 2, N, BN // 2, HAS_BIAS)
+            else:
+                _scaled_store(c_desc, acc, sa, sb_ptr, bias_ptr, om, on, N, BN, HAS_BIAS)
+
+    return tuple(CachedLauncher(f) for f in (int8_gemm_kernel, epilogue_kernel, int8_gemm_tma_kernel,
+                                             gemm_persistent_kernel))
 
 
 def _pick(m: int, n: int) -> tuple:
@@ -175,6 +239,52 @@ def _gemm_tma(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: bool):
     return out
 
 
+#: the persistent GEMM's launch, (BM, BN, BK, GROUP_M, warps, stages, SUBTILE, FLATTEN), per operand type; its
+#: programs are min(tiles, SMs x programs_per_sm). ``use``: the operand types whose M > 256 GEMM it serves (set
+#: from bench/bench_kernels.py --gemm-sweep; empty: the one-tile-per-program TMA kernel above serves all).
+PERSISTENT = {"int8": (128, 256, 128, 8, 8, 3, True, True), "fp8": (128, 256, 128, 8, 8, 3, True, True),
+              "programs_per_sm": 1, "use": ()}
+
+
+def _gemm_persistent(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: bool,
+                     programs: int | None = None):
+    require_triton()
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from ._triton import num_sms
+
+    m, k = a.shape
+    n = wq.shape[0]
+    bm, bn, bk, gm, warps, stages, subtile, flatten = config or PERSISTENT["fp8" if fp8 else "int8"]
+    if k % bk:
+        raise ValueError(f"K={k} must be a multiple of {bk} for the persistent GEMM")
+    out = torch.empty(m, n, device=a.device, dtype=out_dtype)
+    a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
+    b_desc = TensorDescriptor.from_tensor(wq, [bn, bk])
+    c_desc = TensorDescriptor.from_tensor(out, [bm, bn // 2 if subtile else bn])
+    tiles = ((m + bm - 1) // bm) * ((n + bn - 1) // bn)
+    if programs is None:
+        programs = num_sms(a.device.index or 0)
+        programs *= PERSISTENT["programs_per_sm"]
+    programs = max(1, min(tiles, programs))
+    _kernels()[3]((programs,), a_desc, b_desc, c_desc, sx, sw, bias if bias is not None else sx, m, n, k,
+                  BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages, PROGRAMS=programs,
+                  FP8=fp8, SUBTILE=subtile, FLATTEN=flatten, num_warps=warps)
+    return out
+
+
+def int8_gemm_persistent(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None,
+                         programs: int | None = None):
+    """Persistent Triton int8 GEMM (TMA loads and stores, one program per SM walking the tiles), same epilogue."""
+    return _gemm_persistent(xq, sx, wq, sw, bias, out_dtype, config, False, programs)
+
+
+def fp8_gemm_persistent(xq8, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None,
+                        programs: int | None = None):
+    """The persistent GEMM with fp8-e4m3 operands (float32 accumulator)."""
+    return _gemm_persistent(xq8, sx, wq, sw, bias, out_dtype, config, True, programs)
+
+
 def int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None):
     """Triton int8 GEMM with TMA descriptor loads (Hopper) and the same fused epilogue."""
     return _gemm_tma(xq, sx, wq, sw, bias, out_dtype, config, fp8=False)
@@ -206,15 +316,19 @@ _INT8_PATH = {"path": "auto"}
 
 
 def set_int8_path(path: str) -> None:
-    if path not in ("auto", "triton", "int_mm", "tma"):
-        raise ValueError(f"int8 path must be 'auto', 'triton', 'tma' or 'int_mm', got {path!r}")
+    if path not in ("auto", "triton", "int_mm", "tma", "persistent"):
+        raise ValueError(f"int8 path must be 'auto', 'triton', 'tma', 'persistent' or 'int_mm', got {path!r}")
     _INT8_PATH["path"] = path
 
 
 def int8_linear(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
     if _INT8_PATH["path"] == "int_mm":
         return int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype)
+    if _INT8_PATH["path"] == "persistent":
+        return int8_gemm_persistent(xq, sx, wq, sw, bias, out_dtype)
     if _INT8_PATH["path"] == "tma" or (_INT8_PATH["path"] == "auto" and xq.shape[0] > 256):
+        if "int8" in PERSISTENT["use"] and _INT8_PATH["path"] == "auto":
+            return int8_gemm_persistent(xq, sx, wq, sw, bias, out_dtype)
         return int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype)
     return int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype)
 
@@ -225,8 +339,8 @@ _FP8_PATH = {"path": "auto"}
 
 
 def set_fp8_path(path: str) -> None:
-    if path not in ("auto", "scaled_mm", "tma"):
-        raise ValueError(f"fp8 path must be 'auto', 'scaled_mm' or 'tma', got {path!r}")
+    if path not in ("auto", "scaled_mm", "tma", "persistent"):
+        raise ValueError(f"fp8 path must be 'auto', 'scaled_mm', 'tma' or 'persistent', got {path!r}")
     _FP8_PATH["path"] = path
 
 
@@ -236,6 +350,8 @@ def fp8_linear(xq8, sx, wq8, sw, bias, out_dtype=torch.bfloat16):
     if wq8.dtype == torch.int8:
         wq8 = codes_to_e4m3(wq8.contiguous())
     path = _FP8_PATH["path"]
+    if path == "persistent" or (path == "auto" and m > 256 and "fp8" in PERSISTENT["use"]):
+        return fp8_gemm_persistent(xq8, sx, wq8, sw, bias, out_dtype)
     if path == "tma" or (path == "auto" and m > 256):
         return fp8_gemm_tma(xq8, sx, wq8, sw, bias, out_dtype)
     kw = dict(scale_a=sx.reshape(m, 1), scale_b=sw.reshape(1, -1), out_dtype=out_dtype)

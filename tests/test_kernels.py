@@ -418,11 +418,12 @@ def test_gpu_codes_to_e4m3_bit_exact():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("path", ["triton", "tma", "int_mm", "fp8_scaled_mm", "fp8_tma"])
+@pytest.mark.parametrize("path", ["triton", "tma", "persistent", "int_mm", "fp8_scaled_mm", "fp8_tma",
+                                  "fp8_persistent"])
 @pytest.mark.parametrize("m", [256, 1000])
 def test_gpu_quantized_gemm_paths_vs_float64(path, m):
-    from hyperquant_diffusers.kernels.int8_gemm import (fp8_linear, int8_gemm_int_mm, int8_gemm_tma, int8_gemm_triton,
-                                                        set_fp8_path)
+    from hyperquant_diffusers.kernels.int8_gemm import (fp8_linear, int8_gemm_int_mm, int8_gemm_persistent,
+                                                        int8_gemm_tma, int8_gemm_triton, set_fp8_path)
 
     torch.manual_seed(12)
     n, k = 768, 1024
@@ -446,10 +447,44 @@ def test_gpu_quantized_gemm_paths_vs_float64(path, m):
         assert _rel(y, ref) < 1e-2
         assert torch.equal(y, y_int8_codes)
         return
-    fn = {"triton": int8_gemm_triton, "tma": int8_gemm_tma, "int_mm": int8_gemm_int_mm}[path]
+    fn = {"triton": int8_gemm_triton, "tma": int8_gemm_tma, "persistent": int8_gemm_persistent,
+          "int_mm": int8_gemm_int_mm}[path]
     out = fn(xq, sx, wq, sw, b, out_dtype=torch.bfloat16)
     assert not bool(out.isnan().any())
     assert _rel(out, quantized_linear_reference(xq, sx, wq, sw, b)) < 1e-2  # bf16 output rounding
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_persistent_gemm_launches_match_the_tma_kernel(fp8):
+    # every launch the bench sweeps (tile shapes, split / whole epilogue, flattened or nested loops, fewer programs
+    # than SMs) computes the same product: int8 bit for bit as the one-tile-per-program kernel (exact int32 sums,
+    # the same float32 epilogue), fp8 within float32 summation-order rounding; M = 1000 ends inside a tile
+    from hyperquant_diffusers.bench.bench_kernels import PERSISTENT_SWEEP
+    from hyperquant_diffusers.kernels.int8_gemm import (fp8_gemm_persistent, fp8_gemm_tma, int8_gemm_persistent,
+                                                        int8_gemm_tma)
+
+    torch.manual_seed(21 + fp8)
+    m, n, k = 1000, 768, 1024
+    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+    wq = torch.randint(-12, 13, (n, k), dtype=torch.int8, device="cuda")
+    if fp8:
+        xq, wq = (torch.randn(m, k, device="cuda") * 64).to(torch.float8_e4m3fn), wq.to(torch.float8_e4m3fn)
+    sx, sw = torch.rand(m, device="cuda") + 0.1, torch.rand(n, device="cuda") + 0.1
+    b = torch.randn(n, device="cuda").to(torch.bfloat16)
+    ref = (fp8_gemm_tma if fp8 else int8_gemm_tma)(xq, sx, wq, sw, b)
+    ref64 = quantized_linear_reference(xq.float() if fp8 else xq, sx, wq.float() if fp8 else wq, sw, b)
+    per = fp8_gemm_persistent if fp8 else int8_gemm_persistent
+    for cfg in PERSISTENT_SWEEP:
+        for programs in (None, 7):
+            y = per(xq, sx, wq, sw, b, config=cfg, programs=programs)
+            assert y.shape == (m, n) and _rel(y, ref64) < 1e-2, (cfg, programs)
+            if not fp8:
+                assert torch.equal(y, ref), (cfg, programs)
+    y = per(xq, sx, wq, sw, None)   # no bias
+    assert _rel(y, quantized_linear_reference(xq.float() if fp8 else xq, sx, wq.float() if fp8 else wq, sw,
+                                              None)) < 1e-2
 
 
 @gpu

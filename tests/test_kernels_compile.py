@@ -38,6 +38,10 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert kernels.count("rht_quant_split_kernel") == 1 and kernels.count("rht_quant_kernel") == 1
     # the TMA GEMM (int8 and fp8 at M = 12288, int8 at M = 256) and the pointer GEMM
     assert kernels.count("int8_gemm_tma_kernel") == 3 and kernels.count("int8_gemm_kernel") == 1
+    # the persistent GEMM: int8 and fp8, each at its default launch and with an unsplit, unflattened epilogue
+    persistent = [r for r in rows if r["kernel"] == "gemm_persistent_kernel"]
+    assert len(persistent) == 4 and sum(r["FP8"] for r in persistent) == 2
+    assert {(r["SUBTILE"], r["FLATTEN"]) for r in persistent} == {(True, True), (False, False)}
     assert sum(1 for r in rows if r.get("OUT_FP8")) == 2
     assert sum(1 for r in rows if r["kernel"] == "rice_decode_kernel" and r.get("NT", 1) > 1) == 1
     # no local arrays in the PTX; ptxas may still spill under a register cap, which the vector decoder sets on

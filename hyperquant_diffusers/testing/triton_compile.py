@@ -109,7 +109,7 @@ def kernel_cases() -> list[dict]:
     """Compile the E8 Rice decoders (both implementations; int8 and fp8 output; with and without statistics; one
     and several tiles per block), the rank decoder (D4, Z), the int8 -> e4m3 cast, the activation RHT +
     quantization (one-pass on 4096- and 16384-wide rows, int8 and fp8; split-K; fused two-pass) and the GEMMs
-    (TMA int8 and fp8 at both tile configurations, the pointer GEMM), as their launchers launch them on
+    (TMA int8 and fp8 at both tile configurations, the persistent GEMM in two launches, the pointer GEMM), as their launchers launch them on
     LTX-2-sized streams and activations. Not covered: the epilogue after ``torch._int_mm`` (cuBLAS runs first)."""
     from ..codec import quantize, random_signs
     from ..kernels import act_quant, cast, int8_gemm, rank_decode, rice_decode, rice_decode_vectors
@@ -139,6 +139,10 @@ def kernel_cases() -> list[dict]:
             wq = torch.zeros(256, 512, dtype=a.dtype)
             sx, sw, b = torch.ones(m), torch.ones(256), torch.zeros(256, dtype=torch.bfloat16) if bias else None
             (int8_gemm.fp8_gemm_tma if fp8 else int8_gemm.int8_gemm_tma)(a, sx, wq, sw, b)
+            if m > 256:   # the persistent GEMM at its default launch, and with a whole-tile, unflattened epilogue
+                persistent = int8_gemm.fp8_gemm_persistent if fp8 else int8_gemm.int8_gemm_persistent
+                persistent(a, sx, wq, sw, b)
+                persistent(a, sx, wq, sw, b, config=(128, 128, 128, 8, 8, 4, False, False))
         int8_gemm.int8_gemm_triton(torch.zeros(256, 512, dtype=torch.int8), torch.ones(256),
                                    torch.zeros(256, 512, dtype=torch.int8), torch.ones(256), None)
     return [row for rec in recs.values() for row in compile_recorded(rec)]
