@@ -346,6 +346,56 @@ def actq_long_case(dev):
     return out
 
 
+def actq_block_case(dev, shapes=((12288, 2048), (12288, 4096))):
+    """The one-pass act-quant kernel's block size (values held per program: ``onepass_elems``) swept with its
+    programs per SM, pipeline stages and warps, int8 and fp8 codes, on the LTX-2 activations whose pass costs the
+    most relative to their GEMM. TB/s counts the 3-byte floor per value (2 in, 1 out)."""
+    from hyperquant_diffusers.codec import random_signs
+    from hyperquant_diffusers.kernels import act_quant as aq
+
+    out = {}
+    saved = dict(aq._TUNE)
+    try:
+        for mm, kk in shapes:
+            xx = torch.randn(mm, kk, device=dev).to(torch.bfloat16)
+            ss = random_signs(kk, 0).to(dev, torch.bfloat16)
+            for fmt in ("int8", "fp8"):
+                key = f"{mm}x{kk} {fmt}"
+                ref = aq.rht_quantize(xx, ss, 128, fmt, signs_cast=ss)
+                out[f"{key} default"] = bench(lambda: aq.rht_quantize(xx, ss, 128, fmt, signs_cast=ss))
+                best = (out[f"{key} default"], "default")
+                for elems in (4096, 8192, 16384, 32768):
+                    for pps in (1, 2, 4):
+                        for st in (2, 3):
+                            for nw in (4, 8):
+                                tune = dict(onepass_elems=elems, onepass_pps=pps, onepass_stages=st,
+                                            onepass_warps=nw)
+                                aq._TUNE.clear()
+                                aq._TUNE.update(saved)
+                                aq._TUNE.update(tune)
+                                name = f"{key} e{elems} p{pps} s{st} w{nw}"
+                                try:
+                                    q, sx = aq.rht_quantize(xx, ss, 128, fmt, signs_cast=ss)
+                                    same = bool(torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8))
+                                                and torch.equal(sx, ref[1]))
+                                    t = bench(lambda: aq.rht_quantize(xx, ss, 128, fmt, signs_cast=ss))
+                                except Exception as e:  # a block that does not fit (registers, shared memory)
+                                    out[name] = repr(e)[:80]
+                                    continue
+                                out[name] = (t, same)
+                                if same and t < best[0]:
+                                    best = (t, name)
+                out[f"{key} best"] = best
+                out[f"{key} best_tbps"] = 3 * mm * kk / best[0] / 1e9
+                out[f"{key} default_tbps"] = 3 * mm * kk / out[f"{key} default"] / 1e9
+                print(f"# actq-block {key}: default {out[f'{key} default']:.4f} ms, best {best}", flush=True)
+            del xx
+    finally:
+        aq._TUNE.clear()
+        aq._TUNE.update(saved)
+    return out
+
+
 def overlap_default_tiles(dev):
     """:func:`overlap_case` with the default GEMM tiles and 8 or 16 side-stream decode programs per SM only."""
     from hyperquant_diffusers.kernels import int8_gemm
@@ -1006,6 +1056,8 @@ def main(argv=None):
     ap.add_argument("--interleaved", action="store_true",
                     help="only the per-layer variants measured in interleaved rounds at M = 12288 (JSON to --json)")
     ap.add_argument("--actq-sweep", action="store_true", help="only the act-quant launch-shape sweep (JSON to --json)")
+    ap.add_argument("--actq-block", action="store_true",
+                    help="only the one-pass act-quant block size x launch sweep, K = 2048 and 4096 (JSON)")
     ap.add_argument("--gemm-sweep", action="store_true",
                     help="only the GEMMs: TMA vs persistent launches, then per layer eager and CUDA-graphed (JSON)")
     ap.add_argument("--overlap", action="store_true",
@@ -1027,6 +1079,7 @@ def main(argv=None):
     only = {"overlap_only": {"overlap": overlap_case}, "interleaved": {"interleaved": interleaved_case},
             "decoder_ab": {"decoder": decoder_ab_case, "overlap": overlap_default_tiles},
             "actq_sweep": {"actq": actq_long_case}, "gemm_sweep": {"gemm": gemm_sweep_case},
+            "actq_block": {"actq_block": actq_block_case},
             "overlap": {"cast": cast_case, "actq": actq_long_case, "overlap": overlap_case}}
     for flag, parts in only.items():
         if getattr(args, flag):
