@@ -488,6 +488,20 @@ def decoder_ab_case(dev, rounds=5):
     return out
 
 
+def _host_us(fn, calls=100):
+    """Host time of one call of ``fn`` (µs) while the GPU is kept busy ahead of it (so no call waits on the GPU):
+    what decides whether a layer is host-bound."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(1.5e9))   # ~1 s of GPU work queued first
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
 def interleaved_case(dev, m=12288, rounds=7, shapes=None):
     """Per-layer end to end at M tokens, the variants measured in turn for ``rounds`` rounds (each a
     ``do_bench`` median) so that clock and power drift hit all of them alike; reports each variant's median over
@@ -496,7 +510,7 @@ def interleaved_case(dev, m=12288, rounds=7, shapes=None):
     fp8 (just-in-time decode: a single layer called again and again cannot prefetch itself)."""
     from hyperquant_diffusers.kernels import dispatch
     from hyperquant_diffusers.kernels.act_quant import rht_quantize
-    from hyperquant_diffusers.kernels.int8_gemm import fp8_gemm_tma, int8_gemm_tma
+    from hyperquant_diffusers.kernels.int8_gemm import fp8_gemm_persistent, fp8_gemm_tma, int8_gemm_tma
     from hyperquant_diffusers.nn import LatticeLinear
 
     dispatch.set_activation_sharing(False)
@@ -525,7 +539,8 @@ def interleaved_case(dev, m=12288, rounds=7, shapes=None):
                "actq_int8": lambda: rht_quantize(x, sg, 128, "int8", signs_cast=sg),
                "actq_fp8": lambda: rht_quantize(x, sg, 128, "fp8", signs_cast=sg),
                "gemm_int8_tma": lambda: int8_gemm_tma(xq, sx, i8.codes, i8.code_scale, bias),
-               "gemm_fp8_tma": lambda: fp8_gemm_tma(xq8, sx8, i8f.codes, i8f.code_scale, bias)}
+               "gemm_fp8_tma": lambda: fp8_gemm_tma(xq8, sx8, i8f.codes, i8f.code_scale, bias),
+               "gemm_fp8_persistent": lambda: fp8_gemm_persistent(xq8, sx8, i8f.codes, i8f.code_scale, bias)}
         for f in fns.values():
             f()
         t = {key: [] for key in fns}
@@ -538,8 +553,11 @@ def interleaved_case(dev, m=12288, rounds=7, shapes=None):
         row["compres_vs_int8res_int8"] = med["compres_int8"] / med["int8res_int8"] - 1
         row["compres_vs_int8res_fp8"] = med["compres_fp8"] / med["int8res_fp8_e4m3"] - 1
         row["e4m3_equals_cast"] = bool(torch.equal(i8f(x), i8c(x)))
+        row["host_us"] = {key: _host_us(fns[key]) for key in ("bf16", "int8res_int8", "int8res_fp8_e4m3",
+                                                               "compres_int8", "compres_fp8")}
         out[f"{n}x{k}"] = row
-        print(f"# interleaved {n}x{k} M={m} " + json.dumps({"ms": med, "speedup": row["speedup"]}), flush=True)
+        print(f"# interleaved {n}x{k} M={m} "
+              + json.dumps({"ms": med, "speedup": row["speedup"], "host_us": row["host_us"]}), flush=True)
         del w, q, comp, i8, i8f, i8c, cp8, x
         torch.cuda.empty_cache()
     return out
