@@ -502,6 +502,53 @@ def _host_us(fn, calls=100):
     return (t1 - t0) / calls * 1e6
 
 
+def host_gemm_case(dev, m=12288, n=2048, k=2048, repeats=8):
+    """Host time of one GEMM launch (µs, GPU kept busy ahead), the one-tile-per-program TMA kernel and the
+    persistent kernel alternately, int8 and fp8: the persistent launch passes three TMA descriptors instead of two.
+    Then a cProfile of 200 eager int8-resident layer calls (int8 and fp8 MMA) at this shape: where a call's host
+    time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    from hyperquant_diffusers.kernels import dispatch, int8_gemm as G
+
+    dispatch.set_activation_sharing(False)
+    torch.manual_seed(5)
+    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
+    wq = torch.randint(-12, 13, (n, k), dtype=torch.int8, device=dev)
+    sx, sw = torch.rand(m, device=dev) + 0.5, torch.rand(n, device=dev) * 1e-3
+    b = torch.randn(n, device=dev).to(torch.bfloat16)
+    x8, w8 = xq.to(torch.float8_e4m3fn), wq.to(torch.float8_e4m3fn)
+    fns = {"int8_tma": lambda: G.int8_gemm_tma(xq, sx, wq, sw, b),
+           "int8_persistent": lambda: G.int8_gemm_persistent(xq, sx, wq, sw, b),
+           "fp8_tma": lambda: G.fp8_gemm_tma(x8, sx, w8, sw, b),
+           "fp8_persistent": lambda: G.fp8_gemm_persistent(x8, sx, w8, sw, b)}
+    t = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, f in fns.items():
+            t[key].append(_host_us(f))
+    out = {"host_us_median": {key: sorted(v)[len(v) // 2] for key, v in t.items()}, "host_us": t}
+    print("# host-gemm " + json.dumps(out["host_us_median"]), flush=True)
+    w, bias, q, comp, i8, _ = layer_case(n, k, dev)
+    x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+    for mma in ("int8", "fp8"):
+        mo = _int8_resident_layer(q, bias, mma)
+        mo(x)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(1.5e9))
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(200):
+            mo(x)
+        pr.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+        out[f"profile_{mma}"] = buf.getvalue()
+    return out
+
+
 def interleaved_case(dev, m=12288, rounds=7, shapes=None):
     """Per-layer end to end at M tokens, the variants measured in turn for ``rounds`` rounds (each a
     ``do_bench`` median) so that clock and power drift hit all of them alike; reports each variant's median over
@@ -1076,6 +1123,8 @@ def main(argv=None):
     ap.add_argument("--actq-sweep", action="store_true", help="only the act-quant launch-shape sweep (JSON to --json)")
     ap.add_argument("--actq-block", action="store_true",
                     help="only the one-pass act-quant block size x launch sweep, K = 2048 and 4096 (JSON)")
+    ap.add_argument("--host-gemm", action="store_true",
+                    help="only: host time of the TMA vs persistent GEMM launch, and a cProfile of a layer call (JSON)")
     ap.add_argument("--gemm-sweep", action="store_true",
                     help="only the GEMMs: TMA vs persistent launches, then per layer eager and CUDA-graphed (JSON)")
     ap.add_argument("--overlap", action="store_true",
@@ -1097,7 +1146,7 @@ def main(argv=None):
     only = {"overlap_only": {"overlap": overlap_case}, "interleaved": {"interleaved": interleaved_case},
             "decoder_ab": {"decoder": decoder_ab_case, "overlap": overlap_default_tiles},
             "actq_sweep": {"actq": actq_long_case}, "gemm_sweep": {"gemm": gemm_sweep_case},
-            "actq_block": {"actq_block": actq_block_case},
+            "actq_block": {"actq_block": actq_block_case}, "host_gemm": {"host_gemm": host_gemm_case},
             "overlap": {"cast": cast_case, "actq": actq_long_case, "overlap": overlap_case}}
     for flag, parts in only.items():
         if getattr(args, flag):
