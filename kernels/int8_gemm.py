@@ -240,19 +240,18 @@ def _gemm_tma(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: bool):
 
 
 #: the persistent GEMM's launch, (BM, BN, BK, GROUP_M, warps, stages, SUBTILE, FLATTEN), per operand type; its
-#: programs are min(tiles, SMs x programs_per_sm). ``use``: the operand types whose GEMM it serves under the "auto"
-#: path, for products of at least ``min_mnk`` multiply-adds (M x N x K).
-#: H200, 2026-12-02 (bench_kernels.py --gemm-sweep, M = 12288, bench/RESULTS.md): fp8 GEMM alone 5-9% faster than
-#: the TMA kernel on all four LTX-2 shapes (4096²: 0.316 vs 0.333 ms); int8 within +-2% (no gain: int8 stays on the
-#: TMA kernel). Its launch passes three TMA descriptors instead of two and cost ~25 us more host time per call at
-#: 2048x2048 (eager 0.152 vs 0.125 ms while CUDA-graphed 0.118 vs 0.124 ms), so it serves the products whose GPU
-#: time hides that: 12288x4096x4096 (2^37.6) and up, not 12288x2048x2048 (2^35.6).
+#: programs are min(tiles, SMs x programs_per_sm). ``use``: the operand types whose M > 256 GEMM it serves under
+#: the "auto" path. H200, 2026-12-02 (bench/RESULTS.md): bench_kernels.py --gemm-sweep at M = 12288, the fp8 GEMM
+#: alone 5-9% faster than the one-tile-per-program TMA kernel on all four LTX-2 shapes (4096²: 0.316 vs 0.333 ms,
+#: 2048²: 0.085 vs 0.093 ms); int8 within +-2% either way, so int8 stays on the TMA kernel. Its launch costs ~6 µs
+#: more host time (33 vs 27 µs, --host-gemm: a third TMA descriptor); per layer, eager, in alternating rounds, fp8
+#: layers read 1.23x (persistent) vs 1.22x (TMA) bf16 at 2048² and 1.63x vs 1.54x at 4096².
 PERSISTENT = {"int8": (256, 128, 128, 8, 8, 3, True, True), "fp8": (128, 256, 128, 16, 8, 3, True, True),
-              "programs_per_sm": 1, "use": ("fp8",), "min_mnk": 1 << 37}
+              "programs_per_sm": 1, "use": ("fp8",)}
 
 
-def _persistent_serves(fmt: str, m: int, n: int, k: int) -> bool:
-    return fmt in PERSISTENT["use"] and m > 256 and m * n * k >= PERSISTENT["min_mnk"]
+def _persistent_serves(fmt: str, m: int) -> bool:
+    return fmt in PERSISTENT["use"] and m > 256
 
 
 def _gemm_persistent(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: bool,
@@ -336,7 +335,7 @@ def int8_linear(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
     if _INT8_PATH["path"] == "persistent":
         return int8_gemm_persistent(xq, sx, wq, sw, bias, out_dtype)
     if _INT8_PATH["path"] == "tma" or (_INT8_PATH["path"] == "auto" and xq.shape[0] > 256):
-        if _INT8_PATH["path"] == "auto" and _persistent_serves("int8", xq.shape[0], wq.shape[0], xq.shape[1]):
+        if _INT8_PATH["path"] == "auto" and _persistent_serves("int8", xq.shape[0]):
             return int8_gemm_persistent(xq, sx, wq, sw, bias, out_dtype)
         return int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype)
     return int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype)
@@ -344,7 +343,7 @@ def int8_linear(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
 
 #: which fp8 path :func:`fp8_linear` uses: "scaled_mm" (cuBLASLt row-wise), "tma" (the Triton TMA GEMM, 12-15%
 #: faster at M = 12288 on the H100) or "persistent"; "auto": above 256 tokens the persistent GEMM where
-#: ``PERSISTENT`` says it serves, else tma (bench/RESULTS.md)
+#: ``PERSISTENT["use"]`` names fp8 (the default), else tma (bench/RESULTS.md)
 _FP8_PATH = {"path": "auto"}
 
 
@@ -360,7 +359,7 @@ def fp8_linear(xq8, sx, wq8, sw, bias, out_dtype=torch.bfloat16):
     if wq8.dtype == torch.int8:
         wq8 = codes_to_e4m3(wq8.contiguous())
     path = _FP8_PATH["path"]
-    if path == "persistent" or (path == "auto" and _persistent_serves("fp8", m, wq8.shape[0], xq8.shape[1])):
+    if path == "persistent" or (path == "auto" and _persistent_serves("fp8", m)):
         return fp8_gemm_persistent(xq8, sx, wq8, sw, bias, out_dtype)
     if path == "tma" or (path == "auto" and m > 256):
         return fp8_gemm_tma(xq8, sx, wq8, sw, bias, out_dtype)
