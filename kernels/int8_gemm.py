@@ -7,6 +7,9 @@ Paths (``bench/bench_kernels.py`` measures them; :func:`int8_linear` uses the fa
 
 * ``"triton"``: a Triton int8 x int8 -> int32 GEMM (tensor cores) with scales, bias and the output cast fused in
   its epilogue: the int32 accumulator never leaves registers.
+* ``"tma"``: the same GEMM with operands through Hopper's TMA descriptors, one output tile per program.
+* ``"persistent"``: a persistent TMA GEMM (one program per SM walks the output tiles; TMA store of the output);
+  the fp8 path's default above 256 tokens (``PERSISTENT``).
 * ``"int_mm"``: ``torch._int_mm`` (cuBLAS) to an int32 (M, N) tensor, then one Triton epilogue pass.
 * fp8: :func:`fp8_linear` -- ``torch._scaled_mm`` with row-wise scales (cuBLASLt), fp8-e4m3 operands.
 
@@ -19,7 +22,7 @@ import torch
 
 from ._launch import CachedLauncher
 from .cast import codes_to_e4m3
-from ._triton import jit_cache, require_triton
+from ._triton import jit_cache, num_sms, require_triton
 
 _CONFIGS = {
     # (BM, BN, BK, GROUP_M, warps, stages): large tiles for the big-M case, small for M <= 256
@@ -259,8 +262,6 @@ def _gemm_persistent(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: 
     require_triton()
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from ._triton import num_sms
-
     m, k = a.shape
     n = wq.shape[0]
     bm, bn, bk, gm, warps, stages, subtile, flatten = config or PERSISTENT["fp8" if fp8 else "int8"]
@@ -272,8 +273,7 @@ def _gemm_persistent(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: 
     c_desc = TensorDescriptor.from_tensor(out, [bm, bn // 2 if subtile else bn])
     tiles = ((m + bm - 1) // bm) * ((n + bn - 1) // bn)
     if programs is None:
-        programs = num_sms(a.device.index or 0)
-        programs *= PERSISTENT["programs_per_sm"]
+        programs = num_sms(a.device.index or 0) * PERSISTENT["programs_per_sm"]
     programs = max(1, min(tiles, programs))
     _kernels()[3]((programs,), a_desc, b_desc, c_desc, sx, sw, bias if bias is not None else sx, m, n, k,
                   BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages, PROGRAMS=programs,
@@ -330,13 +330,12 @@ def set_int8_path(path: str) -> None:
 
 
 def int8_linear(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
-    if _INT8_PATH["path"] == "int_mm":
+    path, m = _INT8_PATH["path"], xq.shape[0]
+    if path == "int_mm":
         return int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype)
-    if _INT8_PATH["path"] == "persistent":
+    if path == "persistent" or (path == "auto" and _persistent_serves("int8", m)):
         return int8_gemm_persistent(xq, sx, wq, sw, bias, out_dtype)
-    if _INT8_PATH["path"] == "tma" or (_INT8_PATH["path"] == "auto" and xq.shape[0] > 256):
-        if _INT8_PATH["path"] == "auto" and _persistent_serves("int8", xq.shape[0]):
-            return int8_gemm_persistent(xq, sx, wq, sw, bias, out_dtype)
+    if path == "tma" or (path == "auto" and m > 256):
         return int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype)
     return int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype)
 

@@ -109,8 +109,8 @@ def kernel_cases() -> list[dict]:
     """Compile the E8 Rice decoders (both implementations; int8 and fp8 output; with and without statistics; one
     and several tiles per block), the rank decoder (D4, Z), the int8 -> e4m3 cast, the activation RHT +
     quantization (one-pass on 4096- and 16384-wide rows, int8 and fp8; split-K; fused two-pass) and the GEMMs
-    (TMA int8 and fp8 at both tile configurations, the persistent GEMM in two launches, the pointer GEMM), as their launchers launch them on
-    LTX-2-sized streams and activations. Not covered: the epilogue after ``torch._int_mm`` (cuBLAS runs first)."""
+    (TMA int8 and fp8 at both tile configurations, the persistent GEMM in two launches each, the pointer GEMM), as
+    their launchers launch them on LTX-2-sized streams and activations. Not covered: the epilogue after ``torch._int_mm`` (cuBLAS runs first)."""
     from ..codec import quantize, random_signs
     from ..kernels import act_quant, cast, int8_gemm, rank_decode, rice_decode, rice_decode_vectors
 
