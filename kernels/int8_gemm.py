@@ -34,7 +34,7 @@ _CONFIGS = {
 
 @jit_cache
 def _kernels():
-    global tl
+    global tl, _tile_coords, _scaled_store
     import triton
     import triton.language as tl
 

@@ -345,6 +345,37 @@ def test_int8_gemm_kernel_vs_float64():
     assert _rel(y.cpu(), quantized_linear_reference(xq, sx, wq, sw, b)) < 1e-6
 
 
+@needs_triton
+@pytest.mark.parametrize("fp8", [False, True])
+def test_persistent_gemm_kernel_vs_float64(fp8):
+    # the persistent GEMM walks several tiles per program (tile loop and the epilogue's own tile counter), splits or
+    # keeps the epilogue, and clips its TMA store at M = 150 (inside the second row tile); float32 output, so the
+    # only rounding is the float32 epilogue
+    from hyperquant_diffusers.kernels.int8_gemm import fp8_gemm_persistent, int8_gemm_persistent
+
+    torch.manual_seed(8 + fp8)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m, n, k = 150, 256, 256
+    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    wq = torch.randint(-12, 13, (n, k), dtype=torch.int8)
+    if fp8:
+        xq, wq = (torch.randn(m, k) * 64).to(torch.float8_e4m3fn), wq.to(torch.float8_e4m3fn)
+    sx, sw, b = torch.rand(m) + 0.1, torch.rand(n) + 0.1, torch.randn(n)
+    per = fp8_gemm_persistent if fp8 else int8_gemm_persistent
+    ops = [t.to(dev) for t in (xq, sx, wq, sw)]
+    outs = []
+    for cfg in ((64, 128, 64, 8, 4, 2, True, True), (64, 128, 64, 8, 4, 2, False, False)):
+        for programs, bias in ((None, b), (3, b), (3, None)):
+            y = per(*ops, None if bias is None else bias.to(dev), out_dtype=torch.float32, config=cfg,
+                    programs=programs)
+            ref = quantized_linear_reference(xq.float() if fp8 else xq, sx, wq.float() if fp8 else wq, sw, bias)
+            assert y.shape == (m, n) and _rel(y.cpu(), ref) < 1e-6, (cfg, programs, bias is None)
+            if bias is not None:
+                outs.append(y.cpu())
+    if not fp8:   # exact int32 sums and one float32 epilogue: every launch gives the same bits
+        assert all(torch.equal(o, outs[0]) for o in outs)
+
+
 def test_cuda_forward_falls_back_on_cpu():
     from hyperquant_diffusers.kernels.dispatch import cuda_forward
     from hyperquant_diffusers.nn import LatticeLinear
