@@ -39,18 +39,19 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
+    def _tile_coords(tile, group, num_m, GROUP_M: tl.constexpr):
+        # (row tile, column tile) of output tile number ``tile`` in grouped order: GROUP_M row tiles share each
+        # column tile's weight block while it is in L2
+        gid = tile // group
+        first_m = gid * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (tile % group) % gsize, (tile % group) // gsize
+
+    @triton.jit
     def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                          HAS_BIAS: tl.constexpr):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        group = GROUP_M * num_n
-        gid = pid // group
-        first_m = gid * GROUP_M
-        gsize = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % gsize
-        pid_n = (pid % group) // gsize
+        pid_m, pid_n = _tile_coords(tl.program_id(0), GROUP_M * tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_M)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -96,15 +97,7 @@ def _kernels():
         # same tiling, operands through Hopper's tensor-memory-accelerator descriptors (bulk async copies).
         # FP8: e4m3 operands, float32 accumulator. (Casting int8 weight codes to e4m3 inside this loop was tried:
         # 2.5x slower than a separate cast pass, bench/RESULTS.md.)
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        group = GROUP_M * num_n
-        gid = pid // group
-        first_m = gid * GROUP_M
-        gsize = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % gsize
-        pid_n = (pid % group) // gsize
+        pid_m, pid_n = _tile_coords(tl.program_id(0), GROUP_M * tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_M)
         om = pid_m * BM
         on = pid_n * BN
         if FP8:
@@ -127,13 +120,6 @@ def _kernels():
             y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
-
-    @triton.jit
-    def _tile_coords(tile, group, num_m, GROUP_M: tl.constexpr):
-        gid = tile // group
-        first_m = gid * GROUP_M
-        gsize = tl.minimum(num_m - first_m, GROUP_M)
-        return first_m + (tile % group) % gsize, (tile % group) // gsize
 
     @triton.jit
     def _scaled_store(c_desc, acc, sa, sb_ptr, bias_ptr, om, on, N, BN: tl.constexpr, HAS_BIAS: tl.constexpr):

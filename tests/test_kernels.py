@@ -347,11 +347,13 @@ def test_int8_gemm_kernel_vs_float64():
 
 @needs_triton
 @pytest.mark.parametrize("fp8", [False, True])
-def test_persistent_gemm_kernel_vs_float64(fp8):
-    # the persistent GEMM walks several tiles per program (tile loop and the epilogue's own tile counter), splits or
-    # keeps the epilogue, and clips its TMA store at M = 150 (inside the second row tile); float32 output, so the
-    # only rounding is the float32 epilogue
-    from hyperquant_diffusers.kernels.int8_gemm import fp8_gemm_persistent, int8_gemm_persistent
+def test_tma_and_persistent_gemm_kernels_vs_float64(fp8):
+    # the Hopper GEMMs through the interpreter: the one-tile-per-program TMA kernel, and the persistent kernel
+    # walking several tiles per program (its tile loop and the epilogue's own tile counter), with a split or whole
+    # epilogue; the TMA store is clipped at M = 150 (inside the second row tile). float32 output, so the only
+    # rounding is the float32 epilogue
+    from hyperquant_diffusers.kernels.int8_gemm import (fp8_gemm_persistent, fp8_gemm_tma, int8_gemm_persistent,
+                                                        int8_gemm_tma)
 
     torch.manual_seed(8 + fp8)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -361,18 +363,25 @@ def test_persistent_gemm_kernel_vs_float64(fp8):
     if fp8:
         xq, wq = (torch.randn(m, k) * 64).to(torch.float8_e4m3fn), wq.to(torch.float8_e4m3fn)
     sx, sw, b = torch.rand(m) + 0.1, torch.rand(n) + 0.1, torch.randn(n)
-    per = fp8_gemm_persistent if fp8 else int8_gemm_persistent
     ops = [t.to(dev) for t in (xq, sx, wq, sw)]
+    ref = {bias is None: quantized_linear_reference(xq.float() if fp8 else xq, sx, wq.float() if fp8 else wq, sw,
+                                                   bias) for bias in (b, None)}
     outs = []
+    for bias in (b, None):
+        y = (fp8_gemm_tma if fp8 else int8_gemm_tma)(*ops, None if bias is None else bias.to(dev),
+                                                     out_dtype=torch.float32, config=(64, 128, 64, 8, 4, 2))
+        assert y.shape == (m, n) and _rel(y.cpu(), ref[bias is None]) < 1e-6, ("tma", bias is None)
+        if bias is not None:
+            outs.append(y.cpu())
+    per = fp8_gemm_persistent if fp8 else int8_gemm_persistent
     for cfg in ((64, 128, 64, 8, 4, 2, True, True), (64, 128, 64, 8, 4, 2, False, False)):
         for programs, bias in ((None, b), (3, b), (3, None)):
             y = per(*ops, None if bias is None else bias.to(dev), out_dtype=torch.float32, config=cfg,
                     programs=programs)
-            ref = quantized_linear_reference(xq.float() if fp8 else xq, sx, wq.float() if fp8 else wq, sw, bias)
-            assert y.shape == (m, n) and _rel(y.cpu(), ref) < 1e-6, (cfg, programs, bias is None)
+            assert y.shape == (m, n) and _rel(y.cpu(), ref[bias is None]) < 1e-6, (cfg, programs, bias is None)
             if bias is not None:
                 outs.append(y.cpu())
-    if not fp8:   # exact int32 sums and one float32 epilogue: every launch gives the same bits
+    if not fp8:   # exact int32 sums and the same float32 epilogue: both kernels, every launch, the same bits
         assert all(torch.equal(o, outs[0]) for o in outs)
 
 
