@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
@@ -72,3 +73,19 @@ def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     (row,) = json.loads(p.stdout.strip().splitlines()[-1])
     assert row["ok"] is False and "constexpr cannot be reassigned" in row["error"]
+
+
+def test_compile_check_specializes_arguments_as_the_gpu_launch_does():
+    # what decides vector widths and shared memory on the GPU: 16-byte aligned pointers and integers divisible by 16
+    # carry tt.divisibility, an integer equal to 1 is compiled in as a constant; the check must compile that variant
+    from hyperquant_diffusers.testing.triton_compile import _specialize
+
+    div16 = [["tt.divisibility", 16]]
+    base = torch.zeros(64, dtype=torch.bfloat16)
+    assert _specialize(base, "x") == ("*bf16", div16)
+    assert _specialize(base[1:], "x") == ("*bf16", [])          # 2-byte offset: not 16-byte aligned
+    assert _specialize(4096, "K") == ("i32", div16)
+    assert _specialize(4097, "K") == ("i32", [])
+    assert _specialize(1, "K")[0] == "constexpr"
+    assert _specialize(2 ** 33, "n")[0] == "i64"
+    assert _specialize(0.5, "s") == ("fp32", [])

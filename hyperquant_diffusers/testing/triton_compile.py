@@ -63,9 +63,36 @@ def recording(*modules):
             setattr(m, name, value)
 
 
+def _specialize(a, name: str) -> tuple[str, list]:
+    """(signature type, attributes) of a runtime argument as Triton's launcher specializes it on the GPU: pointers
+    16-byte aligned and integers divisible by 16 get ``tt.divisibility`` (which decides vector widths and shared
+    memory), an integer equal to 1 becomes a constant. Without Triton's own specializer (an older Triton), the
+    plain types, unspecialized."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.nvidia.compiler import CUDABackend
+    except ImportError:
+        native_specialize_impl = None
+    if native_specialize_impl is not None:
+        ty, key = native_specialize_impl(CUDABackend, a, False, True, True)
+        return ty, (CUDABackend.parse_attr(key) if isinstance(key, str) else [])
+    if isinstance(a, torch.Tensor):
+        return "*" + _PTR[a.dtype], []
+    if isinstance(a, bool):
+        return "i1", []
+    if isinstance(a, int):
+        return ("i32" if -2**31 <= a < 2**31 else "i64"), []
+    if isinstance(a, float):
+        return "fp32", []
+    if type(a).__name__ == "TensorDescriptor":   # Hopper TMA: element type and block shape
+        return f"tensordesc<{_PTR[a.base.dtype]}[{', '.join(map(str, a.block_shape))}]>", []
+    raise TypeError(f"{name}: cannot type a {type(a).__name__} argument")
+
+
 def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
-    """Compile every launch ``rec`` recorded for ``cuda`` ``sm_<arch>``; one dict per launch: the constexprs,
-    ``ok``, and on success the shared memory (bytes) and whether the PTX uses local memory (register spills)."""
+    """Compile every launch ``rec`` recorded for ``cuda`` ``sm_<arch>``, specialized as the GPU launch would be
+    (:func:`_specialize`); one dict per launch: the constexprs, ``ok``, and on success the shared memory (bytes)
+    and whether the PTX uses local memory (register spills)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -73,26 +100,22 @@ def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
     names = list(rec.fn.arg_names)
     results = []
     for args, kw in rec.calls:
-        sig, const = {}, {}
-        for name, a in zip(names, args):
-            if isinstance(a, torch.Tensor):
-                sig[name] = "*" + _PTR[a.dtype]
-            elif isinstance(a, bool):
-                sig[name] = "i1"
-            elif isinstance(a, int):
-                sig[name] = "i32" if -2**31 <= a < 2**31 else "i64"
-            elif isinstance(a, float):
-                sig[name] = "fp32"
-            elif type(a).__name__ == "TensorDescriptor":   # Hopper TMA: element type and block shape
-                sig[name] = f"tensordesc<{_PTR[a.base.dtype]}[{', '.join(map(str, a.block_shape))}]>"
+        sig, const, attrs, equal_1 = {}, {}, {}, {}
+        for i, (name, a) in enumerate(zip(names, args)):
+            ty, attr = _specialize(a, name)
+            if ty == "constexpr":   # an integer argument equal to 1: Triton compiles it in as a constant
+                sig[name], equal_1[(i,)] = ty, 1
             else:
-                raise TypeError(f"{name}: cannot type a {type(a).__name__} argument")
+                sig[name] = ty
+                if attr:
+                    attrs[(i,)] = attr
         for name in names[len(args):]:
             if name not in kw:
                 raise TypeError(f"{name}: not passed by the launcher")
             sig[name] = "constexpr"
             const[name] = kw[name]
-        src = ASTSource(fn=rec.fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+        src = ASTSource(fn=rec.fn, signature=sig, attrs=attrs,
+                        constexprs={**equal_1, **{(names.index(k),): v for k, v in const.items()}})
         row = {"kernel": rec.fn.__name__, **const, **({"maxnreg": kw["maxnreg"]} if "maxnreg" in kw else {})}
         try:
             ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
