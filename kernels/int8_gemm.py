@@ -250,7 +250,11 @@ def _gemm_persistent(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: 
 
     m, k = a.shape
     n = wq.shape[0]
-    bm, bn, bk, gm, warps, stages, subtile, flatten = config or PERSISTENT["fp8" if fp8 else "int8"]
+    config = config or PERSISTENT["fp8" if fp8 else "int8"]
+    if len(config) != 8:
+        raise ValueError(f"persistent GEMM config is (BM, BN, BK, GROUP_M, warps, stages, SUBTILE, FLATTEN), got "
+                         f"{config!r}")
+    bm, bn, bk, gm, warps, stages, subtile, flatten = config
     if k % bk:
         raise ValueError(f"K={k} must be a multiple of {bk} for the persistent GEMM")
     out = torch.empty(m, n, device=a.device, dtype=out_dtype)

@@ -383,6 +383,10 @@ def test_tma_and_persistent_gemm_kernels_vs_float64(fp8):
                 outs.append(y.cpu())
     if not fp8:   # exact int32 sums and the same float32 epilogue: both kernels, every launch, the same bits
         assert all(torch.equal(o, outs[0]) for o in outs)
+    with pytest.raises(ValueError, match="SUBTILE, FLATTEN"):
+        per(*ops, None, config=(64, 128, 64, 8, 4, 2))      # a TMA-kernel config given to the persistent one
+    with pytest.raises(ValueError, match="multiple of 128"):
+        per(*[t[:, :200] if t.dim() == 2 else t for t in ops], None)   # K = 200
 
 
 def test_cuda_forward_falls_back_on_cpu():
