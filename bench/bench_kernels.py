@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -389,6 +390,80 @@ def actq_block_case(dev, shapes=((12288, 2048), (12288, 4096))):
                 out[f"{key} best_tbps"] = 3 * mm * kk / best[0] / 1e9
                 out[f"{key} default_tbps"] = 3 * mm * kk / out[f"{key} default"] / 1e9
                 print(f"# actq-block {key}: default {out[f'{key} default']:.4f} ms, best {best}", flush=True)
+            del xx
+    finally:
+        aq._TUNE.clear()
+        aq._TUNE.update(saved)
+    return out
+
+
+def actq_fold_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (256, 4096)), rounds=7):
+    """Folded sign flip vs the flip in the kernel (``act_quant.rht_quantize``'s ``hadamard``), int8 and fp8 codes:
+    "independent" (a sign per value, the flip in the kernel: checkpoints before 2026-12-02), "tiled" (tile-periodic
+    signs, flip still in the kernel) and "folded" (the same tiled signs folded into diag(d) H: the new default path).
+    Folded must give the same bits as tiled. Alternating rounds, ms medians. Then a launch sweep of the folded
+    one-pass kernel (values per program, programs per SM, stages, warps) at K = 2048 and 4096, int8."""
+    from hyperquant_diffusers.codec import random_signs, tile_signs
+    from hyperquant_diffusers.kernels import act_quant as aq
+
+    out = {}
+    for mm, kk in shapes:
+        xx = torch.randn(mm, kk, device=dev).to(torch.bfloat16)
+        si = random_signs(kk, 0).to(dev, torch.bfloat16)
+        st = random_signs(kk, 0, period=128).to(dev, torch.bfloat16)
+        hs = aq.signed_hadamard(tile_signs(st, 128), xx.dtype, xx.device)
+        for fmt in ("int8", "fp8"):
+            key = f"{mm}x{kk} {fmt}"
+            a = aq.rht_quantize(xx, st, 128, fmt, signs_cast=st)
+            b = aq.rht_quantize(xx, st, 128, fmt, signs_cast=st, hadamard=hs)
+            out[f"{key} folded_same_bits"] = bool(torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8))
+                                                  and torch.equal(a[1], b[1]))
+            fns = {"independent": lambda: aq.rht_quantize(xx, si, 128, fmt, signs_cast=si),
+                   "tiled": lambda: aq.rht_quantize(xx, st, 128, fmt, signs_cast=st),
+                   "folded": lambda: aq.rht_quantize(xx, st, 128, fmt, signs_cast=st, hadamard=hs)}
+            ts = {k: [] for k in fns}
+            for _ in range(rounds):
+                for k, fn in fns.items():
+                    ts[k].append(bench(fn))
+            for k in fns:
+                out[f"{key} {k}"] = statistics.median(ts[k])
+            out[f"{key} speedup"] = out[f"{key} independent"] / out[f"{key} folded"]
+            out[f"{key} folded_tbps"] = 3 * mm * kk / out[f"{key} folded"] / 1e9
+            print(f"# actq-fold {key}: independent {out[f'{key} independent']:.4f} tiled {out[f'{key} tiled']:.4f} "
+                  f"folded {out[f'{key} folded']:.4f} ms (x{out[f'{key} speedup']:.2f}), same bits "
+                  f"{out[f'{key} folded_same_bits']}", flush=True)
+        del xx
+    saved = dict(aq._TUNE)
+    try:
+        for mm, kk in ((12288, 2048), (12288, 4096)):
+            xx = torch.randn(mm, kk, device=dev).to(torch.bfloat16)
+            st = random_signs(kk, 0, period=128).to(dev, torch.bfloat16)
+            hs = aq.signed_hadamard(tile_signs(st, 128), xx.dtype, xx.device)
+            ref = aq.rht_quantize(xx, st, 128, "int8", signs_cast=st, hadamard=hs)
+            key = f"{mm}x{kk} int8 folded"
+            out[f"{key} default"] = bench(lambda: aq.rht_quantize(xx, st, 128, "int8", signs_cast=st, hadamard=hs))
+            best = (out[f"{key} default"], "default")
+            for elems in (4096, 8192, 16384):
+                for pps in (1, 2, 4):
+                    for stg in (2, 3, 4):
+                        for nw in ((4, 8) if elems >= 16384 else (4,)):
+                            aq._TUNE.clear()
+                            aq._TUNE.update(saved)
+                            aq._TUNE.update(onepass_elems=elems, onepass_pps=pps, onepass_stages=stg,
+                                            onepass_warps=nw)
+                            name = f"{key} e{elems} p{pps} s{stg} w{nw}"
+                            try:
+                                q, sx = aq.rht_quantize(xx, st, 128, "int8", signs_cast=st, hadamard=hs)
+                                same = bool(torch.equal(q, ref[0]) and torch.equal(sx, ref[1]))
+                                t = bench(lambda: aq.rht_quantize(xx, st, 128, "int8", signs_cast=st, hadamard=hs))
+                            except Exception as e:  # a block that does not fit (registers, shared memory)
+                                out[name] = repr(e)[:80]
+                                continue
+                            out[name] = (t, same)
+                            if same and t < best[0]:
+                                best = (t, name)
+            out[f"{key} best"] = best
+            print(f"# actq-fold sweep {key}: default {out[f'{key} default']:.4f} ms, best {best}", flush=True)
             del xx
     finally:
         aq._TUNE.clear()
@@ -1123,6 +1198,9 @@ def main(argv=None):
     ap.add_argument("--actq-sweep", action="store_true", help="only the act-quant launch-shape sweep (JSON to --json)")
     ap.add_argument("--actq-block", action="store_true",
                     help="only the one-pass act-quant block size x launch sweep, K = 2048 and 4096 (JSON)")
+    ap.add_argument("--actq-fold", action="store_true",
+                    help="only: act-quant with the sign flip folded into the Hadamard operand vs in the kernel, and a "
+                         "launch sweep of the folded one-pass kernel (JSON)")
     ap.add_argument("--host-gemm", action="store_true",
                     help="only: host time of the TMA vs persistent GEMM launch, and a cProfile of a layer call (JSON)")
     ap.add_argument("--gemm-sweep", action="store_true",
@@ -1146,7 +1224,8 @@ def main(argv=None):
     only = {"overlap_only": {"overlap": overlap_case}, "interleaved": {"interleaved": interleaved_case},
             "decoder_ab": {"decoder": decoder_ab_case, "overlap": overlap_default_tiles},
             "actq_sweep": {"actq": actq_long_case}, "gemm_sweep": {"gemm": gemm_sweep_case},
-            "actq_block": {"actq_block": actq_block_case}, "host_gemm": {"host_gemm": host_gemm_case},
+            "actq_block": {"actq_block": actq_block_case}, "actq_fold": {"actq_fold": actq_fold_case},
+            "host_gemm": {"host_gemm": host_gemm_case},
             "overlap": {"cast": cast_case, "actq": actq_long_case, "overlap": overlap_case}}
     for flag, parts in only.items():
         if getattr(args, flag):

@@ -22,7 +22,7 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin as 
 from transformers.utils.quantization_config import QuantizationConfigMixin as _TransformersMixin
 
 from .codec.constants import (DEFAULT_BLOCK_VALUES, LATTICES, MAX_BITS, MAX_BLOCK_VALUES, MAX_TILE, MIN_BITS,
-                              MIN_BLOCK_VALUES, MIN_TILE)
+                              MIN_BLOCK_VALUES, MIN_TILE, RHT_SIGN_MODES)
 from .nn.lattice_linear import MMA_TYPES, RESIDENCIES  # the layer defines what it supports
 
 #: Version of the backend's checkpoint layout (buffer names/dtypes, ``layout`` entries, safetensors metadata).
@@ -104,6 +104,10 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
         min_weight_numel: linears with fewer weight scalars are left in float (their side information would eat
             the budget). Default 4096.
         seed: seed of the RHT random signs.
+        rht_signs: how they are drawn: "tiled" (default: one tile's signs repeated along the input dimension, which
+            lets the GPU activation pass fold the sign flip into its Hadamard product) or "independent" (a sign per
+            input feature, as in checkpoints quantized before 2026-12-02). Checkpoints store their signs, so this
+            only matters when quantizing.
         block_values: lattice coordinates per independently decodable Rice block (power of two).
         quantize_batch_values: while fresh weights load, same-shape weights are buffered (on the device they load
             to) and quantized together in one codec call once a group holds this many values
@@ -131,6 +135,7 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
         modules_to_convert: list[str] | None = None,
         min_weight_numel: int = 4096,
         seed: int = 0,
+        rht_signs: str = "tiled",
         block_values: int = DEFAULT_BLOCK_VALUES,
         quantize_batch_values: int = DEFAULT_QUANTIZE_BATCH_VALUES,
         quantize_device: str = "auto",
@@ -164,6 +169,7 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise HyperQuantConfigError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
+        self.rht_signs = _check_choice("rht_signs", rht_signs, RHT_SIGN_MODES)
         self.block_values = _check_pow2("block_values", block_values, MIN_BLOCK_VALUES, MAX_BLOCK_VALUES)
         if (isinstance(quantize_batch_values, bool) or not isinstance(quantize_batch_values, int)
                 or quantize_batch_values < 0):
@@ -241,7 +247,7 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
     def quantize_kwargs(self) -> dict[str, Any]:
         """Arguments of :func:`hyperquant_diffusers.codec.quantize` for a weight."""
         return {"bits": self.bits, "lattice": self.lattice, "tile_size": self.tile_size, "seed": self.seed,
-                "block_values": self.block_values}
+                "rht_signs": self.rht_signs, "block_values": self.block_values}
 
     # ---- (de)serialization: one implementation for both mixins ----------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -250,7 +256,8 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
             "lattice": self.lattice, "tile_size": self.tile_size, "mma": self.mma, "residency": self.residency,
             "modules_to_not_convert": list(self.modules_to_not_convert),
             "modules_to_convert": None if self.modules_to_convert is None else list(self.modules_to_convert),
-            "min_weight_numel": self.min_weight_numel, "seed": self.seed, "block_values": self.block_values,
+            "min_weight_numel": self.min_weight_numel, "seed": self.seed, "rht_signs": self.rht_signs,
+            "block_values": self.block_values,
             "quantize_batch_values": self.quantize_batch_values, "quantize_device": self.quantize_device,
             "kv_bits": self.kv_bits, "kv_lattice": self.kv_lattice, "kv_bias_correction": self.kv_bias_correction,
             "cache_text_kv": self.cache_text_kv, "kv_tile_size": self.kv_tile_size,

@@ -49,6 +49,18 @@ def hadamard_pm1(tile: int, dtype, device) -> torch.Tensor:
     return _H[key]
 
 
+def signed_hadamard(tile_signs: torch.Tensor, dtype, device) -> torch.Tensor:
+    """``diag(d) · H`` (tile, tile) in ``dtype`` on ``device`` for the per-tile flip ``d`` (tile,) ±1 of signs that
+    repeat every tile (``codec.tile_signs``): the product operand with the flip folded in, for ``rht_quantize``'s
+    ``hadamard``. Cached per distinct ``d``. Exact in bf16/fp16 (entries ±1)."""
+    d = tile_signs.to("cpu", torch.float32).reshape(-1)
+    key = ("signed", dtype, str(device), d.numel(), bytes(d.to(torch.int8).numpy().tobytes()))
+    if key not in _H:
+        h = _hadamard_pm1(d.numel(), torch.float32, "cpu")
+        _H[key] = (d[:, None] * h).to(device=device, dtype=dtype).contiguous()
+    return _H[key]
+
+
 @jit_cache
 def _kernel():
     global tl, _rht_tile, _codes
@@ -56,11 +68,15 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE: tl.constexpr):
+    def _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE: tl.constexpr, FOLD: tl.constexpr):
         # one (BM, T) tile of rht(x) * sqrt(T): sign flip, then a tensor-core product with the ±1 Hadamard matrix
+        # (FOLD: the signs repeat every tile and are already in ``h`` = diag(d) H)
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=rmask[:, None], other=0.0)
-        s = tl.load(s_ptr + cols)
-        xs = x * s[None, :]
+        if FOLD:
+            xs = x
+        else:
+            s = tl.load(s_ptr + cols)
+            xs = x * s[None, :]
         if IEEE:
             return tl.dot(xs, h, input_precision="ieee")
         return tl.dot(xs, h)
@@ -77,7 +93,7 @@ def _kernel():
     @triton.jit
     def rht_quant_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
                          T: tl.constexpr, BM: tl.constexpr, FP8: tl.constexpr, QMAX: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         IEEE: tl.constexpr, FOLD: tl.constexpr):
         # programs walk row blocks (a persistent grid when launched with fewer programs than blocks: fewer row
         # blocks in flight keep the second pass's re-read of x inside L2)
         pid = tl.program_id(0)
@@ -90,20 +106,20 @@ def _kernel():
             rows64 = rows.to(tl.int64)
             amax = tl.zeros([BM], dtype=tl.float32)
             for k0 in range(0, K, T):
-                y = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, k0 + tt, stride_xm, IEEE)
+                y = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, k0 + tt, stride_xm, IEEE, FOLD)
                 amax = tl.maximum(amax, tl.max(tl.abs(y), 1))
             amax_safe = tl.where(amax > 0, amax, 1.0)
             tl.store(sx_ptr + rows, amax_safe * inv_sqrt_t / QMAX, mask=rmask)
             inv = QMAX / amax_safe
             for k0 in range(0, K, T):
                 cols = k0 + tt
-                v = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE) * inv[:, None]
+                v = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE, FOLD) * inv[:, None]
                 qv = _codes(v, FP8, QMAX)
                 tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], qv, mask=rmask[:, None])
 
     @triton.jit
     def rht_amax_split_kernel(x_ptr, s_ptr, h_ptr, amax_ptr, M, K, stride_xm, KC: tl.constexpr,
-                              T: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr):
+                              T: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr):
         # split-K pass 1 (small M): partial row maxima of |rht(x)| * sqrt(T) over KC columns, atomically merged
         # (non-negative floats order like their int32 bit patterns)
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -114,14 +130,14 @@ def _kernel():
         amax = tl.zeros([BM], dtype=tl.float32)
         kb = tl.program_id(1) * KC
         for k0 in range(kb, kb + KC, T):
-            y = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, k0 + tt, stride_xm, IEEE)
+            y = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, k0 + tt, stride_xm, IEEE, FOLD)
             amax = tl.maximum(amax, tl.max(tl.abs(y), 1))
         tl.atomic_max(amax_ptr + rows, amax.to(tl.int32, bitcast=True), mask=rmask)
 
     @triton.jit
     def rht_quant_split_kernel(x_ptr, s_ptr, h_ptr, amax_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm,
                                inv_sqrt_t, KC: tl.constexpr, T: tl.constexpr, BM: tl.constexpr,
-                               FP8: tl.constexpr, QMAX: tl.constexpr, IEEE: tl.constexpr):
+                               FP8: tl.constexpr, QMAX: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         tt = tl.arange(0, T)
@@ -135,31 +151,36 @@ def _kernel():
         kb = tl.program_id(1) * KC
         for k0 in range(kb, kb + KC, T):
             cols = k0 + tt
-            v = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE) * inv[:, None]
+            v = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE, FOLD) * inv[:, None]
             qv = _codes(v, FP8, QMAX)
             tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], qv, mask=rmask[:, None])
 
     @triton.jit
     def rht_quant_onepass_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
                                  T: tl.constexpr, R: tl.constexpr, NT: tl.constexpr, FP8: tl.constexpr,
-                                 QMAX: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr):
+                                 QMAX: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr, FOLD: tl.constexpr):
         # (R rows x NT tiles) of T values in registers: view i = row * NT + tile, one (R*NT, T) @ (T, T) product.
         # Programs walk row blocks (a persistent grid when launched with fewer programs than blocks, so the loop's
         # software pipeline loads the next block while this one computes).
         i = tl.arange(0, R * NT)
         tt = tl.arange(0, T)
         col = (i % NT)[:, None] * T + tt[None, :]
-        s = tl.load(s_ptr + col, mask=col < K, other=0.0)
+        if not FOLD:
+            s = tl.load(s_ptr + col, mask=col < K, other=0.0)
         h = tl.load(h_ptr + tt[:, None] * T + tt[None, :])
         for rb in tl.range(tl.program_id(0), tl.cdiv(M, R), tl.num_programs(0), num_stages=STAGES):
             row = rb * R + i // NT
             m = (row < M)[:, None] & (col < K)
             row64 = row.to(tl.int64)
             x = tl.load(x_ptr + row64[:, None] * stride_xm + col, mask=m, other=0.0)
+            if not FOLD:
+                # a flip per column sends every tile through shared memory twice (loaded into registers for the
+                # product, stored again in the MMA operand layout); folded signs let the MMA read x as loaded
+                x = x * s
             if IEEE:
-                y = tl.dot(x * s, h, input_precision="ieee")
+                y = tl.dot(x, h, input_precision="ieee")
             else:
-                y = tl.dot(x * s, h)
+                y = tl.dot(x, h)
             tmax = tl.reshape(tl.max(tl.abs(y), 1), (R, NT))
             amax = tl.max(tmax, 1)
             amax = tl.where(amax > 0, amax, 1.0)
@@ -188,10 +209,12 @@ _TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_warps_long": 8, "on
 
 
 def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "int8", *,
-                 signs_cast: torch.Tensor | None = None, impl: str = "auto"):
+                 signs_cast: torch.Tensor | None = None, hadamard: torch.Tensor | None = None, impl: str = "auto"):
     """Fused RHT + per-token quantization. ``x`` (M, K) bf16/fp16/fp32 (row stride free, unit column stride),
     ``signs`` ±1 (K,); ``fmt`` "int8" or "fp8". Returns (codes (M, K) int8 / float8_e4m3fn, scale float32 (M,)).
-    ``signs_cast``: the signs already in x's dtype on x's device (avoids a per-call cast). ``impl``: "onepass"
+    ``signs_cast``: the signs already in x's dtype on x's device (avoids a per-call cast). ``hadamard``: when
+    ``signs`` repeat one flip ``d`` every tile, ``signed_hadamard(d, x.dtype, x.device)``; the kernels then skip
+    the flip (``signs`` is not read). The caller vouches that it matches ``signs``. ``impl``: "onepass"
     (rows held in registers, one read of x), "fused" (one launch, two passes over each row block), "split"
     (split-K in two launches: more programs for small M), "auto" (onepass when the padded row fits ``onepass_max_k``,
     else split for few rows and fused for many)."""
@@ -204,8 +227,15 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     if fmt not in ("int8", "fp8"):
         raise ValueError(f"fmt must be 'int8' or 'fp8', got {fmt!r}")
     fp8 = fmt == "fp8"
-    s = signs_cast if signs_cast is not None else signs.to(device=x.device, dtype=x.dtype)
-    h = hadamard_pm1(tile, x.dtype, x.device)
+    fold = hadamard is not None
+    if fold:
+        if tuple(hadamard.shape) != (tile, tile) or hadamard.dtype != x.dtype or hadamard.device != x.device:
+            raise ValueError(f"hadamard must be ({tile}, {tile}) {x.dtype} on {x.device}, got "
+                             f"{tuple(hadamard.shape)} {hadamard.dtype} on {hadamard.device}")
+        s, h = hadamard, hadamard          # s: any tensor of x's device (never read)
+    else:
+        s = signs_cast if signs_cast is not None else signs.to(device=x.device, dtype=x.dtype)
+        h = hadamard_pm1(tile, x.dtype, x.device)
     q = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     sx = torch.empty(m, device=x.device, dtype=torch.float32)
     qmax = FP8_MAX if fp8 else INT8_MAX
@@ -227,7 +257,7 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
         pps = tu["onepass_pps"]  # programs per SM of a persistent grid; 0: one program per row block
         grid = (min(nblk, num_sms(x.device.index or 0) * pps) if pps else nblk,)
         onepass_k(grid, x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile, R=r,
-                        NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee,
+                        NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee, FOLD=fold,
                         STAGES=tu["onepass_stages"] if nt * tile <= tu["onepass_long_k"] else tu["onepass_stages_long"],
                         num_warps=tu["onepass_warps"] if rows_per_prog >= 1 else tu["onepass_warps_long"])
         return q, sx
@@ -238,16 +268,17 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
         bm = tu["split_bm"]
         grid = (triton_cdiv(m, bm), k // kc)
         amax = torch.zeros(m, device=x.device, dtype=torch.int32)
-        amax_k(grid, x, s, h, amax, m, k, x.stride(0), KC=kc, T=tile, BM=bm, IEEE=ieee, num_warps=tu["split_warps"])
+        amax_k(grid, x, s, h, amax, m, k, x.stride(0), KC=kc, T=tile, BM=bm, IEEE=ieee, FOLD=fold,
+               num_warps=tu["split_warps"])
         quant_k(grid, x, s, h, amax, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), KC=kc, T=tile,
-                      BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, num_warps=tu["split_warps"])
+                      BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, FOLD=fold, num_warps=tu["split_warps"])
         return q, sx
     bm = tu["fused_bm"] if tile < 512 else 16
     nrb = triton_cdiv(m, bm)
     pps = tu.get("fused_pps", 0)  # programs per SM of a persistent grid; 0: one program per row block
     grid = (min(nrb, num_sms(x.device.index or 0) * pps) if pps else nrb,)
     fused(grid, x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile,
-                                 BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, num_warps=tu["fused_warps"],
+                                 BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, FOLD=fold, num_warps=tu["fused_warps"],
                                  num_stages=tu["fused_stages"])
     return q, sx
 

@@ -28,8 +28,10 @@ import weakref
 
 import torch
 
+from hyperquant_diffusers.codec import tile_signs
+
 from ._triton import num_sms, triton_available
-from .act_quant import rht_quantize
+from .act_quant import rht_quantize, signed_hadamard
 from .int8_gemm import fp8_linear, int8_linear
 from .rice_decode import rice_decode
 
@@ -292,15 +294,23 @@ def _interned_signs(signs: torch.Tensor, dtype, device) -> torch.Tensor:
     return t
 
 
-def _quantized_activation(x, x2, s, tile: int, fmt: str):
+def _rht_operands(signs: torch.Tensor, tile: int, dtype, device):
+    """(signs cast to ``dtype`` on ``device``, interned; the folded ``diag(d)·H`` operand when the signs repeat a
+    flip ``d`` every tile, else None). Computed once per layer (reading the signs syncs the device once)."""
+    s = _interned_signs(signs, dtype, device)
+    d = tile_signs(signs, tile)
+    return s, (None if d is None else signed_hadamard(d, dtype, device))
+
+
+def _quantized_activation(x, x2, s, hs, tile: int, fmt: str):
     if not _ACT_SHARE["on"]:
-        return rht_quantize(x2, s, tile, fmt, signs_cast=s)
+        return rht_quantize(x2, s, tile, fmt, signs_cast=s, hadamard=hs)
     key = (x._version, tuple(x.shape), tuple(x.stride()), x.storage_offset(), id(s), tile, fmt)
     ent = _ACT_SHARE["entry"]
     # a weak reference: the entry never keeps an activation alive, and a freed one can never match again
     if ent is not None and ent[0]() is x and ent[1] == key:
         return ent[2], ent[3]
-    xq, sx = rht_quantize(x2, s, tile, fmt, signs_cast=s)
+    xq, sx = rht_quantize(x2, s, tile, fmt, signs_cast=s, hadamard=hs)
     _ACT_SHARE["entry"] = (weakref.ref(x), key, xq, sx)
     return xq, sx
 
@@ -332,12 +342,11 @@ def cuda_forward(module, x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(*lead, n)
     cache = _cache(module)
     skey = ("signs", x.dtype, x.device)
-    s = cache.get(skey)
-    if s is None:
-        s = _interned_signs(module.signs, x.dtype, x.device)
-        cache[skey] = s
+    ops = cache.get(skey)
+    if ops is None:
+        ops = cache[skey] = _rht_operands(module.signs, module.tile_size, x.dtype, x.device)
     fmt = module.mma
-    xq, sx = _quantized_activation(x, x2, s, module.tile_size, fmt)
+    xq, sx = _quantized_activation(x, x2, ops[0], ops[1], module.tile_size, fmt)
     wq, sw = weight_codes(module, fmt)
     bias = module.bias
     if fmt == "int8":

@@ -47,7 +47,7 @@ def split_stacked(q: LatticeTensor, n_layers: int) -> list[LatticeTensor]:
 
 
 def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E8", tile_size: int = 128,
-                  seed: int = 0, block_values: int = 4096, max_values: int = 1 << 28,
+                  seed: int = 0, rht_signs: str = "tiled", block_values: int = 4096, max_values: int = 1 << 28,
                   encode_chunk: int = ENCODE_CHUNK) -> list[LatticeTensor]:
     """Quantize same-shape 2-D weights in stacked groups of at most ``max_values`` values; one LatticeTensor
     per weight, in order. Weights whose size is not a whole number of blocks are quantized one by one."""
@@ -58,7 +58,7 @@ def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E
         raise ValueError("quantize_many takes 2-D weights of one shape")
     per = shape[0] * shape[1]
     if per % block_values:
-        return [quantize(w, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed,
+        return [quantize(w, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed, rht_signs=rht_signs,
                          block_values=block_values) for w in weights]
     group = max(1, max_values // per)
     out: list[LatticeTensor] = []
@@ -66,7 +66,7 @@ def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E
     for g0 in range(0, len(weights), group):
         chunk = weights[g0:g0 + group]
         stacked = torch.cat([w.detach() for w in chunk], 0) if len(chunk) > 1 else chunk[0].detach()
-        q = quantize(stacked, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed,
+        q = quantize(stacked, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed, rht_signs=rht_signs,
                      block_values=block_values, chunk_values=encode_chunk, alpha_hint=hint)
         hint = q.search_alpha
         del stacked

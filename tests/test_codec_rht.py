@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hyperquant_diffusers.codec import fwht, inverse_rht, random_signs, rht
+from hyperquant_diffusers.codec import fwht, inverse_rht, quantize, random_signs, rht, tile_signs
 from hyperquant_diffusers.codec.hadamard import hadamard_matrix
 
 
@@ -42,6 +42,62 @@ def test_matmul_identity_float32():
 def test_signs_are_seeded():
     assert torch.equal(random_signs(256, 5), random_signs(256, 5))
     assert not torch.equal(random_signs(256, 5), random_signs(256, 6))
+
+
+def test_tiled_signs_repeat_one_flip_and_are_detected():
+    s = random_signs(512, 7, period=128)
+    d = random_signs(128, 7)
+    assert torch.equal(s, d.repeat(4))
+    assert torch.equal(tile_signs(s, 128), d)
+    assert tile_signs(random_signs(512, 7), 128) is None          # independent tiles
+    assert tile_signs(s, 64) is None                               # the two halves of d differ (seed 7)
+    assert torch.equal(tile_signs(s, 256), d.repeat(2))            # a multiple of the period repeats too
+    with pytest.raises(ValueError, match="sign period"):
+        random_signs(500, 1, period=128)
+    with pytest.raises(ValueError, match="do not split into tiles"):
+        tile_signs(torch.ones(96), 64)
+
+
+def test_tiled_signs_transform_is_one_matrix_per_tile():
+    # with a repeated flip d every tile's transform is H diag(d): the (K, K) RHT matrix is block diagonal with one
+    # repeated block, orthogonal, and the product identity holds (float64)
+    k, tile = 512, 128
+    s = random_signs(k, 4, period=tile).double()
+    m = rht(torch.eye(k, dtype=torch.float64), s, tile).T        # column j = rht(e_j)
+    blk = hadamard_matrix(tile) @ torch.diag(s[:tile])
+    assert torch.allclose(m, torch.block_diag(*[blk] * (k // tile)), atol=1e-12)
+    x, w = torch.randn(8, k, dtype=torch.float64), torch.randn(6, k, dtype=torch.float64)
+    assert torch.allclose(rht(x, s, tile) @ rht(w, s, tile).T, x @ w.T, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["tiled", "independent"])
+def test_quantize_draws_the_signs_its_mode_names(mode):
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(1))
+    q = quantize(w, bits=4.0, seed=9, rht_signs=mode)
+    if mode == "tiled":
+        assert torch.equal(q.signs, random_signs(512, 9, period=128))
+    else:
+        assert torch.equal(q.signs, random_signs(512, 9)) and tile_signs(q.signs, 128) is None
+    with pytest.raises(ValueError, match="rht_signs must be one of"):
+        quantize(w, bits=4.0, rht_signs="periodic")
+
+
+def test_tiled_signs_cost_no_distortion():
+    # Each tile's transform is a uniformly random-sign RHT either way, so the distortion at a given rate matches
+    # in expectation. Gaussian weights with a repeated per-tile column pattern (the case where tiles share
+    # structure) at 4 bits, mean SNR over three seeds: the two modes agree within 0.2 dB (measured: tiled
+    # 22.54 dB, independent 22.42 dB; the seeds spread each by ~0.1 dB).
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(256, 1024, generator=g) + torch.randn(128, generator=g).repeat(8) * 2.0
+    snr = {}
+    for mode in ("tiled", "independent"):
+        vals = []
+        for seed in range(3):
+            q = quantize(w, bits=4.0, seed=seed, rht_signs=mode)
+            err = (q.dequantize(torch.float64) - w.double()).square().sum()
+            vals.append(10 * torch.log10(w.double().square().sum() / err).item())
+        snr[mode] = sum(vals) / len(vals)
+    assert abs(snr["tiled"] - snr["independent"]) < 0.2, snr
 
 
 @pytest.mark.parametrize("bad", [0, 8, 24, 100, 2048, 2.5])

@@ -14,6 +14,11 @@ BLOB_MAGIC = b"HQLT"
 #: Allowed range of the RHT tile (values along the contraction axis); always a power of two.
 MIN_TILE, MAX_TILE = 16, 1024
 DEFAULT_TILE = 128
+#: how the RHT signs of a fresh quantization are drawn: "tiled" (one tile's signs repeated along the row, the
+#: default: the GPU activation pass folds the flip into its Hadamard operand, bench/RESULTS.md) or "independent"
+#: (a sign per value, what every checkpoint quantized before 2026-12-02 has). A checkpoint stores its signs, so
+#: either kind loads anywhere; only the speed of the activation pass differs.
+RHT_SIGN_MODES = ("tiled", "independent")
 
 #: Values per independently decodable Rice block (a power of two, multiple of every lattice dimension).
 DEFAULT_BLOCK_VALUES = 4096

@@ -14,16 +14,37 @@ from . import cpu_kernels
 from .constants import check_tile_size
 
 
-def random_signs(n: int, seed: int) -> torch.Tensor:
+def random_signs(n: int, seed: int, period: int | None = None) -> torch.Tensor:
     """``n`` seeded random signs, shape ``(n,)``, dtype float32 on the CPU, values in {-1, +1}.
 
     Drawn with a private CPU generator so the same seed gives the same signs on every device; the codec stores
     the signs themselves in its blob, so a checkpoint never depends on this generator staying the same.
+    ``period``: draw that many signs and repeat them (``n`` must be a multiple): with ``period`` = the RHT tile
+    every tile gets the same flip ``d``, so the per-tile transform is the one matrix ``H·diag(d)`` and a GEMM-based
+    kernel folds the flip into its Hadamard operand (see :func:`tile_signs`). Each tile's transform is still a
+    uniformly random-sign RHT; only the tiles' flips are no longer independent of each other.
     """
+    if period is not None:
+        p = int(period)
+        if p <= 0 or n % p:
+            raise ValueError(f"sign period {period} must be positive and divide the length {n}")
+        return random_signs(p, seed).repeat(int(n) // p)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
     bits = torch.randint(0, 2, (int(n),), generator=gen, dtype=torch.int8)
     return bits.to(torch.float32).mul_(2.0).sub_(1.0)
+
+
+def tile_signs(signs: torch.Tensor, tile_size: int) -> torch.Tensor | None:
+    """The flip ``d`` (tile_size,) when ``signs`` (K,) repeats it on every tile, else None (signs of independent
+    tiles, e.g. every checkpoint quantized before tile-periodic signs existed). Same dtype and device as
+    ``signs``; reads them once (a device sync for CUDA signs)."""
+    t = check_tile_size(tile_size)
+    k = signs.numel()
+    if k % t:
+        raise ValueError(f"{k} signs do not split into tiles of {t}")
+    tiles = signs.reshape(k // t, t)
+    return tiles[0].clone() if bool((tiles == tiles[:1]).all()) else None
 
 
 def fwht(x: torch.Tensor, tile_size: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from . import cpu_kernels
 from .constants import (BLOB_MAGIC, DEFAULT_BLOCK_VALUES, DEFAULT_TILE, FORMAT_VERSION, MAX_BLOCK_VALUES,
-                        MIN_BLOCK_VALUES, check_bits, check_tile_size, lattice_spec)
+                        MIN_BLOCK_VALUES, RHT_SIGN_MODES, check_bits, check_tile_size, lattice_spec)
 from .hadamard import inverse_rht, random_signs, rht
 from .lattices import coords_to_points
 from .rdo import rd_lambda, rd_nearest_point
@@ -359,6 +359,7 @@ def quantize(
     lattice: str = "E8",
     tile_size: int = DEFAULT_TILE,
     seed: int = 0,
+    rht_signs: str = "tiled",
     block_values: int = DEFAULT_BLOCK_VALUES,
     step_mode: str = "row",
     tol_bits: float = 0.002,
@@ -377,8 +378,12 @@ def quantize(
     ``alpha_hint``: where the step-multiplier search starts (the ``search_alpha`` attribute of an earlier result on
     weights of the same distribution, e.g. the previous stacked group of one shape); the search still runs until
     the sampled rate is on target, it only needs fewer steps. The result carries ``search_alpha`` (not stored).
+    ``rht_signs``: "tiled" (default; one tile's ``seed``-drawn signs repeated along K, which the GPU activation
+    pass folds into its Hadamard operand) or "independent" (a sign per value); see ``constants.RHT_SIGN_MODES``.
     """
     spec = lattice_spec(lattice)
+    if rht_signs not in RHT_SIGN_MODES:
+        raise ValueError(f"rht_signs must be one of {RHT_SIGN_MODES}, got {rht_signs!r}")
     tile_size = check_tile_size(tile_size)
     if snr_db is None:
         if bits is None:
@@ -393,7 +398,7 @@ def quantize(
         raise ValueError(f"block_values must be a power of two in [{MIN_BLOCK_VALUES}, {MAX_BLOCK_VALUES}], got {block_values}")
     w32 = _check_input(w, tile_size)
     rows, k = w32.shape
-    signs = random_signs(k, seed).to(w32.device)
+    signs = random_signs(k, seed, period=tile_size if rht_signs == "tiled" else None).to(w32.device)
     y = rht(w32, signs, tile_size)
     if step_mode == "row":
         sigma = y.square().mean(1).sqrt()

@@ -117,13 +117,14 @@ class LatticeLinear(nn.Module):
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, bits: float, lattice: str = "E8", tile_size: int = 128,
-                    block_values: int = 4096, seed: int = 0, mma: str = "int8",
+                    block_values: int = 4096, seed: int = 0, rht_signs: str = "tiled", mma: str = "int8",
                     residency: str = "int8") -> "LatticeLinear":
         """Quantize ``linear.weight`` (on its own device) and return the finalized LatticeLinear."""
         from ..codec import quantize
 
         w = linear.weight.detach()
-        q = quantize(w, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed, block_values=block_values)
+        q = quantize(w, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed, rht_signs=rht_signs,
+                     block_values=block_values)
         return cls.from_lattice_tensor(q, linear.bias, bits=bits, mma=mma, residency=residency)
 
     @classmethod

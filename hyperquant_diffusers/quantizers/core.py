@@ -205,7 +205,7 @@ class OnLoadQuantizer:
 
         kw = self.config.quantize_kwargs()
         return quantize_many(weights, bits=kw["bits"], lattice=kw["lattice"], tile_size=kw["tile_size"],
-                             seed=kw["seed"], block_values=kw["block_values"],
+                             seed=kw["seed"], rht_signs=kw["rht_signs"], block_values=kw["block_values"],
                              max_values=max(self.batch_values, weights[0].numel()))
 
     def _install(self, model: nn.Module, names: list[str], weights: list[torch.Tensor], *, per_layer: bool) -> None:
