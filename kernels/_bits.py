@@ -7,10 +7,14 @@
   and the bit position after the last terminator;
 * ``block_header``: a block's place in the stream (word pointer, sizes, Rice parameter); ``e8_even_vectors``: the
   even vectors of an E8 block, from its parity head;
-* ``e4m3_bits``: the float8-e4m3fn bit pattern of an integer (round to nearest even on the float32 bits), so
-  that the decoders' fp8 output is the same on the GPU, in the interpreter and in torch's cast (the interpreter's
-  float8 cast rounds ties away from zero; a float8 bitcast inside the vector decoder's packing gave wrong bytes on
-  the H100 with Triton 3.6, bench/RESULTS.md).
+* ``e4m3x2_bits``: the float8-e4m3fn bytes of two integers (|v| <= 448, rounded to nearest even as torch's
+  cast rounds), so that the decoders' fp8 output is the same on the GPU, in the interpreter and in torch. On a
+  GPU (``HW=True``) one PTX ``cvt.rn.satfinite.e4m3x2.f32`` converts both: the decoders are bound by the integer
+  pipe, and the integer form costs ~15 operations per value (the instruction needs sm_89 or newer, as does the
+  fp8 MMA these bytes feed). In the interpreter, whose float8 cast rounds ties away from zero, ``_e4m3_bits``
+  computes each byte with integer arithmetic on the float32 bits: the same bytes, and the reference the tests
+  hold the instruction to. No float8 type appears inside the kernels: a float8 bitcast inside the vector
+  decoder's packing gave wrong bytes on the H100 with Triton 3.6 (bench/RESULTS.md).
 
 Built on first use (importing this module never imports Triton); the kernels bind them into their own module
 globals, where Triton resolves a jitted function's callees.
@@ -97,7 +101,7 @@ def decode_reference(words, offsets, ks, n, lattice, block_values, out_dtype=tor
 
 @jit_cache
 def bit_helpers() -> SimpleNamespace:
-    global tl, libdevice, _popc, _read, _msb, _lowest, _max2, _unit_terminators
+    global tl, libdevice, _popc, _read, _msb, _lowest, _max2, _unit_terminators, _e4m3_bits
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
@@ -243,7 +247,7 @@ def bit_helpers() -> SimpleNamespace:
         return ng - tl.sum(_popc(hwv & hmask, HW), 0)
 
     @triton.jit
-    def e4m3_bits(v):
+    def _e4m3_bits(v):
         # int32 lanes, |v| <= 448 (callers clamp) -> the float8_e4m3fn byte (int32 in [0, 255]) of v. |v| is exact
         # in float32; its 23 mantissa bits are rounded to e4m3's 3 (nearest, ties to even: add 2**19 - 1 plus the
         # kept lowest bit, a carry moves into the exponent) and the exponent is rebiased from 127 to 7. Every
@@ -253,5 +257,19 @@ def bit_helpers() -> SimpleNamespace:
         mag = ((f + 0x7FFFF + ((f >> 20) & 1)) >> 20) - ((127 - 7) << 3)
         return tl.where(a == 0, 0, mag) | tl.where(v < 0, 0x80, 0)
 
+    @triton.jit
+    def e4m3x2_bits(hi, lo, HW: tl.constexpr):
+        # int32 lanes, |hi|, |lo| <= 448 (callers clamp) -> the e4m3 bytes of ``hi`` (bits 8-15) and ``lo``
+        # (bits 0-7) as int32. The instruction's first source is the upper byte. Integers this small are exact in
+        # float32, the instruction rounds to nearest even as _e4m3_bits does, and satfinite never acts at <= 448;
+        # a single value goes in ``lo`` with ``hi`` = 0 (e4m3 0 is the zero byte).
+        if HW:
+            p = tl.inline_asm_elementwise("cvt.rn.satfinite.e4m3x2.f32 $0, $1, $2;", "=h,f,f",
+                                          [hi.to(tl.float32), lo.to(tl.float32)], dtype=tl.uint16, is_pure=True,
+                                          pack=1)
+            return p.to(tl.int32)
+        else:
+            return (_e4m3_bits(hi) << 8) | _e4m3_bits(lo)
+
     return SimpleNamespace(popc=_popc, read=_read, msb=_msb, lowest=_lowest, unary_pass=unary_pass,
-                           block_header=block_header, e8_even_vectors=e8_even_vectors, e4m3_bits=e4m3_bits)
+                           block_header=block_header, e8_even_vectors=e8_even_vectors, e4m3x2_bits=e4m3x2_bits)

@@ -52,12 +52,12 @@ _LAT_CODE = {"Z": 0, "A2": 1, "D4": 2}
 def _kernel():
     # Triton resolves a jitted function's callees and ``tl`` through the module globals, so the helpers are bound
     # there (built lazily: importing this module never imports Triton).
-    global tl, _read, _unary_pass, _outside, _block_header, _e4m3_bits
+    global tl, _read, _unary_pass, _outside, _block_header, _e4m3x2_bits
     import triton
     import triton.language as tl
 
     h = bit_helpers()
-    _read, _unary_pass, _block_header, _e4m3_bits = h.read, h.unary_pass, h.block_header, h.e4m3_bits
+    _read, _unary_pass, _block_header, _e4m3x2_bits = h.read, h.unary_pass, h.block_header, h.e4m3x2_bits
 
     @triton.jit
     def _outside(c0, c1, A2: tl.constexpr, BOX: tl.constexpr, LN: tl.constexpr, L1: tl.constexpr,
@@ -198,8 +198,10 @@ def _kernel():
                     a64 = tl.maximum(tl.abs(c0.to(tl.int64)), tl.abs(c1.to(tl.int64)))
                     amax = tl.maximum(amax, tl.max(tl.max(tl.where(valid, tl.minimum(a64, 0x7FFFFFFF), 0), 1), 0).to(tl.int32))
                 if OUT_FP8:
-                    o0 = _e4m3_bits(tl.minimum(tl.maximum(c0, -448), 448)).to(tl.uint8)
-                    o1 = _e4m3_bits(tl.minimum(tl.maximum(c1, -448), 448)).to(tl.uint8)
+                    o = _e4m3x2_bits(tl.minimum(tl.maximum(c1, -448), 448), tl.minimum(tl.maximum(c0, -448), 448),
+                                     HW)
+                    o0 = (o & 0xFF).to(tl.uint8)
+                    o1 = (o >> 8).to(tl.uint8)
                 else:
                     o0 = tl.minimum(tl.maximum(c0, -127), 127).to(tl.int8).to(tl.uint8, bitcast=True)
                     o1 = tl.minimum(tl.maximum(c1, -127), 127).to(tl.int8).to(tl.uint8, bitcast=True)

@@ -47,13 +47,13 @@ ESCAPE_BITS = codec_constants.ESCAPE_BITS
 def _kernel():
     # Triton resolves a jitted function's callees and ``tl`` through the module globals, so the helpers are bound
     # there (built lazily: importing this module never imports Triton).
-    global tl, _popc, _read, _unary_pass, _block_header, _e8_even_vectors, _e4m3_bits
+    global tl, _popc, _read, _unary_pass, _block_header, _e8_even_vectors, _e4m3x2_bits
     import triton
     import triton.language as tl
 
     h = bit_helpers()
     _popc, _read, _unary_pass = h.popc, h.read, h.unary_pass
-    _block_header, _e8_even_vectors, _e4m3_bits = h.block_header, h.e8_even_vectors, h.e4m3_bits
+    _block_header, _e8_even_vectors, _e4m3x2_bits = h.block_header, h.e8_even_vectors, h.e4m3x2_bits
 
     @triton.jit
     def rice_decode_kernel(words_ptr, offs_ptr, ks_ptr, out_ptr, scratch_ptr, err_ptr, amax_ptr, n, nb,
@@ -160,7 +160,8 @@ def _kernel():
                 if CHECK:
                     amax = tl.maximum(amax, tl.max(tl.max(tl.where(valid, tl.abs(cval), 0), 1), 0))
                 if OUT_FP8:
-                    o = _e4m3_bits(tl.minimum(tl.maximum(cval, -448), 448)).to(tl.uint8)
+                    c8 = tl.minimum(tl.maximum(cval, -448), 448)
+                    o = _e4m3x2_bits(tl.zeros_like(c8), c8, HW).to(tl.uint8)
                 else:
                     o = tl.minimum(tl.maximum(cval, -127), 127).to(tl.int8).to(tl.uint8, bitcast=True)
                 tl.store(out8 + v0 + idx, o, mask=valid)

@@ -48,13 +48,13 @@ def _kernel():
     # Triton resolves a jitted function's callees and ``tl`` through the module globals, so the helpers are bound
     # there (built lazily: importing this module never imports Triton).
     global tl, _popc, _lowest, _read32, _read64, _first_zero64, _select, _quotients, _tile_quotients, \
-        _run_starts, _tile_magnitudes, _block_header, _e8_even_vectors, _e4m3_bits
+        _run_starts, _tile_magnitudes, _block_header, _e8_even_vectors, _e4m3x2_bits
     import triton
     import triton.language as tl
 
     h = bit_helpers()
     _popc, _lowest, _block_header, _e8_even_vectors = h.popc, h.lowest, h.block_header, h.e8_even_vectors
-    _e4m3_bits = h.e4m3_bits
+    _e4m3x2_bits = h.e4m3x2_bits
 
     @triton.jit
     def _read32(wp, pos, nbits, nwords, mask):
@@ -355,9 +355,11 @@ def _kernel():
                 ones = lo.to(tl.uint64) | (hi.to(tl.uint64) << 32)
                 if OUT_FP8:
                     outp = ones << 7                             # e4m3's sign bit
-                    for j in tl.static_range(D):
-                        cabs = 2 * ((valp >> (8 * j)) & 0xFF).to(tl.int32) + par
-                        outp |= _e4m3_bits(tl.minimum(cabs, 448)).to(tl.uint64) << (8 * j)
+                    for j in tl.static_range(D // 2):            # the GPU converts two bytes per instruction
+                        clo = 2 * ((valp >> (16 * j)) & 0xFF).to(tl.int32) + par
+                        chi = 2 * ((valp >> (16 * j + 8)) & 0xFF).to(tl.int32) + par
+                        pair = _e4m3x2_bits(tl.minimum(chi, 448), tl.minimum(clo, 448), HW)
+                        outp |= pair.to(tl.uint64) << (16 * j)
                 else:
                     # two's complement of the negative bytes; none is 0 (a signed |c| is >= 1), so no carry
                     outp = (valp ^ (ones * 0xFF)) + ones

@@ -176,33 +176,49 @@ def test_rice_decode_kernel_escapes_and_partial_block(impl, sub, chunk_words, un
         rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, check=True, impl=impl)
 
 
-def _e4m3_bits_of(v):
-    # the decoders' integer -> e4m3 helper on int32 ``v``, in a one-line kernel
+def _e4m3x2_bits_of(hi, lo, hw):
+    # the decoders' integer -> e4m3 helper on int32 ``hi``, ``lo`` (HW: the GPU instruction, else the integer
+    # reference), in a one-line kernel: (byte of hi) << 8 | (byte of lo)
     import triton
     import triton.language as tl
     from hyperquant_diffusers.kernels._bits import bit_helpers
 
-    global _E4M3_BITS
-    _E4M3_BITS = bit_helpers().e4m3_bits
+    global _E4M3X2_BITS
+    _E4M3X2_BITS = bit_helpers().e4m3x2_bits
 
     @triton.jit
-    def one_line(v_ptr, o_ptr, n, B: tl.constexpr):
+    def one_line(hi_ptr, lo_ptr, o_ptr, n, B: tl.constexpr, HW: tl.constexpr):
         i = tl.program_id(0) * B + tl.arange(0, B)
-        tl.store(o_ptr + i, _E4M3_BITS(tl.load(v_ptr + i, mask=i < n, other=0)), mask=i < n)
+        m = i < n
+        tl.store(o_ptr + i, _E4M3X2_BITS(tl.load(hi_ptr + i, mask=m, other=0), tl.load(lo_ptr + i, mask=m, other=0),
+                                         HW), mask=m)
 
-    out = torch.empty_like(v)
-    one_line[(triton.cdiv(v.numel(), 1024),)](v, out, v.numel(), B=1024)
+    out = torch.empty_like(lo)
+    one_line[(triton.cdiv(lo.numel(), 1024),)](hi, lo, out, lo.numel(), B=1024, HW=hw)
     return out
 
 
+def _check_e4m3x2_bits(hw):
+    # every integer in [-448, 448] in each byte, paired with a different one and mixed signs, against torch's cast:
+    # nearest, ties to even (17 -> 16, 19 -> 20, 68 -> 64, 440 -> 448)
+    lo = torch.arange(-448, 449, dtype=torch.int32, device=_DEV)
+    hi = -lo.roll(1)
+    got = _e4m3x2_bits_of(hi, lo, hw)
+    byte = lambda v: v.to(torch.float32).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)  # noqa: E731
+    assert torch.equal(got & 0xFF, byte(lo))
+    assert torch.equal(got >> 8, byte(hi))
+    small = lo.abs() <= 16
+    assert torch.equal((got[small] & 0xFF).to(torch.uint8).view(torch.float8_e4m3fn).float(), lo[small].float())
+    # a single value pairs with 0, whose byte is 0
+    assert torch.equal(_e4m3x2_bits_of(torch.zeros_like(lo), lo, hw), byte(lo))
+
+
 @needs_triton
-def test_e4m3_bits_is_torchs_cast_on_every_integer_in_range():
-    # the decoders' own rounding (on the float32 bits): nearest, ties to even (17 -> 16, 19 -> 20, 68 -> 64, 440 -> 448)
-    v = torch.arange(-448, 449, dtype=torch.int32, device=_DEV)
-    got = _e4m3_bits_of(v)
-    want = v.to(torch.float32).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
-    assert torch.equal(got, want)
-    assert torch.equal(got[v.abs() <= 16].to(torch.uint8).view(torch.float8_e4m3fn).float(), v[v.abs() <= 16].float())
+def test_e4m3x2_bits_is_torchs_cast_on_every_integer_in_range():
+    # the path the decoders take here: the integer reference in the interpreter, the instruction on a GPU
+    from hyperquant_diffusers.kernels._triton import interpreting
+
+    _check_e4m3x2_bits(not interpreting())
 
 
 @needs_triton
@@ -468,6 +484,14 @@ def test_gpu_act_quant_bf16(fmt, m, k):
     assert float((d > 0).float().mean()) < 1e-4
     y = rht(x.double(), s.double().cuda(), 128)
     assert _rel(q.double() * sx.double()[:, None], y) < (0.01 if fmt == "int8" else 0.03)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("hw", [True, False])
+def test_gpu_e4m3x2_bits_both_paths_are_torchs_cast(hw):
+    # the PTX cvt.rn.satfinite.e4m3x2.f32 path and the integer reference it replaces, both compiled for the GPU
+    _check_e4m3x2_bits(hw)
 
 
 @gpu

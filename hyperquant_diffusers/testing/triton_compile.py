@@ -91,8 +91,9 @@ def _specialize(a, name: str) -> tuple[str, list]:
 
 def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
     """Compile every launch ``rec`` recorded for ``cuda`` ``sm_<arch>``, specialized as the GPU launch would be
-    (:func:`_specialize`); one dict per launch: the constexprs, ``ok``, and on success the shared memory (bytes)
-    and whether the PTX uses local memory (register spills)."""
+    (:func:`_specialize`); one dict per launch: the constexprs, ``ok`` (ptxas produced a cubin), and on success
+    the shared memory (bytes), whether the PTX uses local memory (register spills) and how many
+    ``cvt.rn.satfinite.e4m3x2.f32`` it holds (the decoders' inline-asm e4m3 conversion, which only ptxas checks)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -121,7 +122,8 @@ def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
             ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                 options={k: kw[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kw})
             row.update(ok="cubin" in ck.asm, shared_bytes=int(ck.metadata.shared),
-                       local_memory=".local" in ck.asm["ptx"])
+                       local_memory=".local" in ck.asm["ptx"],
+                       e4m3x2_cvts=ck.asm["ptx"].count("cvt.rn.satfinite.e4m3x2.f32"))
         except Exception as e:  # the point: report the compiler's error, whatever it is
             row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
         results.append(row)
@@ -130,8 +132,9 @@ def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
 
 def kernel_cases() -> list[dict]:
     """Compile the E8 Rice decoders (both implementations; int8 and fp8 output; with and without statistics; one
-    and several tiles per block), the rank decoder (D4, Z), the int8 -> e4m3 cast, the activation RHT +
-    quantization (one-pass on 4096- and 16384-wide rows, int8 and fp8; split-K; fused two-pass) and the GEMMs
+    and several tiles per block; the default one's fp8 output without statistics too), the rank decoder (D4 and Z;
+    D4 with fp8 output too), the int8 -> e4m3 cast, the activation RHT + quantization (one-pass on 4096- and
+    16384-wide rows, int8 and fp8; split-K; fused two-pass) and the GEMMs
     (TMA int8 and fp8 at both tile configurations, the persistent GEMM in two launches each, the pointer GEMM), as
     their launchers launch them on LTX-2-sized streams and activations. Not covered: the epilogue after ``torch._int_mm`` (cuBLAS runs first)."""
     from ..codec import quantize, random_signs
@@ -147,10 +150,14 @@ def kernel_cases() -> list[dict]:
                                           (torch.int8, True, 1024)):
                 rice_decode.rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, "E8", q.block_values,
                                         out_dtype=out_dtype, stats=stats, sub=sub, impl=impl)
-        for lat in ("D4", "Z"):
+        # the fp8 layer's decode: the default E8 decoder without statistics
+        q = streams["E8"]
+        rice_decode.rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, "E8", q.block_values,
+                                out_dtype=torch.float8_e4m3fn, stats=False)
+        for lat, out_dtype in (("D4", torch.int8), ("Z", torch.int8), ("D4", torch.float8_e4m3fn)):
             q = streams[lat]
             rice_decode.rice_decode(q.words, q.offsets.to(torch.int32), q.ks, q.numel, lat, q.block_values,
-                                    stats=False)
+                                    out_dtype=out_dtype, stats=False)
         cast.codes_to_e4m3(torch.zeros(1000, dtype=torch.int8))
         for k, fmt, impl in ((4096, "int8", "auto"), (16384, "fp8", "auto"), (4096, "int8", "split"),
                              (4096, "fp8", "fused")):
