@@ -401,8 +401,9 @@ def actq_fold_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (2
     """Folded sign flip vs the flip in the kernel (``act_quant.rht_quantize``'s ``hadamard``), int8 and fp8 codes:
     "independent" (a sign per value, the flip in the kernel: checkpoints before 2026-12-02), "tiled" (tile-periodic
     signs, flip still in the kernel) and "folded" (the same tiled signs folded into diag(d) H: the new default path).
-    Folded must give the same bits as tiled. Alternating rounds, ms medians. Then a launch sweep of the folded
-    one-pass kernel (values per program, programs per SM, stages, warps) at K = 2048 and 4096, int8."""
+    Folded must give the same bits as tiled. Alternating rounds, ms medians. int8 also times "folded_rne", the
+    rounding experiment of ``act_quant._codes`` (``_TUNE["int8_rne"]``), and counts its codes that differ from the
+    round-half-up reference. (Commit c6f0a49's version also swept the folded kernel's launch: bench/RESULTS.md.)"""
     from hyperquant_diffusers.codec import random_signs, tile_signs
     from hyperquant_diffusers.kernels import act_quant as aq
 
@@ -421,6 +422,19 @@ def actq_fold_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (2
             fns = {"independent": lambda: aq.rht_quantize(xx, si, 128, fmt, signs_cast=si),
                    "tiled": lambda: aq.rht_quantize(xx, st, 128, fmt, signs_cast=st),
                    "folded": lambda: aq.rht_quantize(xx, st, 128, fmt, signs_cast=st, hadamard=hs)}
+            if fmt == "int8" and kk <= aq._TUNE["onepass_max_k"]:
+                def rne():   # the experiment in _codes: round to nearest even, no clamp
+                    aq._TUNE["int8_rne"] = True
+                    try:
+                        return aq.rht_quantize(xx, st, 128, fmt, signs_cast=st, hadamard=hs)
+                    finally:
+                        aq._TUNE.pop("int8_rne")
+                qn = rne()
+                ref = aq.rht_quantize_reference(xx, st, 128, fmt)
+                d = (qn[0].int() - ref[0].int()).abs()
+                out[f"{key} rne_max_diff_vs_half_up_reference"] = int(d.max())
+                out[f"{key} rne_frac_diff"] = float((d > 0).float().mean())
+                fns["folded_rne"] = rne
             ts = {k: [] for k in fns}
             for _ in range(rounds):
                 for k, fn in fns.items():
@@ -429,45 +443,9 @@ def actq_fold_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (2
                 out[f"{key} {k}"] = statistics.median(ts[k])
             out[f"{key} speedup"] = out[f"{key} independent"] / out[f"{key} folded"]
             out[f"{key} folded_tbps"] = 3 * mm * kk / out[f"{key} folded"] / 1e9
-            print(f"# actq-fold {key}: independent {out[f'{key} independent']:.4f} tiled {out[f'{key} tiled']:.4f} "
-                  f"folded {out[f'{key} folded']:.4f} ms (x{out[f'{key} speedup']:.2f}), same bits "
-                  f"{out[f'{key} folded_same_bits']}", flush=True)
+            print(f"# actq-fold {key}: " + " ".join(f"{k} {out[f'{key} {k}']:.4f}" for k in fns)
+                  + f" ms (x{out[f'{key} speedup']:.2f}), same bits {out[f'{key} folded_same_bits']}", flush=True)
         del xx
-    saved = dict(aq._TUNE)
-    try:
-        for mm, kk in ((12288, 2048), (12288, 4096)):
-            xx = torch.randn(mm, kk, device=dev).to(torch.bfloat16)
-            st = random_signs(kk, 0, period=128).to(dev, torch.bfloat16)
-            hs = aq.signed_hadamard(tile_signs(st, 128), xx.dtype, xx.device)
-            ref = aq.rht_quantize(xx, st, 128, "int8", signs_cast=st, hadamard=hs)
-            key = f"{mm}x{kk} int8 folded"
-            out[f"{key} default"] = bench(lambda: aq.rht_quantize(xx, st, 128, "int8", signs_cast=st, hadamard=hs))
-            best = (out[f"{key} default"], "default")
-            for elems in (4096, 8192, 16384):
-                for pps in (1, 2, 4):
-                    for stg in (2, 3, 4):
-                        for nw in ((4, 8) if elems >= 16384 else (4,)):
-                            aq._TUNE.clear()
-                            aq._TUNE.update(saved)
-                            aq._TUNE.update(onepass_elems=elems, onepass_pps=pps, onepass_stages=stg,
-                                            onepass_warps=nw)
-                            name = f"{key} e{elems} p{pps} s{stg} w{nw}"
-                            try:
-                                q, sx = aq.rht_quantize(xx, st, 128, "int8", signs_cast=st, hadamard=hs)
-                                same = bool(torch.equal(q, ref[0]) and torch.equal(sx, ref[1]))
-                                t = bench(lambda: aq.rht_quantize(xx, st, 128, "int8", signs_cast=st, hadamard=hs))
-                            except Exception as e:  # a block that does not fit (registers, shared memory)
-                                out[name] = repr(e)[:80]
-                                continue
-                            out[name] = (t, same)
-                            if same and t < best[0]:
-                                best = (t, name)
-            out[f"{key} best"] = best
-            print(f"# actq-fold sweep {key}: default {out[f'{key} default']:.4f} ms, best {best}", flush=True)
-            del xx
-    finally:
-        aq._TUNE.clear()
-        aq._TUNE.update(saved)
     return out
 
 
@@ -1109,7 +1087,8 @@ def run(args):
 
 
 def ncu_target(what):
-    """A few launches of one kernel at the 4096x4096 / M = 12288 case, for ``ncu --launch-skip 2``."""
+    """A few launches of one kernel for ``ncu --launch-skip 2``: the decode and GEMM at 4096x4096 / M = 12288, the
+    activation pass at 12288x2048."""
     from hyperquant_diffusers.codec import quantize, random_signs
     from hyperquant_diffusers.kernels.act_quant import rht_quantize
     from hyperquant_diffusers.kernels.int8_gemm import int8_gemm_tma
@@ -1122,11 +1101,15 @@ def ncu_target(what):
         buf = torch.empty(q.numel, dtype=torch.int8, device=dev)
         for _ in range(4):
             rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf, stats=False)
-    elif what == "actq":
-        x = torch.randn(12288, 4096, device=dev).to(torch.bfloat16)
-        s = random_signs(4096, 0).to(dev, torch.bfloat16)
+    elif what == "actq":   # the default path: tile-periodic signs, the flip folded into the Hadamard operand
+        from hyperquant_diffusers.codec import tile_signs
+        from hyperquant_diffusers.kernels.act_quant import signed_hadamard
+
+        x = torch.randn(12288, 2048, device=dev).to(torch.bfloat16)
+        s = random_signs(2048, 0, period=128).to(dev, torch.bfloat16)
+        hs = signed_hadamard(tile_signs(s, 128), x.dtype, x.device)
         for _ in range(4):
-            rht_quantize(x, s, 128, "int8", signs_cast=s)
+            rht_quantize(x, s, 128, "int8", signs_cast=s, hadamard=hs)
     else:
         xq = torch.randint(-127, 128, (12288, 4096), dtype=torch.int8, device=dev)
         wq = torch.randint(-40, 41, (4096, 4096), dtype=torch.int8, device=dev)
@@ -1199,8 +1182,7 @@ def main(argv=None):
     ap.add_argument("--actq-block", action="store_true",
                     help="only the one-pass act-quant block size x launch sweep, K = 2048 and 4096 (JSON)")
     ap.add_argument("--actq-fold", action="store_true",
-                    help="only: act-quant with the sign flip folded into the Hadamard operand vs in the kernel, and a "
-                         "launch sweep of the folded one-pass kernel (JSON)")
+                    help="only: act-quant with the sign flip folded into the Hadamard operand vs in the kernel (JSON)")
     ap.add_argument("--host-gemm", action="store_true",
                     help="only: host time of the TMA vs persistent GEMM launch, and a cProfile of a layer call (JSON)")
     ap.add_argument("--gemm-sweep", action="store_true",

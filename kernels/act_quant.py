@@ -63,9 +63,10 @@ def signed_hadamard(tile_signs: torch.Tensor, dtype, device) -> torch.Tensor:
 
 @jit_cache
 def _kernel():
-    global tl, _rht_tile, _codes
+    global tl, libdevice, _rht_tile, _codes
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     @triton.jit
     def _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE: tl.constexpr, FOLD: tl.constexpr):
@@ -82,10 +83,13 @@ def _kernel():
         return tl.dot(xs, h)
 
     @triton.jit
-    def _codes(v, FP8: tl.constexpr, QMAX: tl.constexpr):
+    def _codes(v, FP8: tl.constexpr, QMAX: tl.constexpr, RNE: tl.constexpr = False):
         # int8: round half up and clamp to +-QMAX; fp8: clamp, then the round-to-nearest e4m3 cast
+        # (RNE, an experiment: int8 by round-to-nearest-even and no clamp, |v| <= QMAX (1 + 2^-23) by construction)
         if FP8:
             qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
+        elif RNE:
+            qv = libdevice.rint(v).to(tl.int8)
         else:
             qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
         return qv
@@ -158,7 +162,8 @@ def _kernel():
     @triton.jit
     def rht_quant_onepass_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
                                  T: tl.constexpr, R: tl.constexpr, NT: tl.constexpr, FP8: tl.constexpr,
-                                 QMAX: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr, FOLD: tl.constexpr):
+                                 QMAX: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr, FOLD: tl.constexpr,
+                                 RNE: tl.constexpr = False):
         # (R rows x NT tiles) of T values in registers: view i = row * NT + tile, one (R*NT, T) @ (T, T) product.
         # Programs walk row blocks (a persistent grid when launched with fewer programs than blocks, so the loop's
         # software pipeline loads the next block while this one computes).
@@ -188,7 +193,7 @@ def _kernel():
             tl.store(sx_ptr + rows, amax * inv_sqrt_t / QMAX, mask=rows < M)
             inv = tl.reshape(tl.broadcast_to((QMAX / amax)[:, None], (R, NT)), (R * NT,))
             v = y * inv[:, None]
-            qv = _codes(v, FP8, QMAX)
+            qv = _codes(v, FP8, QMAX, RNE)
             tl.store(q_ptr + row64[:, None] * stride_qm + col, qv, mask=m)
 
     return tuple(CachedLauncher(f) for f in (rht_quant_kernel, rht_amax_split_kernel, rht_quant_split_kernel,
@@ -257,7 +262,7 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
         pps = tu["onepass_pps"]  # programs per SM of a persistent grid; 0: one program per row block
         grid = (min(nblk, num_sms(x.device.index or 0) * pps) if pps else nblk,)
         onepass_k(grid, x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile, R=r,
-                        NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee, FOLD=fold,
+                        NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee, FOLD=fold, RNE=tu.get("int8_rne", False),
                         STAGES=tu["onepass_stages"] if nt * tile <= tu["onepass_long_k"] else tu["onepass_stages_long"],
                         num_warps=tu["onepass_warps"] if rows_per_prog >= 1 else tu["onepass_warps_long"])
         return q, sx
