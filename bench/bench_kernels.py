@@ -401,9 +401,9 @@ def actq_fold_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (2
     """Folded sign flip vs the flip in the kernel (``act_quant.rht_quantize``'s ``hadamard``), int8 and fp8 codes:
     "independent" (a sign per value, the flip in the kernel: checkpoints before 2026-12-02), "tiled" (tile-periodic
     signs, flip still in the kernel) and "folded" (the same tiled signs folded into diag(d) H: the new default path).
-    Folded must give the same bits as tiled. Alternating rounds, ms medians. int8 also times "folded_rne", the
-    rounding experiment of ``act_quant._codes`` (``_TUNE["int8_rne"]``), and counts its codes that differ from the
-    round-half-up reference. (Commit c6f0a49's version also swept the folded kernel's launch: bench/RESULTS.md.)"""
+    Folded must give the same bits as tiled, and the codes must match the float32 reference (int8: at most one
+    code apart, from the summation order). Alternating rounds, ms medians. (Commit c6f0a49's version also swept
+    the folded kernel's launch, and 9cde76b's timed the int8 rounding change: bench/RESULTS.md.)"""
     from hyperquant_diffusers.codec import random_signs, tile_signs
     from hyperquant_diffusers.kernels import act_quant as aq
 
@@ -419,22 +419,13 @@ def actq_fold_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (2
             b = aq.rht_quantize(xx, st, 128, fmt, signs_cast=st, hadamard=hs)
             out[f"{key} folded_same_bits"] = bool(torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8))
                                                   and torch.equal(a[1], b[1]))
+            ref = aq.rht_quantize_reference(xx, st, 128, fmt)
+            d = (b[0].float() - ref[0].float()).abs()
+            out[f"{key} frac_codes_differing_from_reference"] = float((d > 0).float().mean())
+            out[f"{key} max_scale_rel_diff"] = float(((b[1] - ref[1]).abs() / ref[1]).max())
             fns = {"independent": lambda: aq.rht_quantize(xx, si, 128, fmt, signs_cast=si),
                    "tiled": lambda: aq.rht_quantize(xx, st, 128, fmt, signs_cast=st),
                    "folded": lambda: aq.rht_quantize(xx, st, 128, fmt, signs_cast=st, hadamard=hs)}
-            if fmt == "int8" and kk <= aq._TUNE["onepass_max_k"]:
-                def rne():   # the experiment in _codes: round to nearest even, no clamp
-                    aq._TUNE["int8_rne"] = True
-                    try:
-                        return aq.rht_quantize(xx, st, 128, fmt, signs_cast=st, hadamard=hs)
-                    finally:
-                        aq._TUNE.pop("int8_rne")
-                qn = rne()
-                ref = aq.rht_quantize_reference(xx, st, 128, fmt)
-                d = (qn[0].int() - ref[0].int()).abs()
-                out[f"{key} rne_max_diff_vs_half_up_reference"] = int(d.max())
-                out[f"{key} rne_frac_diff"] = float((d > 0).float().mean())
-                fns["folded_rne"] = rne
             ts = {k: [] for k in fns}
             for _ in range(rounds):
                 for k, fn in fns.items():
@@ -444,8 +435,81 @@ def actq_fold_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (2
             out[f"{key} speedup"] = out[f"{key} independent"] / out[f"{key} folded"]
             out[f"{key} folded_tbps"] = 3 * mm * kk / out[f"{key} folded"] / 1e9
             print(f"# actq-fold {key}: " + " ".join(f"{k} {out[f'{key} {k}']:.4f}" for k in fns)
-                  + f" ms (x{out[f'{key} speedup']:.2f}), same bits {out[f'{key} folded_same_bits']}", flush=True)
+                  + f" ms (x{out[f'{key} speedup']:.2f}), same bits {out[f'{key} folded_same_bits']}, codes off "
+                  f"the reference {out[f'{key} frac_codes_differing_from_reference']:.2e}", flush=True)
         del xx
+    return out
+
+
+#: (values per program, programs per SM, stages, warps) of the one-pass kernel tried by actq_launch_case
+ACTQ_LAUNCHES = ((8192, 2, 3, 4), (8192, 2, 2, 4), (8192, 3, 2, 4), (4096, 3, 3, 4), (4096, 3, 2, 4),
+                 (4096, 4, 2, 4), (4096, 2, 3, 4), (16384, 1, 3, 8), (16384, 1, 2, 4))
+
+
+def actq_launch_case(dev, shapes=((12288, 2048), (12288, 4096)), rounds=3):
+    """The folded one-pass act-quant kernel (int8) at the launches of ``ACTQ_LAUNCHES`` (the first is the default);
+    every output compared with the default's bits. ms, median of ``rounds`` alternating rounds."""
+    from hyperquant_diffusers.codec import random_signs, tile_signs
+    from hyperquant_diffusers.kernels import act_quant as aq
+
+    out = {}
+    saved = dict(aq._TUNE)
+    try:
+        for mm, kk in shapes:
+            xx = torch.randn(mm, kk, device=dev).to(torch.bfloat16)
+            st = random_signs(kk, 0, period=128).to(dev, torch.bfloat16)
+            hs = aq.signed_hadamard(tile_signs(st, 128), xx.dtype, xx.device)
+            ref = aq.rht_quantize(xx, st, 128, "int8", signs_cast=st, hadamard=hs)
+            ts = {c: [] for c in ACTQ_LAUNCHES}
+            for r in range(rounds):
+                for c in ACTQ_LAUNCHES:
+                    aq._TUNE.clear()
+                    aq._TUNE.update(saved)
+                    aq._TUNE.update(onepass_elems=c[0], onepass_pps=c[1], onepass_stages=c[2], onepass_warps=c[3])
+                    try:
+                        if r == 0:
+                            q, sx = aq.rht_quantize(xx, st, 128, "int8", signs_cast=st, hadamard=hs)
+                            out[f"{mm}x{kk} {c} same_bits"] = bool(torch.equal(q, ref[0]) and torch.equal(sx, ref[1]))
+                        ts[c].append(bench(lambda: aq.rht_quantize(xx, st, 128, "int8", signs_cast=st, hadamard=hs)))
+                    except Exception as e:  # a launch that does not fit (registers, shared memory)
+                        out[f"{mm}x{kk} {c}"] = repr(e)[:80]
+            for c, t in ts.items():
+                if t:
+                    out[f"{mm}x{kk} {c}"] = statistics.median(t)
+            print(f"# actq-launch {mm}x{kk}: " + ", ".join(f"{c}: {out[f'{mm}x{kk} {c}']:.4f}" for c in ts if ts[c]),
+                  flush=True)
+            del xx
+    finally:
+        aq._TUNE.clear()
+        aq._TUNE.update(saved)
+    return out
+
+
+def decode_fmt_case(dev, rounds=5):
+    """The default E8 decoder's int8 vs e4m3 output (4 bps): both checked against the codec's decode (e4m3 through
+    torch's cast), then timed in alternating rounds (fast path, no statistics). ms medians."""
+    from hyperquant_diffusers.codec import quantize
+    from hyperquant_diffusers.kernels.rice_decode import rice_decode
+
+    out = {}
+    for n, k in ((4096, 4096), (16384, 4096), (2048, 2048)):
+        q = quantize(torch.randn(n, k, device=dev) * 0.02, bits=4.0, lattice="E8")
+        offs = q.offsets.to(torch.int32)
+        bufs = {dt: torch.empty(q.numel, dtype=dt, device=dev) for dt in (torch.int8, torch.float8_e4m3fn)}
+        ts = {dt: [] for dt in bufs}
+        for dt, buf in bufs.items():
+            rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf, stats=False)
+            c = q.decode_coords().reshape(-1)
+            want = c.clamp(-127, 127).to(torch.int8) if dt == torch.int8 else c.clamp(-448, 448).float().to(dt)
+            out[f"{n}x{k} {str(dt)[6:]} exact"] = bool(torch.equal(buf.view(torch.uint8), want.view(torch.uint8)))
+        for _ in range(rounds):
+            for dt, buf in bufs.items():
+                ts[dt].append(bench(lambda: rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
+                                                        stats=False)))
+        for dt in bufs:
+            out[f"{n}x{k} {str(dt)[6:]}"] = statistics.median(ts[dt])
+        print(f"# decode {n}x{k}: int8 {out[f'{n}x{k} int8']:.4f} e4m3 {out[f'{n}x{k} float8_e4m3fn']:.4f} ms, exact "
+              f"{out[f'{n}x{k} int8 exact']} / {out[f'{n}x{k} float8_e4m3fn exact']}", flush=True)
     return out
 
 
@@ -1182,7 +1246,8 @@ def main(argv=None):
     ap.add_argument("--actq-block", action="store_true",
                     help="only the one-pass act-quant block size x launch sweep, K = 2048 and 4096 (JSON)")
     ap.add_argument("--actq-fold", action="store_true",
-                    help="only: act-quant with the sign flip folded into the Hadamard operand vs in the kernel (JSON)")
+                    help="only: act-quant with the sign flip folded into the Hadamard operand vs in the kernel, a few "
+                         "launches of the folded kernel, and the decoder's int8 vs e4m3 output (JSON)")
     ap.add_argument("--host-gemm", action="store_true",
                     help="only: host time of the TMA vs persistent GEMM launch, and a cProfile of a layer call (JSON)")
     ap.add_argument("--gemm-sweep", action="store_true",
@@ -1206,7 +1271,8 @@ def main(argv=None):
     only = {"overlap_only": {"overlap": overlap_case}, "interleaved": {"interleaved": interleaved_case},
             "decoder_ab": {"decoder": decoder_ab_case, "overlap": overlap_default_tiles},
             "actq_sweep": {"actq": actq_long_case}, "gemm_sweep": {"gemm": gemm_sweep_case},
-            "actq_block": {"actq_block": actq_block_case}, "actq_fold": {"actq_fold": actq_fold_case},
+            "actq_block": {"actq_block": actq_block_case}, "actq_fold": {"actq_fold": actq_fold_case, "actq_launch": actq_launch_case,
+                                                  "decode_fmt": decode_fmt_case},
             "host_gemm": {"host_gemm": host_gemm_case},
             "overlap": {"cast": cast_case, "actq": actq_long_case, "overlap": overlap_case}}
     for flag, parts in only.items():

@@ -14,8 +14,8 @@ Kernels (``impl``):
   is not: 250 MB moved for 150 MB of data at 12288x4096; bench/RESULTS.md).
 * ``"split"``: split-K over two launches, for few rows (more programs than one per row block).
 
-Rounding: int8 codes are ``clamp(floor(v + 0.5), -127, 127)`` with ``v = y / sx``; fp8 codes are the
-round-to-nearest e4m3 cast of ``v`` with ``sx = amax / 448``.
+Rounding: int8 codes are ``v = y / sx`` rounded to nearest, ties to even (``sx = amax / 127``, so |v| <= 127);
+fp8 codes are the round-to-nearest e4m3 cast of ``v`` with ``sx = amax / 448``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import math
 import torch
 
 from ._launch import CachedLauncher
-from ._triton import jit_cache, num_sms, require_triton
+from ._triton import interpreting, jit_cache, num_sms, require_triton
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0
@@ -83,21 +83,23 @@ def _kernel():
         return tl.dot(xs, h)
 
     @triton.jit
-    def _codes(v, FP8: tl.constexpr, QMAX: tl.constexpr, RNE: tl.constexpr = False):
-        # int8: round half up and clamp to +-QMAX; fp8: clamp, then the round-to-nearest e4m3 cast
-        # (RNE, an experiment: int8 by round-to-nearest-even and no clamp, |v| <= QMAX (1 + 2^-23) by construction)
+    def _codes(v, FP8: tl.constexpr, QMAX: tl.constexpr, HW: tl.constexpr):
+        # int8: round to nearest even, one instruction and no clamp: |v| <= QMAX (1 + 2^-23) by construction, so
+        # it rounds to at most QMAX (the half-up rounding with its clamp cost the pass 14-15%, bench/RESULTS.md).
+        # The interpreter has no libdevice.rint: adding and subtracting 1.5 * 2^23 rounds the same way (IEEE float32
+        # addition rounds to nearest even, and |v| < 2^22). fp8: clamp, then the round-to-nearest e4m3 cast
         if FP8:
             qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
-        elif RNE:
+        elif HW:
             qv = libdevice.rint(v).to(tl.int8)
         else:
-            qv = tl.minimum(tl.maximum(tl.floor(v + 0.5), -QMAX), QMAX).to(tl.int8)
+            qv = ((v + 12582912.0) - 12582912.0).to(tl.int8)
         return qv
 
     @triton.jit
     def rht_quant_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
                          T: tl.constexpr, BM: tl.constexpr, FP8: tl.constexpr, QMAX: tl.constexpr,
-                         IEEE: tl.constexpr, FOLD: tl.constexpr):
+                         IEEE: tl.constexpr, FOLD: tl.constexpr, HW: tl.constexpr):
         # programs walk row blocks (a persistent grid when launched with fewer programs than blocks: fewer row
         # blocks in flight keep the second pass's re-read of x inside L2)
         pid = tl.program_id(0)
@@ -118,7 +120,7 @@ def _kernel():
             for k0 in range(0, K, T):
                 cols = k0 + tt
                 v = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE, FOLD) * inv[:, None]
-                qv = _codes(v, FP8, QMAX)
+                qv = _codes(v, FP8, QMAX, HW)
                 tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], qv, mask=rmask[:, None])
 
     @triton.jit
@@ -141,7 +143,8 @@ def _kernel():
     @triton.jit
     def rht_quant_split_kernel(x_ptr, s_ptr, h_ptr, amax_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm,
                                inv_sqrt_t, KC: tl.constexpr, T: tl.constexpr, BM: tl.constexpr,
-                               FP8: tl.constexpr, QMAX: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr):
+                               FP8: tl.constexpr, QMAX: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
+                               HW: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         tt = tl.arange(0, T)
@@ -156,14 +159,14 @@ def _kernel():
         for k0 in range(kb, kb + KC, T):
             cols = k0 + tt
             v = _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE, FOLD) * inv[:, None]
-            qv = _codes(v, FP8, QMAX)
+            qv = _codes(v, FP8, QMAX, HW)
             tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], qv, mask=rmask[:, None])
 
     @triton.jit
     def rht_quant_onepass_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
                                  T: tl.constexpr, R: tl.constexpr, NT: tl.constexpr, FP8: tl.constexpr,
                                  QMAX: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr, FOLD: tl.constexpr,
-                                 RNE: tl.constexpr = False):
+                                 HW: tl.constexpr):
         # (R rows x NT tiles) of T values in registers: view i = row * NT + tile, one (R*NT, T) @ (T, T) product.
         # Programs walk row blocks (a persistent grid when launched with fewer programs than blocks, so the loop's
         # software pipeline loads the next block while this one computes).
@@ -193,7 +196,7 @@ def _kernel():
             tl.store(sx_ptr + rows, amax * inv_sqrt_t / QMAX, mask=rows < M)
             inv = tl.reshape(tl.broadcast_to((QMAX / amax)[:, None], (R, NT)), (R * NT,))
             v = y * inv[:, None]
-            qv = _codes(v, FP8, QMAX, RNE)
+            qv = _codes(v, FP8, QMAX, HW)
             tl.store(q_ptr + row64[:, None] * stride_qm + col, qv, mask=m)
 
     return tuple(CachedLauncher(f) for f in (rht_quant_kernel, rht_amax_split_kernel, rht_quant_split_kernel,
@@ -245,6 +248,7 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     sx = torch.empty(m, device=x.device, dtype=torch.float32)
     qmax = FP8_MAX if fp8 else INT8_MAX
     ieee = x.dtype == torch.float32
+    hw = not interpreting()
     fused, amax_k, quant_k, onepass_k = _kernel()
     tu = _TUNE
     nt = 1 << max(0, (k // tile - 1).bit_length())     # tiles per row, rounded up to a power of two
@@ -262,7 +266,7 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
         pps = tu["onepass_pps"]  # programs per SM of a persistent grid; 0: one program per row block
         grid = (min(nblk, num_sms(x.device.index or 0) * pps) if pps else nblk,)
         onepass_k(grid, x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile, R=r,
-                        NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee, FOLD=fold, RNE=tu.get("int8_rne", False),
+                        NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee, FOLD=fold, HW=hw,
                         STAGES=tu["onepass_stages"] if nt * tile <= tu["onepass_long_k"] else tu["onepass_stages_long"],
                         num_warps=tu["onepass_warps"] if rows_per_prog >= 1 else tu["onepass_warps_long"])
         return q, sx
@@ -276,14 +280,15 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
         amax_k(grid, x, s, h, amax, m, k, x.stride(0), KC=kc, T=tile, BM=bm, IEEE=ieee, FOLD=fold,
                num_warps=tu["split_warps"])
         quant_k(grid, x, s, h, amax, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), KC=kc, T=tile,
-                      BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, FOLD=fold, num_warps=tu["split_warps"])
+                      BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, FOLD=fold, HW=hw, num_warps=tu["split_warps"])
         return q, sx
     bm = tu["fused_bm"] if tile < 512 else 16
     nrb = triton_cdiv(m, bm)
     pps = tu.get("fused_pps", 0)  # programs per SM of a persistent grid; 0: one program per row block
     grid = (min(nrb, num_sms(x.device.index or 0) * pps) if pps else nrb,)
     fused(grid, x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile,
-                                 BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, FOLD=fold, num_warps=tu["fused_warps"],
+                                 BM=bm, FP8=fp8, QMAX=qmax, IEEE=ieee, FOLD=fold, HW=hw,
+                                 num_warps=tu["fused_warps"],
                                  num_stages=tu["fused_stages"])
     return q, sx
 
@@ -304,4 +309,4 @@ def rht_quantize_reference(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt:
     v = y / sx.unsqueeze(1)
     if fmt == "fp8":
         return v.clamp(-qmax, qmax).to(torch.float8_e4m3fn), sx
-    return torch.floor(v + 0.5).clamp(-qmax, qmax).to(torch.int8), sx
+    return torch.round(v).clamp(-qmax, qmax).to(torch.int8), sx
