@@ -485,27 +485,27 @@ def actq_launch_case(dev, shapes=((12288, 2048), (12288, 4096)), rounds=3):
     return out
 
 
-def decode_fmt_case(dev, rounds=5):
+def decode_fmt_case(dev, rounds=5, shapes=((4096, 4096), (16384, 4096), (2048, 2048))):
     """The default E8 decoder's int8 vs e4m3 output (4 bps): both checked against the codec's decode (e4m3 through
     torch's cast), then timed in alternating rounds (fast path, no statistics). ms medians."""
     from hyperquant_diffusers.codec import quantize
     from hyperquant_diffusers.kernels.rice_decode import rice_decode
 
     out = {}
-    for n, k in ((4096, 4096), (16384, 4096), (2048, 2048)):
+    for n, k in shapes:
         q = quantize(torch.randn(n, k, device=dev) * 0.02, bits=4.0, lattice="E8")
         offs = q.offsets.to(torch.int32)
         bufs = {dt: torch.empty(q.numel, dtype=dt, device=dev) for dt in (torch.int8, torch.float8_e4m3fn)}
         ts = {dt: [] for dt in bufs}
         for dt, buf in bufs.items():
-            rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf, stats=False)
+            rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf, out_dtype=dt, stats=False)
             c = q.decode_coords().reshape(-1)
             want = c.clamp(-127, 127).to(torch.int8) if dt == torch.int8 else c.clamp(-448, 448).float().to(dt)
             out[f"{n}x{k} {str(dt)[6:]} exact"] = bool(torch.equal(buf.view(torch.uint8), want.view(torch.uint8)))
         for _ in range(rounds):
             for dt, buf in bufs.items():
                 ts[dt].append(bench(lambda: rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
-                                                        stats=False)))
+                                                        out_dtype=dt, stats=False)))
         for dt in bufs:
             out[f"{n}x{k} {str(dt)[6:]}"] = statistics.median(ts[dt])
         print(f"# decode {n}x{k}: int8 {out[f'{n}x{k} int8']:.4f} e4m3 {out[f'{n}x{k} float8_e4m3fn']:.4f} ms, exact "
@@ -694,14 +694,14 @@ def interleaved_case(dev, m=12288, rounds=7, shapes=None):
         i8c._mma = "fp8"                    # int8 codes, cast to e4m3 per call
         cp8 = layer("fp8", False)
         x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-        sg = i8.signs.to(dev, torch.bfloat16)
-        xq, sx = rht_quantize(x, sg, 128, "int8", signs_cast=sg)
-        xq8, sx8 = rht_quantize(x, sg, 128, "fp8", signs_cast=sg)
+        sg, hs = dispatch._rht_operands(i8.signs, 128, x.dtype, x.device)   # what the layers' forward uses
+        xq, sx = rht_quantize(x, sg, 128, "int8", signs_cast=sg, hadamard=hs)
+        xq8, sx8 = rht_quantize(x, sg, 128, "fp8", signs_cast=sg, hadamard=hs)
         fns = {"bf16": lambda: F.linear(x, w, bias), "int8res_int8": lambda: i8(x), "int8res_fp8_e4m3": lambda: i8f(x),
                "int8res_fp8_cast": lambda: i8c(x), "compres_int8": lambda: comp(x), "compres_fp8": lambda: cp8(x),
                # the parts, in the same rounds
-               "actq_int8": lambda: rht_quantize(x, sg, 128, "int8", signs_cast=sg),
-               "actq_fp8": lambda: rht_quantize(x, sg, 128, "fp8", signs_cast=sg),
+               "actq_int8": lambda: rht_quantize(x, sg, 128, "int8", signs_cast=sg, hadamard=hs),
+               "actq_fp8": lambda: rht_quantize(x, sg, 128, "fp8", signs_cast=sg, hadamard=hs),
                "gemm_int8_tma": lambda: int8_gemm_tma(xq, sx, i8.codes, i8.code_scale, bias),
                "gemm_fp8_tma": lambda: fp8_gemm_tma(xq8, sx8, i8f.codes, i8f.code_scale, bias),
                "gemm_fp8_persistent": lambda: fp8_gemm_persistent(xq8, sx8, i8f.codes, i8f.code_scale, bias)}
@@ -747,6 +747,58 @@ def _graphed(fn):
     with torch.cuda.graph(g):
         fn()
     return g.replay
+
+
+def graphed_case(dev, m=12288, rounds=5, shapes=((2048, 2048), (4096, 4096))):
+    """GPU time per layer call without the host: each variant (bf16, int8-resident int8 / fp8, compressed int8 /
+    fp8 with the just-in-time decode) captured in a CUDA graph and its replay timed, in alternating rounds. Where
+    an eager layer is host-bound (2048², bench/RESULTS.md) this is the time a graph-captured or host-ahead model
+    sees. Outputs of the graphs equal the eager calls'. ms medians; speed-up = median of per-round ratios."""
+    from hyperquant_diffusers.kernels import dispatch
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    dispatch.set_activation_sharing(False)
+    was_on = dispatch._PREFETCH["on"]
+    dispatch.set_prefetch(False)        # one layer replayed: nothing to prefetch, and no side stream in a graph
+    out = {}
+    try:
+        for (n, k) in shapes:
+            w, bias, q, comp, i8, _ = layer_case(n, k, dev)
+            i8f = _int8_resident_layer(q, bias, "fp8")
+            cp8 = LatticeLinear.from_lattice_tensor(q, bias, bits=4.0, mma="fp8", residency="compressed")
+            x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+            mods = {"bf16": lambda: F.linear(x, w, bias), "int8res_int8": lambda: i8(x),
+                    "int8res_fp8": lambda: i8f(x), "compres_int8": lambda: comp(x), "compres_fp8": lambda: cp8(x)}
+            key = f"{n}x{k}"
+            graphs, res = {}, {}
+            for name, fn in mods.items():
+                want = fn().clone()
+                holder = {}
+
+                def cap(fn=fn, holder=holder):
+                    holder["y"] = fn()
+                graphs[name] = _graphed(cap)
+                graphs[name]()
+                torch.cuda.synchronize()
+                res[f"{key} {name} graph_equals_eager"] = bool(torch.equal(holder["y"], want))
+            t = {name: [] for name in graphs}
+            for _ in range(rounds):
+                for name, g in graphs.items():
+                    t[name].append(bench(g))
+            for name, v in t.items():
+                res[f"{key} {name}"] = statistics.median(v)
+                res[f"{key} {name} speedup"] = statistics.median(a / b for a, b in zip(t["bf16"], v))
+            res[f"{key} compres_vs_int8res_int8"] = res[f"{key} compres_int8"] / res[f"{key} int8res_int8"] - 1
+            res[f"{key} compres_vs_int8res_fp8"] = res[f"{key} compres_fp8"] / res[f"{key} int8res_fp8"] - 1
+            out.update(res)
+            print(f"# graphed {key}: " + ", ".join(f"{nm} {res[f'{key} {nm}']:.4f} ms ({res[f'{key} {nm} speedup']:.2f}x)"
+                                                   for nm in graphs) + f"; same as eager: "
+                  f"{all(v for kk, v in res.items() if kk.endswith('graph_equals_eager'))}", flush=True)
+            del graphs, w, q, comp, i8, i8f, cp8, x
+            torch.cuda.empty_cache()
+    finally:
+        dispatch.set_prefetch(was_on)
+    return out
 
 
 def gemm_sweep_case(dev, m=12288, shapes=None, rounds=3):
@@ -1248,6 +1300,9 @@ def main(argv=None):
     ap.add_argument("--actq-fold", action="store_true",
                     help="only: act-quant with the sign flip folded into the Hadamard operand vs in the kernel, a few "
                          "launches of the folded kernel, and the decoder's int8 vs e4m3 output (JSON)")
+    ap.add_argument("--graphed", action="store_true",
+                    help="only: per-layer GPU time from CUDA-graph replays (2048² and 4096²), and the decoder's int8 "
+                         "vs e4m3 output (JSON)")
     ap.add_argument("--host-gemm", action="store_true",
                     help="only: host time of the TMA vs persistent GEMM launch, and a cProfile of a layer call (JSON)")
     ap.add_argument("--gemm-sweep", action="store_true",
@@ -1271,7 +1326,8 @@ def main(argv=None):
     only = {"overlap_only": {"overlap": overlap_case}, "interleaved": {"interleaved": interleaved_case},
             "decoder_ab": {"decoder": decoder_ab_case, "overlap": overlap_default_tiles},
             "actq_sweep": {"actq": actq_long_case}, "gemm_sweep": {"gemm": gemm_sweep_case},
-            "actq_block": {"actq_block": actq_block_case}, "actq_fold": {"actq_fold": actq_fold_case, "actq_launch": actq_launch_case,
+            "actq_block": {"actq_block": actq_block_case}, "graphed": {"graphed": graphed_case, "decode_fmt": decode_fmt_case},
+            "actq_fold": {"actq_fold": actq_fold_case, "actq_launch": actq_launch_case,
                                                   "decode_fmt": decode_fmt_case},
             "host_gemm": {"host_gemm": host_gemm_case},
             "overlap": {"cast": cast_case, "actq": actq_long_case, "overlap": overlap_case}}
