@@ -48,6 +48,15 @@ def jit_cache(builder):
 
 
 @functools.lru_cache(maxsize=None)
+def device_capability(device_index: int = 0) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device: the TMA GEMMs need 9.0 (Hopper), fp8 tensor cores and
+    the e4m3 conversions 8.9 (Ada). (9, 0) under the interpreter, which runs the Hopper kernels."""
+    if interpreting() or not torch.cuda.is_available():
+        return (9, 0)
+    return tuple(torch.cuda.get_device_capability(device_index))
+
+
+@functools.lru_cache(maxsize=None)
 def num_sms(device_index: int = 0) -> int:
     """Streaming multiprocessors of a CUDA device (a small fixed number under the interpreter)."""
     if interpreting() or not torch.cuda.is_available():

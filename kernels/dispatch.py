@@ -3,8 +3,9 @@
 ``cuda_forward(module, x)`` is what ``hyperquant_diffusers.nn.LatticeLinear.forward`` calls on CUDA tensors:
 
 1. ``xq, sx = rht_quantize(x)`` -- one Triton pass: per-tile RHT of the activations and per-token int8 or
-   fp8-e4m3 codes (:mod:`.act_quant`). Consecutive layers fed the same tensor with the same RHT signs (an
-   attention's to_q / to_k / to_v) reuse one result (``set_activation_sharing``).
+   fp8-e4m3 codes (:mod:`.act_quant`); signs that repeat every tile are folded into the Hadamard operand once per
+   layer (``_rht_operands``). Consecutive layers fed the same tensor with the same RHT signs (an attention's
+   to_q / to_k / to_v) reuse one result (``set_activation_sharing``).
 2. Weight codes in the MMA's type:
    * int8 residency: the module's resident ``codes``, (out, in), one byte per weight in the MMA's operand type:
      int8, or e4m3 for a layer whose MMA is fp8 (exact for |c| <= 16, rounded to 3 mantissa bits above: the fp8
@@ -32,7 +33,7 @@ from hyperquant_diffusers.codec import tile_signs
 
 from ._triton import num_sms, triton_available
 from .act_quant import rht_quantize, signed_hadamard
-from .int8_gemm import fp8_linear, int8_linear
+from .int8_gemm import fp8_linear, int8_linear, require_fp8_mma
 from .rice_decode import rice_decode
 
 _KERNEL_LATTICES = ("Z", "D4", "E8")
@@ -346,6 +347,8 @@ def cuda_forward(module, x: torch.Tensor) -> torch.Tensor:
     if ops is None:
         ops = cache[skey] = _rht_operands(module.signs, module.tile_size, x.dtype, x.device)
     fmt = module.mma
+    if fmt == "fp8":
+        require_fp8_mma(x.device)     # before the activation pass, whose e4m3 cast needs the same GPUs
     xq, sx = _quantized_activation(x, x2, ops[0], ops[1], module.tile_size, fmt)
     wq, sw = weight_codes(module, fmt)
     bias = module.bias

@@ -22,7 +22,7 @@ import torch
 
 from ._launch import CachedLauncher
 from .cast import codes_to_e4m3
-from ._triton import jit_cache, num_sms, require_triton
+from ._triton import device_capability, jit_cache, num_sms, require_triton
 
 _CONFIGS = {
     # (BM, BN, BK, GROUP_M, warps, stages): large tiles for the big-M case, small for M <= 256
@@ -319,10 +319,26 @@ def set_int8_path(path: str) -> None:
     _INT8_PATH["path"] = path
 
 
+def _hopper(t: torch.Tensor) -> bool:
+    return device_capability(t.device.index or 0) >= (9, 0)
+
+
+def require_fp8_mma(device: torch.device) -> None:
+    """Raise a RuntimeError naming the GPU's compute capability when it has no fp8 tensor cores (before 8.9)."""
+    cap = device_capability(device.index or 0)
+    if cap < (8, 9):
+        raise RuntimeError(f"mma='fp8' needs fp8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); this "
+                           f"GPU is sm_{cap[0]}{cap[1]}. Use mma='int8'")
+
+
 def int8_linear(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
+    """int8 GEMM with the per-token x per-row scales, bias and output cast fused (see ``set_int8_path``). Before
+    Hopper the "auto" path is the pointer GEMM everywhere (the TMA kernels need compute capability 9.0)."""
     path, m = _INT8_PATH["path"], xq.shape[0]
     if path == "int_mm":
         return int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype)
+    if path == "auto" and not _hopper(xq):
+        return int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype)
     if path == "persistent" or (path == "auto" and _persistent_serves("int8", m)):
         return int8_gemm_persistent(xq, sx, wq, sw, bias, out_dtype)
     if path == "tma" or (path == "auto" and m > 256):
@@ -343,14 +359,17 @@ def set_fp8_path(path: str) -> None:
 
 
 def fp8_linear(xq8, sx, wq8, sw, bias, out_dtype=torch.bfloat16):
-    """fp8-e4m3 GEMM; ``wq8`` (N, K) float8_e4m3fn (or int8 codes, cast to e4m3 first). Output ``out_dtype``."""
+    """fp8-e4m3 GEMM; ``wq8`` (N, K) float8_e4m3fn (or int8 codes, cast to e4m3 first). Output ``out_dtype``.
+    Needs compute capability 8.9 (RuntimeError before); on Ada the "auto" path is ``torch._scaled_mm``."""
     m = xq8.shape[0]
+    require_fp8_mma(xq8.device)
     if wq8.dtype == torch.int8:
         wq8 = codes_to_e4m3(wq8.contiguous())
     path = _FP8_PATH["path"]
-    if path == "persistent" or (path == "auto" and _persistent_serves("fp8", m)):
+    auto_tma = path == "auto" and _hopper(xq8)
+    if path == "persistent" or (auto_tma and _persistent_serves("fp8", m)):
         return fp8_gemm_persistent(xq8, sx, wq8, sw, bias, out_dtype)
-    if path == "tma" or (path == "auto" and m > 256):
+    if path == "tma" or (auto_tma and m > 256):
         return fp8_gemm_tma(xq8, sx, wq8, sw, bias, out_dtype)
     kw = dict(scale_a=sx.reshape(m, 1), scale_b=sw.reshape(1, -1), out_dtype=out_dtype)
     if bias is not None and bias.dtype == out_dtype and out_dtype == torch.bfloat16:

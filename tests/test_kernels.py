@@ -834,3 +834,36 @@ def test_gpu_lattice_linear_backward_takes_the_reference():
     assert torch.allclose(x.grad.double(), want, atol=1e-4 * float(want.abs().max()))
     with torch.no_grad():
         assert m(x).grad_fn is None            # inference keeps the kernels
+
+
+@needs_triton
+def test_gemm_routing_follows_the_compute_capability(monkeypatch):
+    # The TMA GEMMs need Hopper (9.0) and fp8 tensor cores Ada (8.9): before Hopper int8 takes the pointer GEMM
+    # (checked against float64 here), fp8 takes torch._scaled_mm on Ada and is refused by name before it
+    from hyperquant_diffusers.kernels import dispatch, int8_gemm
+
+    torch.manual_seed(12)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    xq = torch.randint(-127, 128, (300, 256), dtype=torch.int8).to(dev)   # M > 256: the TMA GEMM on Hopper
+    wq = torch.randint(-127, 128, (128, 256), dtype=torch.int8).to(dev)
+    sx, sw, b = (torch.rand(300) + 0.1).to(dev), (torch.rand(128) + 0.1).to(dev), torch.randn(128).to(dev)
+
+    def refuse(*a, **k):
+        raise AssertionError("a Hopper-only GEMM was launched")
+
+    cap = {"v": (8, 6)}
+    monkeypatch.setattr(int8_gemm, "device_capability", lambda i=0: cap["v"])
+    for name in ("int8_gemm_tma", "int8_gemm_persistent", "fp8_gemm_tma", "fp8_gemm_persistent"):
+        monkeypatch.setattr(int8_gemm, name, refuse)
+    y = int8_gemm.int8_linear(xq, sx, wq, sw, b, out_dtype=torch.float32)
+    assert _rel(y.cpu(), quantized_linear_reference(xq.cpu(), sx.cpu(), wq.cpu(), sw.cpu(), b.cpu())) < 1e-6
+    x8 = torch.zeros(300, 256, device=dev).to(torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match=r"compute capability 8.9 or newer.*sm_86.*mma='int8'"):
+        int8_gemm.fp8_linear(x8, sx, wq, sw, b)
+    with pytest.raises(RuntimeError, match="sm_86"):      # what the CUDA forward asks before the activation pass
+        dispatch.require_fp8_mma(torch.device(dev))
+    cap["v"] = (8, 9)
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(k) or torch.zeros(300, 128))
+    int8_gemm.fp8_linear(x8, sx, wq.float().to(torch.float8_e4m3fn), sw, None, out_dtype=torch.float32)
+    assert len(calls) == 1 and calls[0]["out_dtype"] == torch.float32
