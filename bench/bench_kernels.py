@@ -727,6 +727,84 @@ def interleaved_case(dev, m=12288, rounds=7, shapes=None):
     return out
 
 
+def eager_probe_case(dev, m=12288, shape=(16384, 4096), calls=20):
+    """Where a compressed fp8 layer's eager time goes (the ninth session read it +24-27% over int8-resident in the
+    eager interleaved rounds but +14% CUDA-graphed). For the compressed layers (int8, fp8 built as fp8, fp8 built
+    as int8 then switched: the interleaved bench's way) and the int8-resident fp8 layer, with the prefetch on and
+    off: the ``do_bench`` median (L2 flushed before each call), the back-to-back time per call (events around
+    ``calls`` calls), and the profiler's GPU time per call of each kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hyperquant_diffusers.kernels import dispatch
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    dispatch.set_activation_sharing(False)
+    n, k = shape
+    w, bias, q, comp, i8, _ = layer_case(n, k, dev)
+    cp8 = LatticeLinear.from_lattice_tensor(q, bias, bits=4.0, mma="fp8", residency="compressed")
+    cp8b = LatticeLinear.from_lattice_tensor(q, bias, bits=4.0, mma="int8", residency="compressed")
+    cp8b.mma = "fp8"
+    i8f = _int8_resident_layer(q, bias, "fp8")
+    x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+    mods = {"int8res_fp8": i8f, "compres_int8": comp, "compres_fp8": cp8, "compres_fp8_switched": cp8b}
+    was_on = dispatch._PREFETCH["on"]
+    out = {}
+    try:
+        for pf in (True, False):
+            dispatch.set_prefetch(pf)
+            for name, mo in mods.items():
+                fn = (lambda mo=mo: mo(x))
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+                row = {"do_bench_ms": bench(fn)}
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                for _ in range(calls):
+                    fn()
+                e1.record()
+                torch.cuda.synchronize()
+                row["back_to_back_ms"] = e0.elapsed_time(e1) / calls
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(calls):
+                        fn()
+                    torch.cuda.synchronize()
+                kern = {}
+                for ev in prof.key_averages():
+                    t = getattr(ev, "device_time_total", None)
+                    if t is None:
+                        t = ev.cuda_time_total
+                    if t > 0:
+                        kern[ev.key[:60]] = {"count": ev.count, "us_per_call": t / calls}
+                row["kernels"] = kern
+                row["kernel_ms_per_call"] = sum(v["us_per_call"] for v in kern.values()) / 1e3
+                out[f"{name} prefetch={'on' if pf else 'off'}"] = row
+                print(f"# eager-probe {n}x{k} {name} prefetch={pf}: do_bench {row['do_bench_ms']:.4f} ms, "
+                      f"back-to-back {row['back_to_back_ms']:.4f} ms, kernels {row['kernel_ms_per_call']:.4f} ms "
+                      + json.dumps({kk: round(v["us_per_call"], 1) for kk, v in kern.items()}), flush=True)
+    finally:
+        dispatch.set_prefetch(was_on)
+    return out
+
+
+def final_graphed_case(dev):
+    """:func:`graphed_case` on all four LTX-2 shapes at M = 12288 and M = 256 (GPU time per layer call)."""
+    return {f"M={m}": graphed_case(dev, m=m, shapes=SHAPES) for m in MS}
+
+
+def final_interleaved_case(dev):
+    """:func:`interleaved_case` (eager, host included) on all four shapes at M = 256."""
+    return interleaved_case(dev, m=256, rounds=5)
+
+
+def final_overlap_case(dev):
+    """:func:`overlap_case` (four distinct layers in turn) on all four shapes with the code's GEMM tiles and the
+    code's prefetch grid (8 programs per SM) against the just-in-time decode."""
+    from hyperquant_diffusers.kernels import int8_gemm
+
+    return overlap_case(dev, gemm_tiles=(int8_gemm._TMA["config"],), pps_list=(8,))
+
+
 #: the persistent GEMM launches --gemm-sweep tries, (BM, BN, BK, GROUP_M, warps, stages, SUBTILE, FLATTEN)
 PERSISTENT_SWEEP = [(128, 256, 128, 8, 8, 3, True, True), (128, 256, 128, 8, 8, 3, True, False),
                     (128, 256, 128, 8, 8, 3, False, True), (128, 256, 128, 8, 8, 4, True, True),
@@ -1303,6 +1381,11 @@ def main(argv=None):
     ap.add_argument("--graphed", action="store_true",
                     help="only: per-layer GPU time from CUDA-graph replays (2048² and 4096²), and the decoder's int8 "
                          "vs e4m3 output (JSON)")
+    ap.add_argument("--eager-probe", action="store_true",
+                    help="only: a compressed fp8 layer's eager time taken apart (profiler), prefetch on and off (JSON)")
+    ap.add_argument("--final", action="store_true",
+                    help="only: the per-layer tables at one commit: CUDA-graphed at M = 12288 and 256, eager at "
+                         "M = 256, steady-state chains on all four shapes (JSON)")
     ap.add_argument("--host-gemm", action="store_true",
                     help="only: host time of the TMA vs persistent GEMM launch, and a cProfile of a layer call (JSON)")
     ap.add_argument("--gemm-sweep", action="store_true",
@@ -1330,6 +1413,9 @@ def main(argv=None):
             "actq_fold": {"actq_fold": actq_fold_case, "actq_launch": actq_launch_case,
                                                   "decode_fmt": decode_fmt_case},
             "host_gemm": {"host_gemm": host_gemm_case},
+            "eager_probe": {"eager_probe": eager_probe_case},
+            "final": {"overlap": final_overlap_case, "interleaved_m256": final_interleaved_case,
+                      "graphed": final_graphed_case},
             "overlap": {"cast": cast_case, "actq": actq_long_case, "overlap": overlap_case}}
     for flag, parts in only.items():
         if getattr(args, flag):
