@@ -788,8 +788,26 @@ def eager_probe_case(dev, m=12288, shape=(16384, 4096), calls=20):
 
 
 def final_graphed_case(dev):
-    """:func:`graphed_case` on all four LTX-2 shapes at M = 12288 and M = 256 (GPU time per layer call)."""
-    return {f"M={m}": graphed_case(dev, m=m, shapes=SHAPES) for m in MS}
+    """:func:`graphed_case` on all four LTX-2 shapes at M = 12288 and M = 256 (GPU time per layer call), each
+    (shape, M) in a fresh process: capturing graphs of several shapes in one process tripped a PyTorch allocator
+    assertion (``owner_PrivatePool->cudaMalloc_count > 0``, with expandable segments) on the third shape."""
+    import subprocess
+    import tempfile
+
+    out = {}
+    for m in MS:
+        for (n, k) in SHAPES:
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                p = subprocess.run([sys.executable, os.path.abspath(__file__), "--graphed-one", f"{n}x{k}x{m}",
+                                    "--json", f.name], capture_output=True, text=True)
+                print("\n".join(ln for ln in p.stdout.splitlines() if ln.startswith("#")), flush=True)
+                if p.returncode:
+                    out[f"M={m} {n}x{k}"] = {"error": p.stderr[-1500:]}
+                    print(f"# graphed {n}x{k} M={m} failed: {p.stderr[-300:]}", flush=True)
+                    continue
+                with open(f.name) as fh:
+                    out[f"M={m} {n}x{k}"] = json.load(fh)["graphed"]
+    return out
 
 
 def final_interleaved_case(dev):
@@ -802,7 +820,8 @@ def final_overlap_case(dev):
     code's prefetch grid (8 programs per SM) against the just-in-time decode."""
     from hyperquant_diffusers.kernels import int8_gemm
 
-    return overlap_case(dev, gemm_tiles=(int8_gemm._TMA["config"],), pps_list=(8,))
+    return overlap_case(dev, gemm_tiles=(int8_gemm._TMA["config"],), pps_list=(8,),
+                        whens=("acquire", "after_launch", "after_gemm"))
 
 
 #: the persistent GEMM launches --gemm-sweep tries, (BM, BN, BK, GROUP_M, warps, stages, SUBTILE, FLATTEN)
@@ -869,7 +888,7 @@ def graphed_case(dev, m=12288, rounds=5, shapes=((2048, 2048), (4096, 4096))):
             res[f"{key} compres_vs_int8res_int8"] = res[f"{key} compres_int8"] / res[f"{key} int8res_int8"] - 1
             res[f"{key} compres_vs_int8res_fp8"] = res[f"{key} compres_fp8"] / res[f"{key} int8res_fp8"] - 1
             out.update(res)
-            print(f"# graphed {key}: " + ", ".join(f"{nm} {res[f'{key} {nm}']:.4f} ms ({res[f'{key} {nm} speedup']:.2f}x)"
+            print(f"# graphed {key} M={m}: " + ", ".join(f"{nm} {res[f'{key} {nm}']:.4f} ms ({res[f'{key} {nm} speedup']:.2f}x)"
                                                    for nm in graphs) + f"; same as eager: "
                   f"{all(v for kk, v in res.items() if kk.endswith('graph_equals_eager'))}", flush=True)
             # (no empty_cache: the decode's scratch, cached per stream, was allocated in a graph's private pool)
@@ -1013,11 +1032,13 @@ OVERLAP_GEMM_TILES = ((128, 256, 128, 8, 8, 4), (128, 256, 128, 8, 8, 3), (128, 
                       (128, 128, 128, 8, 4, 3))
 
 
-def overlap_case(dev, m=12288, nlayers=4, shapes=None, gemm_tiles=OVERLAP_GEMM_TILES, pps_list=(8, 16, 32)):
+def overlap_case(dev, m=12288, nlayers=4, shapes=None, gemm_tiles=OVERLAP_GEMM_TILES, pps_list=(8, 16, 32),
+                 whens=("acquire",)):
     """Per-layer cost in steady state: ``nlayers`` distinct layers of one shape called in turn (as consecutive layers
     of a model; activation sharing off, so every call runs its own activation pass), int8-resident vs compressed
-    with the decode just in time and with the side-stream prefetch (decode grid programs/SM), each with the TMA GEMM
-    tiles of ``gemm_tiles``. ms per layer (median over chains)."""
+    with the decode just in time and with the side-stream prefetch (decode grid programs/SM; launched where each of
+    ``whens`` says, ``dispatch.PREFETCH_WHEN``), each with the TMA GEMM tiles of ``gemm_tiles``. ms per layer
+    (median over chains)."""
     from hyperquant_diffusers.codec import quantize
     from hyperquant_diffusers.kernels import dispatch, int8_gemm
     from hyperquant_diffusers.kernels.dispatch import make_int8_resident
@@ -1063,15 +1084,16 @@ def overlap_case(dev, m=12288, nlayers=4, shapes=None, gemm_tiles=OVERLAP_GEMM_T
                 ref = chain(cp)()
                 dispatch.set_prefetch(True)
                 for pps in pps_list:
-                    dispatch._PREFETCH.update(programs_per_sm=pps)
-                    chain(cp)()
-                    chain(cp)()
-                    tag = f"compres_{mma}_prefetch_pps{pps}_{sfx}"
-                    t = row[tag] = bench(chain(cp)) / nlayers
-                    if best is None or t < best[0]:
-                        best = (t, tag)
+                    for when in whens:
+                        dispatch._PREFETCH.update(programs_per_sm=pps, when=when)
+                        chain(cp)()
+                        chain(cp)()
+                        tag = f"compres_{mma}_prefetch_pps{pps}_{sfx}" + ("" if when == "acquire" else f"_{when}")
+                        t = row[tag] = bench(chain(cp)) / nlayers
+                        if best is None or t < best[0]:
+                            best = (t, tag)
                 row[f"compres_{mma}_prefetch_exact_{sfx}"] = all(torch.equal(a, b) for a, b in zip(chain(cp)(), ref))
-                dispatch._PREFETCH.update(programs_per_sm=saved["programs_per_sm"])
+                dispatch._PREFETCH.update(programs_per_sm=saved["programs_per_sm"], when=saved["when"])
             int8_gemm._TMA.update(saved_tma)
             dflt = "tile" + "x".join(map(str, saved_tma["config"]))
             row[f"int8res_{mma}"] = row.get(f"int8res_{mma}_{dflt}", best_i8[0])
@@ -1384,8 +1406,12 @@ def main(argv=None):
     ap.add_argument("--eager-probe", action="store_true",
                     help="only: a compressed fp8 layer's eager time taken apart (profiler), prefetch on and off (JSON)")
     ap.add_argument("--final", action="store_true",
-                    help="only: the per-layer tables at one commit: CUDA-graphed at M = 12288 and 256, eager at "
-                         "M = 256, steady-state chains on all four shapes (JSON)")
+                    help="only: the per-layer tables at one commit: steady-state chains on all four shapes (each "
+                         "place of the prefetch), CUDA-graphed at M = 12288 and 256 (JSON)")
+    ap.add_argument("--interleaved-m256", action="store_true",
+                    help="only: the eager per-layer variants at M = 256 (host included; JSON)")
+    ap.add_argument("--graphed-one", default=None, metavar="NxKxM",
+                    help="only: the CUDA-graphed per-layer variants of one shape and token count (JSON)")
     ap.add_argument("--host-gemm", action="store_true",
                     help="only: host time of the TMA vs persistent GEMM launch, and a cProfile of a layer call (JSON)")
     ap.add_argument("--gemm-sweep", action="store_true",
@@ -1401,6 +1427,14 @@ def main(argv=None):
     if args.ncu_target:
         ncu_target(args.ncu_target)
         return
+    if args.graphed_one:
+        n, k, m = map(int, args.graphed_one.split("x"))
+        with torch.no_grad():
+            res = {"graphed": graphed_case(torch.device("cuda"), m=m, shapes=((n, k),))}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     if args.decode_sweep:
         with torch.no_grad():
             sweeps(torch.device("cuda"), parts=("decode",))
@@ -1414,8 +1448,8 @@ def main(argv=None):
                                                   "decode_fmt": decode_fmt_case},
             "host_gemm": {"host_gemm": host_gemm_case},
             "eager_probe": {"eager_probe": eager_probe_case},
-            "final": {"overlap": final_overlap_case, "interleaved_m256": final_interleaved_case,
-                      "graphed": final_graphed_case},
+            "final": {"overlap": final_overlap_case, "graphed": final_graphed_case},
+            "interleaved_m256": {"interleaved_m256": final_interleaved_case},
             "overlap": {"cast": cast_case, "actq": actq_long_case, "overlap": overlap_case}}
     for flag, parts in only.items():
         if getattr(args, flag):

@@ -282,6 +282,9 @@ def main(argv=None):
                     help="also time compressed+int8 with the decode prefetch off, int8+int8 with activation "
                          "sharing off, and both with Triton's ordinary launch instead of the cached one (what each "
                          "saves)")
+    ap.add_argument("--prefetch-ab", type=int, default=0, metavar="ROUNDS",
+                    help="compressed modes: also time the step with the prefetch off and launched at each place of "
+                         "dispatch.PREFETCH_WHEN, in this many alternating rounds")
     ap.add_argument("--pps-sweep", action="store_true",
                     help="with --variants: also sweep the side-stream decode grid (programs per SM 1/2/4/8/16)")
     args = ap.parse_args(argv)
@@ -401,6 +404,21 @@ def main(argv=None):
                     dispatch.set_activation_sharing(False)
                     d["s_per_step_sharing_off"] = step_stats(model, inputs, args.steps)[0]
                     dispatch.set_activation_sharing(True)
+            if args.prefetch_ab and residency == "compressed":
+                from hyperquant_diffusers.kernels import dispatch
+
+                saved_when = dispatch._PREFETCH["when"]
+                ab = {v: [] for v in ("off",) + dispatch.PREFETCH_WHEN}
+                for _ in range(args.prefetch_ab):
+                    for v in ab:
+                        dispatch.set_prefetch(v != "off")
+                        if v != "off":
+                            dispatch.set_prefetch_when(v)
+                        ab[v].append(step_stats(model, inputs, args.steps)[0])
+                dispatch.set_prefetch(True)
+                dispatch.set_prefetch_when(saved_when)
+                d["prefetch_ab_s_per_step"] = ab
+                d["prefetch_ab_median"] = {v: statistics.median(t) for v, t in ab.items()}
             emit(f"mode {bits} {residency} {mma}", d)
             del out
             if residency == "int8":

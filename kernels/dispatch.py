@@ -134,7 +134,11 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
 #: programs_per_sm: the side-stream decode's grid (None: the decoder's own). With the two-pass decoder (2 warps per
 #: program) 8 per SM was best on the full LTX-2 compressed step: 1.004 s vs 1.038 s with the prefetch off, 1.020 s
 #: (16/SM), 1.113 s (4/SM), 1.198 s (2/SM), 1.515 s (1/SM) (bench/RESULTS.md, 2026-11-24 04:15 UTC)
-_PREFETCH = {"on": True, "programs_per_sm": 8, "generation": 0}
+#: when: where the side-stream decode of the next layer is launched: "acquire" (as this layer's codes are fetched,
+#: before its GEMM is launched), "after_launch" (right after this layer's GEMM is launched) or "after_gemm" (after
+#: the GEMM is launched, and the side stream waits for the GEMM to finish: the decode never takes SMs from it)
+_PREFETCH = {"on": True, "programs_per_sm": 8, "generation": 0, "when": "acquire"}
+PREFETCH_WHEN = ("acquire", "after_launch", "after_gemm")
 _PREFETCHERS: dict = {}
 
 
@@ -143,6 +147,15 @@ def set_prefetch(on: bool) -> None:
     for pf in _PREFETCHERS.values():
         pf.drain()
     _PREFETCH["on"] = bool(on)
+
+
+def set_prefetch_when(when: str) -> None:
+    """Where the side-stream prefetch is launched (see ``_PREFETCH``); one of ``PREFETCH_WHEN``."""
+    if when not in PREFETCH_WHEN:
+        raise ValueError(f"prefetch 'when' must be one of {PREFETCH_WHEN}, got {when!r}")
+    for pf in _PREFETCHERS.values():
+        pf.drain()
+    _PREFETCH["when"] = when
 
 
 def _prefetcher(device, wdtype) -> "_Prefetcher":
@@ -186,6 +199,7 @@ class _Prefetcher:
         self.ready: dict = {}               # id(module) -> (weakref of the module, slot holding its codes)
         self.succ: dict = {}                # id(module) -> weakref of the module seen after it
         self.prev = None                    # weakref of the module served last
+        self.pending = None                 # (module, slot, values) chosen to prefetch, not yet launched
         self.last_slot = 1
 
     def nbytes(self) -> int:
@@ -195,6 +209,7 @@ class _Prefetcher:
         """Wait for the side stream and forget the prefetched slots (before buffers change or checks run)."""
         torch.cuda.current_stream(self.index).wait_stream(self.stream)
         self.ready.clear()
+        self.pending = None
 
     def observe(self, module) -> None:
         if self.prev is not None and self.prev() is not None:
@@ -222,8 +237,10 @@ class _Prefetcher:
         return buf
 
     def acquire(self, module, n: int) -> torch.Tensor:
-        """The decoded codes (n,) of ``module`` for use on the current stream; schedules the next prefetch."""
+        """The decoded codes (n,) of ``module`` for use on the current stream; picks the next layer to prefetch
+        (launched here or by :meth:`release`, as ``_PREFETCH["when"]`` says)."""
         main = torch.cuda.current_stream(self.index)
+        self.pending = None               # a prefetch chosen by a call that never reached release: dropped
         self.observe(module)
         entry = self.ready.pop(id(module), None)
         # the weak reference guards against a dead module whose id a new module now has
@@ -246,21 +263,33 @@ class _Prefetcher:
             k = 1 - j
             nn_ = nxt.out_features * nxt.in_features
             if self.bufs[k] is not None and self.bufs[k].numel() >= nn_:
-                self._forget(k)
-                if self.free[k]:
-                    self.stream.wait_event(self.ev_free[k])
-                pps = _PREFETCH["programs_per_sm"]
-                _decode_into(nxt, self.bufs[k][:nn_], self.wdtype, nn_, check=False,
-                             programs=num_sms(self.index) * pps if pps else None, stream=self.stream)
-                self.ev_written[k].record(self.stream)
-                self.written[k] = True
-                self.ready[id(nxt)] = (weakref.ref(nxt), k)
+                self.pending = (nxt, k, nn_)
+                if _PREFETCH["when"] == "acquire":
+                    self._launch_pending()
         return buf
 
+    def _launch_pending(self) -> None:
+        nxt, k, nn_ = self.pending
+        self.pending = None
+        self._forget(k)
+        if self.free[k]:
+            self.stream.wait_event(self.ev_free[k])
+        pps = _PREFETCH["programs_per_sm"]
+        _decode_into(nxt, self.bufs[k][:nn_], self.wdtype, nn_, check=False,
+                     programs=num_sms(self.index) * pps if pps else None, stream=self.stream)
+        self.ev_written[k].record(self.stream)
+        self.written[k] = True
+        self.ready[id(nxt)] = (weakref.ref(nxt), k)
+
     def release(self) -> None:
-        """Called after the consumer of the last acquired slot was launched on the compute stream."""
+        """Called after the consumer of the last acquired slot was launched on the compute stream; launches the
+        pending prefetch ("after_launch"), or makes it wait for that consumer to finish first ("after_gemm")."""
         self.ev_free[self.last_slot].record(torch.cuda.current_stream(self.index))
         self.free[self.last_slot] = True
+        if self.pending is not None:
+            if _PREFETCH["when"] == "after_gemm":
+                self.stream.wait_event(self.ev_free[self.last_slot])
+            self._launch_pending()
 
     def _forget(self, j: int) -> None:
         for key in [key for key, v in self.ready.items() if v[1] == j]:

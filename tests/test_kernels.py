@@ -447,6 +447,14 @@ def test_cuda_forward_falls_back_on_cpu():
     assert torch.equal(cuda_forward(m, x), m.reference_forward(x))
 
 
+def test_prefetch_when_rejects_an_unknown_place():
+    from hyperquant_diffusers.kernels import dispatch
+
+    with pytest.raises(ValueError, match="prefetch 'when' must be one of .*'after_gemm'.*got 'later'"):
+        dispatch.set_prefetch_when("later")
+    assert dispatch._PREFETCH["when"] in dispatch.PREFETCH_WHEN
+
+
 # ---- GPU (device machine) ----------------------------------------------------------------------------------------
 
 @gpu
@@ -711,9 +719,10 @@ def test_gpu_activation_sharing_is_exact_and_safe():
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("mma", ["int8", "fp8"])
-def test_gpu_prefetch_compressed_matches_just_in_time(mma):
+@pytest.mark.parametrize("when", ["acquire", "after_launch", "after_gemm"])
+def test_gpu_prefetch_compressed_matches_just_in_time(mma, when):
     """Compressed residency with the side-stream prefetch gives bit-identical outputs to decoding just in time,
-    in the learned order and when the order changes (a wrong guess)."""
+    in the learned order and when the order changes (a wrong guess), wherever the prefetch is launched."""
     from hyperquant_diffusers.kernels import dispatch
     from hyperquant_diffusers.nn import LatticeLinear
 
@@ -731,6 +740,8 @@ def test_gpu_prefetch_compressed_matches_just_in_time(mma):
     ref_f, ref_r = chain(fwd), chain(rev)
     dispatch.set_prefetch(True)
     dispatch.set_activation_sharing(False)
+    saved_when = dispatch._PREFETCH["when"]
+    dispatch.set_prefetch_when(when)
     try:
         for _ in range(3):                                  # learn, then use the prefetch
             for r, g in zip(ref_f, chain(fwd)):
@@ -742,6 +753,7 @@ def test_gpu_prefetch_compressed_matches_just_in_time(mma):
         pf = dispatch._PREFETCHERS[("cuda:0", torch.float8_e4m3fn if mma == "fp8" else torch.int8)]
         assert pf.nbytes() >= 2 * 2048 * 512
     finally:
+        dispatch.set_prefetch_when(saved_when)
         dispatch.set_activation_sharing(True)
 
 
