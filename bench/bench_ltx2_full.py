@@ -136,8 +136,8 @@ def profile_step(model, inputs, tag, out_dir):
             k = "rice_decode"
         elif "rht_quant" in n or "rht_amax" in n:
             k = "act_quant (rht)"
-        elif "int8_gemm" in n:
-            k = "int8_gemm"
+        elif "int8_gemm" in n or "gemm_persistent" in n or "gemm_tma" in n:
+            k = "quantized gemm (Triton)"
         elif "flash" in n or "attention" in n or "fmha" in n or "sdpa" in n:
             k = "attention"
         elif "gemm" in n or "cutlass" in n or "sm90" in n or "nvjet" in n or "matmul" in n:
@@ -153,6 +153,42 @@ def profile_step(model, inputs, tag, out_dir):
             f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
                                               max_name_column_width=90))
     return fam
+
+
+@torch.no_grad()
+def graphed_step(model, inputs, ref_out, replays: int = 3) -> dict:
+    """The step captured in one CUDA graph and replayed: its time is the GPU's alone, with no host issue time.
+    Returns {"s_per_step", "step_times", "rel_l2_vs_eager"} or {"error"} when the forward cannot be captured
+    (a host sync inside it)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                model(**inputs)
+        torch.cuda.current_stream().wait_stream(s)
+        sync()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = model(**inputs)
+        g.replay()
+        sync()
+    except Exception as e:  # the point: report why the capture failed, whatever it is
+        sync()
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    times = []
+    for _ in range(replays):
+        sync()
+        t0 = time.perf_counter()
+        g.replay()
+        sync()
+        times.append(time.perf_counter() - t0)
+    res = {"s_per_step": statistics.median(times), "step_times": times,
+           "rel_l2_vs_eager": rel_l2([o.float() for o in out], ref_out)}
+    del g, out
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
 
 
 def rel_l2(out, ref):
@@ -282,6 +318,9 @@ def main(argv=None):
                     help="also time compressed+int8 with the decode prefetch off, int8+int8 with activation "
                          "sharing off, and both with Triton's ordinary launch instead of the cached one (what each "
                          "saves)")
+    ap.add_argument("--graphed-step", action="store_true",
+                    help="also time the step captured in one CUDA graph (GPU time without the host), bf16 and each "
+                         "mode; compressed modes with the prefetch off (a side stream in a graph is not attempted)")
     ap.add_argument("--prefetch-ab", type=int, default=0, metavar="ROUNDS",
                     help="compressed modes: also time the step with the prefetch off and launched at each place of "
                          "dispatch.PREFETCH_WHEN, in this many alternating rounds")
@@ -321,6 +360,8 @@ def main(argv=None):
                    "host_issue_s": list(_LAST_HOST)}
     if args.profile_dir:
         res["bf16"]["profile_ms"] = profile_step(model, inputs, "bf16", args.profile_dir)
+    if args.graphed_step:
+        res["bf16"]["graphed"] = graphed_step(model, inputs, ref)
     emit("bf16", res["bf16"])
     bf16_path = os.path.join(args.ckpt_dir, "bf16.safetensors")
     if not args.skip_load_test:
@@ -404,6 +445,14 @@ def main(argv=None):
                     dispatch.set_activation_sharing(False)
                     d["s_per_step_sharing_off"] = step_stats(model, inputs, args.steps)[0]
                     dispatch.set_activation_sharing(True)
+            if args.graphed_step:
+                from hyperquant_diffusers.kernels import dispatch
+
+                dispatch.set_prefetch(False)
+                d["graphed"] = graphed_step(model, inputs, [o for o in out])
+                d["graphed"]["vs_bf16_graphed"] = (d["graphed"].get("s_per_step", float("nan"))
+                                                   / res["bf16"].get("graphed", {}).get("s_per_step", float("nan")))
+                dispatch.set_prefetch(True)
             if args.prefetch_ab and residency == "compressed":
                 from hyperquant_diffusers.kernels import dispatch
 
