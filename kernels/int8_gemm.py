@@ -232,11 +232,14 @@ def _gemm_tma(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: bool):
 #: programs are min(tiles, SMs x programs_per_sm). ``use``: the operand types whose M > 256 GEMM it serves under
 #: the "auto" path. H200, 2026-12-02 (bench/RESULTS.md): bench_kernels.py --gemm-sweep at M = 12288, the fp8 GEMM
 #: alone 5-9% faster than the one-tile-per-program TMA kernel on all four LTX-2 shapes (4096²: 0.316 vs 0.333 ms,
-#: 2048²: 0.085 vs 0.093 ms); int8 within +-2% either way, so int8 stays on the TMA kernel. Its launch costs ~6 µs
+#: 2048²: 0.085 vs 0.093 ms); int8 within +-2% of it either way (int8 joined later, below). Its launch costs ~6 µs
 #: more host time (33 vs 27 µs, --host-gemm: a third TMA descriptor); per layer, eager, in alternating rounds, fp8
-#: layers read 1.23x (persistent) vs 1.22x (TMA) bf16 at 2048² and 1.63x vs 1.54x at 4096².
+#: layers read 1.23x (persistent) vs 1.22x (TMA) bf16 at 2048² and 1.63x vs 1.54x at 4096². int8 joined on
+#: 2026-12-02 (tenth session): the CUDA-graphed int8-resident int8 layer, two alternating runs per path, 2048²
+#: 0.1270 ms persistent vs 0.1318 TMA (1.16x vs 1.12x bf16), 4096² 0.422 vs 0.424 (equal); the GEMM alone was
+#: 1.425 vs 1.452 ms at 16384x4096 and 1.338 vs 1.321 at 4096x16384 (the sweep above).
 PERSISTENT = {"int8": (256, 128, 128, 8, 8, 3, True, True), "fp8": (128, 256, 128, 16, 8, 3, True, True),
-              "programs_per_sm": 1, "use": ("fp8",)}
+              "programs_per_sm": 1, "use": ("int8", "fp8")}
 
 
 def _persistent_serves(fmt: str, m: int) -> bool:
@@ -308,8 +311,9 @@ def int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
     return out
 
 
-#: which int8 path :func:`int8_linear` uses. "auto": the TMA GEMM above 256 tokens (fastest end to end at
-#: M = 12288 on every LTX-2 shape), the pointer GEMM at or below (bench/RESULTS.md); switch with ``set_int8_path``.
+#: which int8 path :func:`int8_linear` uses. "auto": on Hopper the persistent GEMM above 256 tokens (``PERSISTENT``;
+#: the one-tile-per-program TMA GEMM before 2026-12-02), the pointer GEMM at or below, and before Hopper the pointer
+#: GEMM everywhere (bench/RESULTS.md); switch with ``set_int8_path``.
 _INT8_PATH = {"path": "auto"}
 
 
