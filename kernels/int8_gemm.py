@@ -34,7 +34,7 @@ _CONFIGS = {
 
 @jit_cache
 def _kernels():
-    global tl, _tile_coords, _scaled_store
+    global tl, _tile_coords, _scaled_store, _zero_acc, _mma
     import triton
     import triton.language as tl
 
@@ -46,6 +46,24 @@ def _kernels():
         first_m = gid * GROUP_M
         gsize = tl.minimum(num_m - first_m, GROUP_M)
         return first_m + (tile % group) % gsize, (tile % group) // gsize
+
+    @triton.jit
+    def _zero_acc(BM: tl.constexpr, BN: tl.constexpr, FP8: tl.constexpr):
+        # the tensor-core accumulator: float32 for e4m3 operands, int32 (exact) for int8
+        if FP8:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
+        return acc
+
+    @triton.jit
+    def _mma(a, b, acc, FP8: tl.constexpr):
+        # acc += a @ b.T on the tensor cores (b is a (BN, BK) tile of the row-major weight)
+        if FP8:
+            acc = tl.dot(a, b.T, acc)
+        else:
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        return acc
 
     @triton.jit
     def int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_am, stride_bn, stride_cm,
@@ -100,17 +118,9 @@ def _kernels():
         pid_m, pid_n = _tile_coords(tl.program_id(0), GROUP_M * tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_M)
         om = pid_m * BM
         on = pid_n * BN
-        if FP8:
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BM, BN), dtype=tl.int32)
+        acc = _zero_acc(BM, BN, FP8)
         for k0 in tl.range(0, K, BK, num_stages=STAGES, warp_specialize=WS):
-            a = a_desc.load([om, k0])
-            b = b_desc.load([on, k0])
-            if FP8:
-                acc = tl.dot(a, b.T, acc)
-            else:
-                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            acc = _mma(a_desc.load([om, k0]), b_desc.load([on, k0]), acc, FP8)
         rm = om + tl.arange(0, BM)
         rn = on + tl.arange(0, BN)
         sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
@@ -153,17 +163,9 @@ def _kernels():
             pid_m, pid_n = _tile_coords(tile, group, num_m, GROUP_M)
             om = pid_m * BM
             on = pid_n * BN
-            if FP8:
-                acc = tl.zeros((BM, BN), dtype=tl.float32)
-            else:
-                acc = tl.zeros((BM, BN), dtype=tl.int32)
+            acc = _zero_acc(BM, BN, FP8)
             for ki in tl.range(k_tiles, num_stages=STAGES):
-                a = a_desc.load([om, ki * BK])
-                b = b_desc.load([on, ki * BK])
-                if FP8:
-                    acc = tl.dot(a, b.T, acc)
-                else:
-                    acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+                acc = _mma(a_desc.load([om, ki * BK]), b_desc.load([on, ki * BK]), acc, FP8)
             tile_c += PROGRAMS
             pid_m, pid_n = _tile_coords(tile_c, group, num_m, GROUP_M)
             om = pid_m * BM
