@@ -445,17 +445,15 @@ def main(argv=None):
                     dispatch.set_activation_sharing(False)
                     d["s_per_step_sharing_off"] = step_stats(model, inputs, args.steps)[0]
                     dispatch.set_activation_sharing(True)
-            if args.graphed_step:
-                from hyperquant_diffusers.kernels import dispatch
+            from hyperquant_diffusers.kernels import dispatch
 
+            if args.graphed_step:
                 dispatch.set_prefetch(False)
-                d["graphed"] = graphed_step(model, inputs, [o for o in out])
+                d["graphed"] = graphed_step(model, inputs, out)
                 d["graphed"]["vs_bf16_graphed"] = (d["graphed"].get("s_per_step", float("nan"))
                                                    / res["bf16"].get("graphed", {}).get("s_per_step", float("nan")))
                 dispatch.set_prefetch(True)
             if args.prefetch_ab and residency == "compressed":
-                from hyperquant_diffusers.kernels import dispatch
-
                 saved_when = dispatch._PREFETCH["when"]
                 ab = {v: [] for v in ("off",) + dispatch.PREFETCH_WHEN}
                 for _ in range(args.prefetch_ab):
