@@ -293,10 +293,7 @@ class _Prefetcher:
             # capture
             self.ev_fork.record(main)
             self.stream.wait_event(self.ev_fork)
-            # the prefetch's bounded grid: the decoder's own grid would fill every SM's warp slots and hold the
-            # activation pass back until it drained
-            _decode_into(module, buf, self.wdtype, n, check=False, programs=self._side_programs(),
-                         stream=self.stream)
+            _decode_into(module, buf, self.wdtype, n, check=False, stream=self.stream)
             self.ev_written[j].record(self.stream)
             self.written[j] = True
             self.unwaited = j
@@ -319,10 +316,6 @@ class _Prefetcher:
                     self._launch_pending()
         return buf
 
-    def _side_programs(self) -> int | None:
-        pps = _PREFETCH["programs_per_sm"]
-        return num_sms(self.index) * pps if pps else None
-
     def wait_ready(self) -> None:
         """Enqueue the current stream's wait for the codes of the last deferred :meth:`acquire` (if any)."""
         j = self.unwaited
@@ -336,8 +329,9 @@ class _Prefetcher:
         self._forget(k)
         if self.free[k]:
             self.stream.wait_event(self.ev_free[k])
-        _decode_into(nxt, self.bufs[k][:nn_], self.wdtype, nn_, check=False, programs=self._side_programs(),
-                     stream=self.stream)
+        pps = _PREFETCH["programs_per_sm"]
+        _decode_into(nxt, self.bufs[k][:nn_], self.wdtype, nn_, check=False,
+                     programs=num_sms(self.index) * pps if pps else None, stream=self.stream)
         self.ev_written[k].record(self.stream)
         self.written[k] = True
         self.ready[id(nxt)] = (weakref.ref(nxt), k)
