@@ -818,9 +818,10 @@ def final_interleaved_case(dev):
 def final_overlap_case(dev):
     """:func:`overlap_case` (four distinct layers in turn) on all four shapes with the code's GEMM tiles and the
     code's prefetch grid (8 programs per SM) against the just-in-time decode."""
-    from hyperquant_diffusers.kernels import dispatch, int8_gemm
+    from hyperquant_diffusers.kernels import int8_gemm
 
-    return overlap_case(dev, gemm_tiles=(int8_gemm._TMA["config"],), pps_list=(8,), whens=dispatch.PREFETCH_WHEN)
+    return overlap_case(dev, gemm_tiles=(int8_gemm._TMA["config"],), pps_list=(8,),
+                        whens=("acquire", "after_launch", "after_gemm"))
 
 
 #: the persistent GEMM launches --gemm-sweep tries, (BM, BN, BK, GROUP_M, warps, stages, SUBTILE, FLATTEN)
@@ -855,10 +856,7 @@ def graphed_case(dev, m=12288, rounds=5, shapes=((2048, 2048), (4096, 4096))):
 
     dispatch.set_activation_sharing(False)
     was_on = dispatch._PREFETCH["on"]
-    # one layer replayed: nothing to prefetch. "_ovl": the layer's own decode on the side stream alongside its
-    # activation pass (the prefetch on, dispatch.set_decode_overlap), captured as two graph branches; the others
-    # decode on the compute stream (the prefetch off)
-    ovl = {"compres_int8_ovl", "compres_fp8_ovl"}
+    dispatch.set_prefetch(False)        # one layer replayed: nothing to prefetch, and no side stream in a graph
     out = {}
     try:
         for (n, k) in shapes:
@@ -867,12 +865,10 @@ def graphed_case(dev, m=12288, rounds=5, shapes=((2048, 2048), (4096, 4096))):
             cp8 = LatticeLinear.from_lattice_tensor(q, bias, bits=4.0, mma="fp8", residency="compressed")
             x = torch.randn(m, k, device=dev).to(torch.bfloat16)
             mods = {"bf16": lambda: F.linear(x, w, bias), "int8res_int8": lambda: i8(x),
-                    "int8res_fp8": lambda: i8f(x), "compres_int8": lambda: comp(x), "compres_fp8": lambda: cp8(x),
-                    "compres_int8_ovl": lambda: comp(x), "compres_fp8_ovl": lambda: cp8(x)}
+                    "int8res_fp8": lambda: i8f(x), "compres_int8": lambda: comp(x), "compres_fp8": lambda: cp8(x)}
             key = f"{n}x{k}"
             graphs, res = {}, {}
             for name, fn in mods.items():
-                dispatch.set_prefetch(name in ovl)
                 want = fn().clone()
                 holder = {}
 
@@ -891,9 +887,6 @@ def graphed_case(dev, m=12288, rounds=5, shapes=((2048, 2048), (4096, 4096))):
                 res[f"{key} {name} speedup"] = statistics.median(a / b for a, b in zip(t["bf16"], v))
             res[f"{key} compres_vs_int8res_int8"] = res[f"{key} compres_int8"] / res[f"{key} int8res_int8"] - 1
             res[f"{key} compres_vs_int8res_fp8"] = res[f"{key} compres_fp8"] / res[f"{key} int8res_fp8"] - 1
-            for fmt in ("int8", "fp8"):
-                res[f"{key} compres_ovl_vs_int8res_{fmt}"] = (res[f"{key} compres_{fmt}_ovl"]
-                                                              / res[f"{key} int8res_{fmt}"] - 1)
             out.update(res)
             print(f"# graphed {key} M={m}: " + ", ".join(f"{nm} {res[f'{key} {nm}']:.4f} ms ({res[f'{key} {nm} speedup']:.2f}x)"
                                                    for nm in graphs) + f"; same as eager: "

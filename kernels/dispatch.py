@@ -14,9 +14,7 @@
    * compressed residency: the Rice stream is decoded by the Triton block decoder (:mod:`.rice_decode`) straight
      into reused buffers, in int8 or e4m3 as the MMA needs. While a layer computes, the layer that followed it
      last time is decoded on a side stream into the other of two buffers (``set_prefetch``), so the decode
-     overlaps the GEMMs, attention and elementwise work instead of adding to them. A layer whose codes were not
-     prefetched (a new order, a layer called alone) is decoded on the side stream too, while its own activation
-     pass runs (``set_decode_overlap``): the codes are fetched before step 1 is launched.
+     overlaps the GEMMs, attention and elementwise work instead of adding to them.
 3. The GEMM with per-token x per-row scales, bias and the output cast in its epilogue (:mod:`.int8_gemm`: Triton
    TMA kernels for int8 and fp8; ``torch._scaled_mm`` for fp8 at small M).
 
@@ -85,13 +83,11 @@ def _decode_into(module, buf, wdtype, n, check: bool, programs: int | None = Non
                 out=buf, out_dtype=wdtype, check=check, stats=check, programs=programs, stream=stream)
 
 
-def weight_codes(module, fmt: str, *, defer_wait: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (out, in) int8 or float8_e4m3fn, float32 scale (out,)) of a LatticeLinear for MMA ``fmt``.
 
     Compressed residency decodes the stream (just in time, or picks up the side stream's prefetch, see
     :class:`_Prefetcher`); the returned codes live in a buffer reused by later layers, valid until the next call.
-    ``defer_wait``: the caller enqueues other work (the activation pass) before the codes' first reader and then
-    calls :func:`codes_ready` itself; meanwhile a side-stream decode of this layer runs alongside that work.
     """
     wdtype = torch.float8_e4m3fn if fmt == "fp8" else torch.int8
     codes = getattr(module, "codes", None)
@@ -126,7 +122,7 @@ def weight_codes(module, fmt: str, *, defer_wait: bool = False) -> tuple[torch.T
             pf.observe(module)
         return buf.view(module.out_features, module.in_features), cache["sw"]
     if _PREFETCH["on"] and module.hq_words.is_cuda:
-        buf = _module_prefetcher(module, cache, wdtype).acquire(module, n, defer_wait=defer_wait)
+        buf = _module_prefetcher(module, cache, wdtype).acquire(module, n)
     else:
         buf = _decode_buffer(module.hq_words.device, wdtype, n)
         _decode_into(module, buf, wdtype, n, check=False)
@@ -139,15 +135,10 @@ def weight_codes(module, fmt: str, *, defer_wait: bool = False) -> tuple[torch.T
 #: program) 8 per SM was best on the full LTX-2 compressed step: 1.004 s vs 1.038 s with the prefetch off, 1.020 s
 #: (16/SM), 1.113 s (4/SM), 1.198 s (2/SM), 1.515 s (1/SM) (bench/RESULTS.md, 2026-11-24 04:15 UTC)
 #: when: where the side-stream decode of the next layer is launched: "acquire" (as this layer's codes are fetched,
-#: before its activation pass and GEMM are launched), "after_launch" (right after this layer's GEMM is launched) or "after_gemm" (after
-#: the GEMM is launched, and the side stream waits for the GEMM to finish: the decode never takes SMs from it), or
-#: "never" (no layer is decoded ahead: each layer's own decode runs on the side stream alongside its activation
-#: pass, ``overlap_miss``, and nothing overlaps its GEMM)
-#: overlap_miss: a layer whose codes were not prefetched (the first layer of a new order, a layer called alone again
-#: and again) is decoded on the side stream too, alongside its own activation pass, when the caller defers the wait
-#: (``cuda_forward`` does); off: on the compute stream, before the activation pass
-_PREFETCH = {"on": True, "programs_per_sm": 8, "generation": 0, "when": "acquire", "overlap_miss": True}
-PREFETCH_WHEN = ("acquire", "after_launch", "after_gemm", "never")
+#: before its GEMM is launched), "after_launch" (right after this layer's GEMM is launched) or "after_gemm" (after
+#: the GEMM is launched, and the side stream waits for the GEMM to finish: the decode never takes SMs from it)
+_PREFETCH = {"on": True, "programs_per_sm": 8, "generation": 0, "when": "acquire"}
+PREFETCH_WHEN = ("acquire", "after_launch", "after_gemm")
 _PREFETCHERS: dict = {}
 
 
@@ -165,24 +156,6 @@ def set_prefetch_when(when: str) -> None:
     for pf in _PREFETCHERS.values():
         pf.drain()
     _PREFETCH["when"] = when
-
-
-def set_decode_overlap(on: bool) -> None:
-    """Decode a compressed layer whose codes were not prefetched on the side stream, overlapping its activation
-    pass (default on; see ``_PREFETCH["overlap_miss"]``). Needs the prefetch on (``set_prefetch``)."""
-    for pf in _PREFETCHERS.values():
-        pf.drain()
-    _PREFETCH["overlap_miss"] = bool(on)
-
-
-def codes_ready(module, codes: torch.Tensor) -> None:
-    """Make the current stream wait for ``codes``, what a deferred :func:`weight_codes` call returned for
-    ``module`` (a no-op when they are already ordered on it: int8 residency, no prefetch, a decode on the compute
-    stream)."""
-    if getattr(module, "codes", None) is None:
-        pf = (module.__dict__.get("_hq_kernel_cache") or {}).get(("pf", codes.dtype))
-        if pf is not None and pf[0] == _PREFETCH["generation"]:
-            pf[1].wait_ready()
 
 
 def _prefetcher(device, wdtype) -> "_Prefetcher":
@@ -227,8 +200,6 @@ class _Prefetcher:
         self.succ: dict = {}                # id(module) -> weakref of the module seen after it
         self.prev = None                    # weakref of the module served last
         self.pending = None                 # (module, slot, values) chosen to prefetch, not yet launched
-        self.unwaited = None                # slot handed out by a deferred acquire, its wait not yet enqueued
-        self.ev_fork = torch.cuda.Event()   # the compute stream's state when a missed layer's decode forks off
         self.last_slot = 1
 
     def nbytes(self) -> int:
@@ -239,7 +210,6 @@ class _Prefetcher:
         torch.cuda.current_stream(self.index).wait_stream(self.stream)
         self.ready.clear()
         self.pending = None
-        self.unwaited = None
 
     def observe(self, module) -> None:
         if self.prev is not None and self.prev() is not None:
@@ -266,14 +236,11 @@ class _Prefetcher:
         self.last_slot = j
         return buf
 
-    def acquire(self, module, n: int, defer_wait: bool = False) -> torch.Tensor:
+    def acquire(self, module, n: int) -> torch.Tensor:
         """The decoded codes (n,) of ``module`` for use on the current stream; picks the next layer to prefetch
-        (launched here or by :meth:`release`, as ``_PREFETCH["when"]`` says). ``defer_wait``: the current stream's
-        wait for the codes is left to :meth:`wait_ready`, and codes that were not prefetched are decoded on the
-        side stream (``_PREFETCH["overlap_miss"]``), so work enqueued in between runs alongside the decode."""
+        (launched here or by :meth:`release`, as ``_PREFETCH["when"]`` says)."""
         main = torch.cuda.current_stream(self.index)
         self.pending = None               # a prefetch chosen by a call that never reached release: dropped
-        self.wait_ready()                 # an earlier deferred acquire whose caller never waited: wait now
         self.observe(module)
         entry = self.ready.pop(id(module), None)
         # the weak reference guards against a dead module whose id a new module now has
@@ -281,22 +248,7 @@ class _Prefetcher:
         buf = None
         if j is not None and self.bufs[j] is not None and self.bufs[j].numel() >= n:
             buf = self.bufs[j][:n]
-            if defer_wait:
-                self.unwaited = j
-            else:
-                main.wait_event(self.ev_written[j])
-        elif defer_wait and _PREFETCH["overlap_miss"]:
-            j = 1 - self.last_slot
-            buf = self._slot(j, n)
-            # the fork: the side stream starts after everything enqueued on the compute stream so far (every
-            # earlier reader of slot j); under CUDA-graph capture this wait also brings the side stream into the
-            # capture
-            self.ev_fork.record(main)
-            self.stream.wait_event(self.ev_fork)
-            _decode_into(module, buf, self.wdtype, n, check=False, stream=self.stream)
-            self.ev_written[j].record(self.stream)
-            self.written[j] = True
-            self.unwaited = j
+            main.wait_event(self.ev_written[j])
         else:
             j = 1 - self.last_slot
             buf = self._slot(j, n)
@@ -307,7 +259,7 @@ class _Prefetcher:
         self.last_slot = j
         nxt = self.succ.get(id(module))
         nxt = nxt() if nxt is not None else None
-        if nxt is not None and nxt is not module and _PREFETCH["when"] != "never" and self._prefetchable(nxt):
+        if nxt is not None and nxt is not module and self._prefetchable(nxt):
             k = 1 - j
             nn_ = nxt.out_features * nxt.in_features
             if self.bufs[k] is not None and self.bufs[k].numel() >= nn_:
@@ -315,13 +267,6 @@ class _Prefetcher:
                 if _PREFETCH["when"] == "acquire":
                     self._launch_pending()
         return buf
-
-    def wait_ready(self) -> None:
-        """Enqueue the current stream's wait for the codes of the last deferred :meth:`acquire` (if any)."""
-        j = self.unwaited
-        if j is not None:
-            self.unwaited = None
-            torch.cuda.current_stream(self.index).wait_event(self.ev_written[j])
 
     def _launch_pending(self) -> None:
         nxt, k, nn_ = self.pending
@@ -433,11 +378,8 @@ def cuda_forward(module, x: torch.Tensor) -> torch.Tensor:
     fmt = module.mma
     if fmt == "fp8":
         require_fp8_mma(x.device)     # before the activation pass, whose e4m3 cast needs the same GPUs
-    # the codes first: a compressed layer's decode that was not prefetched then runs on the side stream alongside
-    # the activation pass, and the compute stream waits for it only before the GEMM
-    wq, sw = weight_codes(module, fmt, defer_wait=True)
     xq, sx = _quantized_activation(x, x2, ops[0], ops[1], module.tile_size, fmt)
-    codes_ready(module, wq)
+    wq, sw = weight_codes(module, fmt)
     bias = module.bias
     if fmt == "int8":
         y = int8_linear(xq, sx, wq, sw, bias, out_dtype=x.dtype)
