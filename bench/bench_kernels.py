@@ -397,6 +397,68 @@ def actq_block_case(dev, shapes=((12288, 2048), (12288, 4096))):
     return out
 
 
+def _kernel_us(fn, calls=50):
+    """Mean device time (µs) per call of the CUDA kernels ``fn`` launches, from the profiler (GPU time without
+    the host, whatever the launch costs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    tot = 0.0
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        tot += ev.cuda_time_total if t is None else t
+    return tot / calls
+
+
+def actq_tma_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (1024, 4096))):
+    """The one-pass act-quant kernel against its TMA variant (``impl="tma"``: bulk copies in, the product straight
+    from shared memory, a bulk store out) at a few launches, int8 and fp8, folded signs; every output compared bit
+    for bit with the one-pass kernel's. ms from do_bench (host included) and µs of kernel time (profiler)."""
+    from hyperquant_diffusers.codec import random_signs, tile_signs
+    from hyperquant_diffusers.kernels import act_quant as aq
+
+    out = {}
+    saved = dict(aq._TUNE)
+    try:
+        for mm, kk in shapes:
+            xx = torch.randn(mm, kk, device=dev).to(torch.bfloat16)
+            sg = random_signs(kk, 0, period=128)
+            hh = aq.signed_hadamard(tile_signs(sg, 128), torch.bfloat16, dev)
+            for fmt in ("int8", "fp8"):
+                key = f"{mm}x{kk} {fmt}"
+
+                def run(impl):
+                    return aq.rht_quantize(xx, sg, 128, fmt, hadamard=hh, impl=impl)
+
+                ref = run("onepass")
+                row = {"onepass": (bench(lambda: run("onepass")), _kernel_us(lambda: run("onepass")))}
+                for elems, pps, st in ((8192, 2, 3), (8192, 2, 4), (8192, 3, 2), (8192, 1, 6), (16384, 1, 4),
+                                       (4096, 4, 3), (4096, 3, 4)):
+                    aq._TUNE.update(onepass_elems=elems, tma_pps=pps, tma_stages=st)
+                    name = f"tma e{elems} p{pps} s{st}"
+                    try:
+                        q, sx = run("tma")
+                        same = bool(torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8))
+                                    and torch.equal(sx, ref[1]))
+                        row[name] = (bench(lambda: run("tma")), _kernel_us(lambda: run("tma")), same)
+                    except Exception as e:  # a launch that does not fit (shared memory)
+                        row[name] = repr(e)[:120]
+                    aq._TUNE.clear()
+                    aq._TUNE.update(saved)
+                out[key] = row
+                print(f"# actq-tma {key}: " + json.dumps(row), flush=True)
+            del xx
+    finally:
+        aq._TUNE.clear()
+        aq._TUNE.update(saved)
+    return out
+
+
 def actq_fold_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (256, 4096)), rounds=7):
     """Folded sign flip vs the flip in the kernel (``act_quant.rht_quantize``'s ``hadamard``), int8 and fp8 codes:
     "independent" (a sign per value, the flip in the kernel: checkpoints before 2026-12-02), "tiled" (tile-periodic
@@ -1412,6 +1474,10 @@ def main(argv=None):
                     help="only: the eager per-layer variants at M = 256 (host included; JSON)")
     ap.add_argument("--graphed-one", default=None, metavar="NxKxM",
                     help="only: the CUDA-graphed per-layer variants of one shape and token count (JSON)")
+    ap.add_argument("--actq-tma", action="store_true",
+                    help="only: the one-pass act-quant kernel vs its TMA variant at a few launches (JSON)")
+    ap.add_argument("--actq-impl", default=None, choices=("auto", "onepass", "tma"),
+                    help="the activation kernel the layers' 'auto' choice uses for M > 256 (default: the code's)")
     ap.add_argument("--host-gemm", action="store_true",
                     help="only: host time of the TMA vs persistent GEMM launch, and a cProfile of a layer call (JSON)")
     ap.add_argument("--gemm-sweep", action="store_true",
@@ -1427,6 +1493,10 @@ def main(argv=None):
     if args.ncu_target:
         ncu_target(args.ncu_target)
         return
+    if args.actq_impl and args.actq_impl != "auto":
+        from hyperquant_diffusers.kernels import act_quant
+
+        act_quant._TUNE["large_m_impl"] = args.actq_impl
     if args.graphed_one:
         n, k, m = map(int, args.graphed_one.split("x"))
         with torch.no_grad():
@@ -1446,7 +1516,7 @@ def main(argv=None):
             "actq_block": {"actq_block": actq_block_case}, "graphed": {"graphed": graphed_case, "decode_fmt": decode_fmt_case},
             "actq_fold": {"actq_fold": actq_fold_case, "actq_launch": actq_launch_case,
                                                   "decode_fmt": decode_fmt_case},
-            "host_gemm": {"host_gemm": host_gemm_case},
+            "host_gemm": {"host_gemm": host_gemm_case}, "actq_tma": {"actq_tma": actq_tma_case},
             "eager_probe": {"eager_probe": eager_probe_case},
             "final": {"overlap": final_overlap_case, "graphed": final_graphed_case},
             "interleaved_m256": {"interleaved_m256": final_interleaved_case},

@@ -204,8 +204,27 @@ def _kernel():
             qv = _codes(v, FP8, QMAX, HW)
             tl.store(q_ptr + row64[:, None] * stride_qm + col, qv, mask=m)
 
+    @triton.jit
+    def rht_quant_tma_kernel(x_desc, h_ptr, q_desc, sx_ptr, M, inv_sqrt_t, T: tl.constexpr, R: tl.constexpr,
+                             NT: tl.constexpr, FP8: tl.constexpr, QMAX: tl.constexpr, STAGES: tl.constexpr,
+                             HW: tl.constexpr):
+        # the one-pass kernel with folded signs, its tiles through Hopper's TMA: x and the codes are viewed as
+        # (M * NT, T) (contiguous rows of exactly NT tiles), so a program's R rows are one (R * NT, T) box that one
+        # bulk copy brings into shared memory, where the product reads it; the codes leave by a bulk store
+        tt = tl.arange(0, T)
+        h = tl.load(h_ptr + tt[:, None] * T + tt[None, :])
+        for rb in tl.range(tl.program_id(0), tl.cdiv(M, R), tl.num_programs(0), num_stages=STAGES):
+            x = x_desc.load([rb * R * NT, 0])
+            y = tl.dot(x, h)
+            amax = tl.max(tl.reshape(tl.max(tl.abs(y), 1), (R, NT)), 1)
+            amax = tl.where(amax > 0, amax, 1.0)
+            rows = rb * R + tl.arange(0, R)
+            tl.store(sx_ptr + rows, amax * inv_sqrt_t / QMAX, mask=rows < M)
+            inv = tl.reshape(tl.broadcast_to((QMAX / amax)[:, None], (R, NT)), (R * NT,))
+            q_desc.store([rb * R * NT, 0], _codes(y * inv[:, None], FP8, QMAX, HW))
+
     return tuple(CachedLauncher(f) for f in (rht_quant_kernel, rht_amax_split_kernel, rht_quant_split_kernel,
-                                             rht_quant_onepass_kernel))
+                                             rht_quant_onepass_kernel, rht_quant_tma_kernel))
 
 
 #: launch shapes; ``bench/bench_kernels.py`` sweeps them on the device (results in bench/RESULTS.md).
@@ -218,7 +237,8 @@ def _kernel():
 _TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_warps_long": 8, "onepass_max_k": 16384,
          "onepass_pps": 2, "onepass_stages": 3, "onepass_stages_long": 1, "onepass_long_k": 4096,
          "fused_bm": 64, "fused_warps": 8, "fused_stages": 4, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
-         "split_kc": 256, "split_warps": 4}
+         "split_kc": 256, "split_warps": 4, "tma_pps": 2, "tma_stages": 3,
+         "large_m_impl": "onepass"}
 
 
 def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "int8", *,
@@ -254,15 +274,35 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     qmax = FP8_MAX if fp8 else INT8_MAX
     ieee = x.dtype == torch.float32
     hw = not interpreting()
-    fused, amax_k, quant_k, onepass_k = _kernel()
+    fused, amax_k, quant_k, onepass_k, tma_k = _kernel()
     tu = _TUNE
     nt = 1 << max(0, (k // tile - 1).bit_length())     # tiles per row, rounded up to a power of two
     rows_per_prog = tu["onepass_elems"] // (nt * tile)
     if impl == "auto":
         if nt * tile <= tu["onepass_max_k"]:
             impl = "onepass"
+            if (tu["large_m_impl"] == "tma" and m > 256 and fold and nt * tile == k and x.stride(0) == k):
+                impl = "tma"
         else:
             impl = "split" if m <= tu["split_max_m"] else "fused"
+    if impl == "tma":
+        if not fold or nt * tile != k or x.stride(0) != k or k > tu["onepass_max_k"]:
+            raise ValueError("the TMA activation kernel needs folded signs (hadamard=...), contiguous rows and K a "
+                             f"power of two number of tiles <= {tu['onepass_max_k']}; got K={k}, row stride "
+                             f"{x.stride(0)}, folded={fold}")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        r = max(1, rows_per_prog)
+        if r * nt < 16:
+            r = 16 // nt
+        x_desc = TensorDescriptor.from_tensor(x.view(m * nt, tile), [r * nt, tile])
+        q_desc = TensorDescriptor.from_tensor(q.view(m * nt, tile), [r * nt, tile])
+        nblk = triton_cdiv(m, r)
+        pps = tu["tma_pps"]
+        grid = (min(nblk, num_sms(x.device.index or 0) * pps),)
+        tma_k(grid, x_desc, h, q_desc, sx, m, 1.0 / math.sqrt(tile), T=tile, R=r, NT=nt, FP8=fp8, QMAX=qmax, HW=hw,
+              STAGES=tu["tma_stages"], num_warps=tu["onepass_warps"] if rows_per_prog >= 1 else tu["onepass_warps_long"])
+        return q, sx
     if impl == "onepass":
         r = max(1, rows_per_prog)
         if r * nt < 16:  # the tensor-core product needs at least 16 rows in its view

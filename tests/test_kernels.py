@@ -380,6 +380,50 @@ def test_act_quant_folded_signs_give_the_same_codes(impl, k, fmt):
 
 
 @needs_triton
+@pytest.mark.parametrize("k", [256, 512])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_act_quant_tma_kernel_equals_onepass(k, fmt):
+    # the TMA variant computes the same products in the same order: the same bits as the one-pass kernel (40 rows:
+    # the last box runs past the end, which the bulk copy fills with zeros and the bulk store clips), and the same
+    # codes as the float32 reference up to the one-pass kernel's own tolerance
+    from hyperquant_diffusers.codec import tile_signs
+    from hyperquant_diffusers.kernels.act_quant import signed_hadamard
+
+    torch.manual_seed(16)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = (torch.randn(40, k) * 3).to(dev, torch.float16)   # (the interpreter's bf16 products are wrong: fp16)
+    s = random_signs(k, 7, period=128)
+    hs = signed_hadamard(tile_signs(s, 128), x.dtype, x.device)
+    q, sx = rht_quantize(x, s, 128, fmt, impl="tma", hadamard=hs)
+    qo, sxo = rht_quantize(x, s, 128, fmt, impl="onepass", hadamard=hs)
+    assert torch.equal(q.view(torch.int8), qo.view(torch.int8)) and torch.equal(sx, sxo)
+    qr, sxr = rht_quantize_reference(x, s, 128, fmt)
+    assert torch.allclose(sx.cpu(), sxr.cpu(), rtol=1e-5)
+    if fmt == "int8":
+        assert float((q.cpu().float() - qr.cpu().float()).abs().gt(0).float().mean()) < 0.01
+
+
+@needs_triton
+def test_act_quant_tma_kernel_rejects_what_it_cannot_view():
+    from hyperquant_diffusers.codec import tile_signs
+    from hyperquant_diffusers.kernels.act_quant import signed_hadamard
+
+    x = torch.randn(8, 384).to(torch.bfloat16)
+    s = random_signs(384, 7, period=128)
+    hs = signed_hadamard(tile_signs(s, 128), x.dtype, x.device)
+    with pytest.raises(ValueError, match="TMA activation kernel needs .* got K=384"):
+        rht_quantize(x, s, 128, "int8", impl="tma", hadamard=hs)            # 3 tiles: not a power of two
+    x2 = torch.randn(8, 512).to(torch.bfloat16)
+    s2 = random_signs(512, 7, period=128)
+    with pytest.raises(ValueError, match="folded=False"):
+        rht_quantize(x2, s2, 128, "int8", impl="tma")                       # the flip not folded
+    wide = torch.randn(8, 640).to(torch.bfloat16)[:, :512]
+    with pytest.raises(ValueError, match="row stride 640"):
+        rht_quantize(wide, s2, 128, "int8", impl="tma", hadamard=signed_hadamard(tile_signs(s2, 128),
+                                                                                torch.bfloat16, "cpu"))
+
+
+@needs_triton
 def test_int8_gemm_kernel_vs_float64():
     from hyperquant_diffusers.kernels.int8_gemm import int8_gemm_triton
 
@@ -492,6 +536,34 @@ def test_gpu_act_quant_bf16(fmt, m, k):
     assert float((d > 0).float().mean()) < 1e-4
     y = rht(x.double(), s.double().cuda(), 128)
     assert _rel(q.double() * sx.double()[:, None], y) < (0.01 if fmt == "int8" else 0.03)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("m,k", [(12288, 2048), (3001, 4096), (700, 16384)])
+def test_gpu_act_quant_tma_kernel_equals_onepass(fmt, m, k):
+    # on the device, at LTX-2 widths: the TMA variant gives the one-pass kernel's bits, and through the layers'
+    # automatic choice when it is selected for large M
+    from hyperquant_diffusers.codec import tile_signs
+    from hyperquant_diffusers.kernels import act_quant
+
+    torch.manual_seed(17)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    s = random_signs(k, 3, period=128)
+    hs = act_quant.signed_hadamard(tile_signs(s, 128), x.dtype, x.device)
+    qo, sxo = rht_quantize(x, s, 128, fmt, impl="onepass", hadamard=hs)
+    q, sx = rht_quantize(x, s, 128, fmt, impl="tma", hadamard=hs)
+    assert torch.equal(q.view(torch.int8), qo.view(torch.int8)) and torch.equal(sx, sxo)
+    saved = act_quant._TUNE["large_m_impl"]
+    act_quant._TUNE["large_m_impl"] = "tma"
+    try:
+        qa, sxa = rht_quantize(x, s, 128, fmt, hadamard=hs)
+    finally:
+        act_quant._TUNE["large_m_impl"] = saved
+    assert torch.equal(qa.view(torch.int8), qo.view(torch.int8)) and torch.equal(sxa, sxo)
+    qr, sxr = rht_quantize_reference(x, s, 128, fmt)
+    assert torch.allclose(sx, sxr, rtol=1e-5)
 
 
 @gpu
