@@ -9,6 +9,11 @@ Kernels (``impl``):
   values, ``K_pad`` = K rounded up to a power of two tiles) and holds them in registers: one load of ``x``, the
   RHT as one tensor-core product of the (R * tiles, T) view with the ±1 Sylvester matrix, the row maxima, the
   codes; HBM sees exactly one read of ``x`` and one write of the codes (the 2 + 1 bytes per value floor).
+* ``"tma"`` (the default for more than ``_TUNE["large_m_min"]`` tokens where it applies): the same one-pass
+  computation with x and the codes viewed as (M * tiles, T) boxes moved by Hopper's TMA: a bulk copy per box into
+  shared memory (pipelined, ``tma_stages`` deep), the product straight from there, a bulk store of the codes. Needs
+  folded signs and contiguous rows of a power-of-two number of tiles; same bits as "onepass", 8-10% less kernel
+  time at K = 2048-4096 and 28-32% at K = 16384 on the H200.
 * ``"fused"``: one program per ``BM`` rows walks the K tiles twice (max, then codes), for rows too long to hold.
   The second pass re-reads ``x``, from L2 when the row block is still there (the device profile found it mostly
   is not: 250 MB moved for 150 MB of data at 12288x4096; bench/RESULTS.md).
@@ -234,11 +239,17 @@ def _kernel():
 #: row is a (128, 128) view: 64 float32 per thread at 8 warps). Until 2026-11-24 such rows fell to "fused" (two
 #: reads of x) or "split"; the H100 sweep (bench_kernels.py --overlap, bench/RESULTS.md): 12288x16384 0.314 ms
 #: (fused 0.405, the old default 0.426), 256x16384 0.014 ms (split 0.034); 12288x4096 0.072, 12288x2048 0.041 ms.
+#: tma: the one-pass kernel's R rows per program through TMA (``impl="tma"``), tma_pps programs per SM, tma_stages
+#: boxes in flight; ``large_m_impl`` is what "auto" takes for M > large_m_min when the kernel can view x (folded
+#: signs, contiguous rows of a power-of-two number of tiles). H200, 2026-12-02 (bench_kernels.py --actq-tma,
+#: profiler kernel time, bit-identical codes): int8 / fp8, µs, one-pass -> TMA (2 per SM, 4 stages): 12288x2048
+#: 25.4 / 23.9 -> 22.9 / 21.9; 12288x4096 46.5 / 45.1 -> 41.9 / 41.1; 12288x16384 249 / 244 -> 178 / 166;
+#: 1024x4096 7.3 / 7.0 -> 6.2 / 5.7 (3 stages).
 _TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_warps_long": 8, "onepass_max_k": 16384,
          "onepass_pps": 2, "onepass_stages": 3, "onepass_stages_long": 1, "onepass_long_k": 4096,
          "fused_bm": 64, "fused_warps": 8, "fused_stages": 4, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
-         "split_kc": 256, "split_warps": 4, "tma_pps": 2, "tma_stages": 3,
-         "large_m_impl": "onepass"}
+         "split_kc": 256, "split_warps": 4, "tma_pps": 2, "tma_stages": 4,
+         "large_m_impl": "tma", "large_m_min": 256}
 
 
 def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "int8", *,
@@ -249,8 +260,10 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     ``signs`` repeat one flip ``d`` every tile, ``signed_hadamard(d, x.dtype, x.device)``; the kernels then skip
     the flip (``signs`` is not read). The caller vouches that it matches ``signs``. ``impl``: "onepass"
     (rows held in registers, one read of x), "fused" (one launch, two passes over each row block), "split"
-    (split-K in two launches: more programs for small M), "auto" (onepass when the padded row fits ``onepass_max_k``,
-    else split for few rows and fused for many)."""
+    (split-K in two launches: more programs for small M), "tma" (onepass through TMA boxes: folded signs,
+    contiguous rows, a power-of-two number of tiles), "auto" (tma for more than ``large_m_min`` rows where it
+    applies, else onepass when the padded row fits ``onepass_max_k``, else split for few rows and fused for
+    many)."""
     require_triton()
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("rht_quantize expects a 2-D activation with unit stride along K")
@@ -281,7 +294,7 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     if impl == "auto":
         if nt * tile <= tu["onepass_max_k"]:
             impl = "onepass"
-            if (tu["large_m_impl"] == "tma" and m > 256 and fold and nt * tile == k and x.stride(0) == k):
+            if tu["large_m_impl"] == "tma" and m > tu["large_m_min"] and fold and nt * tile == k and x.stride(0) == k:
                 impl = "tma"
         else:
             impl = "split" if m <= tu["split_max_m"] else "fused"

@@ -134,10 +134,10 @@ def kernel_cases() -> list[dict]:
     """Compile the E8 Rice decoders (both implementations; int8 and fp8 output; with and without statistics; one
     and several tiles per block; the default one's fp8 output without statistics too), the rank decoder (D4 and Z;
     D4 with fp8 output too), the int8 -> e4m3 cast, the activation RHT + quantization (one-pass on 4096- and
-    16384-wide rows, int8 and fp8; split-K; fused two-pass) and the GEMMs
+    16384-wide rows, int8 and fp8; split-K; fused two-pass; the TMA kernel at 2048 and 16384 wide) and the GEMMs
     (TMA int8 and fp8 at both tile configurations, the persistent GEMM in two launches each, the pointer GEMM), as
     their launchers launch them on LTX-2-sized streams and activations. Not covered: the epilogue after ``torch._int_mm`` (cuBLAS runs first)."""
-    from ..codec import quantize, random_signs
+    from ..codec import quantize, random_signs, tile_signs
     from ..kernels import act_quant, cast, int8_gemm, rank_decode, rice_decode, rice_decode_vectors
 
     g = torch.Generator().manual_seed(0)
@@ -163,6 +163,10 @@ def kernel_cases() -> list[dict]:
                              (4096, "fp8", "fused")):
             x = torch.zeros(256, k, dtype=torch.bfloat16)
             act_quant.rht_quantize(x, random_signs(k, 0), 128, fmt, impl=impl)
+        for k, fmt in ((2048, "int8"), (16384, "fp8")):   # folded signs, 1024 tokens: "auto" takes the TMA kernel
+            signs = random_signs(k, 0, period=128)
+            act_quant.rht_quantize(torch.zeros(1024, k, dtype=torch.bfloat16), signs, 128, fmt,
+                                   hadamard=act_quant.signed_hadamard(tile_signs(signs, 128), torch.bfloat16, "cpu"))
         # the GEMMs at M = 12288 and M = 256 (their tiles differ), int8 and fp8 operands, with and without bias
         for m, fp8, bias in ((12288, False, True), (12288, True, True), (256, False, False)):
             a = torch.zeros(m, 512, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
