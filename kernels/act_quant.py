@@ -9,11 +9,12 @@ Kernels (``impl``):
   values, ``K_pad`` = K rounded up to a power of two tiles) and holds them in registers: one load of ``x``, the
   RHT as one tensor-core product of the (R * tiles, T) view with the ±1 Sylvester matrix, the row maxima, the
   codes; HBM sees exactly one read of ``x`` and one write of the codes (the 2 + 1 bytes per value floor).
-* ``"tma"`` (the default for more than ``_TUNE["large_m_min"]`` tokens where it applies): the same one-pass
+* ``"tma"`` (the default above ``_TUNE["large_m_min"]`` = 8192 tokens where it applies): the same one-pass
   computation with x and the codes viewed as (M * tiles, T) boxes moved by Hopper's TMA: a bulk copy per box into
   shared memory (pipelined, ``tma_stages`` deep), the product straight from there, a bulk store of the codes. Needs
   folded signs and contiguous rows of a power-of-two number of tiles; same bits as "onepass", 8-10% less kernel
-  time at K = 2048-4096 and 28-32% at K = 16384 on the H200.
+  time at K = 2048-4096 and 28-32% at K = 16384 on the H200, but ~12-25 µs more host time per call (two TMA
+  descriptors), hence only for many tokens.
 * ``"fused"``: one program per ``BM`` rows walks the K tiles twice (max, then codes), for rows too long to hold.
   The second pass re-reads ``x``, from L2 when the row block is still there (the device profile found it mostly
   is not: 250 MB moved for 150 MB of data at 12288x4096; bench/RESULTS.md).
@@ -244,12 +245,16 @@ def _kernel():
 #: signs, contiguous rows of a power-of-two number of tiles). H200, 2026-12-02 (bench_kernels.py --actq-tma,
 #: profiler kernel time, bit-identical codes): int8 / fp8, µs, one-pass -> TMA (2 per SM, 4 stages): 12288x2048
 #: 25.4 / 23.9 -> 22.9 / 21.9; 12288x4096 46.5 / 45.1 -> 41.9 / 41.1; 12288x16384 249 / 244 -> 178 / 166;
-#: 1024x4096 7.3 / 7.0 -> 6.2 / 5.7 (3 stages).
+#: 1024x4096 7.3 / 7.0 -> 6.2 / 5.7 (3 stages). But its two descriptors cost the host 41 vs 29 µs per call at
+#: 12288x2048 and 51 vs 25 µs at 1024x4096 (bench_host.per_call_us), so it pays only where the GPU, not the host,
+#: sets the pace: above large_m_min = 8192 rows (LTX-2 at batch 2, 12288 video tokens: the full step 1% faster;
+#: at batch 1, 6144 tokens, the step is host-bound and keeps the one-pass kernel). Between 1024 and 12288 rows
+#: the crossover was not measured.
 _TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_warps_long": 8, "onepass_max_k": 16384,
          "onepass_pps": 2, "onepass_stages": 3, "onepass_stages_long": 1, "onepass_long_k": 4096,
          "fused_bm": 64, "fused_warps": 8, "fused_stages": 4, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
          "split_kc": 256, "split_warps": 4, "tma_pps": 2, "tma_stages": 4,
-         "large_m_impl": "tma", "large_m_min": 256}
+         "large_m_impl": "tma", "large_m_min": 8192}
 
 
 def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "int8", *,
@@ -294,15 +299,16 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     if impl == "auto":
         if nt * tile <= tu["onepass_max_k"]:
             impl = "onepass"
-            if tu["large_m_impl"] == "tma" and m > tu["large_m_min"] and fold and nt * tile == k and x.stride(0) == k:
+            if tu["large_m_impl"] == "tma" and m > tu["large_m_min"] and _tma_viewable(x, fold, nt * tile):
                 impl = "tma"
         else:
             impl = "split" if m <= tu["split_max_m"] else "fused"
     if impl == "tma":
-        if not fold or nt * tile != k or x.stride(0) != k or k > tu["onepass_max_k"]:
-            raise ValueError("the TMA activation kernel needs folded signs (hadamard=...), contiguous rows and K a "
-                             f"power of two number of tiles <= {tu['onepass_max_k']}; got K={k}, row stride "
-                             f"{x.stride(0)}, folded={fold}")
+        if not _tma_viewable(x, fold, nt * tile) or k > tu["onepass_max_k"]:
+            raise ValueError("the TMA activation kernel needs folded signs (hadamard=...), contiguous rows, K a "
+                             f"power of two number of tiles <= {tu['onepass_max_k']}, a 16-byte aligned x and at "
+                             f"least one row; got K={k}, row stride {x.stride(0)}, folded={fold}, address "
+                             f"{x.data_ptr()} ({x.data_ptr() % 16} mod 16), {m} rows")
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         r = max(1, rows_per_prog)
@@ -349,6 +355,13 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
                                  num_warps=tu["fused_warps"],
                                  num_stages=tu["fused_stages"])
     return q, sx
+
+
+def _tma_viewable(x: torch.Tensor, fold: bool, k_pad: int) -> bool:
+    """Whether the TMA kernel can view ``x`` (M, K) as (M * tiles, T) boxes: folded signs, K exactly the padded
+    width (a power-of-two number of tiles), contiguous rows, a 16-byte aligned base (TMA's rule) and rows."""
+    m, k = x.shape
+    return fold and k == k_pad and x.stride(0) == k and x.data_ptr() % 16 == 0 and m > 0
 
 
 def triton_cdiv(a: int, b: int) -> int:

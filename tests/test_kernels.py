@@ -417,10 +417,35 @@ def test_act_quant_tma_kernel_rejects_what_it_cannot_view():
     s2 = random_signs(512, 7, period=128)
     with pytest.raises(ValueError, match="folded=False"):
         rht_quantize(x2, s2, 128, "int8", impl="tma")                       # the flip not folded
+    h2 = signed_hadamard(tile_signs(s2, 128), torch.bfloat16, "cpu")
     wide = torch.randn(8, 640).to(torch.bfloat16)[:, :512]
     with pytest.raises(ValueError, match="row stride 640"):
-        rht_quantize(wide, s2, 128, "int8", impl="tma", hadamard=signed_hadamard(tile_signs(s2, 128),
-                                                                                torch.bfloat16, "cpu"))
+        rht_quantize(wide, s2, 128, "int8", impl="tma", hadamard=h2)
+    shifted = torch.randn(8 * 512 + 1).to(torch.bfloat16)[1:].view(8, 512)   # 2 bytes past an aligned address
+    with pytest.raises(ValueError, match=r"\(2 mod 16\)"):
+        rht_quantize(shifted, s2, 128, "int8", impl="tma", hadamard=h2)
+
+
+def test_act_quant_auto_takes_the_tma_kernel_only_where_it_can_and_pays():
+    # the launch decision alone (launches recorded, not run): many rows of a viewable x -> TMA; a 2-byte-offset
+    # view of the same rows (TMA needs a 16-byte aligned base), rows not folded, or few rows -> one-pass
+    from hyperquant_diffusers.codec import tile_signs
+    from hyperquant_diffusers.kernels import act_quant
+    from hyperquant_diffusers.testing.triton_compile import recording
+
+    s = random_signs(512, 7, period=128)
+    h = act_quant.signed_hadamard(tile_signs(s, 128), torch.bfloat16, "cpu")
+    m = act_quant._TUNE["large_m_min"] + 1
+    base = torch.zeros(m * 512 + 8, dtype=torch.bfloat16)
+    cases = [(base[:m * 512].view(m, 512), h, "rht_quant_tma_kernel"),
+             (base[1:1 + m * 512].view(m, 512), h, "rht_quant_onepass_kernel"),
+             (base[:m * 512].view(m, 512), None, "rht_quant_onepass_kernel"),
+             (base[:(m - 1) * 512].view(m - 1, 512), h, "rht_quant_onepass_kernel")]
+    for x, hh, want in cases:
+        with recording(act_quant) as recs:
+            act_quant.rht_quantize(x, s, 128, "int8", hadamard=hh)
+        launched = [name for name, rec in recs.items() if rec.calls]
+        assert launched == [want], (x.data_ptr() % 16, hh is None, x.shape[0], launched)
 
 
 @needs_triton
@@ -555,12 +580,12 @@ def test_gpu_act_quant_tma_kernel_equals_onepass(fmt, m, k):
     qo, sxo = rht_quantize(x, s, 128, fmt, impl="onepass", hadamard=hs)
     q, sx = rht_quantize(x, s, 128, fmt, impl="tma", hadamard=hs)
     assert torch.equal(q.view(torch.int8), qo.view(torch.int8)) and torch.equal(sx, sxo)
-    saved = act_quant._TUNE["large_m_impl"]
-    act_quant._TUNE["large_m_impl"] = "tma"
+    saved = dict(act_quant._TUNE)
+    act_quant._TUNE.update(large_m_impl="tma", large_m_min=256)
     try:
         qa, sxa = rht_quantize(x, s, 128, fmt, hadamard=hs)
     finally:
-        act_quant._TUNE["large_m_impl"] = saved
+        act_quant._TUNE.update(saved)
     assert torch.equal(qa.view(torch.int8), qo.view(torch.int8)) and torch.equal(sxa, sxo)
     qr, sxr = rht_quantize_reference(x, s, 128, fmt)
     assert torch.allclose(sx, sxr, rtol=1e-5)

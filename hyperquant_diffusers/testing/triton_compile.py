@@ -163,9 +163,9 @@ def kernel_cases() -> list[dict]:
                              (4096, "fp8", "fused")):
             x = torch.zeros(256, k, dtype=torch.bfloat16)
             act_quant.rht_quantize(x, random_signs(k, 0), 128, fmt, impl=impl)
-        for k, fmt in ((2048, "int8"), (16384, "fp8")):   # folded signs, 1024 tokens: "auto" takes the TMA kernel
+        for k, fmt in ((2048, "int8"), (16384, "fp8")):   # the TMA kernel (folded signs)
             signs = random_signs(k, 0, period=128)
-            act_quant.rht_quantize(torch.zeros(1024, k, dtype=torch.bfloat16), signs, 128, fmt,
+            act_quant.rht_quantize(torch.zeros(1024, k, dtype=torch.bfloat16), signs, 128, fmt, impl="tma",
                                    hadamard=act_quant.signed_hadamard(tile_signs(signs, 128), torch.bfloat16, "cpu"))
         # the GEMMs at M = 12288 and M = 256 (their tiles differ), int8 and fp8 operands, with and without bias
         for m, fp8, bias in ((12288, False, True), (12288, True, True), (256, False, False)):
