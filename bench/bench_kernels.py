@@ -1477,7 +1477,8 @@ def main(argv=None):
     ap.add_argument("--actq-tma", action="store_true",
                     help="only: the one-pass act-quant kernel vs its TMA variant at a few launches (JSON)")
     ap.add_argument("--actq-impl", default=None, choices=("auto", "onepass", "tma"),
-                    help="the activation kernel the layers' 'auto' choice uses for M > 256 (default: the code's)")
+                    help="the activation kernel the layers' 'auto' choice uses above 256 rows (lowers large_m_min to "
+                         "256; default: the code's choice and threshold)")
     ap.add_argument("--host-gemm", action="store_true",
                     help="only: host time of the TMA vs persistent GEMM launch, and a cProfile of a layer call (JSON)")
     ap.add_argument("--gemm-sweep", action="store_true",
@@ -1496,7 +1497,7 @@ def main(argv=None):
     if args.actq_impl and args.actq_impl != "auto":
         from hyperquant_diffusers.kernels import act_quant
 
-        act_quant._TUNE["large_m_impl"] = args.actq_impl
+        act_quant._TUNE.update(large_m_impl=args.actq_impl, large_m_min=256)
     if args.graphed_one:
         n, k, m = map(int, args.graphed_one.split("x"))
         with torch.no_grad():
