@@ -1,7 +1,5 @@
 """Rate–distortion optimized point choice (codec/rdo.py) against brute force over lattice points."""
 
-import itertools
-
 import pytest
 import torch
 

@@ -115,8 +115,6 @@ def _rd_chunk(lattice: str, y: torch.Tensor, k: torch.Tensor, lam: float, e8_tab
     name = lattice
     dt = y.dtype if y.dtype == torch.float64 else torch.float32
     y = y.to(dt)
-    kk = k.unsqueeze(-1)
-    km1 = (kk - 1).clamp_min(0)
 
     def dist(t, vals, weight):
         return (t.unsqueeze(-1) - vals).square() * weight

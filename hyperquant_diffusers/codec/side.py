@@ -76,9 +76,13 @@ def encode_side(scales: torch.Tensor, ks: torch.Tensor, offsets: torch.Tensor) -
     return layout, [spay.astype(spay.dtype.newbyteorder("<")).tobytes(), kpay.tobytes(), opay.tobytes()]
 
 
+#: bytes per row scale of each scale encoding a layout may name
+SCALE_BYTES = {"log8": 1, "bfloat16": 2, "float32": 4}
+
+
 def side_nbytes(layout: dict, rows: int, n_blocks: int, classes: int) -> int:
     """Bytes the three side arrays take in a blob of this ``layout``."""
-    sb = {"log8": 1, "bfloat16": 2, "float32": 4}[layout["scales"]] * rows
+    sb = SCALE_BYTES[layout["scales"]] * rows
     nk = n_blocks * classes
     kb = (nk + 1) // 2 if layout["ks"] == "u4" else nk
     ob = {"len8": n_blocks, "len16": 2 * n_blocks, "int32": 4 * (n_blocks + 1)}[layout["offsets"]]
@@ -90,7 +94,8 @@ def decode_side(layout: dict, blob: bytes, pos: int, rows: int, n_blocks: int, c
     (n_blocks+1,), new pos). ``error`` is the exception class raised for a bad layout or a truncated blob."""
     try:
         sname, kname, oname = layout["scales"], layout["ks"], layout["offsets"]
-        sb = {"log8": 1, "bfloat16": 2, "float32": 4}[sname]
+        if sname not in SCALE_BYTES:
+            raise KeyError(sname)
         if kname not in ("u4", "u8") or oname not in ("len8", "len16", "int32"):
             raise KeyError(kname if kname not in ("u4", "u8") else oname)
         base = float(layout["scale_base"]) if sname == "log8" else None
