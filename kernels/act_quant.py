@@ -74,7 +74,7 @@ def signed_hadamard(tile_signs: torch.Tensor, dtype, device) -> torch.Tensor:
 
 @jit_cache
 def _kernel():
-    global tl, libdevice, _rht_tile, _codes
+    global tl, libdevice, _rht_tile, _codes, _rows_codes
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
@@ -106,6 +106,18 @@ def _kernel():
         else:
             qv = ((v + 12582912.0) - 12582912.0).to(tl.int8)
         return qv
+
+    @triton.jit
+    def _rows_codes(y, rb, sx_ptr, M, inv_sqrt_t, R: tl.constexpr, NT: tl.constexpr, FP8: tl.constexpr,
+                    QMAX: tl.constexpr, HW: tl.constexpr):
+        # y: the (R * NT, T) RHT view of row block rb (view row i = row i // NT, tile i % NT): stores the R rows'
+        # scales, returns their codes in y's layout
+        amax = tl.max(tl.reshape(tl.max(tl.abs(y), 1), (R, NT)), 1)
+        amax = tl.where(amax > 0, amax, 1.0)
+        rows = rb * R + tl.arange(0, R)
+        tl.store(sx_ptr + rows, amax * inv_sqrt_t / QMAX, mask=rows < M)
+        inv = tl.reshape(tl.broadcast_to((QMAX / amax)[:, None], (R, NT)), (R * NT,))
+        return _codes(y * inv[:, None], FP8, QMAX, HW)
 
     @triton.jit
     def rht_quant_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
@@ -200,14 +212,7 @@ def _kernel():
                 y = tl.dot(x, h, input_precision="ieee")
             else:
                 y = tl.dot(x, h)
-            tmax = tl.reshape(tl.max(tl.abs(y), 1), (R, NT))
-            amax = tl.max(tmax, 1)
-            amax = tl.where(amax > 0, amax, 1.0)
-            rows = rb * R + tl.arange(0, R)
-            tl.store(sx_ptr + rows, amax * inv_sqrt_t / QMAX, mask=rows < M)
-            inv = tl.reshape(tl.broadcast_to((QMAX / amax)[:, None], (R, NT)), (R * NT,))
-            v = y * inv[:, None]
-            qv = _codes(v, FP8, QMAX, HW)
+            qv = _rows_codes(y, rb, sx_ptr, M, inv_sqrt_t, R, NT, FP8, QMAX, HW)
             tl.store(q_ptr + row64[:, None] * stride_qm + col, qv, mask=m)
 
     @triton.jit
@@ -222,12 +227,7 @@ def _kernel():
         for rb in tl.range(tl.program_id(0), tl.cdiv(M, R), tl.num_programs(0), num_stages=STAGES):
             x = x_desc.load([rb * R * NT, 0])
             y = tl.dot(x, h)
-            amax = tl.max(tl.reshape(tl.max(tl.abs(y), 1), (R, NT)), 1)
-            amax = tl.where(amax > 0, amax, 1.0)
-            rows = rb * R + tl.arange(0, R)
-            tl.store(sx_ptr + rows, amax * inv_sqrt_t / QMAX, mask=rows < M)
-            inv = tl.reshape(tl.broadcast_to((QMAX / amax)[:, None], (R, NT)), (R * NT,))
-            q_desc.store([rb * R * NT, 0], _codes(y * inv[:, None], FP8, QMAX, HW))
+            q_desc.store([rb * R * NT, 0], _rows_codes(y, rb, sx_ptr, M, inv_sqrt_t, R, NT, FP8, QMAX, HW))
 
     return tuple(CachedLauncher(f) for f in (rht_quant_kernel, rht_amax_split_kernel, rht_quant_split_kernel,
                                              rht_quant_onepass_kernel, rht_quant_tma_kernel))
@@ -311,9 +311,7 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
                              f"{x.data_ptr()} ({x.data_ptr() % 16} mod 16), {m} rows")
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        r = max(1, rows_per_prog)
-        if r * nt < 16:
-            r = 16 // nt
+        r = _onepass_rows(rows_per_prog, nt)
         x_desc = TensorDescriptor.from_tensor(x.view(m * nt, tile), [r * nt, tile])
         q_desc = TensorDescriptor.from_tensor(q.view(m * nt, tile), [r * nt, tile])
         nblk = triton_cdiv(m, r)
@@ -323,9 +321,7 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
               STAGES=tu["tma_stages"], num_warps=tu["onepass_warps"] if rows_per_prog >= 1 else tu["onepass_warps_long"])
         return q, sx
     if impl == "onepass":
-        r = max(1, rows_per_prog)
-        if r * nt < 16:  # the tensor-core product needs at least 16 rows in its view
-            r = 16 // nt
+        r = _onepass_rows(rows_per_prog, nt)
         nblk = triton_cdiv(m, r)
         pps = tu["onepass_pps"]  # programs per SM of a persistent grid; 0: one program per row block
         grid = (min(nblk, num_sms(x.device.index or 0) * pps) if pps else nblk,)
@@ -355,6 +351,13 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
                                  num_warps=tu["fused_warps"],
                                  num_stages=tu["fused_stages"])
     return q, sx
+
+
+def _onepass_rows(rows_per_prog: int, nt: int) -> int:
+    """Rows R per program of the one-pass and TMA kernels: ``rows_per_prog``, at least 1, and enough that the
+    (R * nt, T) view has the 16 rows the tensor-core product needs."""
+    r = max(1, rows_per_prog)
+    return 16 // nt if r * nt < 16 else r
 
 
 def _tma_viewable(x: torch.Tensor, fold: bool, k_pad: int) -> bool:
