@@ -1479,8 +1479,6 @@ def main(argv=None):
     ap.add_argument("--actq-impl", default=None, choices=("auto", "onepass", "tma"),
                     help="the activation kernel the layers' 'auto' choice uses above 256 rows (lowers large_m_min to "
                          "256; default: the code's choice and threshold)")
-    ap.add_argument("--no-pdl", action="store_true",
-                    help="launch the GEMMs without programmatic dependent launch (kernels._triton.set_pdl(False))")
     ap.add_argument("--host-gemm", action="store_true",
                     help="only: host time of the TMA vs persistent GEMM launch, and a cProfile of a layer call (JSON)")
     ap.add_argument("--gemm-sweep", action="store_true",
@@ -1496,10 +1494,6 @@ def main(argv=None):
     if args.ncu_target:
         ncu_target(args.ncu_target)
         return
-    if args.no_pdl:
-        from hyperquant_diffusers.kernels import _triton
-
-        _triton.set_pdl(False)
     if args.actq_impl and args.actq_impl != "auto":
         from hyperquant_diffusers.kernels import act_quant
 

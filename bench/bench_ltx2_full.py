@@ -324,9 +324,6 @@ def main(argv=None):
     ap.add_argument("--prefetch-ab", type=int, default=0, metavar="ROUNDS",
                     help="compressed modes: also time the step with the prefetch off and launched at each place of "
                          "dispatch.PREFETCH_WHEN, in this many alternating rounds")
-    ap.add_argument("--pdl-ab", type=int, default=0, metavar="ROUNDS",
-                    help="every quantized mode: also time the step with the GEMMs' programmatic dependent launch off "
-                         "and on (kernels._triton.set_pdl), in this many alternating rounds")
     ap.add_argument("--pps-sweep", action="store_true",
                     help="with --variants: also sweep the side-stream decode grid (programs per SM 1/2/4/8/16)")
     args = ap.parse_args(argv)
@@ -469,17 +466,6 @@ def main(argv=None):
                 dispatch.set_prefetch_when(saved_when)
                 d["prefetch_ab_s_per_step"] = ab
                 d["prefetch_ab_median"] = {v: statistics.median(t) for v, t in ab.items()}
-            if args.pdl_ab:
-                from hyperquant_diffusers.kernels import _triton
-
-                ab = {"off": [], "on": []}
-                for _ in range(args.pdl_ab):
-                    for v in ab:
-                        _triton.set_pdl(v == "on")
-                        ab[v].append(step_stats(model, inputs, args.steps)[0])
-                _triton.set_pdl(True)
-                d["pdl_ab_s_per_step"] = ab
-                d["pdl_ab_median"] = {v: statistics.median(t) for v, t in ab.items()}
             emit(f"mode {bits} {residency} {mma}", d)
             del out
             if residency == "int8":

@@ -62,32 +62,3 @@ def num_sms(device_index: int = 0) -> int:
     if interpreting() or not torch.cuda.is_available():
         return 4
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-#: programmatic dependent launch (Hopper and newer): the GEMMs are launched with ``launch_pdl`` and wait for the
-#: kernel before them (``griddepcontrol.wait``) before touching memory, and the activation kernels let their
-#: dependent launch as soon as all their programs have started (``griddepcontrol.launch_dependents``). The GEMM's
-#: programs are then set up while the previous kernel's last programs still run, instead of after it has drained.
-#: ``HYPERQUANT_PDL=0`` or :func:`set_pdl` turn it off (same results: the wait comes before every memory access).
-_PDL = {"on": os.environ.get("HYPERQUANT_PDL", "1") not in ("", "0")}
-
-
-def set_pdl(on: bool) -> None:
-    """Launch the GEMMs with programmatic dependent launch where the GPU has it (default on, Hopper and newer)."""
-    _PDL["on"] = bool(on)
-
-
-def pdl_enabled(device_index: int = 0) -> bool:
-    """Whether launches on this device use programmatic dependent launch: on, a compute capability of 9.0 or more,
-    a Triton with grid-dependency control, and not the CPU interpreter (which cannot run its PTX)."""
-    return (_PDL["on"] and not interpreting() and device_capability(device_index) >= (9, 0)
-            and _gdc_available())
-
-
-@functools.lru_cache(maxsize=None)
-def _gdc_available() -> bool:
-    try:
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -36,7 +36,7 @@ import math
 import torch
 
 from ._launch import CachedLauncher
-from ._triton import interpreting, jit_cache, num_sms, pdl_enabled, require_triton
+from ._triton import interpreting, jit_cache, num_sms, require_triton
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0
@@ -74,12 +74,10 @@ def signed_hadamard(tile_signs: torch.Tensor, dtype, device) -> torch.Tensor:
 
 @jit_cache
 def _kernel():
-    global tl, libdevice, _rht_tile, _codes, _rows_codes, gdc_launch_dependents
+    global tl, libdevice, _rht_tile, _codes, _rows_codes
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
-
-    gdc_launch_dependents = _gdc_launch_dependents()
 
     @triton.jit
     def _rht_tile(x_ptr, s_ptr, h, rows64, rmask, cols, stride_xm, IEEE: tl.constexpr, FOLD: tl.constexpr):
@@ -191,14 +189,10 @@ def _kernel():
     def rht_quant_onepass_kernel(x_ptr, s_ptr, h_ptr, q_ptr, sx_ptr, M, K, stride_xm, stride_qm, inv_sqrt_t,
                                  T: tl.constexpr, R: tl.constexpr, NT: tl.constexpr, FP8: tl.constexpr,
                                  QMAX: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr, FOLD: tl.constexpr,
-                                 HW: tl.constexpr, TRIGGER: tl.constexpr):
+                                 HW: tl.constexpr):
         # (R rows x NT tiles) of T values in registers: view i = row * NT + tile, one (R*NT, T) @ (T, T) product.
         # Programs walk row blocks (a persistent grid when launched with fewer programs than blocks, so the loop's
-        # software pipeline loads the next block while this one computes). TRIGGER: the GEMM that follows (a
-        # programmatic dependent launch, which waits for this whole kernel before it reads) may be set up as soon
-        # as every program here has started.
-        if TRIGGER:
-            gdc_launch_dependents()
+        # software pipeline loads the next block while this one computes).
         i = tl.arange(0, R * NT)
         tt = tl.arange(0, T)
         col = (i % NT)[:, None] * T + tt[None, :]
@@ -224,13 +218,10 @@ def _kernel():
     @triton.jit
     def rht_quant_tma_kernel(x_desc, h_ptr, q_desc, sx_ptr, M, inv_sqrt_t, T: tl.constexpr, R: tl.constexpr,
                              NT: tl.constexpr, FP8: tl.constexpr, QMAX: tl.constexpr, STAGES: tl.constexpr,
-                             HW: tl.constexpr, TRIGGER: tl.constexpr):
+                             HW: tl.constexpr):
         # the one-pass kernel with folded signs, its tiles through Hopper's TMA: x and the codes are viewed as
         # (M * NT, T) (contiguous rows of exactly NT tiles), so a program's R rows are one (R * NT, T) box that one
-        # bulk copy brings into shared memory, where the product reads it; the codes leave by a bulk store.
-        # TRIGGER: as in the one-pass kernel
-        if TRIGGER:
-            gdc_launch_dependents()
+        # bulk copy brings into shared memory, where the product reads it; the codes leave by a bulk store
         tt = tl.arange(0, T)
         h = tl.load(h_ptr + tt[:, None] * T + tt[None, :])
         for rb in tl.range(tl.program_id(0), tl.cdiv(M, R), tl.num_programs(0), num_stages=STAGES):
@@ -301,7 +292,6 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     qmax = FP8_MAX if fp8 else INT8_MAX
     ieee = x.dtype == torch.float32
     hw = not interpreting()
-    trigger = pdl_enabled(x.device.index or 0)
     fused, amax_k, quant_k, onepass_k, tma_k = _kernel()
     tu = _TUNE
     nt = 1 << max(0, (k // tile - 1).bit_length())     # tiles per row, rounded up to a power of two
@@ -328,7 +318,6 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
         pps = tu["tma_pps"]
         grid = (min(nblk, num_sms(x.device.index or 0) * pps),)
         tma_k(grid, x_desc, h, q_desc, sx, m, 1.0 / math.sqrt(tile), T=tile, R=r, NT=nt, FP8=fp8, QMAX=qmax, HW=hw,
-              TRIGGER=trigger,
               STAGES=tu["tma_stages"], num_warps=tu["onepass_warps"] if rows_per_prog >= 1 else tu["onepass_warps_long"])
         return q, sx
     if impl == "onepass":
@@ -337,7 +326,7 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
         pps = tu["onepass_pps"]  # programs per SM of a persistent grid; 0: one program per row block
         grid = (min(nblk, num_sms(x.device.index or 0) * pps) if pps else nblk,)
         onepass_k(grid, x, s, h, q, sx, m, k, x.stride(0), q.stride(0), 1.0 / math.sqrt(tile), T=tile, R=r,
-                        NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee, FOLD=fold, HW=hw, TRIGGER=trigger,
+                        NT=nt, FP8=fp8, QMAX=qmax, IEEE=ieee, FOLD=fold, HW=hw,
                         STAGES=tu["onepass_stages"] if nt * tile <= tu["onepass_long_k"] else tu["onepass_stages_long"],
                         num_warps=tu["onepass_warps"] if rows_per_prog >= 1 else tu["onepass_warps_long"])
         return q, sx
@@ -362,15 +351,6 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
                                  num_warps=tu["fused_warps"],
                                  num_stages=tu["fused_stages"])
     return q, sx
-
-
-def _gdc_launch_dependents():
-    # grid-dependency control, where this Triton has it (only traced when PDL is on: ``pdl_enabled``)
-    try:
-        from triton.language.extra.cuda import gdc_launch_dependents
-    except ImportError:
-        return None
-    return gdc_launch_dependents
 
 
 def _onepass_rows(rows_per_prog: int, nt: int) -> int:

@@ -22,7 +22,7 @@ import torch
 
 from ._launch import CachedLauncher
 from .cast import codes_to_e4m3
-from ._triton import device_capability, jit_cache, num_sms, pdl_enabled, require_triton
+from ._triton import device_capability, jit_cache, num_sms, require_triton
 
 _CONFIGS = {
     # (BM, BN, BK, GROUP_M, warps, stages): large tiles for the big-M case, small for M <= 256
@@ -34,11 +34,9 @@ _CONFIGS = {
 
 @jit_cache
 def _kernels():
-    global tl, _tile_coords, _scaled_store, _zero_acc, _mma, gdc_wait
+    global tl, _tile_coords, _scaled_store, _zero_acc, _mma
     import triton
     import triton.language as tl
-
-    gdc_wait = _gdc_wait()
 
     @triton.jit
     def _tile_coords(tile, group, num_m, GROUP_M: tl.constexpr):
@@ -113,13 +111,10 @@ def _kernels():
     def int8_gemm_tma_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, stride_cm,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                              HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr = False,
-                             WS: tl.constexpr = False, PDL: tl.constexpr = False):
+                             WS: tl.constexpr = False):
         # same tiling, operands through Hopper's tensor-memory-accelerator descriptors (bulk async copies).
         # FP8: e4m3 operands, float32 accumulator. (Casting int8 weight codes to e4m3 inside this loop was tried:
         # 2.5x slower than a separate cast pass, bench/RESULTS.md.)
-        # PDL: launched as a programmatic dependent; nothing touches memory before the wait
-        if PDL:
-            gdc_wait()
         pid_m, pid_n = _tile_coords(tl.program_id(0), GROUP_M * tl.cdiv(N, BN), tl.cdiv(M, BM), GROUP_M)
         om = pid_m * BM
         on = pid_n * BN
@@ -149,16 +144,13 @@ def _kernels():
     def gemm_persistent_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, M, N, K,
                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                                HAS_BIAS: tl.constexpr, STAGES: tl.constexpr, PROGRAMS: tl.constexpr,
-                               FP8: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr,
-                               PDL: tl.constexpr = False):
+                               FP8: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr):
         # Persistent TMA GEMM (the schedule of Triton's tutorial 09): PROGRAMS programs walk the output tiles in
         # grouped order, so the next tile's loads are issued while this tile's epilogue runs (FLATTEN pipelines the
         # tile loop and the K loop as one), and the output leaves through a TMA store, in two halves with SUBTILE
         # (half the registers and shared memory for the bf16 staging). Why: at K = 2048 a tile's K loop is only
         # 16 steps, and the one-tile-per-program kernel above leaves the tensor cores idle through every prologue
-        # and epilogue. PDL: launched as a programmatic dependent; nothing touches memory before the wait.
-        if PDL:
-            gdc_wait()
+        # and epilogue.
         start = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
@@ -189,22 +181,6 @@ def _kernels():
 
     return tuple(CachedLauncher(f) for f in (int8_gemm_kernel, epilogue_kernel, int8_gemm_tma_kernel,
                                              gemm_persistent_kernel))
-
-
-def _gdc_wait():
-    # grid-dependency control, where this Triton has it (only traced when PDL is on: _pdl_launch)
-    try:
-        from triton.language.extra.cuda import gdc_wait
-    except ImportError:
-        return None
-    return gdc_wait
-
-
-def _pdl_launch(device: torch.device) -> dict:
-    """The TMA GEMMs' launch options for programmatic dependent launch (``_triton.set_pdl``); always both keys, so
-    that the cached launcher (which needs every constexpr by keyword) keeps serving the launch."""
-    on = pdl_enabled(device.index or 0)
-    return {"PDL": on, "launch_pdl": on}
 
 
 def _pick(m: int, n: int) -> tuple:
@@ -250,7 +226,7 @@ def _gemm_tma(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: bool):
     grid = (((m + bm - 1) // bm) * ((n + bn - 1) // bn),)
     _kernels()[2](grid, a_desc, b_desc, out, sx, sw, bias if bias is not None else sx, m, n, k, out.stride(0),
                         BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages, FP8=fp8,
-                        WS=_TMA["warp_specialize"] and m > 256, num_warps=warps, **_pdl_launch(a.device))
+                        WS=_TMA["warp_specialize"] and m > 256, num_warps=warps)
     return out
 
 
@@ -296,7 +272,7 @@ def _gemm_persistent(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: 
     programs = max(1, min(tiles, programs))
     _kernels()[3]((programs,), a_desc, b_desc, c_desc, sx, sw, bias if bias is not None else sx, m, n, k,
                   BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages, PROGRAMS=programs,
-                  FP8=fp8, SUBTILE=subtile, FLATTEN=flatten, num_warps=warps, **_pdl_launch(a.device))
+                  FP8=fp8, SUBTILE=subtile, FLATTEN=flatten, num_warps=warps)
     return out
 
 

@@ -900,59 +900,6 @@ def test_gpu_fast_launch_matches_ordinary_launch(mma):
         dispatch.set_activation_sharing(True)
 
 
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("mma", ["int8", "fp8"])
-def test_gpu_pdl_launches_match_ordinary_launches(mma):
-    """Programmatic dependent launch (``kernels._triton.set_pdl``) changes when the GEMMs start, never what they
-    compute: int8- and compressed-resident layers, after the TMA activation kernel (9000 rows) and the one-pass
-    one (700 rows), through the persistent and the one-tile TMA GEMM, with one activation shared by two layers,
-    give bit-identical outputs with it on and off, eagerly and replayed from a CUDA graph."""
-    from hyperquant_diffusers.kernels import _triton, dispatch, int8_gemm
-    from hyperquant_diffusers.nn import LatticeLinear
-
-    assert _triton.pdl_enabled(0) == (torch.cuda.get_device_capability(0) >= (9, 0))
-    torch.manual_seed(15)
-    layers = [LatticeLinear.from_linear(torch.nn.Linear(2048, 1024), bits=4.0, residency=r, mma=mma).cuda()
-              for r in ("int8", "int8", "compressed")]
-    xs = [torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16) for m in (9000, 700)]
-    set_path = int8_gemm.set_int8_path if mma == "int8" else int8_gemm.set_fp8_path
-
-    def run():
-        return [layer(x) for x in xs for layer in layers]
-
-    was_prefetch = dispatch._PREFETCH["on"]
-    dispatch.set_prefetch(False)            # a graph replays one order; the prefetch has its own tests
-    try:
-        for path in ("auto", "tma"):
-            set_path(path)
-            _triton.set_pdl(False)
-            ref = run()
-            _triton.set_pdl(True)
-            for r, g in zip(ref, run()):
-                assert torch.equal(r, g), path
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph, holder = torch.cuda.CUDAGraph(), {}
-            with torch.cuda.graph(graph):
-                holder["y"] = run()
-            for _ in range(2):
-                for y in holder["y"]:
-                    y.zero_()
-                graph.replay()
-                torch.cuda.synchronize()
-                for r, g in zip(ref, holder["y"]):
-                    assert torch.equal(r, g), path
-            del graph
-    finally:
-        _triton.set_pdl(True)
-        set_path("auto")
-        dispatch.set_prefetch(was_prefetch)
-
-
 def _cached_launchers():
     from hyperquant_diffusers.kernels import act_quant, int8_gemm, rank_decode, rice_decode as rd
 

@@ -54,32 +54,11 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert all(r["e4m3x2_cvts"] > 0 for r in fp8)
     assert not any(r["e4m3x2_cvts"] for r in decoders if not r["OUT_FP8"])
     assert sum(1 for r in rows if r["kernel"] == "rice_decode_kernel" and r.get("NT", 1) > 1) == 1
-    # programmatic dependent launch (the default on Hopper): the TMA and persistent GEMMs wait for the kernel before
-    # them ahead of every global memory access, and the one-pass and TMA activation kernels let them launch early;
-    # nothing else waits or triggers
-    dependent = [r for r in rows if r["kernel"] in ("int8_gemm_tma_kernel", "gemm_persistent_kernel")]
-    assert dependent and all(r["PDL"] and r["gdc_wait_first"] is True for r in dependent)
-    assert all(r["gdc_wait_first"] is None for r in rows if r not in dependent)
-    triggers = [r for r in rows if r["kernel"] in ("rht_quant_onepass_kernel", "rht_quant_tma_kernel")]
-    assert len(triggers) == 4 and all(r["TRIGGER"] and r["gdc_trigger"] for r in triggers)
-    assert not any(r["gdc_trigger"] for r in rows if r not in triggers)
     # no local arrays in the PTX; ptxas may still spill under a register cap, which the vector decoder sets on
     # purpose (its launches are compiled with it)
     assert not any(r["local_memory"] for r in rows)
     from hyperquant_diffusers.kernels.rice_decode_vectors import _TUNE as vectors_tune
     assert {r.get("maxnreg") for r in rows if r.get("SG")} == {vectors_tune["maxnreg"]}
-
-
-def test_gdc_wait_first_finds_a_memory_access_ahead_of_the_wait():
-    from hyperquant_diffusers.testing.triton_compile import gdc_wait_first
-
-    head = "\tmov.u32 %r1, %tid.x;\n\tcvta.param.u64 %rd1, %rd7;\n"
-    wait = "\tgriddepcontrol.wait; // dummy %r3\n"
-    assert gdc_wait_first(head + wait + "\t@%p2 ld.global.b32 { %r4 }, [ %rd2 + 0 ];\n") is True
-    assert gdc_wait_first(head + "\t@%p2 ld.global.b32 { %r4 }, [ %rd2 + 0 ];\n" + wait) is False
-    assert gdc_wait_first(head + "\tcp.async.bulk.tensor.2d.shared::cluster.global [%r5], [%rd1, {%r6, %r7}];\n"
-                          + wait) is False
-    assert gdc_wait_first(head + "\tst.global.b8 [%rd3], %rs1;\n") is None
 
 
 def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects(tmp_path):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sys
 
 import torch
@@ -90,21 +89,6 @@ def _specialize(a, name: str) -> tuple[str, list]:
     raise TypeError(f"{name}: cannot type a {type(a).__name__} argument")
 
 
-_MEMORY_OPS = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|st\.global|atom\.|red\.|cp\.async|cp\.reduce\.async)")
-
-
-def gdc_wait_first(ptx: str) -> bool | None:
-    """None when ``ptx`` has no ``griddepcontrol.wait``; else whether that wait comes before every global memory
-    access (loads, stores, atomics, bulk copies): what a programmatic dependent launch needs to be safe, since the
-    kernel may start while the one before it still runs."""
-    lines = ptx.splitlines()
-    wait = next((i for i, line in enumerate(lines) if "griddepcontrol.wait" in line), None)
-    if wait is None:
-        return None
-    first_mem = next((i for i, line in enumerate(lines) if _MEMORY_OPS.match(line)), len(lines))
-    return wait < first_mem
-
-
 def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
     """Compile every launch ``rec`` recorded for ``cuda`` ``sm_<arch>``, specialized as the GPU launch would be
     (:func:`_specialize`); one dict per launch: the constexprs, ``ok`` (ptxas produced a cubin), and on success
@@ -137,11 +121,9 @@ def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
         try:
             ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                 options={k: kw[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kw})
-            ptx = ck.asm["ptx"]
             row.update(ok="cubin" in ck.asm, shared_bytes=int(ck.metadata.shared),
-                       local_memory=".local" in ptx, e4m3x2_cvts=ptx.count("cvt.rn.satfinite.e4m3x2.f32"),
-                       gdc_wait_first=gdc_wait_first(ptx),
-                       gdc_trigger="griddepcontrol.launch_dependents" in ptx)
+                       local_memory=".local" in ck.asm["ptx"],
+                       e4m3x2_cvts=ck.asm["ptx"].count("cvt.rn.satfinite.e4m3x2.f32"))
         except Exception as e:  # the point: report the compiler's error, whatever it is
             row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
         results.append(row)
