@@ -459,6 +459,46 @@ def actq_tma_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (10
     return out
 
 
+def actq_crossover_case(dev, shape=(4096, 4096), ms=(1024, 2048, 4096, 6144, 8192, 12288), rounds=5):
+    """Where the TMA activation kernel starts to pay in an eager layer call (it saves GPU time but costs the host
+    12-25 µs per call for its descriptors): int8-resident layers of ``shape`` (int8 and fp8 MMA) at several token
+    counts, the activation pass forced to the one-pass or the TMA kernel, timed eagerly (``do_bench``: the host's
+    time shows where it exceeds the GPU's) in alternating rounds, plus the host time per call. Outputs of the two
+    kernels compared bit for bit. ms / µs medians."""
+    from hyperquant_diffusers.kernels import act_quant as aq, dispatch
+
+    n, k = shape
+    dispatch.set_activation_sharing(False)
+    saved = dict(aq._TUNE)
+    out = {}
+    try:
+        w, bias, q, comp, i8, _ = layer_case(n, k, dev)
+        i8f = _int8_resident_layer(q, bias, "fp8")
+        for m in ms:
+            x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+            row = {}
+            for mma, layer in (("int8", i8), ("fp8", i8f)):
+                ys, t, host = {}, {"onepass": [], "tma": []}, {}
+                for impl in t:
+                    aq._TUNE.update(large_m_impl=impl, large_m_min=0)
+                    ys[impl] = layer(x)
+                    host[impl] = _host_us(lambda: layer(x))
+                for _ in range(rounds):
+                    for impl in t:
+                        aq._TUNE.update(large_m_impl=impl, large_m_min=0)
+                        t[impl].append(bench(lambda: layer(x)))
+                med = {impl: statistics.median(v) for impl, v in t.items()}
+                row[mma] = {"eager_ms": med, "host_us": host, "tma_over_onepass": med["tma"] / med["onepass"],
+                            "same_output": bool(torch.equal(ys["onepass"], ys["tma"]))}
+            out[f"{n}x{k} M={m}"] = row
+            print(f"# actq-crossover {n}x{k} M={m}: " + json.dumps(row), flush=True)
+    finally:
+        aq._TUNE.clear()
+        aq._TUNE.update(saved)
+        dispatch.set_activation_sharing(True)
+    return out
+
+
 def actq_fold_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (256, 4096)), rounds=7):
     """Folded sign flip vs the flip in the kernel (``act_quant.rht_quantize``'s ``hadamard``), int8 and fp8 codes:
     "independent" (a sign per value, the flip in the kernel: checkpoints before 2026-12-02), "tiled" (tile-periodic
@@ -1476,6 +1516,9 @@ def main(argv=None):
                     help="only: the CUDA-graphed per-layer variants of one shape and token count (JSON)")
     ap.add_argument("--actq-tma", action="store_true",
                     help="only: the one-pass act-quant kernel vs its TMA variant at a few launches (JSON)")
+    ap.add_argument("--actq-crossover", action="store_true",
+                    help="only: eager int8-resident layers at 1024-12288 tokens with the one-pass vs the TMA "
+                         "activation kernel, and the host time of each (JSON)")
     ap.add_argument("--actq-impl", default=None, choices=("auto", "onepass", "tma"),
                     help="the activation kernel the layers' 'auto' choice uses above 256 rows (lowers large_m_min to "
                          "256; default: the code's choice and threshold)")
@@ -1518,6 +1561,7 @@ def main(argv=None):
             "actq_fold": {"actq_fold": actq_fold_case, "actq_launch": actq_launch_case,
                                                   "decode_fmt": decode_fmt_case},
             "host_gemm": {"host_gemm": host_gemm_case}, "actq_tma": {"actq_tma": actq_tma_case},
+            "actq_crossover": {"actq_crossover": actq_crossover_case},
             "eager_probe": {"eager_probe": eager_probe_case},
             "final": {"overlap": final_overlap_case, "graphed": final_graphed_case},
             "interleaved_m256": {"interleaved_m256": final_interleaved_case},
