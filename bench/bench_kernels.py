@@ -459,39 +459,40 @@ def actq_tma_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (10
     return out
 
 
-def actq_crossover_case(dev, shape=(4096, 4096), ms=(1024, 2048, 4096, 6144, 8192, 12288), rounds=5):
+def actq_crossover_case(dev, shapes=((4096, 4096), (4096, 16384)), ms=(1024, 2048, 4096, 6144, 8192, 12288),
+                        rounds=5):
     """Where the TMA activation kernel starts to pay in an eager layer call (it saves GPU time but costs the host
-    12-25 µs per call for its descriptors): int8-resident layers of ``shape`` (int8 and fp8 MMA) at several token
+    12-25 µs per call for its descriptors): int8-resident layers of each shape (int8 and fp8 MMA) at several token
     counts, the activation pass forced to the one-pass or the TMA kernel, timed eagerly (``do_bench``: the host's
     time shows where it exceeds the GPU's) in alternating rounds, plus the host time per call. Outputs of the two
     kernels compared bit for bit. ms / µs medians."""
     from hyperquant_diffusers.kernels import act_quant as aq, dispatch
 
-    n, k = shape
     dispatch.set_activation_sharing(False)
     saved = dict(aq._TUNE)
     out = {}
     try:
-        w, bias, q, comp, i8, _ = layer_case(n, k, dev)
-        i8f = _int8_resident_layer(q, bias, "fp8")
-        for m in ms:
-            x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-            row = {}
-            for mma, layer in (("int8", i8), ("fp8", i8f)):
-                ys, t, host = {}, {"onepass": [], "tma": []}, {}
-                for impl in t:
-                    aq._TUNE.update(large_m_impl=impl, large_m_min=0)
-                    ys[impl] = layer(x)
-                    host[impl] = _host_us(lambda: layer(x))
-                for _ in range(rounds):
+        for n, k in shapes:
+            w, bias, q, comp, i8, _ = layer_case(n, k, dev)
+            i8f = _int8_resident_layer(q, bias, "fp8")
+            for m in ms:
+                x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+                row = {}
+                for mma, layer in (("int8", i8), ("fp8", i8f)):
+                    ys, t, host = {}, {"onepass": [], "tma": []}, {}
                     for impl in t:
                         aq._TUNE.update(large_m_impl=impl, large_m_min=0)
-                        t[impl].append(bench(lambda: layer(x)))
-                med = {impl: statistics.median(v) for impl, v in t.items()}
-                row[mma] = {"eager_ms": med, "host_us": host, "tma_over_onepass": med["tma"] / med["onepass"],
-                            "same_output": bool(torch.equal(ys["onepass"], ys["tma"]))}
-            out[f"{n}x{k} M={m}"] = row
-            print(f"# actq-crossover {n}x{k} M={m}: " + json.dumps(row), flush=True)
+                        ys[impl] = layer(x)
+                        host[impl] = _host_us(lambda: layer(x))
+                    for _ in range(rounds):
+                        for impl in t:
+                            aq._TUNE.update(large_m_impl=impl, large_m_min=0)
+                            t[impl].append(bench(lambda: layer(x)))
+                    med = {impl: statistics.median(v) for impl, v in t.items()}
+                    row[mma] = {"eager_ms": med, "host_us": host, "tma_over_onepass": med["tma"] / med["onepass"],
+                                "same_output": bool(torch.equal(ys["onepass"], ys["tma"]))}
+                out[f"{n}x{k} M={m}"] = row
+                print(f"# actq-crossover {n}x{k} M={m}: " + json.dumps(row), flush=True)
     finally:
         aq._TUNE.clear()
         aq._TUNE.update(saved)
