@@ -481,12 +481,12 @@ def actq_crossover_case(dev, shapes=((4096, 4096), (4096, 16384)), ms=(1024, 204
                 for mma, layer in (("int8", i8), ("fp8", i8f)):
                     ys, t, host = {}, {"onepass": [], "tma": []}, {}
                     for impl in t:
-                        aq._TUNE.update(large_m_impl=impl, large_m_min=0)
+                        aq._TUNE.update(large_m_impl=impl, large_min_values=0)
                         ys[impl] = layer(x)
                         host[impl] = _host_us(lambda: layer(x))
                     for _ in range(rounds):
                         for impl in t:
-                            aq._TUNE.update(large_m_impl=impl, large_m_min=0)
+                            aq._TUNE.update(large_m_impl=impl, large_min_values=0)
                             t[impl].append(bench(lambda: layer(x)))
                     med = {impl: statistics.median(v) for impl, v in t.items()}
                     row[mma] = {"eager_ms": med, "host_us": host, "tma_over_onepass": med["tma"] / med["onepass"],
@@ -1521,8 +1521,8 @@ def main(argv=None):
                     help="only: eager int8-resident layers at 1024-12288 tokens with the one-pass vs the TMA "
                          "activation kernel, and the host time of each (JSON)")
     ap.add_argument("--actq-impl", default=None, choices=("auto", "onepass", "tma"),
-                    help="the activation kernel the layers' 'auto' choice uses above 256 rows (lowers large_m_min to "
-                         "256; default: the code's choice and threshold)")
+                    help="the activation kernel the layers' 'auto' choice uses wherever it applies (sets "
+                         "large_min_values to 0; default: the code's choice and threshold)")
     ap.add_argument("--host-gemm", action="store_true",
                     help="only: host time of the TMA vs persistent GEMM launch, and a cProfile of a layer call (JSON)")
     ap.add_argument("--gemm-sweep", action="store_true",
@@ -1541,7 +1541,7 @@ def main(argv=None):
     if args.actq_impl and args.actq_impl != "auto":
         from hyperquant_diffusers.kernels import act_quant
 
-        act_quant._TUNE.update(large_m_impl=args.actq_impl, large_m_min=256)
+        act_quant._TUNE.update(large_m_impl=args.actq_impl, large_min_values=0)
     if args.graphed_one:
         n, k, m = map(int, args.graphed_one.split("x"))
         with torch.no_grad():

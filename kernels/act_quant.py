@@ -9,12 +9,12 @@ Kernels (``impl``):
   values, ``K_pad`` = K rounded up to a power of two tiles) and holds them in registers: one load of ``x``, the
   RHT as one tensor-core product of the (R * tiles, T) view with the ±1 Sylvester matrix, the row maxima, the
   codes; HBM sees exactly one read of ``x`` and one write of the codes (the 2 + 1 bytes per value floor).
-* ``"tma"`` (the default above ``_TUNE["large_m_min"]`` = 8192 tokens where it applies): the same one-pass
-  computation with x and the codes viewed as (M * tiles, T) boxes moved by Hopper's TMA: a bulk copy per box into
+* ``"tma"`` (the default from ``_TUNE["large_min_values"]`` = 2^25 activation values, M x K, where it applies):
+  the same one-pass computation with x and the codes viewed as (M * tiles, T) boxes moved by Hopper's TMA: a bulk copy per box into
   shared memory (pipelined, ``tma_stages`` deep), the product straight from there, a bulk store of the codes. Needs
   folded signs and contiguous rows of a power-of-two number of tiles; same bits as "onepass", 8-10% less kernel
   time at K = 2048-4096 and 28-32% at K = 16384 on the H200, but ~12-25 µs more host time per call (two TMA
-  descriptors), hence only for many tokens.
+  descriptors), hence only for large activations.
 * ``"fused"``: one program per ``BM`` rows walks the K tiles twice (max, then codes), for rows too long to hold.
   The second pass re-reads ``x``, from L2 when the row block is still there (the device profile found it mostly
   is not: 250 MB moved for 150 MB of data at 12288x4096; bench/RESULTS.md).
@@ -241,20 +241,22 @@ def _kernel():
 #: reads of x) or "split"; the H100 sweep (bench_kernels.py --overlap, bench/RESULTS.md): 12288x16384 0.314 ms
 #: (fused 0.405, the old default 0.426), 256x16384 0.014 ms (split 0.034); 12288x4096 0.072, 12288x2048 0.041 ms.
 #: tma: the one-pass kernel's R rows per program through TMA (``impl="tma"``), tma_pps programs per SM, tma_stages
-#: boxes in flight; ``large_m_impl`` is what "auto" takes for M > large_m_min when the kernel can view x (folded
-#: signs, contiguous rows of a power-of-two number of tiles). H200, 2026-12-02 (bench_kernels.py --actq-tma,
-#: profiler kernel time, bit-identical codes): int8 / fp8, µs, one-pass -> TMA (2 per SM, 4 stages): 12288x2048
-#: 25.4 / 23.9 -> 22.9 / 21.9; 12288x4096 46.5 / 45.1 -> 41.9 / 41.1; 12288x16384 249 / 244 -> 178 / 166;
-#: 1024x4096 7.3 / 7.0 -> 6.2 / 5.7 (3 stages). But its two descriptors cost the host 41 vs 29 µs per call at
-#: 12288x2048 and 51 vs 25 µs at 1024x4096 (bench_host.per_call_us), so it pays only where the GPU, not the host,
-#: sets the pace: above large_m_min = 8192 rows (LTX-2 at batch 2, 12288 video tokens: the full step 1% faster;
-#: at batch 1, 6144 tokens, the step is host-bound and keeps the one-pass kernel). Between 1024 and 12288 rows
-#: the crossover was not measured.
+#: boxes in flight; ``large_m_impl`` is what "auto" takes for M x K >= large_min_values when the kernel can view
+#: x (folded signs, contiguous rows of a power-of-two number of tiles). H200, 2026-12-02 (bench_kernels.py
+#: --actq-tma, profiler kernel time, bit-identical codes): int8 / fp8, µs, one-pass -> TMA (2 per SM, 4 stages):
+#: 12288x2048 25.4 / 23.9 -> 22.9 / 21.9; 12288x4096 46.5 / 45.1 -> 41.9 / 41.1; 12288x16384 249 / 244 -> 178 /
+#: 166; 1024x4096 7.3 / 7.0 -> 6.2 / 5.7 (3 stages). But its two descriptors cost the host 12-25 µs more per call
+#: (bench_host.per_call_us), so it pays only where the GPU, not the host, sets the pace. Eager int8-resident layers,
+#: one-pass vs TMA (bench_kernels.py --actq-crossover, twelfth session): at K = 2048 the TMA pass made the 2048x2048
+#: layer 14-25% slower at 8192-12288 tokens (host-bound) and 1-2% faster at 16384; at K = 4096 (4096x4096) a tie at
+#: 6144 tokens and 0-3% faster from 8192; at K = 16384 (4096x16384) 3-5% faster from 2048 tokens, mixed at 1024.
+#: M x K >= 2^25 matches every one of these (LTX-2 at batch 2 takes it for its 12288-token video passes, at batch 1
+#: for the 16384-wide ones).
 _TUNE = {"onepass_elems": 8192, "onepass_warps": 4, "onepass_warps_long": 8, "onepass_max_k": 16384,
          "onepass_pps": 2, "onepass_stages": 3, "onepass_stages_long": 1, "onepass_long_k": 4096,
          "fused_bm": 64, "fused_warps": 8, "fused_stages": 4, "fused_pps": 0, "split_max_m": 2048, "split_bm": 16,
          "split_kc": 256, "split_warps": 4, "tma_pps": 2, "tma_stages": 4,
-         "large_m_impl": "tma", "large_m_min": 8192}
+         "large_m_impl": "tma", "large_min_values": 1 << 25}
 
 
 def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "int8", *,
@@ -266,7 +268,7 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     the flip (``signs`` is not read). The caller vouches that it matches ``signs``. ``impl``: "onepass"
     (rows held in registers, one read of x), "fused" (one launch, two passes over each row block), "split"
     (split-K in two launches: more programs for small M), "tma" (onepass through TMA boxes: folded signs,
-    contiguous rows, a power-of-two number of tiles), "auto" (tma for more than ``large_m_min`` rows where it
+    contiguous rows, a power-of-two number of tiles), "auto" (tma from ``large_min_values`` values M x K where it
     applies, else onepass when the padded row fits ``onepass_max_k``, else split for few rows and fused for
     many)."""
     require_triton()
@@ -299,7 +301,8 @@ def rht_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, fmt: str = "in
     if impl == "auto":
         if nt * tile <= tu["onepass_max_k"]:
             impl = "onepass"
-            if tu["large_m_impl"] == "tma" and m > tu["large_m_min"] and _tma_viewable(x, fold, nt * tile):
+            if (tu["large_m_impl"] == "tma" and m * k >= tu["large_min_values"]
+                    and _tma_viewable(x, fold, nt * tile)):
                 impl = "tma"
         else:
             impl = "split" if m <= tu["split_max_m"] else "fused"
