@@ -10,11 +10,11 @@ Kernels (``impl``):
   RHT as one tensor-core product of the (R * tiles, T) view with the ±1 Sylvester matrix, the row maxima, the
   codes; HBM sees exactly one read of ``x`` and one write of the codes (the 2 + 1 bytes per value floor).
 * ``"tma"`` (the default from ``_TUNE["large_min_values"]`` = 2^25 activation values, M x K, where it applies):
-  the same one-pass computation with x and the codes viewed as (M * tiles, T) boxes moved by Hopper's TMA: a bulk copy per box into
-  shared memory (pipelined, ``tma_stages`` deep), the product straight from there, a bulk store of the codes. Needs
-  folded signs and contiguous rows of a power-of-two number of tiles; same bits as "onepass", 8-10% less kernel
-  time at K = 2048-4096 and 28-32% at K = 16384 on the H200, but ~12-25 µs more host time per call (two TMA
-  descriptors), hence only for large activations.
+  the same one-pass computation with x and the codes viewed as (M * tiles, T) boxes moved by Hopper's TMA: a bulk
+  copy per box into shared memory (pipelined, ``tma_stages`` deep), the product straight from there, a bulk store
+  of the codes. Needs folded signs and contiguous rows of a power-of-two number of tiles; same bits as "onepass",
+  8-10% less kernel time at K = 2048-4096 and 28-32% at K = 16384 on the H200, but ~12-25 µs more host time per
+  call (two TMA descriptors), hence only for large activations.
 * ``"fused"``: one program per ``BM`` rows walks the K tiles twice (max, then codes), for rows too long to hold.
   The second pass re-reads ``x``, from L2 when the row block is still there (the device profile found it mostly
   is not: 250 MB moved for 150 MB of data at 12288x4096; bench/RESULTS.md).
