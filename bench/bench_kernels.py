@@ -459,6 +459,65 @@ def actq_tma_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (10
     return out
 
 
+def sm_scaling_case(dev, m=12288, programs=(264, 132, 66, 33, 16), gemm_programs=(132, 116, 100, 66)):
+    """How the activation pass and the GEMM slow down when given fewer SMs: the question behind running the pass
+    beside the GEMM (a pass that is bandwidth-bound runs nearly as fast on a quarter of the SMs, one that is bound
+    by each SM's own work does not). Kernel time (profiler, µs per call) of the one-pass and TMA passes (int8,
+    folded signs) at 12288 x 2048 and x 4096 launched on ``programs`` programs (one per SM up to the SM count),
+    next to two copy floors of the same bytes (bf16 -> int8 conversion copy: the pass's HBM traffic; bf16 clone);
+    and the persistent GEMMs (int8, fp8) of 2048x2048 and 4096x4096 on ``gemm_programs`` programs."""
+    from hyperquant_diffusers.codec import random_signs, tile_signs
+    from hyperquant_diffusers.kernels import act_quant as aq, int8_gemm as G
+
+    out = {"sms": torch.cuda.get_device_properties(dev).multi_processor_count}
+    saved_tune, saved_sms = dict(aq._TUNE), aq.num_sms
+    try:
+        for kk in (2048, 4096):
+            xx = torch.randn(m, kk, device=dev).to(torch.bfloat16)
+            sg = random_signs(kk, 0, period=128)
+            hh = aq.signed_hadamard(tile_signs(sg, 128), torch.bfloat16, dev)
+            qbuf = torch.empty(m, kk, device=dev, dtype=torch.int8)
+            row = {"copy_to_int8": _kernel_us(lambda: qbuf.copy_(xx)), "clone_bf16": _kernel_us(lambda: xx.clone()),
+                   "bytes_mb": m * kk * 3 / 1e6}
+            ref = aq.rht_quantize(xx, sg, 128, "int8", hadamard=hh, impl="onepass")
+            for impl in ("onepass", "tma"):
+                for p in programs:
+                    # grid = min(row blocks, num_sms() x programs per SM): one program per SM up to the SM count
+                    aq.num_sms = (lambda _i, p=p: p)
+                    aq._TUNE.update(onepass_pps=1, tma_pps=1)
+                    q, sx = aq.rht_quantize(xx, sg, 128, "int8", hadamard=hh, impl=impl)
+                    same = bool(torch.equal(q, ref[0]) and torch.equal(sx, ref[1]))
+                    row[f"{impl}_p{p}"] = (_kernel_us(lambda: aq.rht_quantize(xx, sg, 128, "int8", hadamard=hh,
+                                                                              impl=impl)), same)
+                    aq.num_sms = saved_sms
+                    aq._TUNE.clear()
+                    aq._TUNE.update(saved_tune)
+            out[f"act_{m}x{kk}"] = row
+            print(f"# sm-scaling act {m}x{kk}: " + json.dumps(row), flush=True)
+            del xx, qbuf, ref
+        for (n, k) in ((2048, 2048), (4096, 4096)):
+            xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
+            wq = torch.randint(-12, 13, (n, k), dtype=torch.int8, device=dev)
+            sx = torch.rand(m, device=dev) + 0.5
+            sw = torch.rand(n, device=dev) * 1e-3 + 1e-3
+            x8, w8 = xq.to(torch.float8_e4m3fn), wq.to(torch.float8_e4m3fn)
+            row = {}
+            for fmt, f, ops in (("int8", G.int8_gemm_persistent, (xq, sx, wq, sw, None)),
+                                ("fp8", G.fp8_gemm_persistent, (x8, sx, w8, sw, None))):
+                base = f(*ops)
+                for p in gemm_programs:
+                    y = f(*ops, programs=p)
+                    row[f"{fmt}_p{p}"] = (_kernel_us(lambda: f(*ops, programs=p)), bool(torch.equal(y, base)))
+            out[f"gemm_{n}x{k}"] = row
+            print(f"# sm-scaling gemm {n}x{k}: " + json.dumps(row), flush=True)
+            del xq, wq, x8, w8
+    finally:
+        aq.num_sms = saved_sms
+        aq._TUNE.clear()
+        aq._TUNE.update(saved_tune)
+    return out
+
+
 def actq_crossover_case(dev, shapes=((4096, 4096), (4096, 16384)), ms=(1024, 2048, 4096, 6144, 8192, 12288),
                         rounds=5):
     """Where the TMA activation kernel starts to pay in an eager layer call (it saves GPU time but costs the host
@@ -1517,6 +1576,8 @@ def main(argv=None):
                     help="only: the CUDA-graphed per-layer variants of one shape and token count (JSON)")
     ap.add_argument("--actq-tma", action="store_true",
                     help="only: the one-pass act-quant kernel vs its TMA variant at a few launches (JSON)")
+    ap.add_argument("--sm-scaling", action="store_true",
+                    help="only the activation pass and the GEMMs on fewer SMs (kernel time; JSON to --json)")
     ap.add_argument("--actq-crossover", action="store_true",
                     help="only: eager int8-resident layers at 1024-12288 tokens with the one-pass vs the TMA "
                          "activation kernel, and the host time of each (JSON)")
@@ -1563,6 +1624,7 @@ def main(argv=None):
                                                   "decode_fmt": decode_fmt_case},
             "host_gemm": {"host_gemm": host_gemm_case}, "actq_tma": {"actq_tma": actq_tma_case},
             "actq_crossover": {"actq_crossover": actq_crossover_case},
+            "sm_scaling": {"sm_scaling": sm_scaling_case},
             "eager_probe": {"eager_probe": eager_probe_case},
             "final": {"overlap": final_overlap_case, "graphed": final_graphed_case},
             "interleaved_m256": {"interleaved_m256": final_interleaved_case},
