@@ -518,6 +518,63 @@ def sm_scaling_case(dev, m=12288, programs=(264, 132, 66, 33, 16), gemm_programs
     return out
 
 
+#: persistent GEMM launches for ``gemm_occupancy_case``: (config, programs per SM). Triton keeps a wgmma with an
+#: int32 accumulator synchronous (its pipeliner makes only fp32-accumulator dots "properly async": the int8 K loop
+#: waits for each MMA group before issuing the next), so the int8 GEMM's tensor cores idle between K steps unless
+#: a second program on the same SM issues its MMAs meanwhile: tiles small enough in shared memory for two per SM.
+OCCUPANCY_SWEEP = [((256, 128, 128, 8, 8, 3, True, True), 1), ((128, 128, 128, 8, 4, 3, True, True), 2),
+                   ((128, 128, 128, 8, 8, 3, True, True), 2), ((128, 128, 128, 8, 4, 2, True, True), 2),
+                   ((64, 128, 128, 8, 4, 4, True, True), 2), ((128, 128, 64, 8, 4, 4, True, True), 2),
+                   ((128, 128, 128, 8, 4, 3, True, True), 1), ((128, 128, 128, 16, 4, 3, True, True), 2),
+                   ((64, 256, 128, 8, 4, 3, True, True), 1), ((128, 256, 128, 16, 8, 3, True, True), 1)]
+
+
+def gemm_occupancy_case(dev, m=12288, shapes=None, rounds=3):
+    """The persistent GEMMs at each launch of ``OCCUPANCY_SWEEP`` (one and two programs per SM), int8 and fp8
+    operands, M tokens: kernel time (profiler, µs, warm L2) and ``do_bench`` ms (L2 flushed), median of ``rounds``
+    alternating rounds; every int8 output compared bit for bit with the default launch's, every output with the
+    float64 product (rel. error)."""
+    from hyperquant_diffusers.kernels import int8_gemm as G
+
+    nsm = torch.cuda.get_device_properties(dev).multi_processor_count
+    out = {}
+    for (n, k) in (shapes or SHAPES):
+        torch.manual_seed(n + k)
+        xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
+        wq = torch.randint(-12, 13, (n, k), dtype=torch.int8, device=dev)
+        sx = torch.rand(m, device=dev) + 0.5
+        sw = torch.rand(n, device=dev) * 1e-3 + 1e-3
+        b = torch.randn(n, device=dev).to(torch.bfloat16)
+        x8, w8 = xq.to(torch.float8_e4m3fn), wq.to(torch.float8_e4m3fn)
+        ops = {"int8": (xq, sx, wq, sw, b), "fp8": (x8, sx, w8, sw, b)}
+        row = {}
+        for fmt, f in (("int8", G.int8_gemm_persistent), ("fp8", G.fp8_gemm_persistent)):
+            ref = G.quantized_linear_reference(*ops[fmt])
+            base = f(*ops[fmt])
+            fns, checks = {}, {}
+            for cfg, pps in OCCUPANCY_SWEEP:
+                name = "-".join(str(int(v)) for v in cfg) + f"/{pps}"
+                try:
+                    y = f(*ops[fmt], config=cfg, programs=nsm * pps)
+                    torch.cuda.synchronize()
+                except Exception as e:  # a launch the compiler or the GPU rejects (shared memory) is a result
+                    checks[name] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+                    continue
+                checks[name] = {"rel": rel(y, ref), "equal_default": bool(torch.equal(y, base))}
+                fns[name] = (lambda cfg=cfg, pps=pps: f(*ops[fmt], config=cfg, programs=nsm * pps))
+            t = {key: [] for key in fns}
+            for _ in range(rounds):
+                for key, fn in fns.items():
+                    t[key].append((bench(fn), _kernel_us(fn, calls=20)))
+            med = {key: [sorted(v[i] for v in vals)[len(vals) // 2] for i in (0, 1)] for key, vals in t.items()}
+            row[fmt] = {"ms_flushed_and_us_warm": med, "checks": checks}
+            print(f"# occupancy {n}x{k} {fmt}: " + json.dumps(row[fmt]), flush=True)
+        out[f"{n}x{k}"] = row
+        del xq, wq, x8, w8, ops
+        torch.cuda.empty_cache()
+    return out
+
+
 def actq_crossover_case(dev, shapes=((4096, 4096), (4096, 16384)), ms=(1024, 2048, 4096, 6144, 8192, 12288),
                         rounds=5):
     """Where the TMA activation kernel starts to pay in an eager layer call (it saves GPU time but costs the host
@@ -1576,6 +1633,8 @@ def main(argv=None):
                     help="only: the CUDA-graphed per-layer variants of one shape and token count (JSON)")
     ap.add_argument("--actq-tma", action="store_true",
                     help="only: the one-pass act-quant kernel vs its TMA variant at a few launches (JSON)")
+    ap.add_argument("--gemm-occupancy", action="store_true",
+                    help="only the persistent GEMMs at one and two programs per SM (JSON to --json)")
     ap.add_argument("--sm-scaling", action="store_true",
                     help="only the activation pass and the GEMMs on fewer SMs (kernel time; JSON to --json)")
     ap.add_argument("--actq-crossover", action="store_true",
@@ -1625,6 +1684,7 @@ def main(argv=None):
             "host_gemm": {"host_gemm": host_gemm_case}, "actq_tma": {"actq_tma": actq_tma_case},
             "actq_crossover": {"actq_crossover": actq_crossover_case},
             "sm_scaling": {"sm_scaling": sm_scaling_case},
+            "gemm_occupancy": {"gemm_occupancy": gemm_occupancy_case},
             "eager_probe": {"eager_probe": eager_probe_case},
             "final": {"overlap": final_overlap_case, "graphed": final_graphed_case},
             "interleaved_m256": {"interleaved_m256": final_interleaved_case},
