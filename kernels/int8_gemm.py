@@ -8,8 +8,8 @@ Paths (``bench/bench_kernels.py`` measures them; :func:`int8_linear` uses the fa
 * ``"triton"``: a Triton int8 x int8 -> int32 GEMM (tensor cores) with scales, bias and the output cast fused in
   its epilogue: the int32 accumulator never leaves registers.
 * ``"tma"``: the same GEMM with operands through Hopper's TMA descriptors, one output tile per program.
-* ``"persistent"``: a persistent TMA GEMM (one program per SM walks the output tiles; TMA store of the output);
-  the fp8 path's default above 256 tokens (``PERSISTENT``).
+* ``"persistent"``: a persistent TMA GEMM (one or two programs per SM walk the output tiles; TMA store of the
+  output); the default of both operand types above 256 tokens on Hopper (``PERSISTENT``).
 * ``"int_mm"``: ``torch._int_mm`` (cuBLAS) to an int32 (M, N) tensor, then one Triton epilogue pass.
 * fp8: :func:`fp8_linear` -- ``torch._scaled_mm`` with row-wise scales (cuBLASLt), fp8-e4m3 operands.
 
@@ -230,18 +230,21 @@ def _gemm_tma(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: bool):
     return out
 
 
-#: the persistent GEMM's launch, (BM, BN, BK, GROUP_M, warps, stages, SUBTILE, FLATTEN), per operand type; its
-#: programs are min(tiles, SMs x programs_per_sm). ``use``: the operand types whose M > 256 GEMM it serves under
-#: the "auto" path. H200, 2026-12-02 (bench/RESULTS.md): bench_kernels.py --gemm-sweep at M = 12288, the fp8 GEMM
-#: alone 5-9% faster than the one-tile-per-program TMA kernel on all four LTX-2 shapes (4096²: 0.316 vs 0.333 ms,
-#: 2048²: 0.085 vs 0.093 ms); int8 within +-2% of it either way (int8 joined later, below). Its launch costs ~6 µs
-#: more host time (33 vs 27 µs, --host-gemm: a third TMA descriptor); per layer, eager, in alternating rounds, fp8
-#: layers read 1.23x (persistent) vs 1.22x (TMA) bf16 at 2048² and 1.63x vs 1.54x at 4096². int8 joined on
-#: 2026-12-02 (tenth session): the CUDA-graphed int8-resident int8 layer, two alternating runs per path, 2048²
-#: 0.1270 ms persistent vs 0.1318 TMA (1.16x vs 1.12x bf16), 4096² 0.422 vs 0.424 (equal); the GEMM alone was
-#: 1.425 vs 1.452 ms at 16384x4096 and 1.338 vs 1.321 at 4096x16384 (the sweep above).
-PERSISTENT = {"int8": (256, 128, 128, 8, 8, 3, True, True), "fp8": (128, 256, 128, 16, 8, 3, True, True),
-              "programs_per_sm": 1, "use": ("int8", "fp8")}
+#: the persistent GEMM's launch, (BM, BN, BK, GROUP_M, warps, stages, SUBTILE, FLATTEN, programs per SM), per
+#: operand type; its programs are min(tiles, SMs x programs per SM) (an 8-element config: one per SM). ``use``: the
+#: operand types whose M > 256 GEMM it serves under the "auto" path. H200, 2026-12-02 (bench/RESULTS.md):
+#: bench_kernels.py --gemm-sweep at M = 12288, the fp8 GEMM alone 5-9% faster than the one-tile-per-program TMA
+#: kernel on all four LTX-2 shapes (4096²: 0.316 vs 0.333 ms, 2048²: 0.085 vs 0.093 ms). Its launch costs ~6 µs
+#: more host time (33 vs 27 µs, --host-gemm: a third TMA descriptor).
+#: int8: two programs per SM of 128x128 tiles (115 KB of shared memory each). Triton's pipeliner keeps a wgmma
+#: with an int32 accumulator synchronous (only fp32-accumulator dots become "properly async"), so one int8 program
+#: per SM leaves the tensor cores idle while each K step's MMAs drain; a second program issues its MMAs meanwhile.
+#: bench_kernels.py --gemm-occupancy (thirteenth session, do_bench ms, L2 flushed, bit-identical outputs): 2048²
+#: 0.0989 -> 0.0829, 4096² 0.351 -> 0.308, 16384x4096 1.380 -> 1.202, 4096x16384 1.308 -> 1.176, against the
+#: earlier (256, 128) tiles at one per SM; the int8 GEMM now runs as fast as the fp8 one (0.082-0.085 ms at 2048²).
+#: fp8 (async MMAs already) gains nothing from two per SM: its (128, 256) tiles at one per SM stay best.
+PERSISTENT = {"int8": (128, 128, 128, 16, 4, 3, True, True, 2), "fp8": (128, 256, 128, 16, 8, 3, True, True, 1),
+              "use": ("int8", "fp8")}
 
 
 def _persistent_serves(fmt: str, m: int) -> bool:
@@ -255,11 +258,12 @@ def _gemm_persistent(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: 
 
     m, k = a.shape
     n = wq.shape[0]
-    config = config or PERSISTENT["fp8" if fp8 else "int8"]
-    if len(config) != 8:
-        raise ValueError(f"persistent GEMM config is (BM, BN, BK, GROUP_M, warps, stages, SUBTILE, FLATTEN), got "
-                         f"{config!r}")
-    bm, bn, bk, gm, warps, stages, subtile, flatten = config
+    config = tuple(config or PERSISTENT["fp8" if fp8 else "int8"])
+    if len(config) not in (8, 9):
+        raise ValueError("persistent GEMM config is (BM, BN, BK, GROUP_M, warps, stages, SUBTILE, FLATTEN[, programs "
+                         f"per SM]), got {config!r}")
+    bm, bn, bk, gm, warps, stages, subtile, flatten = config[:8]
+    per_sm = config[8] if len(config) == 9 else 1
     if k % bk:
         raise ValueError(f"K={k} must be a multiple of {bk} for the persistent GEMM")
     out = torch.empty(m, n, device=a.device, dtype=out_dtype)
@@ -268,7 +272,7 @@ def _gemm_persistent(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: 
     c_desc = TensorDescriptor.from_tensor(out, [bm, bn // 2 if subtile else bn])
     tiles = ((m + bm - 1) // bm) * ((n + bn - 1) // bn)
     if programs is None:
-        programs = num_sms(a.device.index or 0) * PERSISTENT["programs_per_sm"]
+        programs = num_sms(a.device.index or 0) * per_sm
     programs = max(1, min(tiles, programs))
     _kernels()[3]((programs,), a_desc, b_desc, c_desc, sx, sw, bias if bias is not None else sx, m, n, k,
                   BM=bm, BN=bn, BK=bk, GROUP_M=gm, HAS_BIAS=bias is not None, STAGES=stages, PROGRAMS=programs,

@@ -498,7 +498,8 @@ def test_tma_and_persistent_gemm_kernels_vs_float64(fp8):
         if bias is not None:
             outs.append(y.cpu())
     per = fp8_gemm_persistent if fp8 else int8_gemm_persistent
-    for cfg in ((64, 128, 64, 8, 4, 2, True, True), (64, 128, 64, 8, 4, 2, False, False)):
+    for cfg in ((64, 128, 64, 8, 4, 2, True, True), (64, 128, 64, 8, 4, 2, False, False),
+                (64, 128, 64, 8, 4, 2, True, True, 2)):   # two programs per SM
         for programs, bias in ((None, b), (3, b), (3, None)):
             y = per(*ops, None if bias is None else bias.to(dev), out_dtype=torch.float32, config=cfg,
                     programs=programs)
