@@ -1118,6 +1118,50 @@ def graphed_case(dev, m=12288, rounds=5, shapes=((2048, 2048), (4096, 4096))):
     return out
 
 
+def layer_parts_case(dev, m=12288, shapes=None, calls=20):
+    """Where a layer's GPU time goes: the profiler's device time per kernel (µs per call, summed by kernel name)
+    of the int8-resident and the compressed layer (just-in-time decode, prefetch off, as ``graphed_case`` times
+    them), int8 and fp8 MMA, at M tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hyperquant_diffusers.kernels import dispatch
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    dispatch.set_activation_sharing(False)
+    was_on = dispatch._PREFETCH["on"]
+    dispatch.set_prefetch(False)
+    out = {}
+    try:
+        for (n, k) in (shapes or SHAPES):
+            w, bias, q, comp, i8, _ = layer_case(n, k, dev)
+            layers = {"int8res_int8": i8, "int8res_fp8": _int8_resident_layer(q, bias, "fp8"), "compres_int8": comp,
+                      "compres_fp8": LatticeLinear.from_lattice_tensor(q, bias, bits=4.0, mma="fp8",
+                                                                       residency="compressed")}
+            x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+            row = {}
+            for name, mod in layers.items():
+                for _ in range(3):
+                    mod(x)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(calls):
+                        mod(x)
+                    torch.cuda.synchronize()
+                parts = {}
+                for ev in prof.key_averages():
+                    t = getattr(ev, "device_time_total", None)
+                    t = ev.cuda_time_total if t is None else t
+                    if t > 0:
+                        parts[ev.key[:60]] = round(t / calls, 2)
+                row[name] = parts
+            out[f"{n}x{k}"] = row
+            print(f"# parts {n}x{k}: " + json.dumps(row), flush=True)
+            del w, q, comp, i8, layers, x
+    finally:
+        dispatch.set_prefetch(was_on)
+    return out
+
+
 def gemm_sweep_case(dev, m=12288, shapes=None, rounds=3):
     """The GEMMs alone at M tokens: the one-tile-per-program TMA kernel (the code's default) against the
     persistent kernel at each launch of ``PERSISTENT_SWEEP``, int8 and fp8 operands; every launch's output checked
@@ -1634,6 +1678,8 @@ def main(argv=None):
                     help="only: the CUDA-graphed per-layer variants of one shape and token count (JSON)")
     ap.add_argument("--actq-tma", action="store_true",
                     help="only: the one-pass act-quant kernel vs its TMA variant at a few launches (JSON)")
+    ap.add_argument("--layer-parts", action="store_true",
+                    help="only the kernel time of each part of the quantized layers (profiler; JSON to --json)")
     ap.add_argument("--gemm-occupancy", action="store_true",
                     help="only the persistent GEMMs at one and two programs per SM (JSON to --json)")
     ap.add_argument("--sm-scaling", action="store_true",
@@ -1686,6 +1732,7 @@ def main(argv=None):
             "actq_crossover": {"actq_crossover": actq_crossover_case},
             "sm_scaling": {"sm_scaling": sm_scaling_case},
             "gemm_occupancy": {"gemm_occupancy": gemm_occupancy_case},
+            "layer_parts": {"layer_parts": layer_parts_case},
             "eager_probe": {"eager_probe": eager_probe_case},
             "final": {"overlap": final_overlap_case, "graphed": final_graphed_case},
             "interleaved_m256": {"interleaved_m256": final_interleaved_case},
