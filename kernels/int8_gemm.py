@@ -282,7 +282,8 @@ def _gemm_persistent(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: 
 
 def int8_gemm_persistent(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16, config: tuple | None = None,
                          programs: int | None = None):
-    """Persistent Triton int8 GEMM (TMA loads and stores, one program per SM walking the tiles), same epilogue."""
+    """Persistent Triton int8 GEMM: TMA loads and stores, programs that walk the output tiles (two per SM at the
+    default launch, ``PERSISTENT["int8"]``), the same epilogue."""
     return _gemm_persistent(xq, sx, wq, sw, bias, out_dtype, config, False, programs)
 
 
