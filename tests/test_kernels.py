@@ -470,6 +470,33 @@ def test_int8_gemm_kernel_vs_float64():
 
 
 @needs_triton
+def test_persistent_gemm_launches_programs_per_sm():
+    # the persistent GEMM's grid: SMs x the launch's programs per SM (the int8 default: two, the fp8 default and any
+    # eight-element config: one), never more programs than output tiles; a config of another length is refused
+    from hyperquant_diffusers.kernels import int8_gemm
+    from hyperquant_diffusers.kernels._triton import num_sms
+    from hyperquant_diffusers.testing.triton_compile import recording
+
+    sms = num_sms(0)
+    m, n, k = 12288, 1024, 512
+    a, w = torch.zeros(m, k, dtype=torch.int8), torch.zeros(n, k, dtype=torch.int8)
+    a8, w8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+    sx, sw = torch.ones(m), torch.ones(n)
+    cfg8, cfg_int8 = int8_gemm.PERSISTENT["fp8"], int8_gemm.PERSISTENT["int8"]
+    with recording(int8_gemm) as recs:
+        int8_gemm.int8_gemm_persistent(a, sx, w, sw, None)
+        int8_gemm.fp8_gemm_persistent(a8, sx, w8, sw, None)
+        int8_gemm.int8_gemm_persistent(a, sx, w, sw, None, config=cfg_int8[:8])
+        int8_gemm.int8_gemm_persistent(a[:128], sx[:128], w[:128], sw[:128], None)   # a single 128x128 tile
+        with pytest.raises(ValueError, match="programs per SM"):
+            int8_gemm.int8_gemm_persistent(a, sx, w, sw, None, config=cfg_int8 + (1,))
+    progs = [kw["PROGRAMS"] for _, kw in recs["gemm_persistent_kernel"].calls]
+    fp8_per_sm = cfg8[8] if len(cfg8) == 9 else 1
+    assert cfg_int8[8] == 2 and (m // cfg_int8[0]) * (n // cfg_int8[1]) > 2 * sms
+    assert progs == [2 * sms, fp8_per_sm * sms, sms, 1]
+
+
+@needs_triton
 @pytest.mark.parametrize("fp8", [False, True])
 def test_tma_and_persistent_gemm_kernels_vs_float64(fp8):
     # the Hopper GEMMs through the interpreter: the one-tile-per-program TMA kernel, and the persistent kernel
