@@ -264,6 +264,8 @@ def _gemm_persistent(a, sx, wq, sw, bias, out_dtype, config: tuple | None, fp8: 
                          f"per SM]), got {config!r}")
     bm, bn, bk, gm, warps, stages, subtile, flatten = config[:8]
     per_sm = config[8] if len(config) == 9 else 1
+    if not isinstance(per_sm, int) or per_sm < 1:
+        raise ValueError(f"persistent GEMM config: programs per SM must be a positive integer, got {per_sm!r}")
     if k % bk:
         raise ValueError(f"K={k} must be a multiple of {bk} for the persistent GEMM")
     out = torch.empty(m, n, device=a.device, dtype=out_dtype)

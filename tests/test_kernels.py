@@ -490,6 +490,8 @@ def test_persistent_gemm_launches_programs_per_sm():
         int8_gemm.int8_gemm_persistent(a[:128], sx[:128], w[:128], sw[:128], None)   # a single 128x128 tile
         with pytest.raises(ValueError, match="programs per SM"):
             int8_gemm.int8_gemm_persistent(a, sx, w, sw, None, config=cfg_int8 + (1,))
+        with pytest.raises(ValueError, match="positive integer"):
+            int8_gemm.int8_gemm_persistent(a, sx, w, sw, None, config=cfg_int8[:8] + (0,))
     progs = [kw["PROGRAMS"] for _, kw in recs["gemm_persistent_kernel"].calls]
     fp8_per_sm = cfg8[8] if len(cfg8) == 9 else 1
     assert cfg_int8[8] == 2 and (m // cfg_int8[0]) * (n // cfg_int8[1]) > 2 * sms
