@@ -459,6 +459,16 @@ def actq_tma_case(dev, shapes=((12288, 2048), (12288, 4096), (12288, 16384), (10
     return out
 
 
+def _random_gemm_operands(dev, m, n, k):
+    """Random GEMM operands at the LTX-2 codes' ranges: int8 activation codes (m, k) in [-127, 127], weight codes
+    (n, k) in [-12, 12], float32 per-token and per-row scales, a bf16 bias (n,); as ``(xq, sx, wq, sw, bias)``."""
+    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
+    wq = torch.randint(-12, 13, (n, k), dtype=torch.int8, device=dev)
+    sx = torch.rand(m, device=dev) + 0.5
+    sw = torch.rand(n, device=dev) * 1e-3 + 1e-3
+    return xq, sx, wq, sw, torch.randn(n, device=dev).to(torch.bfloat16)
+
+
 def sm_scaling_case(dev, m=12288, programs=(264, 132, 66, 33, 16), gemm_programs=(132, 116, 100, 66)):
     """How the activation pass and the GEMM slow down when given fewer SMs: the question behind running the pass
     beside the GEMM (a pass that is bandwidth-bound runs nearly as fast on a quarter of the SMs, one that is bound
@@ -496,10 +506,7 @@ def sm_scaling_case(dev, m=12288, programs=(264, 132, 66, 33, 16), gemm_programs
             print(f"# sm-scaling act {m}x{kk}: " + json.dumps(row), flush=True)
             del xx, qbuf, ref
         for (n, k) in ((2048, 2048), (4096, 4096)):
-            xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
-            wq = torch.randint(-12, 13, (n, k), dtype=torch.int8, device=dev)
-            sx = torch.rand(m, device=dev) + 0.5
-            sw = torch.rand(n, device=dev) * 1e-3 + 1e-3
+            xq, sx, wq, sw, _ = _random_gemm_operands(dev, m, n, k)
             x8, w8 = xq.to(torch.float8_e4m3fn), wq.to(torch.float8_e4m3fn)
             row = {}
             for fmt, f, ops in (("int8", G.int8_gemm_persistent, (xq, sx, wq, sw, None)),
@@ -540,11 +547,7 @@ def gemm_occupancy_case(dev, m=12288, shapes=None, rounds=3):
     out = {}
     for (n, k) in (shapes or SHAPES):
         torch.manual_seed(n + k)
-        xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
-        wq = torch.randint(-12, 13, (n, k), dtype=torch.int8, device=dev)
-        sx = torch.rand(m, device=dev) + 0.5
-        sw = torch.rand(n, device=dev) * 1e-3 + 1e-3
-        b = torch.randn(n, device=dev).to(torch.bfloat16)
+        xq, sx, wq, sw, b = _random_gemm_operands(dev, m, n, k)
         x8, w8 = xq.to(torch.float8_e4m3fn), wq.to(torch.float8_e4m3fn)
         ops = {"int8": (xq, sx, wq, sw, b), "fp8": (x8, sx, w8, sw, b)}
         row = {}
@@ -1175,11 +1178,7 @@ def gemm_sweep_case(dev, m=12288, shapes=None, rounds=3):
     out = {}
     for (n, k) in (shapes or SHAPES):
         torch.manual_seed(n + k)
-        xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
-        wq = torch.randint(-12, 13, (n, k), dtype=torch.int8, device=dev)
-        sx = torch.rand(m, device=dev) + 0.5
-        sw = torch.rand(n, device=dev) * 1e-3 + 1e-3
-        b = torch.randn(n, device=dev).to(torch.bfloat16)
+        xq, sx, wq, sw, b = _random_gemm_operands(dev, m, n, k)
         x8 = (torch.randn(m, k, device=dev) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
         w8 = wq.to(torch.float8_e4m3fn)
         ref = {"int8": G.quantized_linear_reference(xq, sx, wq, sw, b),
