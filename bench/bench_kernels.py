@@ -65,8 +65,9 @@ def ceilings(dev):
 
 
 def sweeps(dev, parts=("decode", "actq", "gemm")):
-    """Launch-shape sweeps on the 4096x4096 layer: Rice decode (programs per SM, warps) and the Triton int8 GEMM
-    tile configs at M = 12288; the fastest become the defaults for the rest of the run."""
+    """Launch-shape sweeps on the 4096x4096 layer: the units Rice decoder (programs per SM, warps, unit bits; the
+    vector decoder's own sweep is in :func:`decoder_ab_case`) and the Triton int8 GEMM tile configs at M = 12288;
+    the fastest become the defaults for the rest of the run."""
     from hyperquant_diffusers.codec import quantize
     from hyperquant_diffusers.kernels import int8_gemm, rice_decode as rd
 
@@ -83,7 +84,7 @@ def sweeps(dev, parts=("decode", "actq", "gemm")):
     for ub, pps, nw, cwd, sub in decode_cands:
         t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf,
                                          stats=False, programs=pps * 132, num_warps=nw, unit_bits=ub,
-                                         chunk_words=cwd, sub=sub))
+                                         chunk_words=cwd, sub=sub, impl="units"))
         out["decode"][f"ub{ub}_pps{pps}_w{nw}_cw{cwd}_sub{sub}"] = t
         if best is None or t < best[0]:
             best = (t, pps, nw, ub, cwd, sub)
@@ -798,18 +799,20 @@ def decoder_ab_case(dev, rounds=5):
     buf = torch.empty(q.numel, dtype=torch.int8, device=dev)
     sweep, best = {}, None
     saved_cap = rdv._TUNE["maxnreg"]
-    for pps, nw, cw, sub, cap in ((16, 4, 128, 4096, None), (32, 4, 128, 4096, None), (8, 8, 128, 4096, None),
-                                  (16, 4, 256, 4096, None), (16, 4, 128, 2048, None), (4, 16, 256, 4096, None),
-                                  (20, 4, 128, 4096, 96), (24, 4, 128, 4096, 80), (32, 4, 128, 4096, 64),
-                                  (40, 4, 128, 4096, 56), (48, 4, 128, 4096, 48), (32, 4, 256, 4096, 64),
-                                  (64, 2, 128, 2048, 64), (16, 8, 128, 4096, 64), (32, 8, 128, 4096, 40),
-                                  (24, 4, 128, 4096, 64)):
+    # (programs per SM, warps, pass-1 words per step, words per lane, tile values, register cap)
+    for pps, nw, cw, uw, sub, cap in ((16, 4, 384, 3, 4096, None), (32, 4, 128, 1, 4096, 64),
+                                      (32, 4, 384, 3, 4096, 64), (32, 4, 256, 2, 4096, 64),
+                                      (32, 4, 512, 4, 4096, 64), (24, 4, 384, 3, 4096, 64),
+                                      (24, 4, 384, 3, 4096, 80), (40, 4, 384, 3, 4096, 56),
+                                      (64, 2, 192, 3, 2048, 64), (16, 8, 768, 3, 4096, 64),
+                                      (32, 8, 768, 3, 4096, 40), (32, 4, 192, 3, 4096, 64)):
         rdv._TUNE["maxnreg"] = cap
         t = bench(lambda: rd.rice_decode(q.words, offs, q.ks, q.numel, "E8", q.block_values, out=buf, stats=False,
-                                         impl="vectors", programs=pps * 132, num_warps=nw, chunk_words=cw, sub=sub))
-        sweep[f"pps{pps}_w{nw}_cw{cw}_sub{sub}_cap{cap}"] = t
+                                         impl="vectors", programs=pps * 132, num_warps=nw, chunk_words=cw,
+                                         lane_words=uw, sub=sub))
+        sweep[f"pps{pps}_w{nw}_cw{cw}_uw{uw}_sub{sub}_cap{cap}"] = t
         if best is None or t < best[0]:
-            best = (t, pps, nw, cw, sub, cap)
+            best = (t, pps, nw, cw, uw, sub, cap)
     rdv._TUNE["maxnreg"] = saved_cap
     out["vectors_sweep"] = sweep
     out["vectors_best"] = best
@@ -817,8 +820,8 @@ def decoder_ab_case(dev, rounds=5):
     exact = all(r["vectors_exact_vs_codec"] and r["impls_identical"] and r["vectors_flags_clear"]
                 for r in out["shapes"].values())
     if exact and best[0] < units_t:
-        rdv._TUNE.update(programs_per_sm=best[1], num_warps=best[2], chunk_words=best[3], sub=best[4],
-                         maxnreg=best[5])
+        rdv._TUNE.update(programs_per_sm=best[1], num_warps=best[2], chunk_words=best[3], lane_words=best[4],
+                         sub=best[5], maxnreg=best[6])
         rd._TUNE["impl"] = "vectors"
     else:
         rd._TUNE["impl"] = "units"

@@ -182,8 +182,8 @@ IMPLS = ("units", "vectors")
 def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n: int, lattice: str,
                 block_values: int, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int8,
                 check: bool = False, stats: bool = True, programs: int | None = None, num_warps: int | None = None,
-                chunk_words: int | None = None, sub: int | None = None, unit_bits: int | None = None,
-                stream=None, impl: str | None = None):
+                chunk_words: int | None = None, lane_words: int | None = None, sub: int | None = None,
+                unit_bits: int | None = None, stream=None, impl: str | None = None):
     """Decode a codec block stream on the GPU (or the Triton interpreter).
 
     ``words`` int32 (n_words,), ``offsets`` int32/int64 (n_blocks+1,) word offsets, ``ks`` uint8 (n_blocks, 1),
@@ -196,12 +196,15 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     current stream). ``impl`` (E8 only): ``"vectors"`` (:mod:`.rice_decode_vectors`, the default in ``_TUNE``:
     1.5-1.7x faster on the H100, bench/RESULTS.md) or ``"units"`` (this module's kernel). Launch shape:
     ``programs``, ``num_warps``, ``chunk_words``, ``sub`` as the chosen kernel reads them (defaults in its
-    ``_TUNE``); ``unit_bits`` for the units and rank kernels.
+    ``_TUNE``); ``unit_bits`` for the units and rank kernels; ``lane_words`` for the vector kernel only (unary
+    words per lane of its pass 1; ``chunk_words`` must then be a power of two times it).
     """
     require_triton()
     lat = str(lattice).upper()
     if impl is not None and lat != "E8":
         raise ValueError(f"impl chooses between the E8 decoders; a {lat} stream has one decoder (pass impl=None)")
+    if lane_words is not None and (lat != "E8" or (impl or _TUNE["impl"]) != "vectors"):
+        raise ValueError("lane_words is a launch parameter of the 'vectors' E8 decoder only")
     if lat in ("Z", "D4", "A2"):
         # pair-rank-coded streams have their own decoder
         from .rank_decode import rank_decode
@@ -213,6 +216,7 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
     impl = impl or _TUNE["impl"]
     if impl not in IMPLS:
         raise ValueError(f"unknown E8 decoder impl {impl!r}; choose one of {IMPLS}")
+
     bv = int(block_values)
     if bv <= 0 or bv % 8:
         raise ValueError(f"block_values must be a positive multiple of 8 for E8, got {block_values}")
@@ -231,7 +235,7 @@ def rice_decode(words: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, n:
         target = out if out.data_ptr() % 8 == 0 else torch.empty_like(out)
         rice_decode_vectors.launch(words, offsets, ks, target, err_arg, amax_arg, int(n), nb, bv, ESCAPE_Q,
                                    stats=stats, programs=programs, num_warps=num_warps, chunk_words=chunk_words,
-                                   sub=sub, stream=stream)
+                                   lane_words=lane_words, sub=sub, stream=stream)
         if target is not out:
             out.copy_(target)
     elif nb:

@@ -48,7 +48,8 @@ def _kernel():
     # Triton resolves a jitted function's callees and ``tl`` through the module globals, so the helpers are bound
     # there (built lazily: importing this module never imports Triton).
     global tl, _popc, _lowest, _read32, _read64, _first_zero64, _select, _quotients, _tile_quotients, \
-        _run_starts, _tile_magnitudes, _block_header, _e8_even_vectors, _e4m3x2_bits
+        _run_starts, _tile_magnitudes, _block_header, _e8_even_vectors, _e4m3x2_bits, _word_terminators, \
+        _vector_ends, _store_run_starts, _sum_max
     import triton
     import triton.language as tl
 
@@ -102,6 +103,35 @@ def _kernel():
             x = tl.where(up, x >> (16 >> s), x)
             pos += tl.where(up, 16 >> s, 0)
         return pos
+
+    @triton.jit
+    def _word_terminators(wp, wi, ws, before, nwords, HW: tl.constexpr):
+        # word ``wi`` of the unary section (first word ``ws``, whose ``before`` bits belong to the section ahead)
+        # with its terminators (zeros) as set bits, and their count; words past the block read as no terminators
+        w = tl.load(wp + wi, mask=wi < nwords, other=-1).to(tl.uint32, bitcast=True)
+        inv = w ^ 0xFFFFFFFF
+        inv = tl.where(wi == ws, inv & (before ^ 0xFFFFFFFF), inv)
+        return inv, _popc(inv, HW)
+
+    @triton.jit
+    def _vector_ends(z, zr):
+        # how many of a word's ``z`` terminators, the first of rank ``zr``, end a vector (rank 7 mod 8)
+        t0 = (7 - zr) & 7
+        return tl.where(z > t0, ((z - 1 - t0) >> 3) + 1, 0)
+
+    @triton.jit
+    def _store_run_starts(sp, inv, z, zr, wi, cnt, ends, HW: tl.constexpr):
+        # the start bit of the run after each vector-ending terminator of word ``wi`` (``ends``: the most any word
+        # of the step holds, so lanes with fewer store nothing in the last rounds) into the scratch row ``sp``
+        t0 = (7 - zr) & 7
+        for s in range(ends):
+            t = t0 + 8 * s
+            ok = (t < z) & (zr + t < cnt)
+            tl.store(sp + ((zr + t + 1) >> 3), wi * 32 + _select(inv, t, HW) + 1, mask=ok)
+
+    @triton.jit
+    def _sum_max(a0, b0, a1, b1):
+        return a0 + a1, tl.maximum(b0, b1)
 
     @triton.jit
     def _quotients(wp, u, nwords, gmask, SPAN: tl.constexpr, ESC_Q: tl.constexpr, HW: tl.constexpr):
@@ -219,9 +249,11 @@ def _kernel():
                 present = (mag != 0) | odd
             msum += mag
             pm |= present.to(tl.int32) << j
-            # an escaped magnitude of 2**31 or more reads negative as int32: unsigned minima saturate it
             magu = mag.to(tl.uint32, bitcast=True)
-            val = 2 * tl.minimum(magu, 1 << 29).to(tl.int32) + par
+            if INLINE:          # no escapes: |c| < 2**10
+                val = 2 * mag + par
+            else:               # an escaped magnitude of 2**31 or more reads negative as int32: saturate unsigned
+                val = 2 * tl.minimum(magu, 1 << 29).to(tl.int32) + par
             if OUT_FP8:
                 byte = tl.minimum(magu, 255)        # |c| = 2 m + parity becomes e4m3 bits with the signs
             else:
@@ -234,8 +266,8 @@ def _kernel():
     @triton.jit
     def rice_decode_kernel(words_ptr, offs_ptr, ks_ptr, out_ptr, scratch_ptr, err_ptr, amax_ptr, n, nb,
                            BV: tl.constexpr, SG: tl.constexpr, NT: tl.constexpr, NWU: tl.constexpr,
-                           SROW: tl.constexpr, OUT_FP8: tl.constexpr, ESC_Q: tl.constexpr, CHECK: tl.constexpr,
-                           HWN: tl.constexpr, HW: tl.constexpr):
+                           UW: tl.constexpr, SROW: tl.constexpr, OUT_FP8: tl.constexpr, ESC_Q: tl.constexpr,
+                           CHECK: tl.constexpr, HWN: tl.constexpr, HW: tl.constexpr):
         D: tl.constexpr = 8                                  # _D: Triton reads no plain globals
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -259,19 +291,43 @@ def _kernel():
             before = (tl.full([], 1, tl.uint32) << (un_start & 31).to(tl.uint32)) - 1   # bits ahead of the section
             carry = cnt * 0
             c = cnt * 0
-            while (carry < cnt) & (ws + c * NWU < nwords):
-                wi = ws + c * NWU + wu
-                w = tl.load(wp + wi, mask=wi < nwords, other=-1).to(tl.uint32, bitcast=True)
-                inv = w ^ 0xFFFFFFFF                             # terminators as set bits
-                inv = tl.where(wi == ws, inv & (before ^ 0xFFFFFFFF), inv)
-                z = _popc(inv, HW)
-                zr = carry + tl.cumsum(z, 0) - z                 # rank of the word's first terminator
-                t0 = (7 - zr) & 7                                # its first terminator of rank 7 mod 8
-                for s in tl.static_range(4):
-                    t = t0 + 8 * s
-                    ok = (t < z) & (zr + t < cnt)
-                    tl.store(sp + ((zr + t + 1) >> 3), wi * 32 + _select(inv, t, HW) + 1, mask=ok)
-                carry += tl.sum(z, 0)
+            # a step covers NWU * UW words, UW consecutive ones per lane: one prefix sum and one reduction per step
+            # (at 4 bits per weight a 4096-value block's unary section is ~262 words: one step of 3 x 128)
+            while (carry < cnt) & (ws + c * (NWU * UW) < nwords):
+                wi0 = ws + c * (NWU * UW) + wu * UW
+                inv0, z0 = _word_terminators(wp, wi0, ws, before, nwords, HW)
+                zl = z0
+                if UW > 1:
+                    inv1, z1 = _word_terminators(wp, wi0 + 1, ws, before, nwords, HW)
+                    zl += z1
+                if UW > 2:
+                    inv2, z2 = _word_terminators(wp, wi0 + 2, ws, before, nwords, HW)
+                    zl += z2
+                if UW > 3:
+                    inv3, z3 = _word_terminators(wp, wi0 + 3, ws, before, nwords, HW)
+                    zl += z3
+                zr0 = carry + tl.cumsum(zl, 0) - zl              # rank of the lane's first terminator
+                ends = _vector_ends(z0, zr0)
+                if UW > 1:
+                    zr1 = zr0 + z0
+                    ends = tl.maximum(ends, _vector_ends(z1, zr1))
+                if UW > 2:
+                    zr2 = zr1 + z1
+                    ends = tl.maximum(ends, _vector_ends(z2, zr2))
+                if UW > 3:
+                    zr3 = zr2 + z2
+                    ends = tl.maximum(ends, _vector_ends(z3, zr3))
+                # the step's terminators, and the most vector ends in one of its words: at 4 bits per weight a word
+                # holds ~16 terminators, so 2-3 rounds of selects instead of the 4 a 32-bit word can need
+                step_terms, max_ends = tl.reduce((zl, ends), 0, _sum_max)
+                _store_run_starts(sp, inv0, z0, zr0, wi0, cnt, max_ends, HW)
+                if UW > 1:
+                    _store_run_starts(sp, inv1, z1, zr1, wi0 + 1, cnt, max_ends, HW)
+                if UW > 2:
+                    _store_run_starts(sp, inv2, z2, zr2, wi0 + 2, cnt, max_ends, HW)
+                if UW > 3:
+                    _store_run_starts(sp, inv3, z3, zr3, wi0 + 3, cnt, max_ends, HW)
+                carry += step_terms
                 c += 1
             err = err | (carry < cnt).to(tl.int32)
             tl.debug_barrier()                                   # the scratch row is read by other lanes next
@@ -296,16 +352,19 @@ def _kernel():
                 # every run shorter than an escape's (8 terminators + at most ESC_Q - 1 ones) and the low bits
                 # within 32 bits: the common tile, whose quotients are read inline below
                 inline = (span < D + ESC_Q) & (k * D <= 32)
-                if inline:
+                if inline:                                       # no escapes: no prefix sum of them either
                     qp = tl.zeros([SG], tl.uint64)
-                    ne = gi * 0
                     bad = gi < 0
                     term = _read32(wp, u, gi * 0 + 32, nwords, gmask) ^ 0xFFFFFFFF    # terminators as set bits
+                    esc_rank = gi * 0
+                    tile_esc = cnt * 0
                 else:
                     qp, ne, bad = _tile_quotients(wp, u, span, gmask, nwords, ESC_Q, HW)
                     term = tl.zeros([SG], tl.uint32)
+                    esc_rank = esc_carry + tl.cumsum(ne, 0) - ne
+                    tile_esc = tl.sum(ne, 0)
                 if NT == 1:
-                    n_esc = tl.sum(ne, 0)
+                    n_esc = tile_esc
                 tail_start = esc_start + n_esc * 32
                 if CHECK:
                     err = err | (tl.max(bad.to(tl.int32), 0) * 4) | ((tail_start > end_bit).to(tl.int32) * 2)
@@ -314,9 +373,8 @@ def _kernel():
                 ev = (gmask & (par == 0)).to(tl.int32)
                 lp = head + g * (D * k) - kpos * (ev_carry + tl.cumsum(ev, 0) - ev)
                 ev_carry += tl.sum(ev, 0)
-                esc_rank = esc_carry + tl.cumsum(ne, 0) - ne
-                esc_carry += tl.sum(ne, 0)
-                has_esc = tl.sum(ne, 0) > 0
+                esc_carry += tile_esc
+                has_esc = tile_esc > 0
                 k7 = tl.maximum(k - ev, 0)                       # coordinate 7 of an even vector is stripped
                 small_k = k * D <= 64
                 if k * D <= 32:
@@ -372,12 +430,18 @@ def _kernel():
     return CachedLauncher(rice_decode_kernel)
 
 
-#: launch shape: persistent programs per SM, warps, unary words per step of pass 1, coordinates per tile of pass 2
-#: (H100 sweep of 16 launch shapes without a cap, bench_kernels.py --decoder-ab: the best three within 1.5%)
+#: launch shape: persistent programs per SM, warps, unary words per step of pass 1 (``chunk_words``, in runs of
+#: ``lane_words`` consecutive words per lane), coordinates per tile of pass 2 (H100 sweep of 16 launch shapes
+#: without a cap, bench_kernels.py --decoder-ab: the best three within 1.5%). 384 words in runs of 3 cover the
+#: ~262-word unary section of a 4096-value block at 4 bits per weight in one step (128 words per step took three,
+#: the last almost empty)
 #: maxnreg: a register cap per thread for ptxas (None: ptxas chooses, 128 at 4 warps with Triton 3.6). Capped at 64
 #: with 32 programs per SM the kernel spills 54 registers but runs 8 programs per SM instead of 4: 1.18-1.25x faster
 #: on the H100 (bench/RESULTS.md, 14:31 UTC sweep of caps 64-96)
-_TUNE = {"programs_per_sm": 32, "num_warps": 4, "chunk_words": 128, "sub": 4096, "maxnreg": 64}
+_TUNE = {"programs_per_sm": 32, "num_warps": 4, "chunk_words": 384, "lane_words": 3, "sub": 4096,
+         "maxnreg": 64}
+#: the most consecutive unary words one lane of pass 1 takes (the kernel unrolls up to this many)
+MAX_LANE_WORDS = 4
 
 
 def _pow2_at_least(x: int) -> int:
@@ -385,30 +449,34 @@ def _pow2_at_least(x: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _launch_plan(bv: int, tile: int, cw: int, num_warps: int, maxnreg, interp: bool):
+def _launch_plan(bv: int, tile: int, cw: int, uw: int, num_warps: int, maxnreg, interp: bool):
     """The launch constants of a block size and launch shape, computed once (this runs per layer call, so its host
     time counts): the scratch row length (int32 per program) and the kernel's constexpr / option keywords."""
     if tile < _D or tile & (tile - 1):
         raise ValueError(f"sub must be a power of two of at least {_D} coordinates, got {tile}")
-    if cw <= 0 or cw & (cw - 1):
-        raise ValueError(f"chunk_words must be a power of two, got {cw}")
+    if not 1 <= uw <= MAX_LANE_WORDS:
+        raise ValueError(f"lane_words must be 1 to {MAX_LANE_WORDS}, got {uw}")
+    lanes = cw // uw if cw > 0 and cw % uw == 0 else 0
+    if lanes & (lanes - 1) or not lanes:
+        raise ValueError(f"chunk_words must be lane_words ({uw}) times a power of two, got {cw}")
     sg = min(_pow2_at_least(bv // _D), tile // _D)
     nt = -(-(bv // _D) // sg)
     srow = nt * sg + 1
-    kw = dict(BV=bv, SG=sg, NT=nt, NWU=cw, SROW=srow, HWN=_pow2_at_least(-(-(bv // _D) // 32)), HW=not interp,
-              num_warps=num_warps)
+    kw = dict(BV=bv, SG=sg, NT=nt, NWU=lanes, UW=uw, SROW=srow, HWN=_pow2_at_least(-(-(bv // _D) // 32)),
+              HW=not interp, num_warps=num_warps)
     if maxnreg and not interp:           # a ptxas option: nothing to cap in the interpreter
         kw["maxnreg"] = maxnreg
     return srow, kw
 
 
 def launch(words, offsets, ks, out, err_arg, amax_arg, n: int, nb: int, block_values: int, esc_q: int, *,
-           stats: bool, programs=None, num_warps=None, chunk_words=None, sub=None, maxnreg=None,
+           stats: bool, programs=None, num_warps=None, chunk_words=None, lane_words=None, sub=None, maxnreg=None,
            stream=None) -> None:
     """Launch the kernel on validated arguments (:func:`.rice_decode.rice_decode` checks them): ``out`` (n,) int8
     or float8_e4m3fn, 8-byte aligned; ``err_arg``/``amax_arg`` int32 (nb,) (written when ``stats``)."""
     srow, kw = _launch_plan(int(block_values), sub or _TUNE["sub"], chunk_words or _TUNE["chunk_words"],
-                            num_warps or _TUNE["num_warps"], maxnreg or _TUNE["maxnreg"], interpreting())
+                            lane_words or _TUNE["lane_words"], num_warps or _TUNE["num_warps"],
+                            maxnreg or _TUNE["maxnreg"], interpreting())
     if out.data_ptr() % 8:
         raise ValueError("the vector decoder stores 8 bytes per vector: out must be 8-byte aligned")
     dev = words.device

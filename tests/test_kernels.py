@@ -146,10 +146,12 @@ def _e8_points(nvec, seed, scale=3):
 
 
 @needs_triton
-@pytest.mark.parametrize("impl,sub,chunk_words,unit_bits", [
-    ("units", None, None, None), ("units", 64, 8, 8), ("units", 128, 4, 32), ("units", 256, 2, 4),
-    ("vectors", None, None, None), ("vectors", 64, 8, None), ("vectors", 128, 4, None), ("vectors", 256, 2, None)])
-def test_rice_decode_kernel_escapes_and_partial_block(impl, sub, chunk_words, unit_bits):
+@pytest.mark.parametrize("impl,sub,chunk_words,unit_bits,lane_words", [
+    ("units", None, None, None, None), ("units", 64, 8, 8, None), ("units", 128, 4, 32, None),
+    ("units", 256, 2, 4, None), ("vectors", None, None, None, None), ("vectors", 64, 8, None, 1),
+    ("vectors", 128, 4, None, 2), ("vectors", 256, 2, None, 1), ("vectors", 256, 6, None, 3),
+    ("vectors", 64, 8, None, 4)])
+def test_rice_decode_kernel_escapes_and_partial_block(impl, sub, chunk_words, unit_bits, lane_words):
     # a few huge coordinates force escape codes; 760 values leave a partial last block
     c = _e8_points(95, 5)
     c[10, :] = torch.tensor([101, 99, -3, 1, 1, 1, 1, 3])  # odd vector, sum 204 = 0 mod 4
@@ -161,8 +163,9 @@ def test_rice_decode_kernel_escapes_and_partial_block(impl, sub, chunk_words, un
     words, offs, ks = encode_coords(c, "E8", 256)
     assert torch.equal(decode_coords(words, offs, ks, c.numel(), "E8", 256), c)  # valid E8 points
     # sub=64 splits each block into tiles of 64 values (carries across tiles; the vector kernel counts escapes
-    # ahead); a few words per chunk scan the unary section in several steps (positions carried across steps)
-    kw = dict(sub=sub, chunk_words=chunk_words, unit_bits=unit_bits, impl=impl)
+    # ahead); a few words per chunk scan the unary section in several steps (positions carried across steps), in
+    # runs of 1-4 words per lane for the vector kernel
+    kw = dict(sub=sub, chunk_words=chunk_words, unit_bits=unit_bits, impl=impl, lane_words=lane_words)
     out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 256, **kw)
     assert int(err.abs().sum()) == 0
     assert torch.equal(out.to(torch.int32), c)
@@ -280,8 +283,16 @@ def test_rice_decode_block_sizes_and_bad_arguments():
     for _ in range(2):
         with pytest.raises(ValueError, match="sub must be a power of two"):
             rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 264, impl="vectors", sub=96)
-        with pytest.raises(ValueError, match="chunk_words must be a power of two"):
-            rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 264, impl="vectors", chunk_words=12)
+        with pytest.raises(ValueError, match="chunk_words must be lane_words \\(1\\) times a power of two"):
+            rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 264, impl="vectors", chunk_words=12,
+                        lane_words=1)
+        with pytest.raises(ValueError, match="chunk_words must be lane_words \\(3\\) times a power of two"):
+            rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 264, impl="vectors", chunk_words=128)
+        with pytest.raises(ValueError, match="lane_words must be 1 to 4, got 5"):
+            rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 264, impl="vectors", chunk_words=20,
+                        lane_words=5)
+    with pytest.raises(ValueError, match="lane_words is a launch parameter of the 'vectors' E8 decoder only"):
+        rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 264, impl="units", lane_words=2)
 
 
 @needs_triton
