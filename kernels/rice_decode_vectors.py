@@ -49,7 +49,7 @@ def _kernel():
     # there (built lazily: importing this module never imports Triton).
     global tl, _popc, _lowest, _read32, _read64, _first_zero64, _select, _quotients, _tile_quotients, \
         _run_starts, _tile_magnitudes, _block_header, _e8_even_vectors, _e4m3x2_bits, _word_terminators, \
-        _vector_ends, _store_run_starts, _sum_max
+        _vector_ends, _store_run_starts, _sum_max, _nonzero_bytes, _byte_prmt, _rank_nibbles
     import triton
     import triton.language as tl
 
@@ -130,6 +130,32 @@ def _kernel():
             tl.store(sp + ((zr + t + 1) >> 3), wi * 32 + _select(inv, t, HW) + 1, mask=ok)
 
     @triton.jit
+    def _nonzero_bytes(v):
+        # 0x01 in each nonzero byte of uint32 lanes, 0x00 elsewhere (no carry crosses a byte)
+        return ((((v & 0x7F7F7F7F) + 0x7F7F7F7F) | v) >> 7) & 0x01010101
+
+    @triton.jit
+    def _byte_prmt(a, b, sel, HW: tl.constexpr):
+        # byte permute of uint32 lanes: byte i of the result is byte (nibble i of ``sel``, 0-7) of the 8 bytes
+        # b:a (a holds bytes 0-3); the GPU's PRMT instruction, or the same by shifts in the interpreter
+        if HW:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.uint32,
+                                             is_pure=True, pack=1)
+        else:
+            ab = a.to(tl.uint64) | (b.to(tl.uint64) << 32)
+            r = tl.zeros(a.shape, tl.uint32)
+            for i in tl.static_range(4):
+                idx = ((sel >> (4 * i)) & 7).to(tl.uint64)
+                r |= ((ab >> (8 * idx)) & 0xFF).to(tl.uint32) << (8 * i)
+            return r
+
+    @triton.jit
+    def _rank_nibbles(e):
+        # bytes e0..e3 (each < 8) of uint32 lanes as the nibbles of a PRMT selector: e0 | e1 << 4 | e2 << 8 | e3 << 12
+        x = e | (e >> 4)
+        return (x & 0xFF) | ((x >> 8) & 0xFF00)
+
+    @triton.jit
     def _sum_max(a0, b0, a1, b1):
         return a0 + a1, tl.maximum(b0, b1)
 
@@ -193,19 +219,21 @@ def _kernel():
         return qp, ne, bad
 
     @triton.jit
-    def _tile_magnitudes(wp, nwords, gi, gmask, qp, term, lw, lp, k, k7, ev, odd, par, has_esc, esc_start,
+    def _tile_magnitudes(wp, nwords, gi, gmask, qp, term, lw, lp, k, k7, ev, par, has_esc, esc_start,
                          esc_rank, end_bit, err, amax, INLINE: tl.constexpr, SG: tl.constexpr,
                          ESC_Q: tl.constexpr, CHECK: tl.constexpr, OUT_FP8: tl.constexpr,
                          HW: tl.constexpr):
-        # Packed one byte per coordinate: for int8 output the absolute values |c| = 2 m + parity clamped to 127
-        # (the signs are applied to all 8 bytes at once), for fp8 the magnitudes m saturated at 255 (|c| then
-        # exceeds e4m3's 448 anyway); the mask of present (signed) coordinates and the magnitude sum. INLINE: a tile whose runs
+        # Packed one byte per coordinate, coordinates 0-3 in ``vlo`` and 4-7 in ``vhi`` (uint32): for int8 output the
+        # absolute values |c| = 2 m + parity clamped to 127 (the signs are applied to all 8 bytes at once), for fp8
+        # the magnitudes m saturated at 255 (|c| then exceeds e4m3's 448 anyway); and the magnitude sum. A
+        # coordinate is present (has a sign bit) exactly where its byte is nonzero, but for an odd vector's: all
+        # of its first 7 are, its last never (see _present_bytes). INLINE: a tile whose runs
         # are all shorter than an escape's and whose low bits fit 32: quotients straight from the vectors' 32-bit
         # windows of terminators ``term`` (no escapes, no saturation), low bits from the 32-bit ``lw``; otherwise
         # quotients from the packed ``qp``, escapes read from their section, low bits by the window that fits.
         D: tl.constexpr = 8
-        valp = tl.zeros([SG], tl.uint64)
-        pm = gi * 0
+        vlo = tl.zeros([SG], tl.uint32)
+        vhi = tl.zeros([SG], tl.uint32)
         msum = gi * 0
         prev = gi * 0 - 1
         for j in tl.static_range(D):
@@ -243,12 +271,9 @@ def _kernel():
                         err = err | (tl.max((esc & small).to(tl.int32), 0) * 8)
             if j == D - 1:
                 mag = tl.where(ev == 1, 2 * m + (msum & 1), m)
-                present = (ev == 1) & (mag != 0)
             else:
                 mag = m
-                present = (mag != 0) | odd
             msum += mag
-            pm |= present.to(tl.int32) << j
             magu = mag.to(tl.uint32, bitcast=True)
             if INLINE:          # no escapes: |c| < 2**10
                 val = 2 * mag + par
@@ -258,10 +283,13 @@ def _kernel():
                 byte = tl.minimum(magu, 255)        # |c| = 2 m + parity becomes e4m3 bits with the signs
             else:
                 byte = tl.minimum(val, 127).to(tl.uint32)
-            valp |= byte.to(tl.uint64) << (8 * j)
+            if j < 4:
+                vlo |= byte << (8 * j)
+            else:
+                vhi |= byte << (8 * (j - 4))
             if CHECK:
                 amax = tl.maximum(amax, tl.max(tl.where(gmask, val, 0), 0))
-        return valp, pm, msum, err, amax
+        return vlo, vhi, msum, err, amax
 
     @triton.jit
     def rice_decode_kernel(words_ptr, offs_ptr, ks_ptr, out_ptr, scratch_ptr, err_ptr, amax_ptr, n, nb,
@@ -382,45 +410,52 @@ def _kernel():
                 else:
                     lw = _read64(wp, lp, nwords, gmask & small_k, 0)
                 if inline:
-                    valp, pm, msum, err, amax = _tile_magnitudes(
-                        wp, nwords, gi, gmask, qp, term, lw, lp, k, k7, ev, odd, par, has_esc, esc_start, esc_rank,
+                    vlo, vhi, msum, err, amax = _tile_magnitudes(
+                        wp, nwords, gi, gmask, qp, term, lw, lp, k, k7, ev, par, has_esc, esc_start, esc_rank,
                         end_bit, err, amax, True, SG, ESC_Q, CHECK, OUT_FP8, HW)
                 else:
-                    valp, pm, msum, err, amax = _tile_magnitudes(
-                        wp, nwords, gi, gmask, qp, term, lw, lp, k, k7, ev, odd, par, has_esc, esc_start, esc_rank,
+                    vlo, vhi, msum, err, amax = _tile_magnitudes(
+                        wp, nwords, gi, gmask, qp, term, lw, lp, k, k7, ev, par, has_esc, esc_start, esc_rank,
                         end_bit, err, amax, False, SG, ESC_Q, CHECK, OUT_FP8, HW)
-                # signs: a vector's are consecutive in the tail, one read per vector
-                pg = _popc(pm.to(tl.uint32), HW)
+                # signs: a vector's are consecutive in the tail, one read per vector. Present coordinates as 0x01
+                # bytes: the nonzero ones, but an odd vector's first 7 all are and its last never is
+                plo = tl.where(odd, 0x01010101, _nonzero_bytes(vlo))
+                phi = tl.where(odd, 0x00010101, _nonzero_bytes(vhi))
+                # each byte's rank among the vector's present coordinates (exclusive prefix sums by multiplies)
+                clo = plo * 0x01010101
+                elo = clo - plo
+                ehi = phi * 0x01010101 - phi + (clo >> 24) * 0x01010101
+                pg = (((plo + phi) * 0x01010101) >> 24).to(tl.int32)
                 sbase = tail_start + sign_carry + tl.cumsum(pg, 0) - pg
                 sign_carry += tl.sum(pg, 0)
                 if CHECK:
                     err = err | (tl.max((gmask & (sbase + pg > end_bit)).to(tl.int32), 0) * 2)
                 sw = _read32(wp, sbase, pg, nwords, gmask & (pg > 0) & (sbase + pg <= end_bit))
-                # the negative coordinates, one bit each: present ones take the next sign bit
-                nm = gi * 0
-                srank = gi * 0
-                for j in tl.static_range(D - 1):
-                    pj = (pm >> j) & 1
-                    nm |= (pj & (sw >> srank.to(tl.uint32)).to(tl.int32)) << j
-                    srank += pj
-                n7 = ((pm >> (D - 1)) & 1) & (sw >> srank.to(tl.uint32)).to(tl.int32)
+                # the vector's sign bits as bytes, and each present coordinate takes the one of its rank
+                slo = ((sw & 0xF) * 0x00204081) & 0x01010101
+                shi = (((sw >> 4) & 0xF) * 0x00204081) & 0x01010101
+                nlo = _byte_prmt(slo, shi, _rank_nibbles(elo), HW) & plo
+                nhi = _byte_prmt(slo, shi, _rank_nibbles(ehi), HW) & phi
                 # an odd vector's last sign makes the sum 0 mod 4: parity of (sum of magnitudes - negatives)
-                n7 = tl.where(odd, (msum - _popc(nm.to(tl.uint32), HW)) & 1, n7)
-                nm |= n7 << (D - 1)
-                # 0x01 in each negative coordinate's byte (4 mask bits -> 4 bytes by one multiply, no carries)
-                lo = ((nm & 0xF).to(tl.uint32) * 0x00204081) & 0x01010101
-                hi = ((nm >> 4).to(tl.uint32) * 0x00204081) & 0x01010101
-                ones = lo.to(tl.uint64) | (hi.to(tl.uint64) << 32)
+                nneg = (((nlo + nhi) * 0x01010101) >> 24).to(tl.int32)
+                nhi |= tl.where(odd, ((msum - nneg) & 1).to(tl.uint32) << 24, 0)
+                # nlo/nhi: 0x01 in each negative coordinate's byte
                 if OUT_FP8:
-                    outp = ones << 7                             # e4m3's sign bit
+                    outp = (nlo.to(tl.uint64) | (nhi.to(tl.uint64) << 32)) << 7    # e4m3's sign bit
                     for j in tl.static_range(D // 2):            # the GPU converts two bytes per instruction
-                        clo = 2 * ((valp >> (16 * j)) & 0xFF).to(tl.int32) + par
-                        chi = 2 * ((valp >> (16 * j + 8)) & 0xFF).to(tl.int32) + par
-                        pair = _e4m3x2_bits(tl.minimum(chi, 448), tl.minimum(clo, 448), HW)
+                        if j < 2:
+                            vh = vlo
+                        else:
+                            vh = vhi
+                        clo_b = 2 * ((vh >> (16 * (j % 2))) & 0xFF).to(tl.int32) + par
+                        chi_b = 2 * ((vh >> (16 * (j % 2) + 8)) & 0xFF).to(tl.int32) + par
+                        pair = _e4m3x2_bits(tl.minimum(chi_b, 448), tl.minimum(clo_b, 448), HW)
                         outp |= pair.to(tl.uint64) << (16 * j)
                 else:
                     # two's complement of the negative bytes; none is 0 (a signed |c| is >= 1), so no carry
-                    outp = (valp ^ (ones * 0xFF)) + ones
+                    olo = (vlo ^ (nlo * 0xFF)) + nlo
+                    ohi = (vhi ^ (nhi * 0xFF)) + nhi
+                    outp = olo.to(tl.uint64) | (ohi.to(tl.uint64) << 32)
                 tl.store(out64 + (v0 // D + g), outp, mask=gmask)
             if CHECK:
                 tl.store(amax_ptr + b, amax)

@@ -224,6 +224,46 @@ def test_e4m3x2_bits_is_torchs_cast_on_every_integer_in_range():
     _check_e4m3x2_bits(not interpreting())
 
 
+def _byte_prmt_of(a, b, sel, hw):
+    # the vector decoder's byte permute on uint32 lanes (as int32 tensors), in a one-line kernel
+    import triton
+    import triton.language as tl
+    from hyperquant_diffusers.kernels import rice_decode_vectors
+
+    global _BYTE_PRMT
+    rice_decode_vectors._kernel()                 # binds the module's jitted helpers
+    _BYTE_PRMT = rice_decode_vectors._byte_prmt
+
+    @triton.jit
+    def one_line(a_ptr, b_ptr, s_ptr, o_ptr, n, B: tl.constexpr, HW: tl.constexpr):
+        i = tl.program_id(0) * B + tl.arange(0, B)
+        m = i < n
+        a = tl.load(a_ptr + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+        b = tl.load(b_ptr + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+        sel = tl.load(s_ptr + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+        tl.store(o_ptr + i, _BYTE_PRMT(a, b, sel, HW).to(tl.int32, bitcast=True), mask=m)
+
+    out = torch.empty_like(a)
+    one_line[(triton.cdiv(a.numel(), 256),)](a, b, sel, out, a.numel(), B=256, HW=hw)
+    return out
+
+
+@needs_triton
+def test_byte_prmt_picks_the_selected_bytes():
+    # byte i of the result = byte (nibble i of sel) of b:a, checked against bytes picked by indexing
+    from hyperquant_diffusers.kernels._triton import interpreting
+
+    g = torch.Generator().manual_seed(3)
+    n = 1000
+    a, b = (torch.randint(-2**31, 2**31, (n,), generator=g, dtype=torch.int64).to(torch.int32) for _ in range(2))
+    idx = torch.randint(0, 8, (n, 4), generator=g)
+    sel = (idx << torch.tensor([0, 4, 8, 12])).sum(1).to(torch.int32)
+    got = _byte_prmt_of(a.to(_DEV), b.to(_DEV), sel.to(_DEV), not interpreting()).cpu()
+    ab = torch.stack([a, b], 1).contiguous().view(torch.uint8).reshape(n, 8)      # little-endian bytes of b:a
+    want = ab.gather(1, idx).contiguous().view(torch.int32).reshape(n)
+    assert torch.equal(got, want)
+
+
 @needs_triton
 @pytest.mark.parametrize("impl", E8_IMPLS)
 def test_rice_decode_kernel_e4m3_output(impl):
