@@ -430,7 +430,9 @@ def _kernel():
                 sign_carry += tl.sum(pg, 0)
                 if CHECK:
                     err = err | (tl.max((gmask & (sbase + pg > end_bit)).to(tl.int32), 0) * 2)
-                sw = _read32(wp, sbase, pg, nwords, gmask & (pg > 0) & (sbase + pg <= end_bit))
+                # a full 32-bit window: bits past the vector's pg signs are never picked (a byte's rank is below pg
+                # where it is present, and absent bytes are masked off)
+                sw = _read32(wp, sbase, gi * 0 + 32, nwords, gmask & (pg > 0) & (sbase + pg <= end_bit))
                 # the vector's sign bits as bytes, and each present coordinate takes the one of its rank
                 slo = ((sw & 0xF) * 0x00204081) & 0x01010101
                 shi = (((sw >> 4) & 0xF) * 0x00204081) & 0x01010101
