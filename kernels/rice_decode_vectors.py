@@ -49,7 +49,7 @@ def _kernel():
     # there (built lazily: importing this module never imports Triton).
     global tl, _popc, _lowest, _read32, _read64, _first_zero64, _select, _quotients, _tile_quotients, \
         _run_starts, _tile_magnitudes, _block_header, _e8_even_vectors, _e4m3x2_bits, _word_terminators, \
-        _vector_ends, _store_run_starts, _sum_max, _nonzero_bytes, _byte_prmt, _rank_nibbles
+        _vector_ends, _store_run_starts, _sum_max, _nonzero_bytes, _byte_prmt, _rank_nibbles, _window32
     import triton
     import triton.language as tl
 
@@ -70,6 +70,24 @@ def _kernel():
         m = tl.where(nbits >= 32, tl.full(v.shape, 0xFFFFFFFF, tl.uint32),
                      (tl.full(v.shape, 1, tl.uint32) << tl.minimum(nbits, 31).to(tl.uint32)) - 1)
         return v & m
+
+    @triton.jit
+    def _window32(wp, pos, nwords, mask, HW: tl.constexpr):
+        # the 32 bits LSB-first at bit ``pos`` of the block at ``wp`` (``nwords`` words) as uint32; words outside
+        # the block read as 0 (one unsigned compare each: a negative index from a corrupt stream is out too). The
+        # two words it spans are joined by one funnel shift on the GPU
+        wi = pos >> 5
+        lo = tl.load(wp + wi, mask=mask & (wi.to(tl.uint32, bitcast=True) < nwords), other=0)
+        hi = tl.load(wp + wi + 1, mask=mask & ((wi + 1).to(tl.uint32, bitcast=True) < nwords), other=0)
+        lo = lo.to(tl.uint32, bitcast=True)
+        hi = hi.to(tl.uint32, bitcast=True)
+        if HW:
+            return tl.inline_asm_elementwise("shf.r.wrap.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                             [lo, hi, pos.to(tl.uint32, bitcast=True)], dtype=tl.uint32,
+                                             is_pure=True, pack=1)
+        else:
+            off = (pos & 31).to(tl.uint32)
+            return (lo >> off) | ((hi << 1) << (31 - off))
 
     @triton.jit
     def _read64(wp, pos, nwords, mask, other):
@@ -170,7 +188,7 @@ def _kernel():
         ne = u * 0
         bad = u < 0
         if SPAN == 32:
-            tlo = _read32(wp, u, u * 0 + 32, nwords, gmask) ^ 0xFFFFFFFF     # terminators as set bits
+            tlo = _window32(wp, u, nwords, gmask, HW) ^ 0xFFFFFFFF     # terminators as set bits
             thi = tlo * 0
         else:
             win = _read64(wp, u, nwords, gmask, -1)
@@ -263,7 +281,7 @@ def _kernel():
                 if has_esc:
                     esc = gmask & (q == ESC_Q)
                     epos = esc_start + esc_rank * 32
-                    e32 = _read32(wp, epos, gi * 0 + 32, nwords, esc & (epos + 32 <= end_bit))
+                    e32 = _window32(wp, epos, nwords, esc & (epos + 32 <= end_bit), HW)
                     m = tl.where(esc, e32.to(tl.int32, bitcast=True), m)
                     esc_rank += esc.to(tl.int32)
                     if CHECK:
@@ -383,7 +401,7 @@ def _kernel():
                 if inline:                                       # no escapes: no prefix sum of them either
                     qp = tl.zeros([SG], tl.uint64)
                     bad = gi < 0
-                    term = _read32(wp, u, gi * 0 + 32, nwords, gmask) ^ 0xFFFFFFFF    # terminators as set bits
+                    term = _window32(wp, u, nwords, gmask, HW) ^ 0xFFFFFFFF    # terminators as set bits
                     esc_rank = gi * 0
                     tile_esc = cnt * 0
                 else:
@@ -406,7 +424,7 @@ def _kernel():
                 k7 = tl.maximum(k - ev, 0)                       # coordinate 7 of an even vector is stripped
                 small_k = k * D <= 64
                 if k * D <= 32:
-                    lw = _read32(wp, lp, gi * 0 + 32, nwords, gmask).to(tl.uint64)
+                    lw = _window32(wp, lp, nwords, gmask, HW).to(tl.uint64)
                 else:
                     lw = _read64(wp, lp, nwords, gmask & small_k, 0)
                 if inline:
@@ -432,7 +450,7 @@ def _kernel():
                     err = err | (tl.max((gmask & (sbase + pg > end_bit)).to(tl.int32), 0) * 2)
                 # a full 32-bit window: bits past the vector's pg signs are never picked (a byte's rank is below pg
                 # where it is present, and absent bytes are masked off)
-                sw = _read32(wp, sbase, gi * 0 + 32, nwords, gmask & (pg > 0) & (sbase + pg <= end_bit))
+                sw = _window32(wp, sbase, nwords, gmask & (pg > 0) & (sbase + pg <= end_bit), HW)
                 # the vector's sign bits as bytes, and each present coordinate takes the one of its rank
                 slo = ((sw & 0xF) * 0x00204081) & 0x01010101
                 shi = (((sw >> 4) & 0xF) * 0x00204081) & 0x01010101

@@ -248,6 +248,45 @@ def _byte_prmt_of(a, b, sel, hw):
     return out
 
 
+def _window32_of(words, pos, hw):
+    # the vector decoder's 32-bit window reader over the whole of ``words`` (one block), in a one-line kernel
+    import triton
+    import triton.language as tl
+    from hyperquant_diffusers.kernels import rice_decode_vectors
+
+    global _WINDOW32
+    rice_decode_vectors._kernel()                 # binds the module's jitted helpers
+    _WINDOW32 = rice_decode_vectors._window32
+
+    @triton.jit
+    def one_line(w_ptr, p_ptr, o_ptr, n, nwords, B: tl.constexpr, HW: tl.constexpr):
+        i = tl.program_id(0) * B + tl.arange(0, B)
+        m = i < n
+        v = _WINDOW32(w_ptr, tl.load(p_ptr + i, mask=m, other=0), nwords, m, HW)
+        tl.store(o_ptr + i, v.to(tl.int32, bitcast=True), mask=m)
+
+    out = torch.empty_like(pos)
+    one_line[(triton.cdiv(pos.numel(), 256),)](words, pos, out, pos.numel(), words.numel(), B=256, HW=hw)
+    return out
+
+
+@needs_triton
+def test_window32_reads_32_bits_and_nothing_outside_the_block():
+    # bit positions at word starts, inside words, in the last word and around the block (every bit outside it reads
+    # as 0; a window wholly outside is 0), against the bits picked one by one
+    from hyperquant_diffusers.kernels._triton import interpreting
+
+    g = torch.Generator().manual_seed(4)
+    words = torch.randint(-2**31, 2**31, (9,), generator=g, dtype=torch.int64).to(torch.int32)
+    pos = torch.cat([torch.arange(0, 9 * 32, 7), torch.tensor([0, 32, 256, 287, 288, 300, -1, -32, -40])])
+    pos = pos.to(torch.int32)
+    got = _window32_of(words.to(_DEV), pos.to(_DEV), not interpreting()).cpu()
+    bits = ((words.to(torch.int64)[:, None] >> torch.arange(32)) & 1).reshape(-1)        # LSB first
+    for p, v in zip(pos.tolist(), got.tolist()):
+        want = sum(int(bits[p + i]) << i for i in range(32) if 0 <= p + i < bits.numel())
+        assert v & 0xFFFFFFFF == want, (p, hex(v & 0xFFFFFFFF), hex(want))
+
+
 @needs_triton
 def test_byte_prmt_picks_the_selected_bytes():
     # byte i of the result = byte (nibble i of sel) of b:a, checked against bytes picked by indexing
