@@ -1,29 +1,37 @@
 """E8 Rice block decode, one lane per E8 vector (``rice_decode(..., impl="vectors")``): the codec's bit-stripped block
 stream -> int8 (or fp8-e4m3) coordinates, the contract of :func:`.rice_decode.rice_decode`.
 
-The default E8 decoder (``_TUNE["impl"]`` of :mod:`.rice_decode`): bit-exact against the codec on the H100 and in
-Triton's CPU interpreter (tests/test_kernels.py runs every E8 decoder test on both implementations), 1.5-1.7x the
-units kernel's speed on the LTX-2 shapes (bench/RESULTS.md).
+The default E8 decoder (``_TUNE["impl"]`` of :mod:`.rice_decode`): bit-exact against the codec on the H100, the
+H200 and in Triton's CPU interpreter (tests/test_kernels.py runs every E8 decoder test on both implementations),
+1.5-1.7x the units kernel's speed on the LTX-2 shapes when it was measured against it (H100), and 1.13-1.25x faster
+since: 0.167 ms per 67M weights to int8 on the H200 (bench/RESULTS.md).
 
 Why a second design: the units kernel walks every unary terminator with one lane per 16-bit unit and works on
 (vectors, 8) tiles whose per-vector values Triton broadcasts across lanes (~170-200 Gvalues/s on the H100). Here the
-unit of work is the E8 vector: one lane owns whole 8-coordinate vectors, so nothing crosses lanes but four prefix
-sums per tile. The decode is bound by the integer ALU pipe and by latency (ncu, bench/RESULTS.md): the common case
-is kept to 32-bit operations, and the launch caps registers at 64 (some spill) so that 8 programs fit an SM.
+unit of work is the E8 vector: one lane owns whole 8-coordinate vectors, so nothing crosses lanes but a few prefix
+sums per block. The decode is bound by instruction issue on the integer pipes (ncu: ~67% of issue slots busy, DRAM
+~6%), so the common case is kept to 32-bit operations with few instructions per value, block-wide prefix sums and
+reductions (shared memory and a barrier each) are kept few, and the launch caps registers at 64 (some spill) so that
+8 programs fit an SM.
 
-* pass 1 cuts the unary section into words, one lane each: a prefix sum of the words' zero counts ranks their
-  terminators, and every 8th terminator (the end of a vector's unary run) is located inside its word by a
-  popcount binary search; its bit position + 1, where the next vector's run starts, goes to a per-program scratch
-  row (4 bytes per vector);
+* pass 1 cuts the unary section into runs of ``lane_words`` consecutive words, one run per lane (3 x 128 lanes:
+  one step covers a 4096-value block's ~262 words at 4 bits per weight): a prefix sum of the lanes' zero counts
+  ranks their terminators, and every 8th terminator (the end of a vector's unary run) is located inside its word by
+  a popcount binary search, in as many rounds as the step's fullest word has vector ends (one (sum, max)
+  reduction gives that and the step's terminator count); its bit position + 1, where the next vector's run starts,
+  goes to a per-program scratch row (4 bytes per vector);
 * pass 2 takes tiles of up to ``sub // 8`` vectors. In the common tile (~99% at 4 bits per weight) every run is
   shorter than an escape's and the low bits of a vector fit 32 bits: a lane reads one 32-bit window of its run's
-  terminators and takes them lowest first (find first set, clear it), and one 32-bit window of low bits. Other
-  tiles first pack the quotients one byte per coordinate in a 64-bit register, from a 32- or 64-bit window, or
-  (runs longer than 64 bits) a fresh window per coordinate, and read escapes and wide low-bit fields on their own.
-  E8's parity rules rebuild the stripped bits exactly as the codec does. The absolute values are packed as output
-  bytes (clamped int8, or e4m3 bits) until a prefix sum over the tile places each vector's sign bits; the signs
-  then go onto all 8 bytes at once (a byte mask from the vector's negative-coordinate bits: two's complement for
-  int8, the sign bit for e4m3), and the 8 bytes leave as one 64-bit store (the output must be 8-byte aligned).
+  terminators and takes them lowest first (find first set, clear it), and one 32-bit window of low bits (a window
+  is one funnel shift of the two words it spans). Other tiles first pack the quotients one byte per coordinate in
+  a 64-bit register, from a 32- or 64-bit window, or (runs longer than 64 bits) a fresh window per coordinate, and
+  read escapes and wide low-bit fields on their own. E8's parity rules rebuild the stripped bits exactly as the
+  codec does. The absolute values are packed as output bytes (clamped int8, or magnitudes for e4m3), four to a
+  32-bit half, until a prefix sum over the tile places each vector's sign bits. The present (signed) coordinates
+  are the nonzero bytes, but an odd vector's, whose first 7 always are and last never is; each present byte takes
+  the sign bit of its rank among them by one byte permute (PRMT), and the signs go onto all 8 bytes at once (two's
+  complement for int8, the sign bit for e4m3). The 8 bytes leave as one 64-bit store (the output must be 8-byte
+  aligned).
 
 Error flags per block as the units kernel's, plus 8: an escaped value small enough to be coded directly (the
 codec rejects that stream too). No read leaves its block.
