@@ -179,6 +179,27 @@ def test_rice_decode_kernel_escapes_and_partial_block(impl, sub, chunk_words, un
         rice_decode(words, bad_offs.to(torch.int32), ks, c.numel(), "E8", 256, check=True, impl=impl)
 
 
+@needs_triton
+@pytest.mark.parametrize("chunk_words,lane_words", [(None, None), (6, 3), (8, 4)])
+def test_vector_decoder_dense_and_sparse_unary_words(chunk_words, lane_words):
+    # All-zero vectors make unary words of 32 terminators (4 vector ends in one word: pass 1's fourth round),
+    # next to runs of large coordinates (words with no terminator at all, ends spread over several words of a lane)
+    c = torch.zeros(128, 8, dtype=torch.int64)
+    c[40:56] = _e8_points(16, 12, scale=40)
+    c[70] = torch.tensor([-61, 57, 3, 1, -1, 1, -3, 3])     # odd vector, sum 0 mod 4
+    c[90:96] = _e8_points(6, 13, scale=1)
+    c = c.reshape(-1).to(torch.int32).to(_DEV)
+    assert int(c.view(-1, 8).sum(1).remainder(4).abs().sum()) == 0
+    words, offs, ks = encode_coords(c, "E8", 256)
+    assert torch.equal(decode_coords(words, offs, ks, c.numel(), "E8", 256), c)
+    for dt in (torch.int8, torch.float8_e4m3fn):
+        out, amax, err = rice_decode(words, offs.to(torch.int32), ks, c.numel(), "E8", 256, out_dtype=dt,
+                                     impl="vectors", chunk_words=chunk_words, lane_words=lane_words)
+        assert int(err.abs().sum()) == 0
+        ref = rice_decode_reference(words, offs, ks, c.numel(), "E8", 256, out_dtype=dt)
+        assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
+
+
 def _e4m3x2_bits_of(hi, lo, hw):
     # the decoders' integer -> e4m3 helper on int32 ``hi``, ``lo`` (HW: the GPU instruction, else the integer
     # reference), in a one-line kernel: (byte of hi) << 8 | (byte of lo)
