@@ -743,6 +743,70 @@ def overlap_default_tiles(dev):
     return overlap_case(dev, gemm_tiles=(tuple(int8_gemm._TMA["config"]),), pps_list=(8, 16))
 
 
+def load_decoder_file(path: str, tag: str):
+    """A version of ``kernels/rice_decode_vectors.py`` (another commit's, say: ``git show REV:kernels/...``) loaded
+    as a sibling module of the package's kernels, so its relative imports resolve there; returns the module (its
+    ``launch`` is the decoder's entry point)."""
+    import importlib.util
+
+    import hyperquant_diffusers.kernels as kernels_pkg
+
+    name = f"{kernels_pkg.__name__}._decoder_file_{tag}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{path}: not a Python file")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def decoder_files_case(dev, paths, rounds=5):
+    """Versions of the vector E8 decoder side by side (``load_decoder_file``), in one process: on each LTX-2 weight
+    shape at 4 bps, every version's int8 and e4m3 output compared byte for byte with the codec's decoder (clamped to
+    int8, or cast by torch), then the versions timed in alternating rounds (median of per-round ``do_bench``
+    medians, ms; no statistics). Speed-ups are against the first file."""
+    from hyperquant_diffusers.codec import quantize
+    from hyperquant_diffusers.kernels.rice_decode import ESCAPE_Q
+
+    mods = {f"{i}:{os.path.basename(p)}": load_decoder_file(p, str(i)) for i, p in enumerate(paths)}
+    out = {"files": list(paths), "shapes": {}}
+    for n, k in SHAPES:
+        torch.manual_seed(0)
+        q = quantize(torch.randn(n, k, device=dev) * 0.02, bits=4.0, lattice="E8")
+        offs = q.offsets.to(torch.int32)
+        nb = offs.numel() - 1
+        c = q.decode_coords().reshape(-1)
+        for dt in (torch.int8, torch.float8_e4m3fn):
+            want = c.clamp(-127, 127).to(torch.int8) if dt == torch.int8 else c.clamp(-448, 448).float().to(dt)
+            bufs = {name: torch.empty(q.numel, dtype=dt, device=dev) for name in mods}
+            fns = {name: (lambda m=m, b=bufs[name]: m.launch(q.words, offs, q.ks, b, b, b, q.numel, nb,
+                                                               q.block_values, ESCAPE_Q, stats=False))
+                   for name, m in mods.items()}
+            row = {}
+            for name, f in fns.items():
+                bufs[name].view(torch.uint8).fill_(0x5A)
+                f()
+            torch.cuda.synchronize()
+            for name in mods:
+                row[f"{name} exact_vs_codec"] = bool(torch.equal(bufs[name].view(torch.uint8), want.view(torch.uint8)))
+            times = {name: [] for name in mods}
+            for _ in range(rounds):
+                for name, f in fns.items():
+                    times[name].append(bench(f))
+            first = None
+            for name in mods:
+                t = sorted(times[name])[rounds // 2]
+                first = first or t
+                row[f"{name} ms"] = t
+                row[f"{name} gvalues_s"] = q.numel / t / 1e6
+                row[f"{name} speedup"] = first / t
+            out["shapes"][f"{n}x{k}_{str(dt).split('.')[-1]}"] = row
+            print(f"# decoder files {n}x{k} {dt}: " + json.dumps(row), flush=True)
+        del q, c
+    return out
+
+
 def decoder_ab_case(dev, rounds=5):
     """The two E8 Rice decoders (``kernels/rice_decode.py`` IMPLS) on the LTX-2 weight shapes: each output
     compared bit for bit with the codec's decoder (int8, and e4m3 through torch's cast) and with the other
@@ -1699,6 +1763,9 @@ def main(argv=None):
     ap.add_argument("--overlap", action="store_true",
                     help="only: the e4m3 cast sweep, the act-quant launch shapes of long rows, and the steady-state "
                          "per-layer chains (compressed decode overlap variants); JSON to --json")
+    ap.add_argument("--decoder-files", nargs="+", default=None, metavar="FILE",
+                    help="only: versions of kernels/rice_decode_vectors.py (e.g. from git show REV:path) compared "
+                         "for exactness and time on the LTX-2 shapes, in one process (JSON)")
     ap.add_argument("--ncu-target", choices=("decode", "actq", "gemm"), default=None,
                     help="only launch this kernel a few times on the 4096x4096 / M=12288 case (run under ncu)")
     args = ap.parse_args(argv)
@@ -1715,6 +1782,14 @@ def main(argv=None):
         n, k, m = map(int, args.graphed_one.split("x"))
         with torch.no_grad():
             res = {"graphed": graphed_case(torch.device("cuda"), m=m, shapes=((n, k),))}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
+    if args.decoder_files:
+        res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        with torch.no_grad():
+            res["decoder_files"] = decoder_files_case(torch.device("cuda"), args.decoder_files)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)

@@ -200,6 +200,28 @@ def test_vector_decoder_dense_and_sparse_unary_words(chunk_words, lane_words):
         assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
 
 
+@needs_triton
+def test_decoder_file_loads_beside_the_package_and_decodes():
+    # the bench's A/B of decoder versions (--decoder-files) loads a copy of the decoder module by path; that copy
+    # must resolve its relative imports and decode exactly like the package's own
+    from hyperquant_diffusers.bench.bench_kernels import load_decoder_file
+    from hyperquant_diffusers.kernels import rice_decode_vectors
+    from hyperquant_diffusers.kernels._bits import decode_buffers, stats_placeholder
+    from hyperquant_diffusers.kernels.rice_decode import ESCAPE_Q
+
+    mod = load_decoder_file(rice_decode_vectors.__file__, "test")
+    assert mod is not rice_decode_vectors and mod.launch is not rice_decode_vectors.launch
+    c = _e8_points(64, 21, scale=6).reshape(-1).to(torch.int32).to(_DEV)
+    words, offs, ks = encode_coords(c, "E8", 256)
+    out, _, _ = decode_buffers(c.numel(), offs.numel() - 1, None, torch.int8, c.device, False)
+    flags = stats_placeholder(c.device)
+    mod.launch(words, offs.to(torch.int32), ks, out, flags, flags, c.numel(), offs.numel() - 1, 256, ESCAPE_Q,
+               stats=False)
+    assert torch.equal(out.to(torch.int32), c)
+    with pytest.raises(ValueError, match="not a Python file"):
+        load_decoder_file(os.path.dirname(rice_decode_vectors.__file__), "dir")
+
+
 def _e4m3x2_bits_of(hi, lo, hw):
     # the decoders' integer -> e4m3 helper on int32 ``hi``, ``lo`` (HW: the GPU instruction, else the integer
     # reference), in a one-line kernel: (byte of hi) << 8 | (byte of lo)
