@@ -18,6 +18,8 @@ References: :func:`quantized_linear_reference` (float64 product of the codes wit
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ._launch import CachedLauncher
@@ -322,7 +324,8 @@ def int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
 
 #: which int8 path :func:`int8_linear` uses. "auto": on Hopper the persistent GEMM above 256 tokens (``PERSISTENT``;
 #: the one-tile-per-program TMA GEMM before 2026-12-02), the pointer GEMM at or below, and before Hopper the pointer
-#: GEMM everywhere (bench/RESULTS.md); switch with ``set_int8_path``.
+#: GEMM everywhere (bench/RESULTS.md); on a GPU where a Triton GEMM runs out of shared memory, ``torch._int_mm``
+#: (``_portable_after``). Switch with ``set_int8_path`` (an explicit path has no fallback).
 _INT8_PATH = {"path": "auto"}
 
 
@@ -332,8 +335,35 @@ def set_int8_path(path: str) -> None:
     _INT8_PATH["path"] = path
 
 
+#: device indices where a Triton GEMM launch ran out of shared memory (a GPU that passes the capability test with
+#: less of it per SM than the H100's, such as consumer Blackwell's ~100 KB): their "auto" paths take cuBLAS from then
+#: on (``_portable_after``)
+_TRITON_GEMMS_TOO_BIG: set = set()
+
+
 def _hopper(t: torch.Tensor) -> bool:
     return device_capability(t.device.index or 0) >= (9, 0)
+
+
+def _triton_gemms_fit(t: torch.Tensor) -> bool:
+    return (t.device.index or 0) not in _TRITON_GEMMS_TOO_BIG
+
+
+def _portable_after(err: Exception, device: torch.device) -> None:
+    """Re-raise ``err`` unless it is Triton's out-of-resources error, raised on the host at the launch of a kernel
+    whose shared memory (or registers) the GPU cannot give it, before anything was enqueued. Then remember the device
+    (its "auto" GEMM paths become cuBLAS's: ``torch._int_mm`` / ``torch._scaled_mm``) and warn once."""
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:              # no Triton: the error cannot be Triton's
+        raise err from None
+    if not isinstance(err, OutOfResources):
+        raise err
+    idx = device.index or 0
+    if idx not in _TRITON_GEMMS_TOO_BIG:
+        _TRITON_GEMMS_TOO_BIG.add(idx)
+        warnings.warn(f"HyperQuant: the Triton GEMM does not fit this GPU ({err}); the quantized layers on cuda:{idx} "
+                      "use cuBLAS (torch._int_mm / torch._scaled_mm) instead", RuntimeWarning, stacklevel=3)
 
 
 def require_fp8_mma(device: torch.device) -> None:
@@ -348,15 +378,23 @@ def int8_linear(xq, sx, wq, sw, bias, out_dtype=torch.bfloat16):
     """int8 GEMM with the per-token x per-row scales, bias and output cast fused (see ``set_int8_path``). Before
     Hopper the "auto" path is the pointer GEMM everywhere (the TMA kernels need compute capability 9.0)."""
     path, m = _INT8_PATH["path"], xq.shape[0]
-    if path == "int_mm":
+    if path == "int_mm" or (path == "auto" and not _triton_gemms_fit(xq)):
         return int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype)
-    if path == "auto" and not _hopper(xq):
-        return int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype)
-    if path == "persistent" or (path == "auto" and _persistent_serves("int8", m)):
+    if path == "persistent":
         return int8_gemm_persistent(xq, sx, wq, sw, bias, out_dtype)
-    if path == "tma" or (path == "auto" and m > 256):
+    if path == "tma":
         return int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype)
-    return int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype)
+    if path == "triton":
+        return int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype)
+    try:                # "auto"; a GPU whose shared memory a Triton GEMM outgrows falls back to cuBLAS
+        if _hopper(xq) and _persistent_serves("int8", m):
+            return int8_gemm_persistent(xq, sx, wq, sw, bias, out_dtype)
+        if _hopper(xq) and m > 256:
+            return int8_gemm_tma(xq, sx, wq, sw, bias, out_dtype)
+        return int8_gemm_triton(xq, sx, wq, sw, bias, out_dtype)
+    except Exception as e:  # noqa: BLE001 -- anything but Triton's out-of-resources error is re-raised
+        _portable_after(e, xq.device)
+    return int8_gemm_int_mm(xq, sx, wq, sw, bias, out_dtype)
 
 
 #: which fp8 path :func:`fp8_linear` uses: "scaled_mm" (cuBLASLt row-wise), "tma" (the Triton TMA GEMM, 12-15%
@@ -379,11 +417,17 @@ def fp8_linear(xq8, sx, wq8, sw, bias, out_dtype=torch.bfloat16):
     if wq8.dtype == torch.int8:
         wq8 = codes_to_e4m3(wq8.contiguous())
     path = _FP8_PATH["path"]
-    auto_tma = path == "auto" and _hopper(xq8)
-    if path == "persistent" or (auto_tma and _persistent_serves("fp8", m)):
+    if path == "persistent":
         return fp8_gemm_persistent(xq8, sx, wq8, sw, bias, out_dtype)
-    if path == "tma" or (auto_tma and m > 256):
+    if path == "tma":
         return fp8_gemm_tma(xq8, sx, wq8, sw, bias, out_dtype)
+    if path == "auto" and _hopper(xq8) and m > 256 and _triton_gemms_fit(xq8):
+        try:            # a GPU whose shared memory the Triton GEMM outgrows falls back to cuBLAS below
+            if _persistent_serves("fp8", m):
+                return fp8_gemm_persistent(xq8, sx, wq8, sw, bias, out_dtype)
+            return fp8_gemm_tma(xq8, sx, wq8, sw, bias, out_dtype)
+        except Exception as e:  # noqa: BLE001 -- anything but Triton's out-of-resources error is re-raised
+            _portable_after(e, xq8.device)
     kw = dict(scale_a=sx.reshape(m, 1), scale_b=sw.reshape(1, -1), out_dtype=out_dtype)
     if bias is not None and bias.dtype == out_dtype and out_dtype == torch.bfloat16:
         return torch._scaled_mm(xq8, wq8.t(), bias=bias, **kw)

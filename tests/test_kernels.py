@@ -1116,6 +1116,65 @@ def test_gpu_lattice_linear_backward_takes_the_reference():
 
 
 @needs_triton
+def test_gemm_auto_paths_fall_back_to_cublas_when_triton_runs_out_of_shared_memory(monkeypatch):
+    # A GPU that passes the capability test with less shared memory per SM than the Triton GEMMs need (consumer
+    # Blackwell, sm_120, ~100 KB) gets Triton's out-of-resources error at the launch: "auto" then takes cuBLAS
+    # (torch._int_mm / torch._scaled_mm) for that device from then on, with one warning; other errors and explicit
+    # paths are not caught
+    from triton.runtime.errors import OutOfResources
+
+    from hyperquant_diffusers.kernels import int8_gemm
+
+    torch.manual_seed(13)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    xq = torch.randint(-127, 128, (300, 256), dtype=torch.int8).to(dev)
+    wq = torch.randint(-127, 128, (128, 256), dtype=torch.int8).to(dev)
+    sx, sw, b = (torch.rand(300) + 0.1).to(dev), (torch.rand(128) + 0.1).to(dev), torch.randn(128).to(dev)
+    ref = quantized_linear_reference(xq.cpu(), sx.cpu(), wq.cpu(), sw.cpu(), b.cpu())
+    launches = []
+
+    def too_big(*a, **k):
+        launches.append("triton")
+        raise OutOfResources(117000, 101376, "shared memory")
+
+    monkeypatch.setattr(int8_gemm, "device_capability", lambda i=0: (12, 0))
+    monkeypatch.setattr(int8_gemm, "_TRITON_GEMMS_TOO_BIG", set())
+    for name in ("int8_gemm_tma", "int8_gemm_persistent", "int8_gemm_triton", "fp8_gemm_tma", "fp8_gemm_persistent"):
+        monkeypatch.setattr(int8_gemm, name, too_big)
+    with pytest.warns(RuntimeWarning, match=r"does not fit this GPU \(out of resource: shared memory.*cuBLAS"):
+        y = int8_gemm.int8_linear(xq, sx, wq, sw, b, out_dtype=torch.float32)
+    assert _rel(y.cpu(), ref) < 1e-6 and launches == ["triton"]
+    # from now on straight to cuBLAS: no second attempt, no second warning
+    import warnings as _w
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        y = int8_gemm.int8_linear(xq, sx, wq, sw, b, out_dtype=torch.float32)
+    assert _rel(y.cpu(), ref) < 1e-6 and launches == ["triton"]
+    # fp8 "auto" on the same device takes torch._scaled_mm without trying the Triton GEMM
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(k) or torch.zeros(300, 128))
+    x8 = torch.zeros(300, 256, device=dev).to(torch.float8_e4m3fn)
+    int8_gemm.fp8_linear(x8, sx, wq.float().to(torch.float8_e4m3fn), sw, None, out_dtype=torch.float32)
+    assert len(calls) == 1 and launches == ["triton"]
+    # an explicit path is not caught, and neither is any other error of an "auto" path
+    monkeypatch.setattr(int8_gemm, "_TRITON_GEMMS_TOO_BIG", set())
+    int8_gemm.set_int8_path("persistent")
+    try:
+        with pytest.raises(OutOfResources):
+            int8_gemm.int8_linear(xq, sx, wq, sw, b)
+    finally:
+        int8_gemm.set_int8_path("auto")
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug, not a resource limit")
+
+    monkeypatch.setattr(int8_gemm, "int8_gemm_persistent", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        int8_gemm.int8_linear(xq, sx, wq, sw, b)
+    assert not int8_gemm._TRITON_GEMMS_TOO_BIG
+
+
+@needs_triton
 def test_gemm_routing_follows_the_compute_capability(monkeypatch):
     # The TMA GEMMs need Hopper (9.0) and fp8 tensor cores Ada (8.9): before Hopper int8 takes the pointer GEMM
     # (checked against float64 here), fp8 takes torch._scaled_mm on Ada and is refused by name before it
