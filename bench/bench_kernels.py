@@ -1786,14 +1786,6 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
         return
-    if args.decoder_files:
-        res = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-        with torch.no_grad():
-            res["decoder_files"] = decoder_files_case(torch.device("cuda"), args.decoder_files)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        return
     if args.decode_sweep:
         with torch.no_grad():
             sweeps(torch.device("cuda"), parts=("decode",))
@@ -1810,6 +1802,7 @@ def main(argv=None):
             "sm_scaling": {"sm_scaling": sm_scaling_case},
             "gemm_occupancy": {"gemm_occupancy": gemm_occupancy_case},
             "layer_parts": {"layer_parts": layer_parts_case},
+            "decoder_files": {"decoder_files": lambda dev: decoder_files_case(dev, args.decoder_files)},
             "eager_probe": {"eager_probe": eager_probe_case},
             "final": {"overlap": final_overlap_case, "graphed": final_graphed_case},
             "interleaved_m256": {"interleaved_m256": final_interleaved_case},
