@@ -109,6 +109,26 @@ def step_stats(model, inputs, steps: int):
     return statistics.median(times), peak, [o.float() for o in out]
 
 
+def compiled_stats(model, inputs, steps: int, ref) -> dict:
+    """The step with the model's repeated blocks compiled (``compile_repeated_blocks(fullgraph=True)`` done by the
+    caller; eager elsewhere through ``torch.compiler.set_stance("force_eager")``): the first call's seconds (Dynamo
+    + Inductor compile, or a cache hit), then :func:`step_stats`, and the output's relative L2 vs ``ref``."""
+    try:
+        with torch.compiler.set_stance("default"), torch.no_grad():
+            sync()
+            t0 = time.perf_counter()
+            model(**inputs)
+            sync()
+            first = time.perf_counter() - t0
+            s, peak, out = step_stats(model, inputs, steps)
+    # a compile failure is a result to report; the eager numbers stand
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+    v, a = rel_l2(out, ref)
+    return {"first_call_s": first, "s_per_step": s, "step_times": list(_LAST_TIMES), "host_issue_s": list(_LAST_HOST),
+            "peak_gib": peak, "rel_l2_video": v, "rel_l2_audio": a}
+
+
 #: the timed steps of the last step_stats call (s), and how long the host took to issue each (s)
 _LAST_TIMES: list = []
 _LAST_HOST: list = []
@@ -324,6 +344,9 @@ def main(argv=None):
     ap.add_argument("--prefetch-ab", type=int, default=0, metavar="ROUNDS",
                     help="compressed modes: also time the step with the prefetch off and launched at each place of "
                          "dispatch.PREFETCH_WHEN, in this many alternating rounds")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time each variant with its transformer blocks compiled (diffusers' "
+                         "compile_repeated_blocks(fullgraph=True), Inductor): bf16 and every mode")
     ap.add_argument("--pps-sweep", action="store_true",
                     help="with --variants: also sweep the side-stream decode grid (programs per SM 1/2/4/8/16)")
     args = ap.parse_args(argv)
@@ -362,6 +385,12 @@ def main(argv=None):
         res["bf16"]["profile_ms"] = profile_step(model, inputs, "bf16", args.profile_dir)
     if args.graphed_step:
         res["bf16"]["graphed"] = graphed_step(model, inputs, ref)
+    if args.compile:
+        model.compile_repeated_blocks(fullgraph=True)
+        torch.compiler.set_stance("force_eager")    # every other measurement stays eager
+        res["bf16"]["compiled"] = c = compiled_stats(model, inputs, args.steps, ref)
+        if "error" not in c:
+            c["vs_bf16_eager"] = c["s_per_step"] / res["bf16"]["s_per_step"]
     emit("bf16", res["bf16"])
     bf16_path = os.path.join(args.ckpt_dir, "bf16.safetensors")
     if not args.skip_load_test:
@@ -395,6 +424,8 @@ def main(argv=None):
             torch.cuda.empty_cache()
             model, run["compressed_load_s"], _ = load_compressed(cpath, args.layers, layout, bits)
             run["int8_from_compressed_decode_s"] = None
+        if args.compile:
+            model.compile_repeated_blocks(fullgraph=True)
         all_modes = bits in args.all_modes_bits
         modes = [("compressed", "int8"), ("compressed", "fp8"), ("int8", "int8"), ("int8", "fp8")]
         if not all_modes:
@@ -420,6 +451,12 @@ def main(argv=None):
                  "peak_gib": peak,
                  "step_vs_bf16": s / res["bf16"]["s_per_step"], "peak_vs_bf16": peak / res["bf16"]["peak_gib"],
                  "rel_l2_video": rel_l2(out, ref)[0], "rel_l2_audio": rel_l2(out, ref)[1]}
+            if args.compile:
+                d["compiled"] = c = compiled_stats(model, inputs, args.steps, ref)
+                if "error" not in c:
+                    c["vs_bf16_compiled"] = c["s_per_step"] / res["bf16"].get("compiled", {}).get("s_per_step",
+                                                                                                 float("nan"))
+                    c["vs_bf16_eager"] = c["s_per_step"] / res["bf16"]["s_per_step"]
             if args.profile_dir and bits == args.bits[0]:
                 d["profile_ms"] = profile_step(model, inputs, f"{bits}_{residency}_{mma}", args.profile_dir)
             run[f"{residency}_{mma}"] = d
@@ -504,6 +541,22 @@ def summary(res):
                      + (f", compressed load {r['compressed_load_s']:.1f} s" if "compressed_load_s" in r else "")
                      + f", int8 decode {r.get('int8_from_compressed_decode_s') or 0:.2f} s"
                      + f", page cache dropped: {r.get('page_cache_dropped')}")
+    if "compiled" in b:
+        c = b["compiled"]
+        lines += ["compiled blocks (compile_repeated_blocks(fullgraph=True)):",
+                  "| variant | s/step | x bf16 compiled | x bf16 eager | first call s | rel L2 video |",
+                  "|---|---|---|---|---|---|"]
+        lines.append(f"| bf16 | {c['error'][:80]} |" if "error" in c else
+                     f"| bf16 | {c['s_per_step']:.3f} | 1.00 | {c['vs_bf16_eager']:.2f} | {c['first_call_s']:.1f} | "
+                     f"{c['rel_l2_video']:.4f} |")
+        for r in res["runs"]:
+            for key in ("compressed_int8", "compressed_fp8", "int8_int8", "int8_fp8"):
+                c = (r.get(key) or {}).get("compiled")
+                if c and "error" in c:
+                    lines.append(f"| {r['bits']} {key} | {c['error'][:80]} |")
+                elif c:
+                    lines.append(f"| {r['bits']} {key} | {c['s_per_step']:.3f} | {c['vs_bf16_compiled']:.2f} | "
+                                 f"{c['vs_bf16_eager']:.2f} | {c['first_call_s']:.1f} | {c['rel_l2_video']:.4f} |")
     return "\n".join(lines)
 
 

@@ -332,8 +332,8 @@ def _rht_operands(signs: torch.Tensor, tile: int, dtype, device):
     return s, (None if d is None else signed_hadamard(d, dtype, device))
 
 
-def _quantized_activation(x, x2, s, hs, tile: int, fmt: str):
-    if not _ACT_SHARE["on"]:
+def _quantized_activation(x, x2, s, hs, tile: int, fmt: str, share: bool):
+    if not (share and _ACT_SHARE["on"]):
         return rht_quantize(x2, s, tile, fmt, signs_cast=s, hadamard=hs)
     key = (x._version, tuple(x.shape), tuple(x.stride()), x.storage_offset(), id(s), tile, fmt)
     ent = _ACT_SHARE["entry"]
@@ -358,8 +358,10 @@ def supports(module, x: torch.Tensor) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_available())
 
 
-def cuda_forward(module, x: torch.Tensor) -> torch.Tensor:
-    """``LatticeLinear`` forward on CUDA: (..., in_features) -> (..., out_features) in x's dtype."""
+def cuda_forward(module, x: torch.Tensor, share_activation: bool = True) -> torch.Tensor:
+    """``LatticeLinear`` forward on CUDA: (..., in_features) -> (..., out_features) in x's dtype.
+    ``share_activation``: allow reusing the previous layer's quantization of the same tensor (eager only: the key
+    is the tensor's identity and version counter, which compiled code does not bump when it reuses a buffer)."""
     if not supports(module, x):
         return module.reference_forward(x)
     k, n = module.in_features, module.out_features
@@ -378,7 +380,7 @@ def cuda_forward(module, x: torch.Tensor) -> torch.Tensor:
     fmt = module.mma
     if fmt == "fp8":
         require_fp8_mma(x.device)     # before the activation pass, whose e4m3 cast needs the same GPUs
-    xq, sx = _quantized_activation(x, x2, ops[0], ops[1], module.tile_size, fmt)
+    xq, sx = _quantized_activation(x, x2, ops[0], ops[1], module.tile_size, fmt, share_activation)
     wq, sw = weight_codes(module, fmt)
     bias = module.bias
     if fmt == "int8":

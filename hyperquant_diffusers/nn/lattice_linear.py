@@ -21,11 +21,12 @@ Storage (never a float copy of the weight):
 Forward: ``y = rht(x) @ W_rot.T + bias`` where ``W_rot`` is the rotated (RHT-domain) weight as decoded from the
 codes; since the RHT is orthonormal this equals ``x @ W_hat.T`` for the dequantized weight ``W_hat``. On CPU (and on
 CUDA when no kernel is available) this reference is computed in float32 and cast to ``x.dtype``. On CUDA the layer
-calls ``hyperquant_diffusers.kernels.dispatch.cuda_forward(self, x)`` when that function exists.
+calls ``hyperquant_diffusers.kernels.dispatch.cuda_forward(self, x)`` when that function exists. Under
+``torch.compile`` the layer is one opaque custom op, ``torch.ops.hyperquant.lattice_linear`` (:mod:`.compiled_op`),
+that runs this same forward.
 """
 
 from __future__ import annotations
-
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ from ..codec import FORMAT_VERSION as CODEC_FORMAT_VERSION
 from ..codec import LatticeTensor, lattice_spec, rht
 from ..codec.stream import encode_coords
 from ..codec.tensor import _DTYPES, unpack_signs
+from . import compiled_op
 
 _COMPRESSED = ("hq_signs", "hq_scales", "hq_ks", "hq_offsets", "hq_words")
 #: buffers whose dtype is part of the quantized state: a dtype cast of the model (``.to(torch.bfloat16)``,
@@ -113,12 +115,18 @@ class LatticeLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype or weight_dtype))
         else:
             self.register_parameter("bias", None)
+        self.op_id = compiled_op.register(self)   # how the compiled op finds this layer (see compiled_op)
+
+    def __setstate__(self, state):
+        # copy.deepcopy and unpickling build a layer without __init__: the compiled op must find it too
+        super().__setstate__(state)
+        self.op_id = compiled_op.register(self)
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, bits: float, lattice: str = "E8", tile_size: int = 128,
                     block_values: int = 4096, seed: int = 0, rht_signs: str = "tiled", mma: str = "int8",
-                    residency: str = "int8") -> "LatticeLinear":
+                    residency: str = "int8") -> LatticeLinear:
         """Quantize ``linear.weight`` (on its own device) and return the finalized LatticeLinear."""
         from ..codec import quantize
 
@@ -129,7 +137,7 @@ class LatticeLinear(nn.Module):
 
     @classmethod
     def from_lattice_tensor(cls, q: LatticeTensor, bias: torch.Tensor | None, *, bits: float, mma: str = "int8",
-                            residency: str = "int8") -> "LatticeLinear":
+                            residency: str = "int8") -> LatticeLinear:
         if len(q.shape) != 2:
             raise ValueError(f"a linear weight is 2-D, got shape {q.shape}")
         out_f, in_f = q.shape
@@ -152,7 +160,7 @@ class LatticeLinear(nn.Module):
             self.hq_offsets.copy_(st["offsets"])
             self.hq_words.copy_(st["words"])
 
-    def finalize(self) -> "LatticeLinear":
+    def finalize(self) -> LatticeLinear:
         """Switch to the configured residency once the ``hq_*`` buffers are loaded (idempotent).
 
         int8 residency: decode once to int8 codes and drop the Rice stream. If a row's coordinates exceed
@@ -332,10 +340,22 @@ class LatticeLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"LatticeLinear expects (..., {self.in_features}) input, got {tuple(x.shape)}")
+        if torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled()):
+            # one opaque op per layer in a compiled graph (see compiled_op); a gradient needs the reference
+            if self.signs_f32 is None:
+                raise RuntimeError("LatticeLinear is not finalized (its codes have not been loaded): call "
+                                   "finalize() before running it under torch.compile")
+            return torch.ops.hyperquant.lattice_linear(x, self.op_id, self.out_features)
+        return self.eager_forward(x)
+
+    def eager_forward(self, x: torch.Tensor, share_activation: bool = True) -> torch.Tensor:
+        """The forward outside ``torch.compile``: the CUDA kernels when they serve this layer and input, else
+        :meth:`reference_forward`. ``share_activation``: let layers fed the same tensor share one activation
+        quantization (eager only; the compiled op passes False)."""
         if x.is_cuda:
             fn = _cuda_forward()
             if fn:
-                return fn(self, x)
+                return fn(self, x, share_activation=share_activation)
         return self.reference_forward(x)
 
     # ---- state dict: always the compressed form -------------------------------------------------------

@@ -1,0 +1,69 @@
+"""``LatticeLinear`` under ``torch.compile``: each quantized layer is one opaque custom op in the graph.
+
+Why an op: the layer's forward is Python that Dynamo cannot trace (Triton launches through a kernel cache, a
+side-stream decode prefetch, numba on the CPU path, per-layer caches). Traced as is, every layer broke the graph,
+and the per-layer state made Dynamo recompile for every block until it gave up. Under ``torch.compile``
+:meth:`LatticeLinear.forward` emits ``torch.ops.hyperquant.lattice_linear(x, op_id, out_features)`` instead; the
+op runs the layer's eager forward at run time, and everything around it (norms, RoPE, attention, elementwise math)
+compiles as usual, ``fullgraph=True`` included.
+
+How the op finds its layer: every LatticeLinear holds a one-element CPU int64 tensor, ``op_id``, its number in a
+table of live layers (a plain attribute, not a buffer: device moves, dtype casts and ``to_empty`` leave it alone,
+and ``copy.deepcopy`` or unpickling gives the copy a number of its own). Passing the number as a tensor, not as a
+constant, keeps the graph the same for every block of a model, so regional compilation (diffusers'
+``compile_repeated_blocks``) compiles one block and reuses it for all of them; and a copy of the tensor (as
+``torch.library.opcheck`` makes) still names the same layer.
+
+One behaviour differs from eager: compiled code reuses activation buffers without bumping their version counters,
+so the eager sharing of one activation quantization between layers fed the same tensor (to_q / to_k / to_v) would
+not be safe there. Under ``torch.compile`` each layer quantizes its own activation (same result, one more pass).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+
+OP_NAME = "hyperquant::lattice_linear"
+
+#: op_id -> the live layer (weak: the table never keeps a layer alive)
+_LAYERS: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
+_NEXT_ID = itertools.count(1)
+
+
+def register(layer) -> torch.Tensor:
+    """Enter ``layer`` in the table; returns its ``op_id`` tensor (CPU int64, shape (1,)). Called by
+    ``LatticeLinear.__init__`` and ``__setstate__`` (deepcopy, unpickling)."""
+    n = next(_NEXT_ID)
+    _LAYERS[n] = layer
+    return torch.tensor([n], dtype=torch.int64, device="cpu")   # explicit: not meta under init_empty_weights
+
+
+def layer_of(op_id: torch.Tensor):
+    """The live LatticeLinear numbered ``op_id`` (a one-element integer tensor)."""
+    if op_id.numel() != 1 or op_id.dtype != torch.int64:
+        raise ValueError(f"{OP_NAME}: op_id must be a one-element int64 tensor, got {op_id.dtype} "
+                         f"{tuple(op_id.shape)}")
+    n = int(op_id)
+    layer = _LAYERS.get(n)
+    if layer is None:
+        raise RuntimeError(f"{OP_NAME}: no live LatticeLinear has op_id {n}; the op takes a layer's own op_id")
+    return layer
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def lattice_linear(x: torch.Tensor, op_id: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The eager forward of the LatticeLinear numbered ``op_id``: x (..., in_features) -> (..., out_features) in
+    x's dtype, without sharing activation quantizations between layers (see the module docstring)."""
+    layer = layer_of(op_id)
+    if layer.out_features != out_features:
+        raise ValueError(f"{OP_NAME}: layer {int(op_id)} has {layer.out_features} outputs, the call says "
+                         f"{out_features}")
+    return layer.eager_forward(x, share_activation=False)
+
+
+@lattice_linear.register_fake
+def _lattice_linear_fake(x: torch.Tensor, op_id: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))

@@ -1,0 +1,201 @@
+"""``torch.compile`` of models with ``LatticeLinear`` layers (``hyperquant_diffusers.nn.compiled_op``).
+
+References: the same model run eagerly (the op runs the layer's eager forward, so the compiled layer outputs must
+be bit-identical to eager ones), ``torch.library.opcheck`` for the op's registration and fake (shape) function, and
+the graphs Dynamo hands to a recording backend (one op node per layer, one graph for identical blocks)."""
+
+import copy
+import gc
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+
+from hyperquant_diffusers.nn import LatticeLinear, compiled_op
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class _Block(nn.Module):
+    """A transformer-like block: norm, q/k/v on one input (the eager activation-sharing case), an output layer."""
+
+    def __init__(self, width: int, residency: str, mma: str, device="cpu", dtype=torch.float32):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, device=device, dtype=dtype)
+
+        def q(n_out):
+            return LatticeLinear.from_linear(nn.Linear(width, n_out, device=device, dtype=dtype), bits=4.0,
+                                             residency=residency, mma=mma)
+
+        self.q, self.k, self.v, self.o = q(width), q(width), q(width // 2), q(width)
+
+    def forward(self, x):
+        h = self.norm(x)
+        a, b, c = self.q(h), self.k(h), self.v(h)
+        return a, b, c, self.o(torch.relu(a))
+
+
+class _Recorder:
+    """A torch.compile backend that keeps every FX graph it is given and runs it as is."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+
+def _op_nodes(gm) -> int:
+    return sum(n.op == "call_function" and "hyperquant.lattice_linear" in str(n.target) for n in gm.graph.nodes)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("residency", ["int8", "compressed"])
+def test_identical_blocks_compile_once_with_one_op_per_layer(residency):
+    torch.manual_seed(0)
+    blocks = [_Block(128, residency, "int8") for _ in range(3)]
+    x = torch.randn(2, 5, 128)
+    with torch.no_grad():
+        want = [blk(x) for blk in blocks]
+    rec = _Recorder()
+    for blk in blocks:
+        blk.compile(backend=rec, fullgraph=True)
+    with torch.no_grad():
+        got = [blk(x) for blk in blocks]
+    # the layers enter the graph as tensors, not constants: one graph serves every block
+    assert len(rec.graphs) == 1
+    assert _op_nodes(rec.graphs[0]) == 4
+    for g, w in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(g, w))
+    # each block's op found its own layers: the blocks' weights differ, so do their outputs
+    assert not torch.equal(got[0][0], got[1][0])
+
+
+def test_op_finds_layers_after_deepcopy():
+    torch.manual_seed(1)
+    blk = _Block(128, "int8", "int8")
+    x = torch.randn(3, 128)
+    rec = _Recorder()
+    twin = copy.deepcopy(blk)
+    assert int(twin.q.op_id) != int(blk.q.op_id)
+    with torch.no_grad():
+        want = blk(x)
+        twin.q.codes.neg_()          # the copy must not be mistaken for the original, or the other way round
+        want_twin = twin(x)
+    twin.compile(backend=rec, fullgraph=True)
+    blk.compile(backend=rec, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(twin(x)[0], want_twin[0]) and torch.equal(blk(x)[0], want[0])
+        assert not torch.equal(want[0], want_twin[0])
+        del twin
+        assert all(torch.equal(a, b) for a, b in zip(blk(x), want))
+
+
+def test_op_schema_and_fake_shapes():
+    torch.manual_seed(2)
+    m = LatticeLinear.from_linear(nn.Linear(256, 96), bits=4.0)
+    x = torch.randn(2, 7, 256)
+    torch.library.opcheck(compiled_op.lattice_linear, (x, m.op_id, 96))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        out = compiled_op.lattice_linear(mode.from_tensor(x), mode.from_tensor(m.op_id), 96)
+    assert tuple(out.shape) == (2, 7, 96) and out.dtype == x.dtype
+
+
+def test_op_rejects_unknown_layers_and_wrong_arguments():
+    m = LatticeLinear.from_linear(nn.Linear(128, 64), bits=4.0)
+    x = torch.randn(2, 128)
+    with pytest.raises(RuntimeError, match="no live LatticeLinear has op_id"):
+        compiled_op.lattice_linear(x, torch.tensor([10 ** 12]), 64)
+    with pytest.raises(ValueError, match="has 64 outputs, the call says 32"):
+        compiled_op.lattice_linear(x, m.op_id, 32)
+    with pytest.raises(ValueError, match="one-element int64"):
+        compiled_op.lattice_linear(x, m.op_id.to(torch.int32), 64)
+    n = int(m.op_id)
+    del m
+    gc.collect()
+    with pytest.raises(RuntimeError, match=f"no live LatticeLinear has op_id {n}"):
+        compiled_op.lattice_linear(x, torch.tensor([n]), 64)
+
+
+def test_unfinalized_layer_under_compile_names_finalize():
+    m = LatticeLinear(128, 64)   # empty buffers, never loaded
+    f = torch.compile(m, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="finalize"), torch.no_grad():
+        f(torch.randn(2, 128))
+
+
+def test_gradient_takes_the_differentiable_reference_under_compile():
+    torch.manual_seed(3)
+    m = LatticeLinear.from_linear(nn.Linear(128, 64), bits=4.0)
+    x = torch.randn(4, 128, requires_grad=True)
+    y = torch.compile(m, backend="aot_eager")(x)
+    y.sum().backward()
+    # d(sum(x W^T))/dx = column sums of the dequantized weight, the same for every row
+    want = m.dequantize(torch.float32).sum(0).expand(4, -1)
+    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_ltx2_pipeline_compile_repeated_blocks_matches_eager(tiny_ltx2_path):
+    """The diffusers user's path: ``compile_repeated_blocks(fullgraph=True)`` (inductor) on a quantized LTX-2
+    transformer: no graph breaks, and the video of the compiled pipeline equals the eager one to float32 rounding
+    (inductor fuses the elementwise work around the layers differently)."""
+    from diffusers import LTX2Pipeline, PipelineQuantizationConfig
+    from torch._dynamo.utils import counters
+
+    import hyperquant_diffusers  # noqa: F401  (registers the backend)
+    from hyperquant_diffusers.testing import run_tiny_pipeline
+
+    pipe = LTX2Pipeline.from_pretrained(tiny_ltx2_path, quantization_config=PipelineQuantizationConfig(
+        quant_backend="hyperquant", quant_kwargs={"bits": 4.0, "lattice": "E8", "tile_size": 64},
+        components_to_quantize=["transformer"]))
+    n_layers = sum(isinstance(m, LatticeLinear) for m in pipe.transformer.modules())
+    assert n_layers > 0
+    eager = run_tiny_pipeline(pipe)
+    counters.clear()
+    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    compiled = run_tiny_pipeline(pipe)
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert np.abs(compiled - eager).max() < 1e-4
+    assert compiled.std() > 0.01          # a real video, not a constant
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("residency", ["int8", "compressed"])
+@pytest.mark.parametrize("mma", ["int8", "fp8"])
+def test_gpu_inductor_block_bit_identical_to_eager(residency, mma):
+    """On CUDA the compiled op runs the Triton kernels without activation sharing; the quantization is
+    deterministic, so every layer output equals the eager (shared) one bit for bit, the decode prefetch of the
+    compressed layers included (several calls, so the prefetch has learned the layer order)."""
+    torch.manual_seed(4)
+    blocks = [_Block(1024, residency, mma, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    x = torch.randn(2, 300, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        outs, h = [], x
+        for blk in blocks:
+            o = blk(h)
+            outs.extend(o)
+            h = o[3]
+        return outs
+
+    with torch.no_grad():
+        run()
+        want = run()
+        for blk in blocks:
+            blk.compile(fullgraph=True)
+        for _ in range(3):
+            got = run()
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
