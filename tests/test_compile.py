@@ -22,9 +22,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 class _Block(nn.Module):
     """A transformer-like block: norm, q/k/v on one input (the eager activation-sharing case), an output layer."""
 
-    def __init__(self, width: int, residency: str, mma: str, device="cpu", dtype=torch.float32):
+    def __init__(self, width: int, residency: str, mma: str, device="cpu", dtype=torch.float32, norm=True):
         super().__init__()
-        self.norm = nn.LayerNorm(width, device=device, dtype=dtype)
+        # Inductor rounds a compiled bf16 norm differently from eager: the bit-exact GPU check goes without it
+        self.norm = nn.LayerNorm(width, device=device, dtype=dtype) if norm else nn.Identity()
 
         def q(n_out):
             return LatticeLinear.from_linear(nn.Linear(width, n_out, device=device, dtype=dtype), bits=4.0,
@@ -179,7 +180,7 @@ def test_gpu_inductor_block_bit_identical_to_eager(residency, mma):
     deterministic, so every layer output equals the eager (shared) one bit for bit, the decode prefetch of the
     compressed layers included (several calls, so the prefetch has learned the layer order)."""
     torch.manual_seed(4)
-    blocks = [_Block(1024, residency, mma, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    blocks = [_Block(1024, residency, mma, device="cuda", dtype=torch.bfloat16, norm=False) for _ in range(2)]
     x = torch.randn(2, 300, 1024, device="cuda", dtype=torch.bfloat16)
 
     def run():
