@@ -13,8 +13,9 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from hyperquant_diffusers.nn import LatticeLinear, compiled_op
+from hyperquant_diffusers.nn import LatticeLinear
 
+OP = torch.ops.hyperquant.lattice_linear.default
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -106,9 +107,9 @@ def test_op_schema_and_fake_shapes():
     torch.manual_seed(2)
     m = LatticeLinear.from_linear(nn.Linear(256, 96), bits=4.0)
     x = torch.randn(2, 7, 256)
-    torch.library.opcheck(compiled_op.lattice_linear, (x, m.op_id, 96))
+    torch.library.opcheck(OP, (x, m.op_id, 96))
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-        out = compiled_op.lattice_linear(mode.from_tensor(x), mode.from_tensor(m.op_id), 96)
+        out = OP(mode.from_tensor(x), mode.from_tensor(m.op_id), 96)
     assert tuple(out.shape) == (2, 7, 96) and out.dtype == x.dtype
 
 
@@ -116,16 +117,16 @@ def test_op_rejects_unknown_layers_and_wrong_arguments():
     m = LatticeLinear.from_linear(nn.Linear(128, 64), bits=4.0)
     x = torch.randn(2, 128)
     with pytest.raises(RuntimeError, match="no live LatticeLinear has op_id"):
-        compiled_op.lattice_linear(x, torch.tensor([10 ** 12]), 64)
+        OP(x, torch.tensor([10 ** 12]), 64)
     with pytest.raises(ValueError, match="has 64 outputs, the call says 32"):
-        compiled_op.lattice_linear(x, m.op_id, 32)
+        OP(x, m.op_id, 32)
     with pytest.raises(ValueError, match="one-element int64"):
-        compiled_op.lattice_linear(x, m.op_id.to(torch.int32), 64)
+        OP(x, m.op_id.to(torch.int32), 64)
     n = int(m.op_id)
     del m
     gc.collect()
     with pytest.raises(RuntimeError, match=f"no live LatticeLinear has op_id {n}"):
-        compiled_op.lattice_linear(x, torch.tensor([n]), 64)
+        OP(x, torch.tensor([n]), 64)
 
 
 def test_unfinalized_layer_under_compile_names_finalize():
