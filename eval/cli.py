@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "alexnet-owt-7be5be79.pth")
     p.add_argument("--cache-dir", help="where the embedded model is built (default ~/.cache/hyperquant_diffusers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar / per-video log lines")
+    p.add_argument("--compile", action="store_true",
+                   help="compile each pipeline's transformer with torch.compile (its repeated blocks; Inductor). The "
+                        "first video of each config includes the compile time in its first step")
     return p
 
 
@@ -117,7 +120,7 @@ def resolve_inputs(args) -> dict:
                     guidance_scale=pick(args.guidance_scale, "guidance_scale"),
                     negative_prompt=args.negative_prompt,
                     max_sequence_length=pick(args.max_sequence_length, "max_sequence_length"),
-                    frame_rate=args.fps, dtype=args.dtype, extra=extra,
+                    frame_rate=args.fps, dtype=args.dtype, extra=extra, compile=bool(args.compile),
                     quant_kwargs=_json_object("--quant-kwargs", args.quant_kwargs,
                                               EMBEDDED_QUANT_KWARGS if embedded else {}))
     for k in ("frames", "height", "width", "steps"):
@@ -166,7 +169,8 @@ def run(args, inputs: dict | None = None, backend_factory=None) -> dict:
         log(f"LPIPS off: {lp.reason}")
 
     jobs_all = [Job(p["id"], p["text"], s) for p in inputs["prompts"] for s in inputs["seeds"]]
-    run_fp = fingerprint({"settings": {k: v for k, v in settings.to_json().items() if k != "device"},
+    run_fp = fingerprint({"settings": {k: v for k, v in settings.to_json().items()
+                                       if k != "device" and not (k == "compile" and not v)},
                           "configs": [c.name for c in inputs["configs"]],
                           "jobs": [(j.pid, j.seed) for j in jobs_all], "world": world})
     D.clear_own_shard(out, rank, world)

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="video.mp4", help=".mp4 (GIF fallback without ffmpeg) or .gif")
     p.add_argument("--save-frames", action="store_true", help="also save the uint8 frames as <out>.npy")
     p.add_argument("--cache-dir", help="where the embedded model is built")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the transformer with torch.compile (its repeated blocks; Inductor); the first step "
+                        "includes the compile time")
     return p
 
 
@@ -90,7 +93,8 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = default_model_path(args.cache_dir) if embedded else args.model
-        pipe = load_pipeline(model, config, dtype=args.dtype, device=device, quant_overrides=qkw)
+        pipe = load_pipeline(model, config, dtype=args.dtype, device=device, quant_overrides=qkw,
+                             compile=args.compile)
         res = generate(pipe, progress=True, prompt=args.prompt, seed=args.seed, frames=pick(args.frames, "frames"),
                        height=pick(args.height, "height"), width=pick(args.width, "width"),
                        steps=pick(args.steps, "steps"), guidance_scale=pick(args.guidance_scale, "guidance_scale"),

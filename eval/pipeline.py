@@ -135,9 +135,25 @@ def quantization_config(config: EvalConfig, components=COMPONENTS_TO_QUANTIZE, o
                                       components_to_quantize=list(components))
 
 
+def compile_transformer(pipe, *, fullgraph: bool = True) -> None:
+    """Compile ``pipe.transformer`` in place with ``torch.compile`` (Inductor): its repeated blocks
+    (``compile_repeated_blocks``, one compiled block serves them all) when the model declares them, else the whole
+    module. HyperQuant layers enter the graph as one op each (``hyperquant_diffusers.nn.compiled_op``), so
+    ``fullgraph=True`` holds for weight-quantized models; the K/V-compression processors still break the graph, so
+    their configurations compile with ``fullgraph=False``. Compilation happens on the first transformer call."""
+    tr = getattr(pipe, "transformer", None)
+    if tr is None:
+        raise ValueError(f"{type(pipe).__name__} has no transformer to compile")
+    if getattr(tr, "_repeated_blocks", None):
+        tr.compile_repeated_blocks(fullgraph=fullgraph)
+    else:
+        tr.compile(fullgraph=fullgraph)
+
+
 def load_pipeline(model: str, config: EvalConfig, *, dtype: str = "bf16", device: str = "cpu",
-                  quant_overrides: dict | None = None):
-    """Load ``model`` (folder or hub id) with ``config``'s quantization; returns the pipeline on ``device``.
+                  quant_overrides: dict | None = None, compile: bool = False):
+    """Load ``model`` (folder or hub id) with ``config``'s quantization; returns the pipeline on ``device``, its
+    transformer compiled (:func:`compile_transformer`) when ``compile``.
 
     On CUDA the weights load straight onto the GPU (``device_map="cuda"`` after selecting ``device``), so the
     backend quantizes there instead of on the CPU; if diffusers refuses that map for this pipeline, it loads on
@@ -165,6 +181,8 @@ def load_pipeline(model: str, config: EvalConfig, *, dtype: str = "bf16", device
     if pipe is None:
         pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
     pipe.to(device)
+    if compile:
+        compile_transformer(pipe, fullgraph=not config.uses_kv)
     return pipe
 
 

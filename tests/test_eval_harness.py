@@ -107,7 +107,7 @@ VIDEO_KEYS = {"config", "prompt_id", "seed", "video_file", "frames_file", "secon
 AGG_KEYS = {"psnr_mean_db", "psnr_min_db", "lpips_mean", "per_frame_psnr_db", "num_videos"}
 SETTINGS_KEYS = {"model_id", "embedded", "frames", "height", "width", "steps", "guidance_scale", "negative_prompt",
                  "max_sequence_length", "frame_rate", "dtype", "device", "quant_kwargs", "extra", "seeds",
-                 "num_processes"}
+                 "num_processes", "compile"}
 
 
 def test_results_numbers_schema_and_report(tmp_path):
@@ -286,3 +286,22 @@ def test_two_processes_split_prompts_and_rank0_merges(tmp_path):
     assert [c["prompt_id"].split("-")[0] for c in r["comparisons"]] == ["p00", "p01", "p02"]
     np.testing.assert_allclose([float(x) for c in r["comparisons"] for x in c["psnr_db"]], 20 * math.log10(255 / 8))
     assert (out / "index.html").is_file()
+
+
+def test_compile_setting_changes_video_fingerprints_only_when_on():
+    """Videos stored before --compile existed keep their fingerprints (compile=False is left out of them); a
+    compiled run's videos are distinct (Inductor may round differently)."""
+    from hyperquant_diffusers.eval.configs import parse_config
+    from hyperquant_diffusers.eval.runner import settings_fingerprint_payload, video_fingerprint
+    from hyperquant_diffusers.eval.store import fingerprint
+
+    off, on = _settings(), _settings(compile=True)
+    payload = settings_fingerprint_payload(off)
+    assert "compile" not in payload
+    # the fingerprint of the same settings as the dataclass had them before the field was added
+    old = {k: v for k, v in payload.items()}
+    cfg, job = parse_config("w4-e8"), JOBS[0]
+    assert video_fingerprint(off, cfg, job) == fingerprint({"settings": old, "config": cfg.to_json(),
+                                                            "prompt": job.prompt, "seed": job.seed})
+    assert settings_fingerprint_payload(on)["compile"] is True
+    assert video_fingerprint(on, cfg, job) != video_fingerprint(off, cfg, job)
