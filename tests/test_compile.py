@@ -201,3 +201,23 @@ def test_gpu_inductor_block_bit_identical_to_eager(residency, mma):
             got = run()
             torch.cuda.synchronize()
             assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_tiny_ltx_video_pipeline_compile_repeated_blocks_matches_eager(tiny_ltx_path):
+    """LTX-Video too (transformer and T5 text encoder quantized; the transformer's blocks compiled): one graph for
+    its blocks, no graph breaks, the eager video to float32 rounding."""
+    from diffusers import LTXPipeline, PipelineQuantizationConfig
+    from torch._dynamo.utils import counters
+
+    import hyperquant_diffusers  # noqa: F401  (registers the backend)
+    from hyperquant_diffusers.testing import run_tiny_pipeline
+
+    pipe = LTXPipeline.from_pretrained(tiny_ltx_path, quantization_config=PipelineQuantizationConfig(
+        quant_backend="hyperquant", quant_kwargs={"bits": 4.0, "lattice": "E8", "tile_size": 64},
+        components_to_quantize=["transformer", "text_encoder"]))
+    eager = run_tiny_pipeline(pipe)
+    counters.clear()
+    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    compiled = run_tiny_pipeline(pipe)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert np.abs(compiled - eager).max() < 1e-4 and compiled.std() > 0.01
