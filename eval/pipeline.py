@@ -138,9 +138,9 @@ def quantization_config(config: EvalConfig, components=COMPONENTS_TO_QUANTIZE, o
 def compile_transformer(pipe, *, fullgraph: bool = True) -> None:
     """Compile ``pipe.transformer`` in place with ``torch.compile`` (Inductor): its repeated blocks
     (``compile_repeated_blocks``, one compiled block serves them all) when the model declares them, else the whole
-    module. HyperQuant layers enter the graph as one op each (``hyperquant_diffusers.nn.compiled_op``), so
-    ``fullgraph=True`` holds for weight-quantized models; the K/V-compression processors still break the graph, so
-    their configurations compile with ``fullgraph=False``. Compilation happens on the first transformer call."""
+    module. HyperQuant layers and the K/V compression steps enter the graph as one op each
+    (``hyperquant_diffusers.nn.compiled_op``, ``hyperquant_diffusers.kv.compiled_ops``), so ``fullgraph=True``
+    holds for every configuration. Compilation happens on the first transformer call."""
     tr = getattr(pipe, "transformer", None)
     if tr is None:
         raise ValueError(f"{type(pipe).__name__} has no transformer to compile")
@@ -182,7 +182,7 @@ def load_pipeline(model: str, config: EvalConfig, *, dtype: str = "bf16", device
         pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
     pipe.to(device)
     if compile:
-        compile_transformer(pipe, fullgraph=not config.uses_kv)
+        compile_transformer(pipe)
     return pipe
 
 

@@ -25,6 +25,7 @@ layer on its first call) uses ``module.int8_weight()`` (the codec's rescaling pa
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -312,6 +313,20 @@ def set_activation_sharing(on: bool) -> None:
     """Share one activation quantization between consecutive layers fed the same tensor (default on)."""
     _ACT_SHARE["on"] = bool(on)
     _ACT_SHARE["entry"] = None
+
+
+@contextlib.contextmanager
+def no_activation_sharing():
+    """Within the block, no layer reuses or records a shared activation quantization. For eager layer calls made
+    inside a compiled graph (the K/V compression ops project the text K/V there), where the activation may be a
+    buffer that compiled code reuses without bumping its version counter."""
+    saved = _ACT_SHARE["on"]
+    _ACT_SHARE["on"] = False
+    _ACT_SHARE["entry"] = None
+    try:
+        yield
+    finally:
+        _ACT_SHARE["on"] = saved
 
 
 def _interned_signs(signs: torch.Tensor, dtype, device) -> torch.Tensor:

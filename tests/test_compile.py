@@ -221,3 +221,58 @@ def test_tiny_ltx_video_pipeline_compile_repeated_blocks_matches_eager(tiny_ltx_
     compiled = run_tiny_pipeline(pipe)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert np.abs(compiled - eager).max() < 1e-4 and compiled.std() > 0.01
+
+
+@pytest.mark.parametrize("bias_correction, cache_text_kv", [("dither", True), ("qjl", False)])
+def test_tiny_ltx2_with_kv_compression_compiles_fullgraph(tiny_ltx2_path, bias_correction, cache_text_kv):
+    """K/V compression (``hyperquant_diffusers.kv``) under ``compile_repeated_blocks(fullgraph=True)``: its steps
+    are ops (``kv.compiled_ops``), so nothing breaks the graph; with the per-call seeds and the text cache reset
+    before each run, the compiled video equals the eager one to float32 rounding, and the cached text K/V are
+    reused as often."""
+    from diffusers import LTX2Pipeline, PipelineQuantizationConfig
+    from torch._dynamo.utils import counters
+
+    import hyperquant_diffusers  # noqa: F401  (registers the backend)
+    from hyperquant_diffusers.kv import enable_kv_compression
+    from hyperquant_diffusers.testing import run_tiny_pipeline
+
+    pipe = LTX2Pipeline.from_pretrained(tiny_ltx2_path, quantization_config=PipelineQuantizationConfig(
+        quant_backend="hyperquant", quant_kwargs={"bits": 4.0, "lattice": "E8", "tile_size": 64},
+        components_to_quantize=["transformer"]))
+    handle = enable_kv_compression(pipe.transformer, kv_bits=4.0, lattice="E8", bias_correction=bias_correction,
+                                   cache_text_kv=cache_text_kv)
+    handle.reset()
+    eager = run_tiny_pipeline(pipe)
+    after_eager = handle.stats()
+    handle.reset()
+    counters.clear()
+    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    compiled = run_tiny_pipeline(pipe)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    assert np.abs(compiled - eager).max() < 1e-4 and compiled.std() > 0.01
+    after_compiled = handle.stats()
+    # the store's counters add up over runs: the compiled run computed and reused as many text K/V as the eager one
+    for key in ("computed", "reused"):
+        assert after_compiled[key] == 2 * after_eager[key]
+    assert after_eager["reused"] > 0 if cache_text_kv else after_eager["computed"] == 0
+
+
+def test_kv_ops_fake_shapes_and_named_errors():
+    from hyperquant_diffusers.kv.processors import _KVCore
+    from hyperquant_diffusers.kv.quantizer import KVQuantConfig
+
+    core = _KVCore("self", 0, 16, KVQuantConfig(bits=4.0, lattice="E8", method="dither"))
+    k, v = torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 16)
+    qk, qv = torch.ops.hyperquant.kv_quantize(k, v, core.op_id)
+    assert qk.shape == k.shape and qv.dtype == v.dtype and not torch.equal(qk, k)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fk, fv = torch.ops.hyperquant.kv_text(mode.from_tensor(torch.randn(2, 7, 64)), mode.from_tensor(core.op_id),
+                                              32, 48)
+    assert tuple(fk.shape) == (2, 7, 32) and tuple(fv.shape) == (2, 7, 48)
+    with pytest.raises(RuntimeError, match="attention module is gone"):
+        torch.ops.hyperquant.kv_text(torch.randn(2, 7, 64), core.op_id, 32, 32)
+    plain = _KVCore("self", 1, 16, None)
+    with pytest.raises(ValueError, match="quantizes nothing"):
+        torch.ops.hyperquant.kv_quantize(k, v, plain.op_id)
+    with pytest.raises(RuntimeError, match="no live K/V compression core has op_id"):
+        torch.ops.hyperquant.kv_quantize(k, v, torch.tensor([10 ** 12]))

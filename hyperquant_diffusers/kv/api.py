@@ -133,7 +133,8 @@ def enable_kv_compression(model: torch.nn.Module, kv_bits: float | None = 4.0, l
             if attn is None:
                 continue
             core = _KVCore(role, index, attn.head_dim if hasattr(attn, "head_dim") else attn.inner_dim // attn.heads,
-                           cfg, hook=hook, stream=stream, cache=bool(cache_text_kv), cache_format=cache_format)
+                           cfg, hook=hook, stream=stream, cache=bool(cache_text_kv), cache_format=cache_format,
+                           attn=attn)
             plan.append((f"transformer_blocks.{bi}.{attr}", attn, proc_cls(core, attn.processor)))
             index += 1
     for name, attn, proc in plan:

@@ -16,11 +16,14 @@ With ``cfg=None`` nothing is quantized (the text cache then holds the K/V lossle
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb as _ltx_rope
 from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb
 
+from .compiled_ops import CORES
 from .quantizer import KVQuantConfig, KVQuantizer
 
 ROLES = ("self", "cross", "text")
@@ -31,7 +34,7 @@ class _KVCore:
     """The K/V handling shared by both processors. ``index``: the layer's position (fixes its seeds)."""
 
     def __init__(self, role: str, index: int, head_dim: int, cfg: KVQuantConfig | None, hook=None,
-                 stream: str | None = None, cache: bool = False, cache_format: str = "rice"):
+                 stream: str | None = None, cache: bool = False, cache_format: str = "rice", attn=None):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.role, self.index, self.head_dim, self.cfg = role, int(index), int(head_dim), cfg
@@ -42,6 +45,9 @@ class _KVCore:
         self.kq = KVQuantizer(cfg, head_dim, seed=base) if cfg is not None else None
         self.vq = KVQuantizer(cfg, head_dim, seed=base + 1) if cfg is not None else None
         self.calls = 0
+        # how the compiled ops find this core and, for the text K/V, its attention module (compiled_ops)
+        self.op_id = CORES.register(self)
+        self.attn = weakref.ref(attn) if attn is not None else None
 
     # on-the-fly (self / cross attention): (B, S, H, D) in, same out
     def quantize_now(self, key: torch.Tensor, value: torch.Tensor):
@@ -126,11 +132,20 @@ class _Base:
     def _kv(self, attn, encoder_hidden_states, rope):
         """K, V as (B, S, H, D), ready for attention. ``rope(key) -> key`` or ``None``."""
         core = self.core
+        # under torch.compile the K/V compression steps are opaque ops (compiled_ops); the rest is traced
+        compiling = torch.compiler.is_compiling()
         if core.role == "text":
-            def project(x):
-                return attn.norm_k(attn.to_k(x)), attn.to_v(x)
+            if compiling:
+                if core.attn is None or core.attn() is not attn:
+                    raise RuntimeError("this K/V processor's core was built for another attention module; install "
+                                       "processors with enable_kv_compression")
+                key, value = torch.ops.hyperquant.kv_text(encoder_hidden_states, core.op_id, attn.to_k.out_features,
+                                                          attn.to_v.out_features)
+            else:
+                def project(x):
+                    return attn.norm_k(attn.to_k(x)), attn.to_v(x)
 
-            key, value = core.text_kv(project, encoder_hidden_states)
+                key, value = core.text_kv(project, encoder_hidden_states)
             if rope is not None:
                 key = rope(key)
             return key.unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
@@ -139,6 +154,8 @@ class _Base:
         if rope is not None:
             key = rope(key)
         key, value = key.unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
+        if compiling and core.kq is not None:
+            return torch.ops.hyperquant.kv_quantize(key, value, core.op_id)
         return core.quantize_now(key, value)
 
 

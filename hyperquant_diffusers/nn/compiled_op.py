@@ -8,11 +8,10 @@ op runs the layer's eager forward at run time, and everything around it (norms, 
 compiles as usual, ``fullgraph=True`` included.
 
 How the op finds its layer: every LatticeLinear holds a one-element CPU int64 tensor, ``op_id``, its number in a
-table of live layers (a plain attribute, not a buffer: device moves, dtype casts and ``to_empty`` leave it alone,
-and ``copy.deepcopy`` or unpickling gives the copy a number of its own). Passing the number as a tensor, not as a
-constant, keeps the graph the same for every block of a model, so regional compilation (diffusers'
-``compile_repeated_blocks``) compiles one block and reuses it for all of them; and a copy of the tensor (as
-``torch.library.opcheck`` makes) still names the same layer.
+table of live layers (:class:`hyperquant_diffusers._ops.ObjectIds`). It is a plain attribute, not a buffer: device
+moves, dtype casts and ``to_empty`` leave it alone, and ``copy.deepcopy`` or unpickling gives the copy a number of
+its own. Passing the number as a tensor, not as a constant, keeps the graph the same for every block of a model, so
+regional compilation (diffusers' ``compile_repeated_blocks``) compiles one block and reuses it for all of them.
 
 One behaviour differs from eager: compiled code reuses activation buffers without bumping their version counters,
 so the eager sharing of one activation quantization between layers fed the same tensor (to_q / to_k / to_v) would
@@ -21,36 +20,23 @@ not be safe there. Under ``torch.compile`` each layer quantizes its own activati
 
 from __future__ import annotations
 
-import itertools
-import weakref
-
 import torch
 
-OP_NAME = "hyperquant::lattice_linear"
+from .._ops import LIB, ObjectIds
 
-#: op_id -> the live layer (weak: the table never keeps a layer alive)
-_LAYERS: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
-_NEXT_ID = itertools.count(1)
+OP_NAME = "hyperquant::lattice_linear"
+LAYERS = ObjectIds("LatticeLinear")
 
 
 def register(layer) -> torch.Tensor:
-    """Enter ``layer`` in the table; returns its ``op_id`` tensor (CPU int64, shape (1,)). Called by
-    ``LatticeLinear.__init__`` and ``__setstate__`` (deepcopy, unpickling)."""
-    n = next(_NEXT_ID)
-    _LAYERS[n] = layer
-    return torch.tensor([n], dtype=torch.int64, device="cpu")   # explicit: not meta under init_empty_weights
+    """Enter ``layer`` in the table; returns its ``op_id`` (called by ``LatticeLinear.__init__`` and
+    ``__setstate__``: deepcopy and unpickling)."""
+    return LAYERS.register(layer)
 
 
 def layer_of(op_id: torch.Tensor):
-    """The live LatticeLinear numbered ``op_id`` (a one-element integer tensor)."""
-    if op_id.numel() != 1 or op_id.dtype != torch.int64:
-        raise ValueError(f"{OP_NAME}: op_id must be a one-element int64 tensor, got {op_id.dtype} "
-                         f"{tuple(op_id.shape)}")
-    n = int(op_id)
-    layer = _LAYERS.get(n)
-    if layer is None:
-        raise RuntimeError(f"{OP_NAME}: no live LatticeLinear has op_id {n}; the op takes a layer's own op_id")
-    return layer
+    """The live LatticeLinear numbered ``op_id`` (a one-element int64 tensor)."""
+    return LAYERS.lookup(op_id, OP_NAME)
 
 
 def lattice_linear(x: torch.Tensor, op_id: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -73,7 +59,6 @@ def _lattice_linear_fake(x: torch.Tensor, op_id: torch.Tensor, out_features: int
 # allocates its output, this project's 2-core CI machine, torch 2.13, 2026-12-02), and a compiled LTX-2 step makes
 # 1344 such calls: ~6 ms of host time per step, where the compressed modes are close to host-bound. No autograd
 # kernel: LatticeLinear.forward keeps inputs that need a gradient out of the op.
-_LIB = torch.library.Library(OP_NAME.split("::")[0], "DEF")
-_LIB.define(f"{OP_NAME.split('::')[1]}(Tensor x, Tensor op_id, int out_features) -> Tensor")
-_LIB.impl(OP_NAME.split("::")[1], lattice_linear, "CompositeExplicitAutograd")
-torch.library.register_fake(OP_NAME, _lattice_linear_fake, lib=_LIB)
+LIB.define("lattice_linear(Tensor x, Tensor op_id, int out_features) -> Tensor")
+LIB.impl("lattice_linear", lattice_linear, "CompositeExplicitAutograd")
+torch.library.register_fake(OP_NAME, _lattice_linear_fake, lib=LIB)
