@@ -271,6 +271,12 @@ def test_kv_ops_fake_shapes_and_named_errors():
     assert tuple(fk.shape) == (2, 7, 32) and tuple(fv.shape) == (2, 7, 48)
     with pytest.raises(RuntimeError, match="attention module is gone"):
         torch.ops.hyperquant.kv_text(torch.randn(2, 7, 64), core.op_id, 32, 32)
+    # a deep copy is a core of its own: the op on the copy advances the copy's seed counter, not the original's
+    twin = copy.deepcopy(core)
+    assert int(twin.op_id) != int(core.op_id)
+    calls = core.calls
+    torch.ops.hyperquant.kv_quantize(k, v, twin.op_id)
+    assert (core.calls, twin.calls) == (calls, calls + 1)
     plain = _KVCore("self", 1, 16, None)
     with pytest.raises(ValueError, match="quantizes nothing"):
         torch.ops.hyperquant.kv_quantize(k, v, plain.op_id)

@@ -49,6 +49,11 @@ class _KVCore:
         self.op_id = CORES.register(self)
         self.attn = weakref.ref(attn) if attn is not None else None
 
+    def __setstate__(self, state):
+        # copy.deepcopy / unpickling: a copy is a core of its own for the compiled ops (its own seed counter)
+        self.__dict__.update(state)
+        self.op_id = CORES.register(self)
+
     # on-the-fly (self / cross attention): (B, S, H, D) in, same out
     def quantize_now(self, key: torch.Tensor, value: torch.Tensor):
         if self.kq is None:
