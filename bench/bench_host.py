@@ -7,7 +7,7 @@ host time; at M = 12288 (few enough calls that the launch queue never fills) the
 Two 4096x4096 layers are called alternately (``l2(l1(x))``: a compressed layer's prefetch always has a successor,
 and no activation is shared). Also the launch alone (one ``rht_quantize`` call, ordinary vs cached) and, at small
 M, the host cost of the parts of a call. Prints µs per layer call and, with ``--profile``, the top of a cProfile
-of the compressed int8 call.
+of each residency x MMA call at the first M.
 
     python bench/bench_host.py [--json OUT.json] [--profile] [--m 256 12288]
 """
@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
                     r = per_call_us(lambda: l2(l1(x)), 2, iters=iters)
                     res[f"{residency}_{mma}_{key}"] = r
                     print(f"M={m} {residency} resident, {mma} MMA, {key} launch:", r, flush=True)
-                    if args.profile and fast and residency == "compressed" and mma == "int8" and m == args.m[0]:
+                    if args.profile and fast and m == args.m[0]:
                         pr = cProfile.Profile()
                         pr.enable()
                         for _ in range(200):
@@ -121,6 +121,7 @@ def main(argv=None) -> dict:
                         torch.cuda.synchronize()
                         buf = io.StringIO()
                         pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+                        print(f"# cProfile, M={m} {residency} resident, {mma} MMA, 200 x 2 calls", flush=True)
                         print(buf.getvalue()[:7000], flush=True)
                     del l1, l2
                     dispatch.release_decode_buffers()

@@ -257,6 +257,40 @@ def test_tiny_ltx2_with_kv_compression_compiles_fullgraph(tiny_ltx2_path, bias_c
     assert after_eager["reused"] > 0 if cache_text_kv else after_eager["computed"] == 0
 
 
+@gpu
+@needs_cuda
+def test_gpu_tiny_ltx2_with_kv_compression_compiles_fullgraph(tiny_ltx2_path):
+    """The K/V compression ops on CUDA (the GPU quantizer and the compressed text-K/V cache) under
+    ``compile_repeated_blocks(fullgraph=True)``: no graph break, the eager video to float32 rounding, and the text
+    K/V reused as often as in eager mode."""
+    from diffusers import LTX2Pipeline, PipelineQuantizationConfig
+    from torch._dynamo.utils import counters
+
+    import hyperquant_diffusers  # noqa: F401  (registers the backend)
+    from hyperquant_diffusers.kv import enable_kv_compression
+    from hyperquant_diffusers.testing import run_tiny_pipeline
+
+    pipe = LTX2Pipeline.from_pretrained(tiny_ltx2_path, quantization_config=PipelineQuantizationConfig(
+        quant_backend="hyperquant", quant_kwargs={"bits": 4.0, "lattice": "E8", "tile_size": 64},
+        components_to_quantize=["transformer"]))
+    pipe.to("cuda")
+    handle = enable_kv_compression(pipe.transformer, kv_bits=4.0, lattice="E8", bias_correction="dither",
+                                   cache_text_kv=True)
+    handle.reset()
+    eager = run_tiny_pipeline(pipe)
+    after_eager = handle.stats()
+    handle.reset()
+    counters.clear()
+    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    compiled = run_tiny_pipeline(pipe)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    assert np.abs(compiled - eager).max() < 1e-3 and compiled.std() > 0.01
+    after = handle.stats()
+    assert after_eager["reused"] > 0
+    for key in ("computed", "reused"):
+        assert after[key] == 2 * after_eager[key]
+
+
 def test_kv_ops_fake_shapes_and_named_errors():
     from hyperquant_diffusers.kv.processors import _KVCore
     from hyperquant_diffusers.kv.quantizer import KVQuantConfig
