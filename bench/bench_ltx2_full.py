@@ -347,6 +347,9 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true",
                     help="also time each variant with its transformer blocks compiled (diffusers' "
                          "compile_repeated_blocks(fullgraph=True), Inductor): bf16 and every mode")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode for --compile (default: Inductor's default; \"reduce-overhead\": "
+                         "CUDA graphs)")
     ap.add_argument("--pps-sweep", action="store_true",
                     help="with --variants: also sweep the side-stream decode grid (programs per SM 1/2/4/8/16)")
     args = ap.parse_args(argv)
@@ -385,8 +388,10 @@ def main(argv=None):
         res["bf16"]["profile_ms"] = profile_step(model, inputs, "bf16", args.profile_dir)
     if args.graphed_step:
         res["bf16"]["graphed"] = graphed_step(model, inputs, ref)
+    compile_kw = {"fullgraph": True, **({"mode": args.compile_mode} if args.compile_mode else {})}
+    res["compile_mode"] = args.compile_mode if args.compile else None
     if args.compile:
-        model.compile_repeated_blocks(fullgraph=True)
+        model.compile_repeated_blocks(**compile_kw)
         torch.compiler.set_stance("force_eager")    # every other measurement stays eager
         res["bf16"]["compiled"] = c = compiled_stats(model, inputs, args.steps, ref)
         if "error" not in c:
@@ -425,7 +430,7 @@ def main(argv=None):
             model, run["compressed_load_s"], _ = load_compressed(cpath, args.layers, layout, bits)
             run["int8_from_compressed_decode_s"] = None
         if args.compile:
-            model.compile_repeated_blocks(fullgraph=True)
+            model.compile_repeated_blocks(**compile_kw)
         all_modes = bits in args.all_modes_bits
         modes = [("compressed", "int8"), ("compressed", "fp8"), ("int8", "int8"), ("int8", "fp8")]
         if not all_modes:

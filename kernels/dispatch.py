@@ -104,6 +104,8 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
         return module.int8_weight()
     if "sw" not in cache:
         cache["sw"] = _code_scale_compressed(module)
+    if capturing(module.hq_words):
+        return _captured_codes(module, cache, wdtype, n)
     if not cache.get("checked"):
         # first call: decode on the compute stream with the stream checks (one host sync), no prefetching; with
         # the prefetch on, into one of its two slots (no third buffer of the largest layer's size)
@@ -127,6 +129,35 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         buf = _decode_buffer(module.hq_words.device, wdtype, n)
         _decode_into(module, buf, wdtype, n, check=False)
+    return buf.view(module.out_features, module.in_features), cache["sw"]
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether work on ``t``'s device is being recorded into a CUDA graph right now (``torch.cuda.graph``, or
+    ``torch.compile`` with ``mode="reduce-overhead"``, whose CUDA graphs replay the kernels without running this
+    Python again)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _require_warm(module, what: str) -> None:
+    raise RuntimeError(
+        f"HyperQuant: a CUDA graph is being captured through a LatticeLinear ({module.out_features}x"
+        f"{module.in_features}) that has never run outside a capture; its first call {what}, which needs a device "
+        "sync that a capture cannot contain. Run the model once before capturing (torch.compile's "
+        "mode=\"reduce-overhead\" does its warm-up runs first; with torch.cuda.graph, call the model once before "
+        "the capture, as its documentation asks)")
+
+
+def _captured_codes(module, cache: dict, wdtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A compressed-resident layer's codes while a CUDA graph is captured: decoded just in time on the capturing
+    stream into a buffer of the graph's own memory pool. Not through the prefetcher: its side stream, its events
+    and its host-side choice of the next layer would be frozen into the graph (and waiting on an event recorded
+    outside the capture invalidates it), and a shared buffer could be freed or grown after the capture while the
+    graph still writes to it."""
+    if not cache.get("checked"):
+        _require_warm(module, "checks the coordinate range of its stream")
+    buf = torch.empty(n, dtype=wdtype, device=module.hq_words.device)
+    _decode_into(module, buf, wdtype, n, check=False)
     return buf.view(module.out_features, module.in_features), cache["sw"]
 
 
@@ -348,7 +379,9 @@ def _rht_operands(signs: torch.Tensor, tile: int, dtype, device):
 
 
 def _quantized_activation(x, x2, s, hs, tile: int, fmt: str, share: bool):
-    if not (share and _ACT_SHARE["on"]):
+    # no sharing while a CUDA graph is captured: an entry recorded there holds graph-pool tensors that stay unwritten
+    # until a replay, and one recorded before it holds memory the graph does not own
+    if not (share and _ACT_SHARE["on"]) or capturing(x):
         return rht_quantize(x2, s, tile, fmt, signs_cast=s, hadamard=hs)
     key = (x._version, tuple(x.shape), tuple(x.stride()), x.storage_offset(), id(s), tile, fmt)
     ent = _ACT_SHARE["entry"]
@@ -391,6 +424,8 @@ def cuda_forward(module, x: torch.Tensor, share_activation: bool = True) -> torc
     skey = ("signs", x.dtype, x.device)
     ops = cache.get(skey)
     if ops is None:
+        if capturing(x):
+            _require_warm(module, "reads its RHT signs back to the host")
         ops = cache[skey] = _rht_operands(module.signs, module.tile_size, x.dtype, x.device)
     fmt = module.mma
     if fmt == "fp8":
@@ -404,7 +439,7 @@ def cuda_forward(module, x: torch.Tensor, share_activation: bool = True) -> torc
         out_dtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
         bb = bias.to(out_dtype) if bias is not None and bias.dtype != out_dtype else bias
         y = fp8_linear(xq, sx, wq, sw, bb, out_dtype=out_dtype).to(x.dtype)
-    if getattr(module, "codes", None) is None and _PREFETCH["on"]:
+    if getattr(module, "codes", None) is None and _PREFETCH["on"] and not capturing(x):
         pf = cache.get(("pf", wq.dtype))
         if pf is not None and pf[0] == _PREFETCH["generation"]:
             pf[1].release()

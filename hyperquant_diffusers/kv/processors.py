@@ -30,6 +30,18 @@ ROLES = ("self", "cross", "text")
 _MASK = 0x7FFF_FFFF_FFFF_FFFF
 
 
+def _refuse_capture(t: torch.Tensor) -> None:
+    """Raise a RuntimeError when a CUDA graph is being captured on ``t``'s device. A graph replays kernels without
+    this Python: the per-call dither seeds would stop advancing and the text-K/V cache would keep serving the prompt
+    it held at capture time, so a replay could silently use another prompt's K/V."""
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "HyperQuant K/V compression cannot run inside a CUDA graph capture (torch.compile with "
+            "mode=\"reduce-overhead\" or \"max-autotune\", torch.cuda.graph): a replay would freeze its per-call "
+            "dither seeds and its text-K/V cache, which is kept on the host. Compile with the default mode, or "
+            "disable_kv_compression() before capturing; quantized weights (LatticeLinear) do support CUDA graphs")
+
+
 class _KVCore:
     """The K/V handling shared by both processors. ``index``: the layer's position (fixes its seeds)."""
 
@@ -58,6 +70,7 @@ class _KVCore:
     def quantize_now(self, key: torch.Tensor, value: torch.Tensor):
         if self.kq is None:
             return key, value
+        _refuse_capture(key)
         c = self.calls
         self.calls += 1
         seed = (self.base * 1_000_033 + 2 * c + 17) & _MASK
@@ -90,6 +103,8 @@ class _KVCore:
 
     def text_kv(self, project, encoder_hidden_states: torch.Tensor):
         """Text K (post ``norm_k``) and V, (B, L, H*D). ``project(rows)`` computes them for a subset of rows."""
+        if self.kq is not None or self.cache:
+            _refuse_capture(encoder_hidden_states)
         ids = self.hook.current_ids(self.stream) if (self.cache and self.hook is not None) else None
         b = encoder_hidden_states.shape[0]
         if ids is None or len(ids) != b:
