@@ -411,6 +411,13 @@ def cuda_forward(module, x: torch.Tensor, share_activation: bool = True) -> torc
     ``share_activation``: allow reusing the previous layer's quantization of the same tensor (eager only: the key
     is the tensor's identity and version counter, which compiled code does not bump when it reuses a buffer)."""
     if not supports(module, x):
+        if getattr(module, "codes", None) is None and capturing(x):
+            raise RuntimeError(
+                f"HyperQuant: a compressed-resident LatticeLinear ({module.out_features}x{module.in_features}, "
+                f"{module.lattice}) takes the torch reference path on CUDA (the kernels need an integer lattice, "
+                f"in_features a multiple of {GEMM_K_MULTIPLE} and out_features of {GEMM_N_MULTIPLE}), which decodes "
+                "its stream on the host at every call; that cannot be captured in a CUDA graph. Use "
+                "residency=\"int8\" for such models, or a torch.compile mode without CUDA graphs")
         return module.reference_forward(x)
     k, n = module.in_features, module.out_features
     lead = x.shape[:-1]

@@ -5,6 +5,8 @@ must either be captured correctly or refused. References: the same layers run ea
 deterministic, so a replay must equal the eager call bit for bit), and the eager tiny pipeline's video.
 All GPU-only: CUDA graphs need CUDA."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -93,6 +95,60 @@ def test_capture_of_a_layer_never_run_names_the_warm_up():
         torch.testing.assert_close(lin(x).float(), lin.reference_forward(x).float(), rtol=0.05, atol=0.05)
 
 
+class _Chain(nn.Module):
+    """Quantized layers one after another, nothing between them: Inductor has no elementwise work to round
+    differently, so the compiled model must equal the eager one bit for bit."""
+
+    def __init__(self, residency: str, mma: str, widths=(1024, 2048, 1024, 1024)):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            LatticeLinear.from_linear(nn.Linear(a, b, device="cuda", dtype=torch.bfloat16), bits=4.0,
+                                      residency=residency, mma=mma) for a, b in itertools.pairwise(widths))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("residency", ["int8", "compressed"])
+@pytest.mark.parametrize("mma", ["int8", "fp8"])
+def test_reduce_overhead_equals_eager_bit_for_bit(residency, mma):
+    """``torch.compile(mode="reduce-overhead")`` of kernel-path layers: Inductor keeps its CUDA graphs (no skip),
+    and the calls that record and replay them equal the eager calls bit for bit, for two different inputs."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(1)
+    model = _Chain(residency, mma)
+    xs = [torch.randn(2, 300, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    with torch.no_grad():
+        for _ in range(2):
+            want = [model(x) for x in xs]
+        counters.clear()
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for _ in range(4):
+            got = [compiled(x).clone() for x in xs]
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert want[0].float().std() > 0
+
+
+def test_capture_of_a_compressed_reference_path_layer_is_refused_by_name():
+    """A compressed layer whose shape the kernels do not take (64 wide) runs the torch reference on CUDA, which
+    decodes the stream on the host: inside a capture that is a named error, not a CUDA capture failure."""
+    lin = LatticeLinear.from_linear(nn.Linear(64, 64, device="cuda", dtype=torch.bfloat16), bits=4.0,
+                                    residency="compressed", mma="int8")
+    x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = lin(x)
+        g = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="takes the torch reference path on CUDA"), torch.cuda.graph(g):
+            lin(x)
+        torch.cuda.synchronize()
+        assert torch.equal(lin(x), want)
+
+
 def _tiny_ltx2(tiny_ltx2_path, residency):
     from diffusers import LTX2Pipeline, PipelineQuantizationConfig
 
@@ -105,11 +161,11 @@ def _tiny_ltx2(tiny_ltx2_path, residency):
     return pipe.to("cuda")
 
 
-@pytest.mark.parametrize("residency", ["int8", "compressed"])
-def test_reduce_overhead_tiny_ltx2_matches_eager(tiny_ltx2_path, residency):
-    """``torch.compile(transformer, mode="reduce-overhead")``: Inductor keeps its CUDA graphs (no skip), and the
-    video equals the eager one to float32 rounding, in the run that records the graphs and in one that replays
-    them."""
+def test_reduce_overhead_tiny_ltx2_matches_eager(tiny_ltx2_path, residency="int8"):
+    """``torch.compile(transformer, mode="reduce-overhead")`` on the diffusers pipeline: Inductor keeps its CUDA
+    graphs (no skip), and the video equals the eager one to float32 rounding, in the run that records the graphs
+    and in one that replays them. int8 residency: the tiny model's 64-wide layers take the torch reference path,
+    which a compressed layer cannot take inside a capture (see the test above)."""
     from torch._dynamo.utils import counters
 
     from hyperquant_diffusers.testing import run_tiny_pipeline
@@ -125,15 +181,20 @@ def test_reduce_overhead_tiny_ltx2_matches_eager(tiny_ltx2_path, residency):
     assert eager.std() > 0.01
 
 
-def test_kv_compression_refuses_cuda_graph_capture(tiny_ltx2_path):
-    from hyperquant_diffusers.kv import enable_kv_compression
-    from hyperquant_diffusers.testing import run_tiny_pipeline
+def test_kv_compression_refuses_cuda_graph_capture():
+    """Inside a ``torch.cuda.graph`` capture the K/V compression raises its named error before any CUDA call, so
+    the capture ends cleanly and the K/V path works again afterwards."""
+    from hyperquant_diffusers.kv.processors import _KVCore
+    from hyperquant_diffusers.kv.quantizer import KVQuantConfig
 
-    pipe = _tiny_ltx2(tiny_ltx2_path, "int8")
-    enable_kv_compression(pipe.transformer, kv_bits=4.0, lattice="E8", bias_correction="dither",
-                          cache_text_kv=True)
-    run_tiny_pipeline(pipe)
-    pipe.transformer = torch.compile(pipe.transformer, mode="reduce-overhead")
-    with pytest.raises(RuntimeError, match="K/V compression cannot run inside a CUDA graph capture"):
-        run_tiny_pipeline(pipe)
-        run_tiny_pipeline(pipe)
+    core = _KVCore("self", 0, 64, KVQuantConfig(bits=4.0, lattice="E8", method="dither"))
+    k = torch.randn(1, 32, 2, 64, device="cuda")
+    v = torch.randn_like(k)
+    core.quantize_now(k, v)
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="K/V compression cannot run inside a CUDA graph capture"), \
+            torch.cuda.graph(g):
+        core.quantize_now(k, v)
+    torch.cuda.synchronize()
+    qk, _ = core.quantize_now(k, v)
+    assert qk.shape == k.shape and not torch.equal(qk, k)
