@@ -41,6 +41,11 @@ def decode_scratch(device, numel: int, stream=None) -> torch.Tensor:
     ``torch.cuda.Stream``, default the current one): the compressed-residency prefetch decodes on a side stream
     concurrently, while launches on one stream run in order."""
     if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            # a CUDA graph is being captured: a temporary of the graph's own pool (a cached scratch allocated there
+            # would outlive the capture, which torch.compile's CUDA graphs reject, and one cached before it is
+            # memory the graph does not own)
+            return torch.empty(numel, dtype=torch.int8, device=device)
         raw = (stream if stream is not None else torch.cuda.current_stream(device)).cuda_stream
     else:
         raw = 0

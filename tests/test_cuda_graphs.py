@@ -138,7 +138,7 @@ def test_capture_of_a_compressed_reference_path_layer_is_refused_by_name():
     """A compressed layer whose shape the kernels do not take (64 wide) runs the torch reference on CUDA, which
     decodes the stream on the host: inside a capture that is a named error, not a CUDA capture failure."""
     lin = LatticeLinear.from_linear(nn.Linear(64, 64, device="cuda", dtype=torch.bfloat16), bits=4.0,
-                                    residency="compressed", mma="int8")
+                                    tile_size=64, residency="compressed", mma="int8")
     x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         want = lin(x)
