@@ -134,6 +134,38 @@ def test_reduce_overhead_equals_eager_bit_for_bit(residency, mma):
     assert want[0].float().std() > 0
 
 
+def test_reduce_overhead_after_layer_changes_equals_eager():
+    """CUDA graphs recorded by ``mode="reduce-overhead"`` hold the layers' tensors by address. The compiled op takes
+    them as (static) inputs, so an MMA switch (e4m3 codes replace the int8 ones), a switch to int8 residency (the
+    stream replaced by codes) and a round trip through the CPU (new addresses) make Inductor compile or record again
+    instead of replaying kernels on freed memory: each call equals the eager forward of the model as it is then."""
+    from hyperquant_diffusers.kernels.dispatch import make_int8_resident
+
+    torch.manual_seed(2)
+    model = _Chain("compressed", "int8")
+    x = torch.randn(2, 300, 1024, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+
+    def check():
+        with torch.no_grad():
+            want = model(x)
+            for _ in range(3):
+                got = compiled(x).clone()
+                torch.cuda.synchronize()
+                assert torch.equal(got, want)
+
+    check()
+    for layer in model.layers:
+        layer.mma = "fp8"
+    check()
+    for layer in model.layers:
+        assert make_int8_resident(layer)
+    check()
+    model.to("cpu")
+    model.to("cuda")
+    check()
+
+
 def test_capture_of_a_compressed_reference_path_layer_is_refused_by_name():
     """A compressed layer whose shape the kernels do not take (64 wide) runs the torch reference on CUDA, which
     decodes the stream on the host: inside a capture that is a named error, not a CUDA capture failure."""

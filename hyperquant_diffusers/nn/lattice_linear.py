@@ -345,8 +345,18 @@ class LatticeLinear(nn.Module):
             if self.signs_f32 is None:
                 raise RuntimeError("LatticeLinear is not finalized (its codes have not been loaded): call "
                                    "finalize() before running it under torch.compile")
-            return torch.ops.hyperquant.lattice_linear(x, self.op_id, self.out_features)
+            return torch.ops.hyperquant.lattice_linear(x, self.op_id, self.out_features, self.resident_tensors())
         return self.eager_forward(x)
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """The tensors the layer computes from whose shapes its dimensions fix, in a fixed order, those it holds:
+        int8 codes and their scale, or the Rice stream's index and scales; the RHT signs; the bias. The compiled op
+        takes them as arguments (see compiled_op). Not the stream's words: their count differs from layer to layer,
+        and Dynamo keeps buffer shapes static, so identical blocks would no longer share a graph (a state load or a
+        device move that replaces the words replaces the index with them)."""
+        ts = (self.codes, self.code_scale, self.hq_offsets, self.hq_ks, self.hq_scales, self.hq_signs,
+              self.signs_f32, self.bias)
+        return [t for t in ts if t is not None]
 
     def eager_forward(self, x: torch.Tensor, share_activation: bool = True) -> torch.Tensor:
         """The forward outside ``torch.compile``: the CUDA kernels when they serve this layer and input, else
