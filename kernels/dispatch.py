@@ -100,12 +100,12 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
         return codes, module.code_scale
     cache = _cache(module)
     n = module.out_features * module.in_features
+    if capturing(module.hq_words):
+        return _captured_codes(module, cache, wdtype, n)
     if cache.get("fallback"):
         return module.int8_weight()
     if "sw" not in cache:
         cache["sw"] = _code_scale_compressed(module)
-    if capturing(module.hq_words):
-        return _captured_codes(module, cache, wdtype, n)
     if not cache.get("checked"):
         # first call: decode on the compute stream with the stream checks (one host sync), no prefetching; with
         # the prefetch on, into one of its two slots (no third buffer of the largest layer's size)
@@ -154,8 +154,14 @@ def _captured_codes(module, cache: dict, wdtype, n: int) -> tuple[torch.Tensor, 
     and its host-side choice of the next layer would be frozen into the graph (and waiting on an event recorded
     outside the capture invalidates it), and a shared buffer could be freed or grown after the capture while the
     graph still writes to it."""
-    if not cache.get("checked"):
+    if not cache.get("checked") or "sw" not in cache:
         _require_warm(module, "checks the coordinate range of its stream")
+    if cache.get("fallback"):
+        raise RuntimeError(
+            f"HyperQuant: a compressed-resident LatticeLinear ({module.out_features}x{module.in_features}) has "
+            "lattice coordinates beyond the int8 code range, so each call rebuilds its codes on the host (the codec's "
+            "rescaling path), which cannot be captured in a CUDA graph. Use residency=\"int8\" for this model, or a "
+            "torch.compile mode without CUDA graphs")
     buf = torch.empty(n, dtype=wdtype, device=module.hq_words.device)
     _decode_into(module, buf, wdtype, n, check=False)
     return buf.view(module.out_features, module.in_features), cache["sw"]
