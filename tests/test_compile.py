@@ -83,12 +83,14 @@ def test_identical_blocks_compile_once_with_one_op_per_layer(residency):
     assert not torch.equal(got[0][0], got[1][0])
 
 
-def test_graph_takes_the_layer_state_and_an_mma_switch_recompiles_once_per_form():
-    """The op's state arguments are the layer's buffers (graph inputs, not constants), so switching the MMA (int8
-    <-> e4m3 codes) makes Dynamo compile a graph for the new form once and reuse both afterwards, and every call
-    equals the eager forward of the layer as it is now."""
+@pytest.mark.parametrize("residency", ["int8", "compressed"])
+def test_graph_takes_the_layer_state_and_an_mma_switch_recompiles_once_per_form(residency):
+    """The op's state arguments are the layer's buffers (graph inputs, not constants) and its MMA type (a guarded
+    string), so switching the MMA (int8 <-> e4m3 codes; for a compressed layer only the string changes) makes Dynamo
+    compile a graph for the new form once and reuse both afterwards, and every call equals the eager forward of the
+    layer as it is now."""
     torch.manual_seed(5)
-    lin = LatticeLinear.from_linear(nn.Linear(256, 256), bits=4.0, residency="int8", mma="int8")
+    lin = LatticeLinear.from_linear(nn.Linear(256, 256), bits=4.0, residency=residency, mma="int8")
     rec = _Recorder()
     f = torch.compile(lin, backend=rec, fullgraph=True)
     x = torch.randn(4, 256)
@@ -99,10 +101,12 @@ def test_graph_takes_the_layer_state_and_an_mma_switch_recompiles_once_per_form(
     assert len(rec.graphs) == 2
     g = rec.graphs[0]
     (node,) = [n for n in g.graph.nodes if "hyperquant.lattice_linear" in str(n.target)]
-    state = node.args[3]
+    assert node.args[3] == "int8"
+    state = node.args[4]
     assert len(state) == len(lin.resident_tensors()) and all(a.op == "placeholder" for a in state)
     names = {a.name for a in state}
-    assert any("codes" in nm for nm in names) and any("bias" in nm for nm in names)
+    assert any(("codes" if residency == "int8" else "hq_offsets") in nm for nm in names)
+    assert any("bias" in nm for nm in names)
 
 
 def test_op_finds_layers_after_deepcopy():
@@ -129,9 +133,10 @@ def test_op_schema_and_fake_shapes():
     torch.manual_seed(2)
     m = LatticeLinear.from_linear(nn.Linear(256, 96), bits=4.0)
     x = torch.randn(2, 7, 256)
-    torch.library.opcheck(OP, (x, m.op_id, 96, m.resident_tensors()))
+    torch.library.opcheck(OP, (x, m.op_id, 96, m.mma, m.resident_tensors()))
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-        out = OP(mode.from_tensor(x), mode.from_tensor(m.op_id), 96, [mode.from_tensor(t) for t in m.resident_tensors()])
+        out = OP(mode.from_tensor(x), mode.from_tensor(m.op_id), 96, m.mma,
+                 [mode.from_tensor(t) for t in m.resident_tensors()])
     assert tuple(out.shape) == (2, 7, 96) and out.dtype == x.dtype
 
 
@@ -139,16 +144,18 @@ def test_op_rejects_unknown_layers_and_wrong_arguments():
     m = LatticeLinear.from_linear(nn.Linear(128, 64), bits=4.0)
     x = torch.randn(2, 128)
     with pytest.raises(RuntimeError, match="no live LatticeLinear has op_id"):
-        OP(x, torch.tensor([10 ** 12]), 64, [])
+        OP(x, torch.tensor([10 ** 12]), 64, "int8", [])
     with pytest.raises(ValueError, match="has 64 outputs, the call says 32"):
-        OP(x, m.op_id, 32, m.resident_tensors())
+        OP(x, m.op_id, 32, "int8", m.resident_tensors())
+    with pytest.raises(ValueError, match="computes with mma='int8', the call says 'fp8'"):
+        OP(x, m.op_id, 64, "fp8", m.resident_tensors())
     with pytest.raises(ValueError, match="one-element int64"):
-        OP(x, m.op_id.to(torch.int32), 64, [])
+        OP(x, m.op_id.to(torch.int32), 64, "int8", [])
     n = int(m.op_id)
     del m
     gc.collect()
     with pytest.raises(RuntimeError, match=f"no live LatticeLinear has op_id {n}"):
-        OP(x, torch.tensor([n]), 64, [])
+        OP(x, torch.tensor([n]), 64, "int8", [])
 
 
 def test_unfinalized_layer_under_compile_names_finalize():

@@ -135,10 +135,11 @@ def test_reduce_overhead_equals_eager_bit_for_bit(residency, mma):
 
 
 def test_reduce_overhead_after_layer_changes_equals_eager():
-    """CUDA graphs recorded by ``mode="reduce-overhead"`` hold the layers' tensors by address. The compiled op takes
-    them as (static) inputs, so an MMA switch (e4m3 codes replace the int8 ones), a switch to int8 residency (the
-    stream replaced by codes) and a round trip through the CPU (new addresses) make Inductor compile or record again
-    instead of replaying kernels on freed memory: each call equals the eager forward of the model as it is then."""
+    """CUDA graphs recorded by ``mode="reduce-overhead"`` replay the kernels of the layers as they were. The compiled
+    op takes each layer's MMA type (guarded) and its tensors (static inputs), so an MMA switch (on these compressed
+    layers only the type changes), a switch to int8 residency (the stream replaced by codes) and a round trip
+    through the CPU (new addresses) make Inductor compile or record again instead of replaying kernels of the old
+    MMA on freed memory: each call equals the eager forward of the model as it is then."""
     from hyperquant_diffusers.kernels.dispatch import make_int8_resident
 
     torch.manual_seed(2)

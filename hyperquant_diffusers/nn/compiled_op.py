@@ -3,7 +3,7 @@
 Why an op: the layer's forward is Python that Dynamo cannot trace (Triton launches through a kernel cache, a
 side-stream decode prefetch, numba on the CPU path, per-layer caches). Traced as is, every layer broke the graph,
 and the per-layer state made Dynamo recompile for every block until it gave up. Under ``torch.compile``
-:meth:`LatticeLinear.forward` emits ``torch.ops.hyperquant.lattice_linear(x, op_id, out_features)`` instead; the
+:meth:`LatticeLinear.forward` emits ``torch.ops.hyperquant.lattice_linear(x, op_id, out_features, mma, state)`` instead; the
 op runs the layer's eager forward at run time, and everything around it (norms, RoPE, attention, elementwise math)
 compiles as usual, ``fullgraph=True`` included.
 
@@ -13,11 +13,11 @@ moves, dtype casts and ``to_empty`` leave it alone, and ``copy.deepcopy`` or unp
 its own. Passing the number as a tensor, not as a constant, keeps the graph the same for every block of a model, so
 regional compilation (diffusers' ``compile_repeated_blocks``) compiles one block and reuses it for all of them.
 
-The op also takes the layer's resident tensors (codes and scales, or the Rice stream; signs; bias) as a list,
-which it does not read directly: they make the graph depend on them. Dynamo passes a module's buffers as graph
-inputs and marks them static, so an MMA or residency switch (new dtypes, other tensors) recompiles, and with CUDA
-graphs (``mode="reduce-overhead"``) a layer whose tensors moved or were replaced makes Inductor record its graphs
-again instead of replaying kernels that read the old addresses.
+The op also takes the layer's MMA type and its resident tensors (codes and scales, or the Rice stream's index and
+scales; signs; bias), which it does not read from the arguments: they make the graph depend on them. Dynamo guards
+on the MMA string and passes a module's buffers as graph inputs marked static, so an MMA or residency switch
+recompiles, and with CUDA graphs (``mode="reduce-overhead"``) a layer whose tensors moved or were replaced makes
+Inductor record its graphs again, instead of replaying kernels of the old MMA or kernels that read old addresses.
 
 One behaviour differs from eager: compiled code reuses activation buffers without bumping their version counters,
 so the eager sharing of one activation quantization between layers fed the same tensor (to_q / to_k / to_v) would
@@ -45,21 +45,24 @@ def layer_of(op_id: torch.Tensor):
     return LAYERS.lookup(op_id, OP_NAME)
 
 
-def lattice_linear(x: torch.Tensor, op_id: torch.Tensor, out_features: int,
+def lattice_linear(x: torch.Tensor, op_id: torch.Tensor, out_features: int, mma: str,
                    state: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The eager forward of the LatticeLinear numbered ``op_id``: x (..., in_features) -> (..., out_features) in
     x's dtype, without sharing activation quantizations between layers (see the module docstring). This is the
     kernel of ``torch.ops.hyperquant.lattice_linear``; it returns a new tensor, never a view of ``x``.
-    ``state``: the layer's resident tensors (:meth:`LatticeLinear.resident_tensors`). The kernel reads them through
-    the layer; they are arguments so that the graph depends on them (see the module docstring)."""
+    ``mma``: the layer's MMA type when the graph was traced, and ``state``: its resident tensors
+    (:meth:`LatticeLinear.resident_tensors`). The kernel reads both through the layer; they are arguments so that
+    the graph depends on them (see the module docstring). A layer whose MMA no longer matches is an error."""
     layer = layer_of(op_id)
     if layer.out_features != out_features:
         raise ValueError(f"{OP_NAME}: layer {int(op_id)} has {layer.out_features} outputs, the call says "
                          f"{out_features}")
+    if layer.mma != mma:
+        raise ValueError(f"{OP_NAME}: layer {int(op_id)} computes with mma={layer.mma!r}, the call says {mma!r}")
     return layer.eager_forward(x, share_activation=False)
 
 
-def _lattice_linear_fake(x: torch.Tensor, op_id: torch.Tensor, out_features: int,
+def _lattice_linear_fake(x: torch.Tensor, op_id: torch.Tensor, out_features: int, mma: str,
                          state: list[torch.Tensor] | None = None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -69,6 +72,6 @@ def _lattice_linear_fake(x: torch.Tensor, op_id: torch.Tensor, out_features: int
 # allocates its output, this project's 2-core CI machine, torch 2.13, 2026-12-02), and a compiled LTX-2 step makes
 # 1344 such calls: ~6 ms of host time per step, where the compressed modes are close to host-bound. No autograd
 # kernel: LatticeLinear.forward keeps inputs that need a gradient out of the op.
-LIB.define("lattice_linear(Tensor x, Tensor op_id, int out_features, Tensor[] state) -> Tensor")
+LIB.define("lattice_linear(Tensor x, Tensor op_id, int out_features, str mma, Tensor[] state) -> Tensor")
 LIB.impl("lattice_linear", lattice_linear, "CompositeExplicitAutograd")
 torch.library.register_fake(OP_NAME, _lattice_linear_fake, lib=LIB)

@@ -345,7 +345,8 @@ class LatticeLinear(nn.Module):
             if self.signs_f32 is None:
                 raise RuntimeError("LatticeLinear is not finalized (its codes have not been loaded): call "
                                    "finalize() before running it under torch.compile")
-            return torch.ops.hyperquant.lattice_linear(x, self.op_id, self.out_features, self.resident_tensors())
+            return torch.ops.hyperquant.lattice_linear(x, self.op_id, self.out_features, self.mma,
+                                                       self.resident_tensors())
         return self.eager_forward(x)
 
     def resident_tensors(self) -> list[torch.Tensor]:
