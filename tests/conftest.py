@@ -40,3 +40,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after the test, so compiled graphs and recompile counts start from zero.
+    Use with ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

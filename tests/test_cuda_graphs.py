@@ -15,7 +15,7 @@ from torch import nn
 
 from hyperquant_diffusers.nn import LatticeLinear
 
-pytestmark = [pytest.mark.gpu,
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_dynamo"),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")]
 
 
@@ -34,13 +34,6 @@ class _Block(nn.Module):
     def forward(self, x):
         a, b, c = self.q(x), self.k(x), self.v(x)
         return self.o(a * b + c)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("residency", ["int8", "compressed"])
