@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import torch
 
 from ..codec.rice import RiceStreamError
+from ._pools import outside_graph_pools
 from ._triton import jit_cache
 
 _SCRATCH: dict = {}
@@ -52,9 +53,23 @@ def decode_scratch(device, numel: int, stream=None) -> torch.Tensor:
     key = (device.type, device.index, raw)
     t = _SCRATCH.get(key)
     if t is None or t.numel() < numel:
-        t = torch.empty(numel, dtype=torch.int8, device=device)
-        _SCRATCH[key] = t
+        _SCRATCH.pop(key, None)
+        t = _SCRATCH[key] = outside_graph_pools(device, _empty_on, stream, numel, torch.int8, device)
     return t
+
+
+def release_scratch() -> None:
+    """Drop the cached scratch rows and placeholders (each is freed on the stream it was allocated on, so work still
+    queued there finishes first)."""
+    _SCRATCH.clear()
+
+
+def _empty_on(stream, numel: int, dtype, device) -> torch.Tensor:
+    # allocated on the stream that will use it: the caching allocator reuses a block only on its own stream
+    if stream is None:
+        return torch.empty(numel, dtype=dtype, device=device)
+    with torch.cuda.stream(stream):
+        return torch.empty(numel, dtype=dtype, device=device)
 
 
 def decode_buffers(n: int, nb: int, out, out_dtype, device, stats: bool = True):
@@ -79,7 +94,9 @@ def stats_placeholder(device) -> torch.Tensor:
     key = ("placeholder", device.type, device.index)
     t = _SCRATCH.get(key)
     if t is None:
-        t = _SCRATCH[key] = torch.zeros(1, dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.empty(1, dtype=torch.int32, device=device)   # a graph temporary, as decode_scratch's
+        t = _SCRATCH[key] = outside_graph_pools(device, torch.zeros, 1, dtype=torch.int32, device=device)
     return t
 
 

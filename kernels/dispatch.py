@@ -32,6 +32,8 @@ import torch
 
 from hyperquant_diffusers.codec import tile_signs
 
+from ._bits import release_scratch
+from ._pools import outside_graph_pools
 from ._triton import num_sms, triton_available
 from .act_quant import rht_quantize, signed_hadamard
 from .int8_gemm import fp8_linear, int8_linear, require_fp8_mma
@@ -47,8 +49,7 @@ def _decode_buffer(device, dtype, n: int) -> torch.Tensor:
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < n:
         _BUFFERS.pop(key, None)
-        buf = torch.empty(n, dtype=dtype, device=device)
-        _BUFFERS[key] = buf
+        buf = _BUFFERS[key] = outside_graph_pools(device, torch.empty, n, dtype=dtype, device=device)
     return buf[:n]
 
 
@@ -59,11 +60,13 @@ def decode_buffer_nbytes() -> int:
 
 
 def release_decode_buffers() -> None:
+    """Free the shared decode buffers, the prefetch slots and the decoders' scratch rows (rebuilt on next use)."""
     for pf in _PREFETCHERS.values():
         pf.drain()
     _BUFFERS.clear()
     _PREFETCHERS.clear()
     _PREFETCH["generation"] += 1
+    release_scratch()
 
 
 def _cache(module) -> dict:
@@ -105,7 +108,7 @@ def weight_codes(module, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     if cache.get("fallback"):
         return module.int8_weight()
     if "sw" not in cache:
-        cache["sw"] = _code_scale_compressed(module)
+        cache["sw"] = outside_graph_pools(module.hq_words.device, _code_scale_compressed, module)
     if not cache.get("checked"):
         # first call: decode on the compute stream with the stream checks (one host sync), no prefetching; with
         # the prefetch on, into one of its two slots (no third buffer of the largest layer's size)
@@ -260,8 +263,10 @@ class _Prefetcher:
             # growing happens while the largest layer is first seen: wait for every use of the old buffers
             torch.cuda.current_stream(self.index).synchronize()
             self.stream.synchronize()
-            self.bufs = [torch.empty(max(n, 0 if x is None else x.numel()), dtype=self.wdtype, device=self.device)
-                         for x in self.bufs]
+            sizes = [max(n, 0 if x is None else x.numel()) for x in self.bufs]
+            self.bufs = [None, None]   # the old slots are freed before the new ones are taken
+            self.bufs = outside_graph_pools(self.device, lambda: [
+                torch.empty(s, dtype=self.wdtype, device=self.device) for s in sizes])
             self.written, self.free, self.ready = [False, False], [False, False], {}
             b = self.bufs[j]
         return b[:n]
@@ -439,7 +444,8 @@ def cuda_forward(module, x: torch.Tensor, share_activation: bool = True) -> torc
     if ops is None:
         if capturing(x):
             _require_warm(module, "reads its RHT signs back to the host")
-        ops = cache[skey] = _rht_operands(module.signs, module.tile_size, x.dtype, x.device)
+        ops = cache[skey] = outside_graph_pools(x.device, _rht_operands, module.signs, module.tile_size, x.dtype,
+                                                x.device)
     fmt = module.mma
     if fmt == "fp8":
         require_fp8_mma(x.device)     # before the activation pass, whose e4m3 cast needs the same GPUs

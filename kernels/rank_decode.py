@@ -41,6 +41,7 @@ from ..codec.rice import RiceStreamError
 from ._bits import (bit_helpers, decode_buffers, decode_reference, decode_scratch, raise_on_flags,
                     stats_placeholder)
 from ._launch import CachedLauncher
+from ._pools import outside_graph_pools
 from ._triton import interpreting, jit_cache, num_sms, require_triton
 
 ESCAPE_Q = codec_constants.ESCAPE_Q
@@ -248,7 +249,7 @@ def _launch_tables(lat: str, dev) -> tuple:
         kc = dict(ESC1=escape_rank(k1), ESC2=escape_rank(k2), SIZE2_0=s2[0], SIZE2_1=s2[1], BOX=box,
                   T1N=t1[0], T1C1=t1[1], T1C0=t1[2], E0N=e0[0], E0C1=e0[1], E0C0=e0[2], E1N=e1[0], E1C1=e1[1],
                   E1C0=e1[2])
-        _LAUNCH[key] = (packed_table(k1, dev), packed_table(k2, dev), kc)
+        _LAUNCH[key] = outside_graph_pools(dev, lambda: (packed_table(k1, dev), packed_table(k2, dev), kc))
     return _LAUNCH[key]
 
 

@@ -127,6 +127,56 @@ def test_reduce_overhead_equals_eager_bit_for_bit(residency, mma):
     assert want[0].float().std() > 0
 
 
+@pytest.mark.parametrize("residency", ["int8", "compressed"])
+def test_reduce_overhead_on_a_model_never_run_eagerly(residency):
+    """A layer's first call ever is a reduce-overhead warm-up call, during which Inductor routes every allocation of
+    the thread into its graph pool. The caches the layer fills then (decode slots and scratch rows, the RHT operand,
+    the code scales) are made outside that pool (kernels/_pools.py), so Inductor records its graphs without a skip
+    or its "not tracked" error, and every call equals the eager forward bit for bit."""
+    from torch._dynamo.utils import counters
+
+    from hyperquant_diffusers.kernels.dispatch import release_decode_buffers
+
+    release_decode_buffers()   # no decode slot, buffer or scratch row left by earlier tests
+    torch.manual_seed(3)
+    model = _Chain(residency, "int8")
+    x = torch.randn(2, 300, 1024, device="cuda", dtype=torch.bfloat16)
+    counters.clear()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        got = [compiled(x).clone() for _ in range(4)]
+        torch.cuda.synchronize()
+        want = model(x)
+    assert all(torch.equal(g, want) for g in got)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert want.float().std() > 0
+
+
+def test_kernel_caches_are_allocated_outside_a_graph_pool():
+    """``outside_graph_pools`` against the allocator's own record: with the thread's allocations routed into a
+    memory pool (as Inductor's warm-up routes them), a tensor made through it lies in an ordinary segment, one made
+    directly lies in the pool; inside a capture it refuses by name."""
+    from hyperquant_diffusers.kernels._pools import outside_graph_pools
+
+    def pool_of(t):
+        for seg in torch.cuda.memory_snapshot():
+            if seg["address"] <= t.data_ptr() < seg["address"] + seg["total_size"]:
+                return tuple(seg["segment_pool_id"])
+        raise AssertionError("no segment holds the tensor")
+
+    pool = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool):
+        inside = torch.empty(1 << 20, device="cuda")
+        outside = outside_graph_pools("cuda", torch.ones, 1 << 20, device="cuda")
+    assert pool_of(inside) == tuple(pool.id)
+    assert pool_of(outside) != tuple(pool.id)
+    assert outside.sum().item() == 1 << 20
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph is being captured"), torch.cuda.graph(g):
+        outside_graph_pools("cuda", torch.empty, 16, device="cuda")
+    torch.cuda.synchronize()
+
+
 def test_reduce_overhead_after_layer_changes_equals_eager():
     """CUDA graphs recorded by ``mode="reduce-overhead"`` replay the kernels of the layers as they were. The compiled
     op takes each layer's MMA type (guarded) and its tensors (static inputs), so an MMA switch (on these compressed
