@@ -350,6 +350,10 @@ def main(argv=None):
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode for --compile (default: Inductor's default; \"reduce-overhead\": "
                          "CUDA graphs)")
+    ap.add_argument("--compile-whole", action="store_true",
+                    help="with --compile: compile the whole transformer (torch.compile of the module) instead of its "
+                         "repeated blocks; reduce-overhead needs it (per-block CUDA graphs fail on their own outputs, "
+                         "bf16 included: pytorch/pytorch#152887)")
     ap.add_argument("--pps-sweep", action="store_true",
                     help="with --variants: also sweep the side-stream decode grid (programs per SM 1/2/4/8/16)")
     args = ap.parse_args(argv)
@@ -390,8 +394,15 @@ def main(argv=None):
         res["bf16"]["graphed"] = graphed_step(model, inputs, ref)
     compile_kw = {"fullgraph": True, **({"mode": args.compile_mode} if args.compile_mode else {})}
     res["compile_mode"] = args.compile_mode if args.compile else None
+    res["compile_whole"] = bool(args.compile and args.compile_whole)
+
+    def compile_model(m):
+        if args.compile_whole:
+            m.compile(**compile_kw)
+        else:
+            m.compile_repeated_blocks(**compile_kw)
     if args.compile:
-        model.compile_repeated_blocks(**compile_kw)
+        compile_model(model)
         torch.compiler.set_stance("force_eager")    # every other measurement stays eager
         res["bf16"]["compiled"] = c = compiled_stats(model, inputs, args.steps, ref)
         if "error" not in c:
@@ -430,7 +441,7 @@ def main(argv=None):
             model, run["compressed_load_s"], _ = load_compressed(cpath, args.layers, layout, bits)
             run["int8_from_compressed_decode_s"] = None
         if args.compile:
-            model.compile_repeated_blocks(**compile_kw)
+            compile_model(model)
         all_modes = bits in args.all_modes_bits
         modes = [("compressed", "int8"), ("compressed", "fp8"), ("int8", "int8"), ("int8", "fp8")]
         if not all_modes:
@@ -548,7 +559,8 @@ def summary(res):
                      + f", page cache dropped: {r.get('page_cache_dropped')}")
     if "compiled" in b:
         c = b["compiled"]
-        lines += ["compiled blocks (compile_repeated_blocks(fullgraph=True)):",
+        what = "whole transformer (torch.compile" if res.get("compile_whole") else "blocks (compile_repeated_blocks"
+        lines += [f"compiled {what}(fullgraph=True, mode={res.get('compile_mode') or 'default'})):",
                   "| variant | s/step | x bf16 compiled | x bf16 eager | first call s | rel L2 video |",
                   "|---|---|---|---|---|---|"]
         lines.append(f"| bf16 | {c['error'][:80]} |" if "error" in c else
