@@ -129,6 +129,9 @@ def compiled_stats(model, inputs, steps: int, ref) -> dict:
             "peak_gib": peak, "rel_l2_video": v, "rel_l2_audio": a}
 
 
+#: (residency, mma) of every quantized mode, in the order a run visits them
+ALL_MODES = (("compressed", "int8"), ("compressed", "fp8"), ("int8", "int8"), ("int8", "fp8"))
+
 #: the timed steps of the last step_stats call (s), and how long the host took to issue each (s)
 _LAST_TIMES: list = []
 _LAST_HOST: list = []
@@ -334,6 +337,10 @@ def main(argv=None):
     ap.add_argument("--profile-dir", default=None, help="profile one step of bf16 and each mode of the first rate")
     ap.add_argument("--all-modes-bits", type=float, nargs="*", default=[4.0],
                     help="rates that get every residency x MMA (others: compressed+int8 and int8+int8 only)")
+    ap.add_argument("--modes", nargs="+", default=None, choices=[f"{r}-{m}" for r, m in ALL_MODES],
+                    help="run only these residency-MMA modes, at every rate (overrides --all-modes-bits); they run in "
+                         "the order compressed-int8, compressed-fp8, int8-int8, int8-fp8 (int8 residency is decoded "
+                         "from the compressed model, never the reverse)")
     ap.add_argument("--variants", action="store_true",
                     help="also time compressed+int8 with the decode prefetch off, int8+int8 with activation "
                          "sharing off, and both with Triton's ordinary launch instead of the cached one (what each "
@@ -442,9 +449,11 @@ def main(argv=None):
             run["int8_from_compressed_decode_s"] = None
         if args.compile:
             compile_model(model)
-        all_modes = bits in args.all_modes_bits
-        modes = [("compressed", "int8"), ("compressed", "fp8"), ("int8", "int8"), ("int8", "fp8")]
-        if not all_modes:
+        if args.modes:
+            modes = [(r, m) for r, m in ALL_MODES if f"{r}-{m}" in args.modes]
+        elif bits in args.all_modes_bits:
+            modes = list(ALL_MODES)
+        else:
             modes = [("compressed", "int8"), ("int8", "int8")]
         from hyperquant_diffusers.kernels.dispatch import decode_buffer_nbytes, release_decode_buffers
 
