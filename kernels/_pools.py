@@ -54,8 +54,10 @@ def outside_graph_pools(device, fn, /, *args, **kwargs):
     device = torch.device(device)
     if device.type != "cuda" or threading.get_ident() == _WORKER.get("thread"):
         return fn(*args, **kwargs)
-    stream = torch.cuda.current_stream(device)
-    if torch.cuda.is_current_stream_capturing():
+    with torch.cuda.device(device):   # the capture state of that device's current stream, not the current device's
+        stream = torch.cuda.current_stream()
+        capturing = torch.cuda.is_current_stream_capturing()
+    if capturing:
         raise RuntimeError(
             "HyperQuant: a kernel cache would be built while a CUDA graph is being captured; run the model once "
             "outside the capture first (torch.compile's mode=\"reduce-overhead\" does its warm-up runs first; with "
