@@ -274,3 +274,25 @@ def test_kv_compression_refuses_cuda_graph_capture():
     torch.cuda.synchronize()
     qk, _ = core.quantize_now(k, v)
     assert qk.shape == k.shape and not torch.equal(qk, k)
+
+
+def test_kv_compression_under_reduce_overhead_raises_its_named_error(tiny_ltx2_path):
+    """``torch.compile(transformer, mode="reduce-overhead")`` with K/V compression on: Inductor's warm-up call is not
+    a capture, but the K/V ops see its stream and raise the named error there, before the text-K/V cache puts a
+    tensor into the graphs' memory pool (which used to surface later as Inductor's "cudagraph pool not tracked").
+    Once compression is disabled, the same compiled transformer runs and gives the eager quantized video."""
+    from hyperquant_diffusers.kv import disable_kv_compression, enable_kv_compression
+    from hyperquant_diffusers.testing import run_tiny_pipeline
+
+    pipe = _tiny_ltx2(tiny_ltx2_path, "int8")
+    eager = run_tiny_pipeline(pipe)
+    enable_kv_compression(pipe.transformer, kv_bits=4.0, lattice="E8", bias_correction="dither",
+                          cache_text_kv=True)
+    run_tiny_pipeline(pipe)   # eager, compression on: the K/V path works outside graphs
+    pipe.transformer = torch.compile(pipe.transformer, mode="reduce-overhead", fullgraph=True)
+    with pytest.raises(RuntimeError, match="K/V compression cannot run inside a CUDA graph capture"):
+        run_tiny_pipeline(pipe)
+    torch.cuda.synchronize()
+    disable_kv_compression(pipe.transformer._orig_mod)
+    again = run_tiny_pipeline(pipe)
+    assert np.abs(again - eager).max() < 1e-3 and eager.std() > 0.01

@@ -16,6 +16,7 @@ With ``cfg=None`` nothing is quantized (the text cache then holds the K/V lossle
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -30,11 +31,27 @@ ROLES = ("self", "cross", "text")
 _MASK = 0x7FFF_FFFF_FFFF_FFFF
 
 
+def _in_inductor_graph_run(device: torch.device) -> bool:
+    """Whether this thread is inside a call of ``torch.compile``'s CUDA-graph trees (``mode="reduce-overhead"``) on
+    ``device``: their warm-up and recording calls run on the tree manager's own stream (their replays run no Python
+    at all). A warm-up is not a capture, so ``is_current_stream_capturing`` misses it, and what it allocates lands in
+    the graphs' memory pool: caching K/V there would fail later with Inductor's "not tracked" error instead of ours."""
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")   # never imported: no graph tree exists
+    if trees is None:
+        return False
+    try:
+        manager = trees.get_manager(device.index, create_if_none_exists=False)
+    except Exception:   # a private API: if it changes, the capture check below still holds for the recording call
+        return False
+    return manager is not None and torch.cuda.current_stream(device) == manager.stream
+
+
 def _refuse_capture(t: torch.Tensor) -> None:
-    """Raise a RuntimeError when a CUDA graph is being captured on ``t``'s device. A graph replays kernels without
-    this Python: the per-call dither seeds would stop advancing and the text-K/V cache would keep serving the prompt
-    it held at capture time, so a replay could silently use another prompt's K/V."""
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+    """Raise a RuntimeError when a CUDA graph is being captured on ``t``'s device, or torch.compile's CUDA graphs
+    are being warmed up there. A graph replays kernels without this Python: the per-call dither seeds would stop
+    advancing and the text-K/V cache would keep serving the prompt it held at capture time, so a replay could
+    silently use another prompt's K/V."""
+    if t.is_cuda and (torch.cuda.is_current_stream_capturing() or _in_inductor_graph_run(t.device)):
         raise RuntimeError(
             "HyperQuant K/V compression cannot run inside a CUDA graph capture (torch.compile with "
             "mode=\"reduce-overhead\" or \"max-autotune\", torch.cuda.graph): a replay would freeze its per-call "
