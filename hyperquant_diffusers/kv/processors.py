@@ -56,7 +56,8 @@ def _refuse_capture(t: torch.Tensor) -> None:
             "HyperQuant K/V compression cannot run inside a CUDA graph capture (torch.compile with "
             "mode=\"reduce-overhead\" or \"max-autotune\", torch.cuda.graph): a replay would freeze its per-call "
             "dither seeds and its text-K/V cache, which is kept on the host. Compile with the default mode, or "
-            "disable_kv_compression() before capturing; quantized weights (LatticeLinear) do support CUDA graphs")
+            "disable_kv_compression() before capturing (after this error inside torch.compile's CUDA graphs, call "
+            "torch._dynamo.reset() and compile again); quantized weights (LatticeLinear) do support CUDA graphs")
 
 
 class _KVCore:
