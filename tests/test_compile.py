@@ -284,6 +284,49 @@ def test_tiny_ltx2_with_kv_compression_compiles_fullgraph(tiny_ltx2_path, device
     assert after_eager["reused"] > 0 if cache_text_kv else after_eager["computed"] == 0
 
 
+@pytest.mark.parametrize("cache_text_kv", [False, True])
+def test_whole_tiny_ltx2_transformer_compiled_with_kv_compression(tiny_ltx2_path, cache_text_kv):
+    """``torch.compile`` of the whole transformer (the form ``reduce-overhead`` needs; here the default mode) with K/V
+    compression. Without the text cache it is one graph (``fullgraph=True``); with it, the cache hook's host-side
+    prompt comparison (``torch.equal``) is the only graph break. The text K/V are computed and reused as often as
+    eagerly. The video is not bit-close to the eager one: Inductor rounds LTX-2's float64 RoPE frequencies to
+    float32 differently (~1e-3 in a high-frequency band of K, harmless without K/V compression: 1e-6 at the output),
+    which moves a few keys across a lattice cell boundary (rel. L2 1.3e-3 measured). So the bound is relative to
+    what a seeding error would cost: another dither draw (seed 1) moves the video 25-30x as far (0.036)."""
+    from diffusers import LTX2Pipeline, PipelineQuantizationConfig
+    from torch._dynamo.utils import counters
+
+    import hyperquant_diffusers  # noqa: F401  (registers the backend)
+    from hyperquant_diffusers.kv import disable_kv_compression, enable_kv_compression
+    from hyperquant_diffusers.testing import run_tiny_pipeline
+
+    pipe = LTX2Pipeline.from_pretrained(tiny_ltx2_path, quantization_config=PipelineQuantizationConfig(
+        quant_backend="hyperquant", quant_kwargs={"bits": 4.0, "lattice": "E8", "tile_size": 64},
+        components_to_quantize=["transformer"]))
+    kv = dict(kv_bits=4.0, lattice="E8", bias_correction="dither", cache_text_kv=cache_text_kv)
+    enable_kv_compression(pipe.transformer, seed=1, **kv).reset()
+    other_draw = run_tiny_pipeline(pipe)
+    disable_kv_compression(pipe.transformer)
+    handle = enable_kv_compression(pipe.transformer, **kv)
+    handle.reset()
+    eager = run_tiny_pipeline(pipe)
+    after_eager = handle.stats()
+    handle.reset()
+    counters.clear()
+    pipe.transformer = torch.compile(pipe.transformer, fullgraph=not cache_text_kv)
+    compiled = run_tiny_pipeline(pipe)
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    breaks = list(counters["graph_break"])
+    assert all("aten.equal" in reason for reason in breaks) and (len(breaks) > 0) == cache_text_kv
+    assert rel(compiled, eager) < rel(other_draw, eager) / 8 and rel(other_draw, eager) > 0.01
+    after_compiled = handle.stats()
+    for key in ("computed", "reused"):
+        assert after_compiled[key] == 2 * after_eager[key]
+
+
 def test_kv_ops_fake_shapes_and_named_errors():
     from hyperquant_diffusers.kv.processors import _KVCore
     from hyperquant_diffusers.kv.quantizer import KVQuantConfig
