@@ -20,6 +20,21 @@ from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHo
 
 HOOK_NAME = "hyperquant_kv_compression"
 
+#: why a compiled graph cannot contain the row identification (Dynamo shows it with ``fullgraph=True``)
+_NOT_TRACEABLE = ("HyperQuant's text-K/V cache identifies the prompt rows on the host (torch.equal) at every "
+                  "transformer call, which a graph cannot contain; with cache_text_kv=True compile the transformer's "
+                  "blocks (transformer.compile_repeated_blocks(fullgraph=True)) or the whole transformer without "
+                  "fullgraph=True")
+
+
+def _run_eagerly(fn):
+    """``fn`` always runs eagerly: under ``torch.compile`` it is a graph break, and with ``fullgraph=True``
+    Dynamo's error carries :data:`_NOT_TRACEABLE`."""
+    try:
+        return torch.compiler.disable(fn, reason=_NOT_TRACEABLE)
+    except TypeError:   # an older torch without the reason argument: the same graph break, Dynamo's own wording
+        return torch.compiler.disable(fn)
+
 
 class _Entry:
     """One unique prompt row of one stream: ``raw`` (a private copy of the row, (L, C), for equality tests) and
@@ -152,6 +167,7 @@ class KVCompressionHook(ModelHook):
             return None
         return bound.arguments.get(name)
 
+    @_run_eagerly
     def _identify(self, state: _CallState, stream: str, x: torch.Tensor) -> list[int]:
         last = state.last.get(stream)
         # Fast path: the very tensor of the previous call, unmodified since (pipelines build the prompt embeddings
