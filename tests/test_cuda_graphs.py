@@ -283,8 +283,8 @@ def test_kv_compression_under_reduce_overhead_raises_its_named_error(tiny_ltx2_p
     tensor into the graphs' memory pool (which used to surface later as Inductor's "cudagraph pool not tracked").
     After the recovery the message names (``torch._dynamo.reset()``, compression disabled, compiled again) the
     transformer runs in CUDA graphs and gives the eager quantized video. Without the text cache (no hook) the
-    transformer compiles as one graph; with it, the hook's host-side prompt comparison (``torch.equal``) is a graph
-    break, so ``fullgraph`` is off there."""
+    transformer compiles as one graph; with it, the hook's host-side prompt identification is a declared graph break
+    (``torch.compiler.disable``), so ``fullgraph`` is off there."""
     from hyperquant_diffusers.kv import disable_kv_compression, enable_kv_compression
     from hyperquant_diffusers.testing import run_tiny_pipeline
 
