@@ -8,6 +8,8 @@ Each module holds a Triton kernel, its launcher and a pure-torch reference side 
 * :mod:`._bits`       -- the bit helpers and the unary pass both decoders share
 * :mod:`.int8_gemm`   -- int8 GEMM with scales, bias and output cast fused in the epilogue; ``torch._int_mm`` and
   ``torch._scaled_mm`` (fp8) paths; float64 reference
+* :mod:`.kv_quant`    -- fused K/V fake quantization: RHT, per-vector step, dithered nearest point (Z, D4, E8),
+  inverse RHT in one pass
 * :mod:`.fp4`         -- nvfp4 / mxfp4 storage of the lattice output (emulated), its error
 * :mod:`.quantize`    -- batched GPU quantization of many same-shape weights through the codec
 * :mod:`.dispatch`    -- ``cuda_forward(module, x)`` used by ``LatticeLinear`` on CUDA (int8 / compressed residency)

@@ -113,9 +113,11 @@ class _KVCore:
         if self.kq is None:
             return k, v
         hd = self.head_dim
-        ks = [self.kq.fake_quantize(k[b].unflatten(-1, (-1, hd)), self._text_seed(0)).flatten(-2)
+        # the torch path (fused=False): its dither is the one the cache's entries decode with, so the uncached text
+        # K/V equal the cached ones
+        ks = [self.kq.fake_quantize(k[b].unflatten(-1, (-1, hd)), self._text_seed(0), fused=False).flatten(-2)
               for b in range(k.shape[0])]
-        vs = [self.vq.fake_quantize(v[b].unflatten(-1, (-1, hd)), self._text_seed(1)).flatten(-2)
+        vs = [self.vq.fake_quantize(v[b].unflatten(-1, (-1, hd)), self._text_seed(1), fused=False).flatten(-2)
               for b in range(v.shape[0])]
         return torch.stack(ks), torch.stack(vs)
 

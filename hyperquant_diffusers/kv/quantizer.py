@@ -81,6 +81,42 @@ def _gpu_decode(kv: "CompressedKV", lattice: str) -> torch.Tensor | None:
     return out.to(torch.int32)
 
 
+#: When :meth:`KVQuantizer.fake_quantize` takes the fused Triton kernel (``kernels/kv_quant.py``) instead of the
+#: codec's torch operations: "off"; "cuda" for CUDA tensors; "always" also for CPU tensors through Triton's
+#: interpreter (``TRITON_INTERPRET=1``; for tests). The kernel takes Z, D4 and E8 with dither or plain nearest
+#: point, head dimensions 16-256; anything else (A2, QJL) keeps the torch path. Its dither is another draw than
+#: the torch path's (Philox instead of torch's generator), same distribution. Off by default until it has run
+#: on the device (bench/RESULTS.md).
+FUSED_KERNEL_MODES = ("off", "cuda", "always")
+_FUSED = {"when": "off"}
+
+
+def set_fused_kernel(when: str) -> None:
+    """Choose when K/V fake quantization runs the fused kernel: one of :data:`FUSED_KERNEL_MODES`."""
+    if when not in FUSED_KERNEL_MODES:
+        raise ValueError(f"fused K/V kernel mode must be one of {FUSED_KERNEL_MODES}, got {when!r}")
+    _FUSED["when"] = when
+
+
+def fused_kernel_mode() -> str:
+    return _FUSED["when"]
+
+
+def _fused_kernel_applies(q: "KVQuantizer", x: torch.Tensor) -> bool:
+    when = _FUSED["when"]
+    if when == "off" or q.cfg.method == "qjl" or q.fused_unsupported:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    try:
+        from ..kernels._triton import interpreting, triton_available
+    except ImportError:
+        return False
+    if not triton_available():
+        return False
+    return x.is_cuda and not interpreting() if when == "cuda" else (x.is_cuda or interpreting())
+
+
 def decode_log8(e: torch.Tensor) -> torch.Tensor:
     """int8 codes -> float32 values ``2^(e/8)``."""
     return torch.exp2(e.to(torch.float32) / STEP_CODES_PER_OCTAVE)
@@ -306,6 +342,9 @@ class KVQuantizer:
         self.signs = random_signs(self.head_dim, self.seed)
         self.alpha = step_multiplier(cfg, self.head_dim)
         self.m = qjl_dim(cfg, self.head_dim) if cfg.method == "qjl" else 0
+        from ..kernels.kv_quant import check_kv_kernel_args
+        # why the fused kernel cannot take this quantizer's vectors (None: it can)
+        self.fused_unsupported = check_kv_kernel_args(self.head_dim, self.tile, cfg.lattice)
 
     def _signs(self, device) -> torch.Tensor:
         if self.signs.device != torch.device(device):
@@ -346,8 +385,18 @@ class KVQuantizer:
         sign = bits.to(torch.float32) * 2.0 - 1.0
         return (math.sqrt(math.pi / 2.0) / self.m) * norm.unsqueeze(1) * (sign @ s)
 
-    def fake_quantize(self, x: torch.Tensor, call_seed: int) -> torch.Tensor:
-        """Quantize and reconstruct at once (nothing kept): same shape and dtype as ``x``."""
+    def fake_quantize(self, x: torch.Tensor, call_seed: int, fused: bool = True) -> torch.Tensor:
+        """Quantize and reconstruct at once (nothing kept): same shape and dtype as ``x``. Runs the fused kernel
+        where :func:`set_fused_kernel` says so and it applies (then the dither is Philox's draw from ``call_seed``);
+        ``fused=False``: always the torch path, whose draws :meth:`compress` repeats (the text K/V, whose cached and
+        uncached paths must agree)."""
+        if fused and _fused_kernel_applies(self, x):
+            if x.shape[-1] != self.head_dim:
+                raise ValueError(f"expected K/V vectors of {self.head_dim} values, got last dimension {x.shape[-1]}")
+            from ..kernels.kv_quant import kv_fake_quantize
+            return kv_fake_quantize(x.detach(), self._signs(x.device), self.tile, self.alpha, self.cfg.lattice,
+                                    dither=self.cfg.method == "dither", seed=call_seed,
+                                    codes_per_octave=STEP_CODES_PER_OCTAVE)
         rot = self.quantize_rotated(x, call_seed)
         return inverse_rht(rot.y_hat, self._signs(x.device), self.tile).reshape(x.shape).to(x.dtype)
 

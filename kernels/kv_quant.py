@@ -1,0 +1,247 @@
+"""Fused K/V fake quantization: RHT -> per-vector step -> (dithered) nearest lattice point -> inverse RHT, one pass.
+
+``x`` (R, D) bf16/fp16/fp32, one K or V vector (one token, one head) per row -> ``x_hat`` (R, D), same dtype:
+the reconstruction that :meth:`hyperquant_diffusers.kv.quantizer.KVQuantizer.fake_quantize` computes with the
+codec's torch operations, for lattices Z, D4 and E8 with subtractive dither (``dither=True``) or plain nearest
+point. Per row, in float32:
+
+* ``y = rht(x)``: flip by ``signs`` (D,), then the orthonormal Hadamard of every ``tile`` values (the codec's RHT);
+* step code ``e = round(CPO * log2(alpha * rms(y)))`` clamped to int8, step ``s = 2^(e / CPO)`` (``CPO`` codes per
+  octave: the K/V quantizer's ``STEP_CODES_PER_OCTAVE``, passed in so that it has one source);
+* dither ``u`` uniform on the lattice's Voronoi cell: ``u = z0 - Q(z0)`` for ``z0`` uniform on [0, 2)^D (every one
+  of the three lattices contains 2Z^D, so reducing a uniform point of that cube modulo the lattice is uniform on
+  the cell), drawn with Triton's Philox generator from ``seed`` and the value's index;
+* ``y_hat = (Q(y / s + u) - u) * s`` (``u = 0`` without dither), ``x_hat = inverse_rht(y_hat)``.
+
+Why a kernel: the torch path is a few dozen elementwise launches over float32 temporaries, plus a second
+nearest-point search for the dither, per K and per V tensor; on the full-size LTX-2 step it cost ~4.5 s
+(bench/RESULTS.md, "Time saved per step"). This kernel reads ``x`` once and writes ``x_hat`` once.
+
+Precision: the transforms are float32 products (IEEE, no TF32) with the ±1 block-diagonal Hadamard matrix: the
+same transform as the codec's float32 butterfly up to summation order, and the same code in Triton's CPU
+interpreter (whose bf16 products are not usable) as on the GPU. A float32 product of a (16, 128) block by a
+(128, 128) matrix runs on the CUDA cores, ~512 flops per value for both transforms; bf16 tensor-core products
+of a split operand would cost less, to be measured on the device before they replace this.
+
+The dither differs from the torch path's (Philox here, torch's generator there): same distribution, another draw.
+``kv_fake_quantize_reference`` below is the torch reference, given the kernel's dither (``return_dither=True``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._triton import interpreting, jit_cache, num_sms, require_triton
+
+#: lattices the kernel quantizes to (their Triton nearest-point code), by the codec's name
+LATTICE_IDS = {"Z": 0, "D4": 1, "E8": 2}
+#: head dimensions it takes: powers of two from the 16 rows/columns a tensor-core product needs up to 256
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+#: values per launch: Philox offsets are int32 row * D + column, so larger tensors are cut into launches of
+#: their own seeds
+MAX_LAUNCH_VALUES = 1 << 30
+#: launch shape: rows per program (values per program / D, at least 16), warps, programs per SM of the persistent
+#: grid (each program loads the Hadamard operand once and walks row blocks)
+_TUNE = {"block_values": 2048, "warps": 4, "pps": 4}
+
+
+@jit_cache
+def _kernel():
+    # the helpers are module globals: a @triton.jit function resolves the functions it calls there
+    global tl, libdevice, _rint, _nearest_dn, _nearest, _times_hadamard
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _rint(v, HW: tl.constexpr):
+        # round half to even, like torch.round. The interpreter has no libdevice.rint: adding and subtracting
+        # 1.5 * 2^23 rounds the same way for |v| < 2^22 (lattice units: far beyond any reachable coordinate)
+        if HW:
+            return libdevice.rint(v)
+        return (v + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _nearest_dn(g, N: tl.constexpr, HW: tl.constexpr):
+        # g (G, N): nearest point of D_N per row (Conway & Sloane): round, and where the sum is odd move the
+        # coordinate with the largest rounding error (first one on ties, as torch.argmax) one step towards g
+        f = _rint(g, HW)
+        s = tl.sum(f, axis=1)
+        odd = (s - 2.0 * tl.floor(s * 0.5)) != 0.0
+        err = g - f
+        idx = tl.argmax(tl.abs(err), axis=1, tie_break_left=True)
+        pick = (tl.arange(0, N)[None, :] == idx[:, None]) & odd[:, None]
+        return f + tl.where(pick, tl.where(err >= 0.0, 1.0, -1.0), 0.0)
+
+    @triton.jit
+    def _nearest(v, BR: tl.constexpr, D: tl.constexpr, LAT: tl.constexpr, HW: tl.constexpr):
+        # v (BR, D) float32 in lattice units -> nearest lattice point (BR, D) float32, groups of the lattice's
+        # dimension along D
+        if LAT == 0:
+            return _rint(v, HW)
+        elif LAT == 1:
+            g = tl.reshape(v, (BR * D // 4, 4))
+            return tl.reshape(_nearest_dn(g, 4, HW), (BR, D))
+        else:
+            # E8 = D8 u (D8 + 1/2): the nearer of the two cosets' points
+            g = tl.reshape(v, (BR * D // 8, 8))
+            p0 = _nearest_dn(g, 8, HW)
+            p1 = _nearest_dn(g - 0.5, 8, HW) + 0.5
+            d0 = tl.sum((g - p0) * (g - p0), axis=1)
+            d1 = tl.sum((g - p1) * (g - p1), axis=1)
+            return tl.reshape(tl.where((d1 < d0)[:, None], p1, p0), (BR, D))
+
+    @triton.jit
+    def _times_hadamard(a, h):
+        # a (BR, D) float32 @ h (D, D) ±1/0 float32 in float32 arithmetic (IEEE: no TF32 rounding of a)
+        return tl.dot(a, h, input_precision="ieee")
+
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+    def kv_fake_quant_kernel(x_ptr, out_ptr, s_ptr, h_ptr, u_ptr, e_ptr, R, seed_lo, seed_hi, alpha, inv_sqrt_t,
+                             D: tl.constexpr, BR: tl.constexpr, LAT: tl.constexpr, DITHER: tl.constexpr,
+                             CPO: tl.constexpr, DEBUG: tl.constexpr, HW: tl.constexpr):
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        cols = tl.arange(0, D)
+        h = tl.load(h_ptr + cols[:, None] * D + cols[None, :])
+        signs = tl.load(s_ptr + cols)
+        seed = (seed_hi.to(tl.uint64) << 31) | seed_lo.to(tl.uint64)
+        for rb in range(pid, tl.cdiv(R, BR), nprog):
+            rows = rb * BR + tl.arange(0, BR)
+            rmask = rows < R
+            offs = rows[:, None] * D + cols[None, :]
+            m2 = rmask[:, None]
+            x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+            y = _times_hadamard(x * signs[None, :], h) * inv_sqrt_t
+            rms = tl.sqrt(tl.sum(y * y, axis=1) / D)
+            e = _rint(tl.log2(tl.maximum(rms * alpha, 1e-30)) * CPO, HW)
+            e = tl.minimum(tl.maximum(e, -128.0), 127.0)
+            step = tl.exp2(e / CPO)
+            z = tl.math.div_rn(y, step[:, None])
+            if DITHER:
+                z0 = 2.0 * tl.rand(seed, offs)
+                u = z0 - _nearest(z0, BR, D, LAT, HW)
+                yh = (_nearest(z + u, BR, D, LAT, HW) - u) * step[:, None]
+                if DEBUG:
+                    tl.store(u_ptr + offs, u, mask=m2)
+            else:
+                yh = _nearest(z, BR, D, LAT, HW) * step[:, None]
+            if DEBUG:
+                tl.store(e_ptr + rows, e.to(tl.int8), mask=rmask)
+            xh = _times_hadamard(yh, h) * inv_sqrt_t * signs[None, :]
+            tl.store(out_ptr + offs, xh.to(out_ptr.dtype.element_ty), mask=m2)
+
+    return kv_fake_quant_kernel
+
+
+_H: dict = {}
+
+
+def block_hadamard_pm1(head_dim: int, tile: int, device) -> torch.Tensor:
+    """The ±1 block-diagonal Sylvester Hadamard matrix (head_dim, head_dim), float32, one (tile, tile) block
+    per tile (unnormalized: the kernel scales by 1/sqrt(tile)); cached per (head_dim, tile, device)."""
+    key = (int(head_dim), int(tile), str(device))
+    if key not in _H:
+        h = torch.ones(1, 1)
+        while h.shape[0] < tile:
+            h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+        _H[key] = torch.block_diag(*([h] * (head_dim // tile))).to(device=device, dtype=torch.float32).contiguous()
+    return _H[key]
+
+
+def check_kv_kernel_args(head_dim: int, tile: int, lattice: str) -> str | None:
+    """None when the kernel takes vectors of ``head_dim`` values, RHT ``tile`` and ``lattice``; else why not."""
+    d, t = int(head_dim), int(tile)
+    if lattice not in LATTICE_IDS:
+        return f"lattice {lattice!r} (the kernel quantizes to {sorted(LATTICE_IDS)})"
+    if d & (d - 1) or not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        return f"head dimension {d} (the kernel takes powers of two from {MIN_HEAD_DIM} to {MAX_HEAD_DIM})"
+    if t & (t - 1) or d % t or t < 1:
+        return f"RHT tile {t} (a power of two dividing the head dimension {d})"
+    return None
+
+
+def _seed_halves(seed: int) -> tuple[int, int]:
+    # 62 bits of seed as two non-negative int32 halves (one kernel signature for every seed)
+    s = int(seed) & ((1 << 62) - 1)
+    return s & 0x7FFF_FFFF, s >> 31
+
+
+def _launch_seed(seed: int, i: int) -> int:
+    # launch i > 0 of a tensor cut into several: its own Philox key (golden-ratio increments of the 62-bit seed)
+    return (int(seed) + i * 0x9E37_79B9_7F4A_7C15) & ((1 << 62) - 1)
+
+
+def kv_fake_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: float, lattice: str, *,
+                     dither: bool, seed: int, codes_per_octave: int, return_dither: bool = False):
+    """Quantize and reconstruct K or V vectors in one pass (module docstring).
+
+    ``x`` (..., D) bf16/fp16/fp32; ``signs`` (D,) ±1 RHT signs; ``tile`` the RHT tile (divides D); ``alpha`` the
+    step multiplier (per-vector step = alpha * rms of the rotated vector, before log coding); ``lattice`` "Z",
+    "D4" or "E8"; ``dither`` subtractive dither drawn from ``seed`` (any int; 62 bits are used) or plain nearest
+    point; ``codes_per_octave`` of the int8 step codes. Returns ``x_hat`` (x's shape and dtype); with
+    ``return_dither`` also the dither (R, D) float32 (zeros without dither) and the step codes (R,) int8, for
+    checking against :func:`kv_fake_quantize_reference`.
+    """
+    require_triton()
+    d = x.shape[-1]
+    why = check_kv_kernel_args(d, tile, lattice)
+    if why is not None:
+        raise ValueError(f"kv_fake_quantize cannot take {why}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"kv_fake_quantize takes bf16, fp16 or float32 K/V, got {x.dtype}")
+    xr = x.reshape(-1, d)
+    if not xr.is_contiguous():
+        xr = xr.contiguous()
+    rows = xr.shape[0]
+    out = torch.empty_like(xr)
+    dev = x.device
+    s = signs.to(device=dev, dtype=torch.float32).contiguous()
+    if tuple(s.shape) != (d,):
+        raise ValueError(f"signs must be ({d},), got {tuple(s.shape)}")
+    h = block_hadamard_pm1(d, tile, dev)
+    u = torch.zeros((rows, d) if return_dither else (1,), device=dev, dtype=torch.float32)
+    e = torch.zeros((rows,) if return_dither else (1,), device=dev, dtype=torch.int8)
+    kern = _kernel()
+    br = max(16, _TUNE["block_values"] // d)
+    per_launch = max(br, (MAX_LAUNCH_VALUES // d) // br * br)
+    sms = num_sms(dev.index or 0)
+    for i, r0 in enumerate(range(0, rows, per_launch)):
+        n = min(per_launch, rows - r0)
+        lo, hi = _seed_halves(_launch_seed(seed, i))
+        grid = (max(1, min(triton_cdiv(n, br), sms * _TUNE["pps"])),)
+        kern[grid](xr[r0:], out[r0:], s, h, u[r0:] if return_dither else u, e[r0:] if return_dither else e, n, lo, hi,
+                   float(alpha), 1.0 / math.sqrt(tile), D=d, BR=br, LAT=LATTICE_IDS[lattice], DITHER=bool(dither),
+                   CPO=int(codes_per_octave), DEBUG=bool(return_dither),
+                   HW=not interpreting(), num_warps=_TUNE["warps"])
+    out = out.reshape(x.shape)
+    return (out, u, e) if return_dither else out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def kv_fake_quantize_reference(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: float, lattice: str, *,
+                               dither: torch.Tensor | None, step_codes: torch.Tensor | None = None):
+    """Torch reference of :func:`kv_fake_quantize`: the codec's RHT and nearest point and the K/V quantizer's step
+    codes (``kv.quantizer.encode_log8``), float32.
+
+    ``dither`` (R, D) float32 or None; ``step_codes`` (R,) int8 to use instead of recomputing them (a step code is a
+    rounded log2: a vector whose code sits on a rounding boundary may round either way in another log2).
+    Returns (x_hat in x's shape and dtype, step codes int8 (R,))."""
+    from hyperquant_diffusers.codec import coords_to_points, inverse_rht, nearest_point, rht
+    from hyperquant_diffusers.kv.quantizer import decode_log8, encode_log8
+
+    d = x.shape[-1]
+    s = signs.to(device=x.device, dtype=torch.float32)
+    y = rht(x.reshape(-1, d).to(torch.float32), s, tile)
+    if step_codes is None:
+        step_codes = encode_log8(y.square().mean(1).sqrt() * alpha)
+    step = decode_log8(step_codes).unsqueeze(1)
+    z = y / step
+    u = dither if dither is not None else torch.zeros_like(z)
+    y_hat = (coords_to_points(lattice, nearest_point(lattice, z + u)) - u) * step
+    return inverse_rht(y_hat, s, tile).reshape(x.shape).to(x.dtype), step_codes
