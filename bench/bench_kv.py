@@ -15,6 +15,11 @@ that fills the cache. Variants: ``recompute`` (diffusers' own processors: text K
 ``cache-exact`` (text K/V cached uncompressed, kv_bits=None), ``cache-<b>bps`` (text K/V cached Rice coded at b
 bits; self-attention K/V quantized on the fly too, which costs time on this reference path), ``cache-<b>bps-int8``
 (the same codes held as int8), ``nocache-<b>bps`` (everything quantized on the fly, text K/V recomputed).
+
+``--fused-kernel`` (CUDA): every ``<b>bps`` variant again as ``...-fused``, with the self / cross attention K/V
+through the fused kernel (``kv.quantizer.set_fused_kernel("cuda")``, ``kernels/kv_quant.py``), and a
+shape-level timing of one LTX-2 video self-attention K (batch 2 x 6144 tokens x 32 heads x 128, bf16) through the
+torch path and the kernel, with the kernel checked against the codec given its own dither.
 """
 
 from __future__ import annotations
@@ -85,9 +90,11 @@ def make_inputs(m, args, device, dtype):
                                                                       text_tokens=L, batch=b)
 
 
-def time_variant(m, inputs, device, repeat, **kv):
+def time_variant(m, inputs, device, repeat, fused=False, **kv):
     from hyperquant_diffusers.kv import disable_kv_compression, enable_kv_compression
+    from hyperquant_diffusers.kv.quantizer import set_fused_kernel
 
+    set_fused_kernel("cuda" if fused else "off")
     handle = enable_kv_compression(m, **kv) if kv else None
     times = []
     try:
@@ -105,6 +112,7 @@ def time_variant(m, inputs, device, repeat, **kv):
     finally:
         if handle:
             disable_kv_compression(m)
+        set_fused_kernel("off")
     return statistics.median(times), stats
 
 
@@ -143,6 +151,45 @@ def shape_level(bits_list, device, seed=0):
     return rows
 
 
+def fused_shape_level(device, bits=4.0, repeat=10, shape=(2, 6144, 32, 128)):
+    """One LTX-2 video self-attention K (bf16) fake-quantized by the torch path and by the fused kernel with each
+    way of multiplying by the Hadamard matrix: ms per call (median of ``repeat`` after a warm-up), the kernel's
+    effective bandwidth (one bf16 read + one write), and its largest difference from the codec given the kernel's
+    own dither, in bf16 units in the last place (1: the same lattice points, float32 sums rounded the other
+    way)."""
+    from hyperquant_diffusers.kernels.kv_quant import HADAMARD_MODES, kv_fake_quantize, kv_fake_quantize_reference
+    from hyperquant_diffusers.kv import KVQuantConfig, KVQuantizer
+    from hyperquant_diffusers.kv.quantizer import STEP_CODES_PER_OCTAVE
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(*shape, generator=g) * torch.exp(0.5 * torch.randn(shape[-1], generator=g)))
+    x = x.to(device=device, dtype=torch.bfloat16)
+    q = KVQuantizer(KVQuantConfig(bits=bits, lattice="E8", method="dither"), shape[-1], seed=1)
+    call = dict(dither=True, seed=5, codes_per_octave=STEP_CODES_PER_OCTAVE)
+
+    def clock(fn):
+        fn()
+        ts = []
+        for _ in range(repeat):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    res = dict(shape=list(shape), bits=bits, torch_ms=clock(lambda: q.fake_quantize(x, 5, fused=False)) * 1e3)
+    for mode in HADAMARD_MODES:
+        t = clock(lambda: kv_fake_quantize(x, q.signs, q.tile, q.alpha, "E8", hadamard=mode, **call))
+        out, u, e = kv_fake_quantize(x, q.signs, q.tile, q.alpha, "E8", hadamard=mode, return_dither=True, **call)
+        ref, _ = kv_fake_quantize_reference(x, q.signs, q.tile, q.alpha, "E8", dither=u, step_codes=e)
+        r32 = ref.float()
+        ulp = torch.exp2(torch.floor(torch.log2(r32.abs().clamp_min(1e-30))) - 7)   # bf16: 8 significant bits
+        res[mode] = dict(ms=t * 1e3, speedup=res["torch_ms"] / (t * 1e3), gb_s=x.numel() * 4 / t / 1e9,
+                         max_bf16_ulps_vs_codec=float(((out.float() - r32).abs() / ulp).max()))
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full-size", action="store_true", help="default-config LTX-2 transformer (48 layers)")
@@ -158,7 +205,11 @@ def main(argv=None):
     ap.add_argument("--no-shape-level", action="store_true", help="skip the full-size-shaped K/V byte count")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--fused-kernel", action="store_true",
+                    help="CUDA: also every kv_bits variant with the fused K/V kernel, and its shape-level timing")
     args = ap.parse_args(argv)
+    if args.fused_kernel and not args.device.startswith("cuda"):
+        ap.error("--fused-kernel needs --device cuda (on the CPU the kernel runs only in Triton's interpreter)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.text_len is None:
@@ -181,6 +232,15 @@ def main(argv=None):
                   f"{r['snr_db']:7.2f} {r['compress_s']:7.3f} {r['decompress_s']:8.3f} | {r['int8_ratio']:10.2f} "
                   f"{r['int8_decompress_s']:8.3f}")
 
+    if args.fused_kernel:
+        r = out["fused_shape_level"] = fused_shape_level(args.device)
+        print(f"\nfused K/V kernel, one {tuple(r['shape'])} bf16 K at {r['bits']:g} bps: torch path "
+              f"{r['torch_ms']:.2f} ms")
+        for mode in ("ieee", "bf16"):
+            k = r[mode]
+            print(f"  kernel, {mode} Hadamard products: {k['ms']:.3f} ms ({k['speedup']:.0f}x, {k['gb_s']:.0f} GB/s); "
+                  f"vs the codec given its dither: max {k['max_bf16_ulps_vs_codec']:.2f} bf16 ulps")
+
     m = build_model(args.full_size, args.device, dtype, args.layers)
     inputs, geo = make_inputs(m, args, args.device, dtype)
     out["geometry"] = geo
@@ -189,14 +249,16 @@ def main(argv=None):
         variants.append((f"cache-{b:g}bps", dict(kv_bits=b, cache_text_kv=True)))
         variants.append((f"cache-{b:g}bps-int8", dict(kv_bits=b, cache_text_kv=True, cache_format="int8")))
         variants.append((f"nocache-{b:g}bps", dict(kv_bits=b, cache_text_kv=False)))
+    if args.fused_kernel:
+        variants += [(f"{name}-fused", dict(kv, fused=True)) for name, kv in variants if kv.get("kv_bits")]
     res = {}
     print(f"\nmodel: {'full-size' if args.full_size else 'tiny'} LTX-2, {geo}, {dtype}, {args.device}")
-    print(f"{'variant':18s} {'s/step':>9s} {'text KV bytes':>14s} {'bf16 bytes':>12s} {'ratio':>6s} {'ref bytes':>10s}")
+    print(f"{'variant':24s} {'s/step':>9s} {'text KV bytes':>14s} {'bf16 bytes':>12s} {'ratio':>6s} {'ref bytes':>10s}")
     for name, kv in variants:
         try:
             t, st = time_variant(m, inputs, args.device, args.repeat, **kv)
         except ValueError as e:  # e.g. a rate below the Rice floor at this head dimension
-            print(f"{name:18s} skipped: {e}")
+            print(f"{name:24s} skipped: {e}")
             res[name] = dict(skipped=str(e))
             continue
         row = dict(s_per_step=t)
@@ -206,7 +268,7 @@ def main(argv=None):
                        reference_bytes=pk["reference_bytes"], entries=pk["entries"])
         res[name] = row
         ratio = f"{row['ratio']:6.2f}" if row.get("ratio") else "     -"
-        print(f"{name:18s} {t:9.4f} {row.get('kv_bytes', 0):14d} {row.get('kv_bf16_bytes', 0):12d} {ratio} "
+        print(f"{name:24s} {t:9.4f} {row.get('kv_bytes', 0):14d} {row.get('kv_bf16_bytes', 0):12d} {ratio} "
               f"{row.get('reference_bytes', 0):10d}")
     base = res["recompute"]["s_per_step"]
     saved = base - res["cache-exact"]["s_per_step"]

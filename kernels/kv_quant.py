@@ -17,11 +17,16 @@ Why a kernel: the torch path is a few dozen elementwise launches over float32 te
 nearest-point search for the dither, per K and per V tensor; on the full-size LTX-2 step it cost ~4.5 s
 (bench/RESULTS.md, "Time saved per step"). This kernel reads ``x`` once and writes ``x_hat`` once.
 
-Precision: the transforms are float32 products (IEEE, no TF32) with the ±1 block-diagonal Hadamard matrix: the
-same transform as the codec's float32 butterfly up to summation order, and the same code in Triton's CPU
-interpreter (whose bf16 products are not usable) as on the GPU. A float32 product of a (16, 128) block by a
-(128, 128) matrix runs on the CUDA cores, ~512 flops per value for both transforms; bf16 tensor-core products
-of a split operand would cost less, to be measured on the device before they replace this.
+Precision: the transforms are products with the ±1 block-diagonal Hadamard matrix whose sums are float32 sums of
+exact products: the same transform as the codec's float32 butterfly up to summation order. Two ways
+(``_TUNE["hadamard"]`` or ``kv_fake_quantize(..., hadamard=)``):
+
+* ``"ieee"``: one float32 product (IEEE, no TF32), on the CUDA cores: ~512 flops per value for both transforms at
+  D = 128, and the (D, D) float32 matrix held by every program;
+* ``"bf16"``: the float32 operand split into bf16 parts (one for a bf16 input, two for fp16, three for float32
+  and for the reconstruction), each multiplied on the tensor cores (exact:
+  the matrix is ±1), the partial products summed in float32. Triton's CPU interpreter cannot multiply bf16
+  operands, so there the parts are multiplied in float32: the split itself is what the CPU tests check.
 
 The dither differs from the torch path's (Philox here, torch's generator there): same distribution, another draw.
 ``kv_fake_quantize_reference`` below is the torch reference, given the kernel's dither (``return_dither=True``).
@@ -44,13 +49,15 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_LAUNCH_VALUES = 1 << 30
 #: launch shape: rows per program (values per program / D, at least 16), warps, programs per SM of the persistent
 #: grid (each program loads the Hadamard operand once and walks row blocks)
-_TUNE = {"block_values": 2048, "warps": 4, "pps": 4}
+_TUNE = {"block_values": 2048, "warps": 4, "pps": 4, "hadamard": "ieee"}
+#: the ways of multiplying by the Hadamard matrix (module docstring)
+HADAMARD_MODES = ("ieee", "bf16")
 
 
 @jit_cache
 def _kernel():
     # the helpers are module globals: a @triton.jit function resolves the functions it calls there
-    global tl, libdevice, _rint, _nearest_dn, _nearest, _times_hadamard
+    global tl, libdevice, _rint, _nearest_dn, _nearest, _times_hadamard, _log2, _exp2
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
@@ -94,14 +101,52 @@ def _kernel():
             return tl.reshape(tl.where((d1 < d0)[:, None], p1, p0), (BR, D))
 
     @triton.jit
-    def _times_hadamard(a, h):
-        # a (BR, D) float32 @ h (D, D) ±1/0 float32 in float32 arithmetic (IEEE: no TF32 rounding of a)
-        return tl.dot(a, h, input_precision="ieee")
+    def _times_hadamard(a, h, PARTS: tl.constexpr, SPLIT: tl.constexpr, MMA_BF16: tl.constexpr):
+        # a (BR, D) float32 @ h (D, D) ±1/0. SPLIT: a as PARTS bf16 parts (their products with ±1 are exact),
+        # multiplied in bf16 on the tensor cores (MMA_BF16, h bf16) or in float32 (h float32); else one IEEE
+        # float32 product (no TF32 rounding of a)
+        if not SPLIT:
+            return tl.dot(a, h, input_precision="ieee")
+        hi = a.to(tl.bfloat16)
+        r = a - hi.to(tl.float32)
+        if MMA_BF16:
+            acc = tl.dot(hi, h, out_dtype=tl.float32)
+        else:
+            acc = tl.dot(hi.to(tl.float32), h, input_precision="ieee")
+        if PARTS > 1:
+            mid = r.to(tl.bfloat16)
+            r = r - mid.to(tl.float32)
+            if MMA_BF16:
+                acc = tl.dot(mid, h, acc, out_dtype=tl.float32)
+            else:
+                acc = tl.dot(mid.to(tl.float32), h, acc, input_precision="ieee")
+        if PARTS > 2:
+            lo = r.to(tl.bfloat16)
+            if MMA_BF16:
+                acc = tl.dot(lo, h, acc, out_dtype=tl.float32)
+            else:
+                acc = tl.dot(lo.to(tl.float32), h, acc, input_precision="ieee")
+        return acc
+
+    @triton.jit
+    def _log2(v, HW: tl.constexpr):
+        # the correctly rounded libdevice functions on the GPU (tl.log2 / tl.exp2 are the approximate
+        # instructions there); the interpreter has no libdevice
+        if HW:
+            return libdevice.log2(v)
+        return tl.log2(v)
+
+    @triton.jit
+    def _exp2(v, HW: tl.constexpr):
+        if HW:
+            return libdevice.exp2(v)
+        return tl.exp2(v)
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
     def kv_fake_quant_kernel(x_ptr, out_ptr, s_ptr, h_ptr, u_ptr, e_ptr, R, seed_lo, seed_hi, alpha, inv_sqrt_t,
                              D: tl.constexpr, BR: tl.constexpr, LAT: tl.constexpr, DITHER: tl.constexpr,
-                             CPO: tl.constexpr, DEBUG: tl.constexpr, HW: tl.constexpr):
+                             CPO: tl.constexpr, DEBUG: tl.constexpr, HW: tl.constexpr, PARTS_IN: tl.constexpr,
+                             PARTS_OUT: tl.constexpr, SPLIT: tl.constexpr, MMA_BF16: tl.constexpr):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         cols = tl.arange(0, D)
@@ -114,11 +159,11 @@ def _kernel():
             offs = rows[:, None] * D + cols[None, :]
             m2 = rmask[:, None]
             x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-            y = _times_hadamard(x * signs[None, :], h) * inv_sqrt_t
+            y = _times_hadamard(x * signs[None, :], h, PARTS_IN, SPLIT, MMA_BF16) * inv_sqrt_t
             rms = tl.sqrt(tl.sum(y * y, axis=1) / D)
-            e = _rint(tl.log2(tl.maximum(rms * alpha, 1e-30)) * CPO, HW)
+            e = _rint(_log2(tl.maximum(rms * alpha, 1e-30), HW) * CPO, HW)
             e = tl.minimum(tl.maximum(e, -128.0), 127.0)
-            step = tl.exp2(e / CPO)
+            step = _exp2(e / CPO, HW)
             z = tl.math.div_rn(y, step[:, None])
             if DITHER:
                 z0 = 2.0 * tl.rand(seed, offs)
@@ -130,7 +175,7 @@ def _kernel():
                 yh = _nearest(z, BR, D, LAT, HW) * step[:, None]
             if DEBUG:
                 tl.store(e_ptr + rows, e.to(tl.int8), mask=rmask)
-            xh = _times_hadamard(yh, h) * inv_sqrt_t * signs[None, :]
+            xh = _times_hadamard(yh, h, PARTS_OUT, SPLIT, MMA_BF16) * inv_sqrt_t * signs[None, :]
             tl.store(out_ptr + offs, xh.to(out_ptr.dtype.element_ty), mask=m2)
 
     return kv_fake_quant_kernel
@@ -139,15 +184,15 @@ def _kernel():
 _H: dict = {}
 
 
-def block_hadamard_pm1(head_dim: int, tile: int, device) -> torch.Tensor:
-    """The ±1 block-diagonal Sylvester Hadamard matrix (head_dim, head_dim), float32, one (tile, tile) block
-    per tile (unnormalized: the kernel scales by 1/sqrt(tile)); cached per (head_dim, tile, device)."""
-    key = (int(head_dim), int(tile), str(device))
+def block_hadamard_pm1(head_dim: int, tile: int, device, dtype=torch.float32) -> torch.Tensor:
+    """The ±1 block-diagonal Sylvester Hadamard matrix (head_dim, head_dim) in ``dtype`` (exact in bf16 too), one
+    (tile, tile) block per tile (unnormalized: the kernel scales by 1/sqrt(tile)); cached per argument."""
+    key = (int(head_dim), int(tile), str(device), dtype)
     if key not in _H:
         h = torch.ones(1, 1)
         while h.shape[0] < tile:
             h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-        _H[key] = torch.block_diag(*([h] * (head_dim // tile))).to(device=device, dtype=torch.float32).contiguous()
+        _H[key] = torch.block_diag(*([h] * (head_dim // tile))).to(device=device, dtype=dtype).contiguous()
     return _H[key]
 
 
@@ -175,7 +220,8 @@ def _launch_seed(seed: int, i: int) -> int:
 
 
 def kv_fake_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: float, lattice: str, *,
-                     dither: bool, seed: int, codes_per_octave: int, return_dither: bool = False):
+                     dither: bool, seed: int, codes_per_octave: int, return_dither: bool = False,
+                     hadamard: str | None = None):
     """Quantize and reconstruct K or V vectors in one pass (module docstring).
 
     ``x`` (..., D) bf16/fp16/fp32; ``signs`` (D,) ±1 RHT signs; ``tile`` the RHT tile (divides D); ``alpha`` the
@@ -183,7 +229,8 @@ def kv_fake_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: flo
     "D4" or "E8"; ``dither`` subtractive dither drawn from ``seed`` (any int; 62 bits are used) or plain nearest
     point; ``codes_per_octave`` of the int8 step codes. Returns ``x_hat`` (x's shape and dtype); with
     ``return_dither`` also the dither (R, D) float32 (zeros without dither) and the step codes (R,) int8, for
-    checking against :func:`kv_fake_quantize_reference`.
+    checking against :func:`kv_fake_quantize_reference`. ``hadamard``: how the transforms multiply, one of
+    :data:`HADAMARD_MODES` (default ``_TUNE["hadamard"]``).
     """
     require_triton()
     d = x.shape[-1]
@@ -192,6 +239,11 @@ def kv_fake_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: flo
         raise ValueError(f"kv_fake_quantize cannot take {why}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"kv_fake_quantize takes bf16, fp16 or float32 K/V, got {x.dtype}")
+    mode = _TUNE["hadamard"] if hadamard is None else hadamard
+    if mode not in HADAMARD_MODES:
+        raise ValueError(f"hadamard must be one of {HADAMARD_MODES}, got {mode!r}")
+    split = mode == "bf16"
+    mma_bf16 = split and not interpreting()
     xr = x.reshape(-1, d)
     if not xr.is_contiguous():
         xr = xr.contiguous()
@@ -201,7 +253,12 @@ def kv_fake_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: flo
     s = signs.to(device=dev, dtype=torch.float32).contiguous()
     if tuple(s.shape) != (d,):
         raise ValueError(f"signs must be ({d},), got {tuple(s.shape)}")
-    h = block_hadamard_pm1(d, tile, dev)
+    h = block_hadamard_pm1(d, tile, dev, torch.bfloat16 if mma_bf16 else torch.float32)
+    # bf16 parts that hold the input exactly (bf16: 8 significant bits, fp16: 11, float32: 24); the float32
+    # reconstruction takes three (with two, an output much smaller than the vector's other values, after the
+    # sum's cancellation, was off by up to 16 bf16 units in its last place)
+    parts_in = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}[x.dtype]
+    parts_out = 3
     u = torch.zeros((rows, d) if return_dither else (1,), device=dev, dtype=torch.float32)
     e = torch.zeros((rows,) if return_dither else (1,), device=dev, dtype=torch.int8)
     kern = _kernel()
@@ -215,7 +272,8 @@ def kv_fake_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: flo
         kern[grid](xr[r0:], out[r0:], s, h, u[r0:] if return_dither else u, e[r0:] if return_dither else e, n, lo, hi,
                    float(alpha), 1.0 / math.sqrt(tile), D=d, BR=br, LAT=LATTICE_IDS[lattice], DITHER=bool(dither),
                    CPO=int(codes_per_octave), DEBUG=bool(return_dither),
-                   HW=not interpreting(), num_warps=_TUNE["warps"])
+                   HW=not interpreting(), PARTS_IN=parts_in, PARTS_OUT=parts_out, SPLIT=split, MMA_BF16=mma_bf16,
+                   num_warps=_TUNE["warps"])
     out = out.reshape(x.shape)
     return (out, u, e) if return_dither else out
 

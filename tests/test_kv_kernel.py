@@ -35,10 +35,10 @@ def fused_always():
     kvq.set_fused_kernel(before)
 
 
-def _check_against_reference(x, signs, tile, alpha, lattice, dither, seed=123):
+def _check_against_reference(x, signs, tile, alpha, lattice, dither, seed=123, hadamard=None):
     kq = _kernel()
     out, u, e = kq.kv_fake_quantize(x, signs, tile, alpha, lattice, dither=dither, seed=seed, codes_per_octave=CPO,
-                                    return_dither=True)
+                                    return_dither=True, hadamard=hadamard)
     assert out.shape == x.shape and out.dtype == x.dtype
     _, e_ref = kq.kv_fake_quantize_reference(x, signs, tile, alpha, lattice, dither=u if dither else None)
     # a step code is a rounded log2: another log2 may round a code that sits on a boundary the other way
@@ -60,13 +60,14 @@ def _check_against_reference(x, signs, tile, alpha, lattice, dither, seed=123):
 @pytest.mark.parametrize("lattice", ["E8", "D4", "Z"])
 @pytest.mark.parametrize("head_dim,tile", [(16, 16), (64, 64), (128, 128), (128, 32)])
 @pytest.mark.parametrize("dither", [True, False])
-def test_kernel_equals_the_codec_given_its_dither(lattice, head_dim, tile, dither):
+@pytest.mark.parametrize("hadamard", ["ieee", "bf16"])
+def test_kernel_equals_the_codec_given_its_dither(lattice, head_dim, tile, dither, hadamard):
     gen = torch.Generator().manual_seed(head_dim + tile)
     # 37 rows: the last row block is partial; per-channel gains make the rows' steps differ
     x = (torch.randn(37, head_dim, generator=gen) * torch.exp(torch.randn(head_dim, generator=gen))).to(DEV)
     signs = random_signs(head_dim, 7)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        _check_against_reference(x.to(dtype), signs, tile, 0.6, lattice, dither)
+        _check_against_reference(x.to(dtype), signs, tile, 0.6, lattice, dither, hadamard=hadamard)
 
 
 def test_reference_is_the_quantizers_torch_path():
@@ -174,6 +175,8 @@ def test_bad_arguments_are_named():
         kq.kv_fake_quantize(x.double(), random_signs(64, 0), 64, 0.5, "E8", **call)
     with pytest.raises(ValueError, match=r"signs must be \(64,\)"):
         kq.kv_fake_quantize(x, random_signs(32, 0), 64, 0.5, "E8", **call)
+    with pytest.raises(ValueError, match="hadamard must be one of"):
+        kq.kv_fake_quantize(x, random_signs(64, 0), 64, 0.5, "E8", hadamard="fp8", **call)
     with pytest.raises(ValueError, match="fused K/V kernel mode must be one of"):
         kvq.set_fused_kernel("gpu")
 
@@ -227,11 +230,12 @@ def test_tiny_ltx2_through_the_kernel(fused_always):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
-def test_gpu_kernel_at_ltx2_head_shapes():
+@pytest.mark.parametrize("hadamard", ["ieee", "bf16"])
+def test_gpu_kernel_at_ltx2_head_shapes(hadamard):
     # LTX-2's video (32 heads of 128) and audio (32 of 64) self-attention K at batch 2, bf16, E8, 4 bps
     for tokens, d in ((6144, 128), (126, 64)):
         q = KVQuantizer(KVQuantConfig(bits=4.0, lattice="E8", method="dither"), d, seed=3)
         x = torch.randn(2, tokens, 32, d, device="cuda", dtype=torch.bfloat16)
-        out, _, _ = _check_against_reference(x, q.signs, q.tile, q.alpha, "E8", True, seed=99)
+        out, _, _ = _check_against_reference(x, q.signs, q.tile, q.alpha, "E8", True, seed=99, hadamard=hadamard)
         rel = float((out.float() - x.float()).square().mean() / x.float().square().mean())
         assert 0 < rel < 0.05
