@@ -47,8 +47,21 @@ class _Unkeyable(Exception):
 _Tensor = torch.Tensor
 
 
+class _FreeI32:
+    """Key of an unspecialized (``do_not_specialize``) integer in the 32-bit range: Triton compiles one kernel for
+    every such value."""
+
+    def __repr__(self):
+        return "<free i32>"
+
+
+_FREE_I32 = _FreeI32()
+
+
 def _other_key(a):
     # the rarer kinds, off the per-argument fast path of :meth:`CachedLauncher.__call__`
+    if a is _FREE_I32:
+        return a
     if isinstance(a, _Tensor):
         return (a.dtype, a.data_ptr() & 15 == 0)
     if isinstance(a, bool):
@@ -96,10 +109,25 @@ class CachedLauncher:
     ``stream``: a ``torch.cuda.Stream`` to launch on instead of the current stream.
     """
 
-    def __init__(self, fn):
+    def __init__(self, fn, free_ints: tuple = ()):
         self.fn = fn
         self.names = list(fn.arg_names)
         self.entries: dict = {}
+        # integer arguments that change on every launch (seeds): keyed by their 32-bit range alone, which is all
+        # Triton specializes on when the kernel declares them ``do_not_specialize``
+        self.free = tuple(self.names.index(n) for n in free_ints)
+        params = getattr(fn, "params", None)
+        for i in self.free:
+            if params is not None and not params[i].do_not_specialize:
+                raise ValueError(f"{fn.__name__}: {self.names[i]} must be do_not_specialize to be keyed by range")
+
+    def _key_args(self, args: tuple) -> tuple:
+        a = list(args)
+        for i in self.free:
+            v = a[i]
+            if type(v) is int and -2**31 <= v < 2**31:
+                a[i] = _FREE_I32
+        return tuple(a)
 
     def _ordinary(self, grid, args, kw, stream):
         if stream is None:
@@ -120,7 +148,7 @@ class CachedLauncher:
             return self._ordinary(grid, args, kw, stream)
         dev = torch.cuda.current_device()
         try:
-            key = launch_key(args, kw, dev)
+            key = launch_key(self._key_args(args) if self.free else args, kw, dev)
         except _Unkeyable:
             return self._ordinary(grid, args, kw, stream)
         ent = self.entries.get(key)

@@ -38,6 +38,7 @@ import math
 
 import torch
 
+from ._launch import CachedLauncher
 from ._triton import interpreting, jit_cache, num_sms, require_triton
 
 #: lattices the kernel quantizes to (their Triton nearest-point code), by the codec's name
@@ -49,7 +50,11 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_LAUNCH_VALUES = 1 << 30
 #: launch shape: rows per program (values per program / D, at least 16), warps, programs per SM of the persistent
 #: grid (each program loads the Hadamard operand once and walks row blocks)
-_TUNE = {"block_values": 2048, "warps": 4, "pps": 4, "hadamard": "ieee"}
+#: Register use compiled for sm_90 on the CPU (hyperquant_diffusers.testing.triton_compile, ptxas -v), E8 with dither,
+#: bf16 input: "bf16" products at 8 warps and 2048 values per program: 172 registers at D = 128, 128 at D = 64, no
+#: spills (4 warps: 255, no spills; 4 warps and 4096 values: spills). "ieee" spills at every shape tried (its
+#: (D, D) float32 operand), 320 bytes at this launch, 10-25 KB at the others. Not yet timed on a GPU.
+_TUNE = {"block_values": 2048, "warps": 8, "pps": 4, "hadamard": "bf16"}
 #: the ways of multiplying by the Hadamard matrix (module docstring)
 HADAMARD_MODES = ("ieee", "bf16")
 
@@ -178,7 +183,7 @@ def _kernel():
             xh = _times_hadamard(yh, h, PARTS_OUT, SPLIT, MMA_BF16) * inv_sqrt_t * signs[None, :]
             tl.store(out_ptr + offs, xh.to(out_ptr.dtype.element_ty), mask=m2)
 
-    return kv_fake_quant_kernel
+    return CachedLauncher(kv_fake_quant_kernel, free_ints=("seed_lo", "seed_hi"))
 
 
 _H: dict = {}
@@ -269,11 +274,10 @@ def kv_fake_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: flo
         n = min(per_launch, rows - r0)
         lo, hi = _seed_halves(_launch_seed(seed, i))
         grid = (max(1, min(triton_cdiv(n, br), sms * _TUNE["pps"])),)
-        kern[grid](xr[r0:], out[r0:], s, h, u[r0:] if return_dither else u, e[r0:] if return_dither else e, n, lo, hi,
-                   float(alpha), 1.0 / math.sqrt(tile), D=d, BR=br, LAT=LATTICE_IDS[lattice], DITHER=bool(dither),
-                   CPO=int(codes_per_octave), DEBUG=bool(return_dither),
-                   HW=not interpreting(), PARTS_IN=parts_in, PARTS_OUT=parts_out, SPLIT=split, MMA_BF16=mma_bf16,
-                   num_warps=_TUNE["warps"])
+        kern(grid, xr[r0:], out[r0:], s, h, u[r0:] if return_dither else u, e[r0:] if return_dither else e, n, lo, hi,
+             float(alpha), 1.0 / math.sqrt(tile), D=d, BR=br, LAT=LATTICE_IDS[lattice], DITHER=bool(dither),
+             CPO=int(codes_per_octave), DEBUG=bool(return_dither), HW=not interpreting(), PARTS_IN=parts_in,
+             PARTS_OUT=parts_out, SPLIT=split, MMA_BF16=mma_bf16, num_warps=_TUNE["warps"])
     out = out.reshape(x.shape)
     return (out, u, e) if return_dither else out
 

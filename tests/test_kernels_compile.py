@@ -1,5 +1,6 @@
 """The Triton kernels compile for the H100 (sm_90) on a machine without a GPU (hyperquant_diffusers.testing.triton_compile):
-the decoders, the cast, the activation pass and the GEMMs (all but the epilogue that follows ``torch._int_mm``).
+the decoders, the cast, the activation pass, the GEMMs (all but the epilogue that follows ``torch._int_mm``) and the
+fused K/V fake quantization.
 
 Triton's interpreter, which runs the kernels in the CPU tests, does not compile them: a kernel can pass there and
 fail on the device. Each check runs in a subprocess without TRITON_INTERPRET (the test session may have set it)."""
@@ -59,6 +60,12 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert not any(r["local_memory"] for r in rows)
     from hyperquant_diffusers.kernels.rice_decode_vectors import _TUNE as vectors_tune
     assert {r.get("maxnreg") for r in rows if r.get("SG")} == {vectors_tune["maxnreg"]}
+    # the fused K/V kernel: five launches, bf16 tensor-core Hadamard products on the GPU (the interpreter cannot
+    # run them), and the default launch fits its registers: no spills at either LTX-2 head dimension
+    kv = [r for r in rows if r["kernel"] == "kv_fake_quant_kernel"]
+    assert len(kv) == 5 and all(r["HW"] for r in kv)
+    assert sum(1 for r in kv if r["MMA_BF16"]) == 4
+    assert all(r["spill_bytes"] == 0 and r["registers"] <= 255 for r in kv if r["MMA_BF16"]), kv
 
 
 def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects(tmp_path):

@@ -239,3 +239,29 @@ def test_gpu_kernel_at_ltx2_head_shapes(hadamard):
         out, _, _ = _check_against_reference(x, q.signs, q.tile, q.alpha, "E8", True, seed=99, hadamard=hadamard)
         rel = float((out.float() - x.float()).square().mean() / x.float().square().mean())
         assert 0 < rel < 0.05
+
+
+def _two_ints(p, seed, n):   # a kernel signature for the launcher test below (never run)
+    pass
+
+
+def test_cached_launcher_keys_free_seeds_by_their_range():
+    # the kernel's seeds change on every call: the launch cache keys them by their 32-bit range (all that Triton
+    # specializes a do_not_specialize integer on), so one compiled entry serves every seed
+    from triton.runtime.jit import JITFunction
+
+    from hyperquant_diffusers.kernels._launch import CachedLauncher, launch_key
+
+    launcher = CachedLauncher(JITFunction(_two_ints, do_not_specialize=["seed"]), free_ints=("seed",))
+    t = torch.zeros(4)
+
+    def key(seed, n=16):
+        return launch_key(launcher._key_args((t, seed, n)), {}, 0)
+
+    assert key(5) == key(2**31 - 1) == key(0) == key(1)
+    assert key(5) != key(2**31) and key(5) != key(5, n=17)      # out of the range; another specialized value
+    with pytest.raises(ValueError, match="n must be do_not_specialize"):
+        CachedLauncher(JITFunction(_two_ints, do_not_specialize=["seed"]), free_ints=("n",))
+    # the kernel's own launcher frees both seed halves
+    l = _kernel()._kernel()
+    assert [l.names[i] for i in l.free] == ["seed_lo", "seed_hi"]

@@ -89,11 +89,33 @@ def _specialize(a, name: str) -> tuple[str, list]:
     raise TypeError(f"{name}: cannot type a {type(a).__name__} argument")
 
 
-def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
+def _ptxas_stats(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes (stores + loads) that Triton's ptxas reports for ``ptx`` (``ptxas -v``)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, "-v", "--gpu-name", f"sm_{arch}a", path, "-o", os.devnull], capture_output=True,
+                           text=True, check=True)
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", r.stderr)]
+    return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills)}
+
+
+def compile_recorded(rec: _Recorder, arch: int = 90, ptxas_stats: bool = False) -> list[dict]:
     """Compile every launch ``rec`` recorded for ``cuda`` ``sm_<arch>``, specialized as the GPU launch would be
     (:func:`_specialize`); one dict per launch: the constexprs, ``ok`` (ptxas produced a cubin), and on success
     the shared memory (bytes), whether the PTX uses local memory (register spills) and how many
-    ``cvt.rn.satfinite.e4m3x2.f32`` it holds (the decoders' inline-asm e4m3 conversion, which only ptxas checks)."""
+    ``cvt.rn.satfinite.e4m3x2.f32`` it holds (the decoders' inline-asm e4m3 conversion, which only ptxas checks);
+    ``ptxas_stats``: also ``registers`` and ``spill_bytes`` from ``ptxas -v`` (one more ptxas run per launch)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -124,6 +146,8 @@ def compile_recorded(rec: _Recorder, arch: int = 90) -> list[dict]:
             row.update(ok="cubin" in ck.asm, shared_bytes=int(ck.metadata.shared),
                        local_memory=".local" in ck.asm["ptx"],
                        e4m3x2_cvts=ck.asm["ptx"].count("cvt.rn.satfinite.e4m3x2.f32"))
+            if ptxas_stats:
+                row.update(_ptxas_stats(ck.asm["ptx"], arch))
         except Exception as e:  # the point: report the compiler's error, whatever it is
             row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
         results.append(row)
@@ -136,7 +160,8 @@ def kernel_cases() -> list[dict]:
     D4 with fp8 output too), the int8 -> e4m3 cast, the activation RHT + quantization (one-pass on 4096- and
     16384-wide rows, int8 and fp8; split-K; fused two-pass; the TMA kernel at 2048 and 16384 wide) and the GEMMs
     (TMA int8 and fp8 at both tile configurations, the persistent GEMM in two launches each, the pointer GEMM), as
-    their launchers launch them on LTX-2-sized streams and activations. Not covered: the epilogue after ``torch._int_mm`` (cuBLAS runs first)."""
+    their launchers launch them on LTX-2-sized streams and activations, and the K/V kernel (:func:`kv_kernel_cases`).
+    Not covered: the epilogue after ``torch._int_mm`` (cuBLAS runs first)."""
     from ..codec import quantize, random_signs, tile_signs
     from ..kernels import act_quant, cast, int8_gemm, rank_decode, rice_decode, rice_decode_vectors
 
@@ -179,7 +204,26 @@ def kernel_cases() -> list[dict]:
                 persistent(a, sx, wq, sw, b, config=(128, 128, 128, 8, 8, 4, False, False))
         int8_gemm.int8_gemm_triton(torch.zeros(256, 512, dtype=torch.int8), torch.ones(256),
                                    torch.zeros(256, 512, dtype=torch.int8), torch.ones(256), None)
-    return [row for rec in recs.values() for row in compile_recorded(rec)]
+    return [row for rec in recs.values() for row in compile_recorded(rec)] + kv_kernel_cases()
+
+
+def kv_kernel_cases() -> list[dict]:
+    """Compile the fused K/V fake-quantization kernel as its launcher launches it: LTX-2's head dimensions 128
+    (video) and 64 (audio), E8 with dither in bf16 through both Hadamard products, D4 without dither from float32
+    with the debug outputs, Z from fp16; with ptxas's register and spill counts."""
+    from ..codec import random_signs
+    from ..kernels import kv_quant
+    from ..kv.quantizer import STEP_CODES_PER_OCTAVE
+
+    cases = ((128, torch.bfloat16, "E8", True, "bf16", False), (128, torch.bfloat16, "E8", True, "ieee", False),
+             (64, torch.bfloat16, "E8", True, "bf16", False), (64, torch.float32, "D4", False, "bf16", True),
+             (128, torch.float16, "Z", True, "bf16", False))
+    with recording(kv_quant) as recs:
+        for d, dtype, lattice, dither, hadamard, debug in cases:
+            kv_quant.kv_fake_quantize(torch.zeros(2, 300, 4, d, dtype=dtype), random_signs(d, 0), d, 0.5, lattice,
+                                      dither=dither, seed=3, codes_per_octave=STEP_CODES_PER_OCTAVE,
+                                      return_dither=debug, hadamard=hadamard)
+    return compile_recorded(recs["kv_quant"], ptxas_stats=True)
 
 
 def main() -> int:
