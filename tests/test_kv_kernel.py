@@ -206,8 +206,8 @@ def test_tiny_ltx2_through_the_kernel(fused_always):
 
     from hyperquant_diffusers.kv import disable_kv_compression, enable_kv_compression
 
-    m = _ltx2()
-    inp = _ltx2_inputs()
+    m = _ltx2().to(DEV)
+    inp = {k: v.to(DEV) if torch.is_tensor(v) else v for k, v in _ltx2_inputs().items()}
 
     def run(mode, **kw):
         kvq.set_fused_kernel(mode)

@@ -104,7 +104,7 @@ def fused_kernel_mode() -> str:
 
 def _fused_kernel_applies(q: "KVQuantizer", x: torch.Tensor) -> bool:
     when = _FUSED["when"]
-    if when == "off" or q.cfg.method == "qjl" or q.fused_unsupported:
+    if when == "off" or q.cfg.method == "qjl" or getattr(q, "fused_unsupported", "not checked"):
         return False
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
