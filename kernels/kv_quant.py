@@ -201,6 +201,16 @@ def block_hadamard_pm1(head_dim: int, tile: int, device, dtype=torch.float32) ->
     return _H[key]
 
 
+_UNUSED: dict = {}
+
+
+def _unused(device, dtype) -> torch.Tensor:
+    key = (str(device), dtype)
+    if key not in _UNUSED:
+        _UNUSED[key] = torch.empty(1, device=device, dtype=dtype)
+    return _UNUSED[key]
+
+
 def check_kv_kernel_args(head_dim: int, tile: int, lattice: str) -> str | None:
     """None when the kernel takes vectors of ``head_dim`` values, RHT ``tile`` and ``lattice``; else why not."""
     d, t = int(head_dim), int(tile)
@@ -264,8 +274,11 @@ def kv_fake_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: flo
     # sum's cancellation, was off by up to 16 bf16 units in its last place)
     parts_in = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}[x.dtype]
     parts_out = 3
-    u = torch.zeros((rows, d) if return_dither else (1,), device=dev, dtype=torch.float32)
-    e = torch.zeros((rows,) if return_dither else (1,), device=dev, dtype=torch.int8)
+    if return_dither:
+        u = torch.zeros((rows, d), device=dev, dtype=torch.float32)
+        e = torch.zeros((rows,), device=dev, dtype=torch.int8)
+    else:   # never touched (DEBUG off): cached, so a call allocates and fills nothing besides its output
+        u, e = _unused(dev, torch.float32), _unused(dev, torch.int8)
     kern = _kernel()
     br = max(16, _TUNE["block_values"] // d)
     per_launch = max(br, (MAX_LAUNCH_VALUES // d) // br * br)
