@@ -52,8 +52,9 @@ MAX_LAUNCH_VALUES = 1 << 30
 #: grid (each program loads the Hadamard operand once and walks row blocks)
 #: Register use compiled for sm_90 on the CPU (hyperquant_diffusers.testing.triton_compile, ptxas -v), E8 with dither,
 #: bf16 input: "bf16" products at 8 warps and 2048 values per program: 172 registers at D = 128, 128 at D = 64, no
-#: spills (4 warps: 255, no spills; 4 warps and 4096 values: spills). "ieee" spills at every shape tried (its
-#: (D, D) float32 operand), 320 bytes at this launch, 10-25 KB at the others. Not yet timed on a GPU.
+#: spills (4 warps: 255, no spills; 4 warps and 4096 values: spills). "ieee" spills at every launch tried (its
+#: (D, D) float32 operand): 640 bytes of spill stores and loads at this one, 2.4-34 KB at the others
+#: (bench/RESULTS.md, nineteenth session). Not yet timed on a GPU.
 _TUNE = {"block_values": 2048, "warps": 8, "pps": 4, "hadamard": "bf16"}
 #: the ways of multiplying by the Hadamard matrix (module docstring)
 HADAMARD_MODES = ("ieee", "bf16")
