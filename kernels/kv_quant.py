@@ -39,6 +39,7 @@ import math
 import torch
 
 from ._launch import CachedLauncher
+from .act_quant import hadamard_pm1, triton_cdiv
 from ._triton import interpreting, jit_cache, num_sms, require_triton
 
 #: lattices the kernel quantizes to (their Triton nearest-point code), by the codec's name
@@ -195,9 +196,7 @@ def block_hadamard_pm1(head_dim: int, tile: int, device, dtype=torch.float32) ->
     (tile, tile) block per tile (unnormalized: the kernel scales by 1/sqrt(tile)); cached per argument."""
     key = (int(head_dim), int(tile), str(device), dtype)
     if key not in _H:
-        h = torch.ones(1, 1)
-        while h.shape[0] < tile:
-            h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+        h = hadamard_pm1(int(tile), torch.float32, "cpu")
         _H[key] = torch.block_diag(*([h] * (head_dim // tile))).to(device=device, dtype=dtype).contiguous()
     return _H[key]
 
@@ -294,10 +293,6 @@ def kv_fake_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: flo
              PARTS_OUT=parts_out, SPLIT=split, MMA_BF16=mma_bf16, num_warps=_TUNE["warps"])
     out = out.reshape(x.shape)
     return (out, u, e) if return_dither else out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def kv_fake_quantize_reference(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: float, lattice: str, *,
