@@ -49,14 +49,15 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 #: values per launch: Philox offsets are int32 row * D + column, so larger tensors are cut into launches of
 #: their own seeds
 MAX_LAUNCH_VALUES = 1 << 30
-#: launch shape: rows per program (values per program / D, at least 16), warps, programs per SM of the persistent
-#: grid (each program loads the Hadamard operand once and walks row blocks)
-#: Register use compiled for sm_90 on the CPU (hyperquant_diffusers.testing.triton_compile, ptxas -v), E8 with dither,
-#: bf16 input: "bf16" products at 8 warps and 2048 values per program: 172 registers at D = 128, 128 at D = 64, no
-#: spills (4 warps: 255, no spills; 4 warps and 4096 values: spills). "ieee" spills at every launch tried (its
-#: (D, D) float32 operand): 640 bytes of spill stores and loads at this one, 2.4-34 KB at the others
-#: (bench/RESULTS.md, nineteenth session). Not yet timed on a GPU.
-_TUNE = {"block_values": 2048, "warps": 8, "pps": 4, "hadamard": "bf16"}
+#: launch shape per Hadamard mode: values per program (rows = values / D, at least 16), warps; programs per SM of
+#: the persistent grid (each program loads the Hadamard operand once and walks row blocks); the default mode.
+#: Timed on an H200 (bench/RESULTS.md, twentieth session): "bf16" at 1024 values and 4 warps is the fastest or within
+#: 3% of it on every LTX-2 K/V shape (2 x 6144 x 32 x 128 E8: 0.786 ms, against 1.18 ms at 2048 values and 8
+#: warps; 2048 values at 4 warps ties at D = 128 and is twice as slow at D = 64), with no register spills from bf16
+#: input (tests/test_kernels_compile.py). "ieee" holds the (D, D) float32 matrix: at 4 warps it spilled 34 KB and
+#: took 35 ms on that K, so it keeps 8 warps (640 B of spills compiled for sm_90).
+_TUNE = {"bf16": {"block_values": 1024, "warps": 4}, "ieee": {"block_values": 2048, "warps": 8}, "pps": 4,
+         "hadamard": "bf16"}
 #: the ways of multiplying by the Hadamard matrix (module docstring)
 HADAMARD_MODES = ("ieee", "bf16")
 
@@ -280,7 +281,8 @@ def kv_fake_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: flo
     else:   # never touched (DEBUG off): cached, so a call allocates and fills nothing besides its output
         u, e = _unused(dev, torch.float32), _unused(dev, torch.int8)
     kern = _kernel()
-    br = max(16, _TUNE["block_values"] // d)
+    shape = _TUNE[mode]
+    br = max(16, shape["block_values"] // d)
     per_launch = max(br, (MAX_LAUNCH_VALUES // d) // br * br)
     sms = num_sms(dev.index or 0)
     for i, r0 in enumerate(range(0, rows, per_launch)):
@@ -290,7 +292,7 @@ def kv_fake_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: flo
         kern(grid, xr[r0:], out[r0:], s, h, u[r0:] if return_dither else u, e[r0:] if return_dither else e, n, lo, hi,
              float(alpha), 1.0 / math.sqrt(tile), D=d, BR=br, LAT=LATTICE_IDS[lattice], DITHER=bool(dither),
              CPO=int(codes_per_octave), DEBUG=bool(return_dither), HW=not interpreting(), PARTS_IN=parts_in,
-             PARTS_OUT=parts_out, SPLIT=split, MMA_BF16=mma_bf16, num_warps=_TUNE["warps"])
+             PARTS_OUT=parts_out, SPLIT=split, MMA_BF16=mma_bf16, num_warps=shape["warps"])
     out = out.reshape(x.shape)
     return (out, u, e) if return_dither else out
 

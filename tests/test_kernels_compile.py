@@ -61,11 +61,15 @@ def test_kernels_compile_for_sm90(tmp_path):
     from hyperquant_diffusers.kernels.rice_decode_vectors import _TUNE as vectors_tune
     assert {r.get("maxnreg") for r in rows if r.get("SG")} == {vectors_tune["maxnreg"]}
     # the fused K/V kernel: five launches, bf16 tensor-core Hadamard products on the GPU (the interpreter cannot
-    # run them), and the default launch fits its registers: no spills at either LTX-2 head dimension
+    # run them), and the default launch fits its registers: no spills from bf16 K/V (LTX-2's) at either head
+    # dimension; fp16 / float32 input (two / three bf16 parts) may spill a few bytes at D = 128 (16 B for fp16)
     kv = [r for r in rows if r["kernel"] == "kv_fake_quant_kernel"]
     assert len(kv) == 5 and all(r["HW"] for r in kv)
     assert sum(1 for r in kv if r["MMA_BF16"]) == 4
-    assert all(r["spill_bytes"] == 0 and r["registers"] <= 255 for r in kv if r["MMA_BF16"]), kv
+    tc = [r for r in kv if r["MMA_BF16"]]
+    assert all(r["registers"] <= 255 for r in tc) and sum(1 for r in tc if r["PARTS_IN"] == 1) == 2, kv
+    assert all(r["spill_bytes"] == 0 for r in tc if r["PARTS_IN"] == 1), kv
+    assert all(r["spill_bytes"] <= 64 for r in tc), kv
 
 
 def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects(tmp_path):

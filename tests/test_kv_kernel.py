@@ -46,15 +46,60 @@ def _check_against_reference(x, signs, tile, alpha, lattice, dither, seed=123, h
     ref, _ = kq.kv_fake_quantize_reference(x, signs, tile, alpha, lattice, dither=u if dither else None,
                                            step_codes=e)
     # the same lattice points; the transforms differ only in float32 summation order, so the outputs differ by at
-    # most about one unit in the last place of the output dtype
+    # most about one unit in the last place of the output dtype, except where the dithered point is a near-tie
     eps = torch.finfo(x.dtype).eps
-    torch.testing.assert_close(out.float(), ref.float(), rtol=eps, atol=1e-5 * float(ref.float().abs().max()))
+    close = (out.float() - ref.float()).abs() <= eps * ref.float().abs() + 1e-5 * float(ref.float().abs().max())
+    _assert_other_points_are_near_ties(x, out, ref, ~close.reshape(-1, x.shape[-1]).all(1), signs, tile, lattice,
+                                       u, e)
     if dither:
         assert bool((nearest_point(lattice, u) == 0).all())      # inside the Voronoi cell of 0
         assert float(u.abs().max()) > 0.1
     else:
         assert not bool(u.any())
     return out, u, e
+
+
+#: lattice dimension and coordinate grid (E8's points have all-integer or all-half-integer coordinates)
+_GRID = {"E8": (8, 0.5), "D4": (4, 1.0), "Z": (1, 1.0)}
+
+
+def _is_lattice_point(p, lattice):
+    """(n, dim) float64 on the grid -> bool (n,): closed-form membership (E8 = D8 ∪ D8 + ½, D4 = even-sum Z^4)."""
+    if lattice == "Z":
+        return torch.ones(p.shape[0], dtype=torch.bool)
+    frac = p - torch.floor(p)
+    same_coset = (frac == 0).all(1) | (frac == 0.5).all(1)
+    return same_coset & (torch.remainder(p.sum(1), 2) == 0)
+
+
+def _assert_other_points_are_near_ties(x, out, ref, rows_off, signs, tile, lattice, u, e):
+    """Vectors where the kernel's output is not the reference's within rounding (``rows_off``, bool (R,)): each
+    lattice block where they chose different points must be a near-tie of the dithered point, recomputed in float64
+    (the tensor cores' float32 sums round differently from the CPU's), and such vectors must be rare."""
+    from hyperquant_diffusers.kv.quantizer import decode_log8
+
+    d = x.shape[-1]
+    n_off = int(rows_off.sum())
+    if n_off == 0:
+        return
+    assert n_off <= max(1, rows_off.numel() // 10_000), f"{n_off} of {rows_off.numel()} vectors differ"
+    idx = rows_off.nonzero().squeeze(1)
+    s = signs.double().cpu()
+    step = decode_log8(e[idx].cpu()).double().unsqueeze(1)
+    dither = u[idx].double().cpu()
+    z = rht(x.reshape(-1, d)[idx].double().cpu(), s, tile) / step + dither
+    dim, grid = _GRID[lattice]
+
+    def point(o):   # the lattice point an output reconstructs (its bf16 rounding is far below half a grid step)
+        p = rht(o.reshape(-1, d)[idx].double().cpu(), s, tile) / step + dither
+        return (torch.round(p / grid) * grid).reshape(-1, dim)
+
+    pk, pr, zb = point(out), point(ref), z.reshape(-1, dim)
+    assert bool(_is_lattice_point(pk, lattice).all() and _is_lattice_point(pr, lattice).all())
+    diff = (pk != pr).any(1)
+    assert bool(diff.any()), "the outputs differ but reconstruct the same lattice points"
+    dk, dr = ((zb - pk) ** 2).sum(1)[diff], ((zb - pr) ** 2).sum(1)[diff]
+    assert float((dk - dr).abs().max()) < 1e-3, (dk, dr)
 
 
 @pytest.mark.parametrize("lattice", ["E8", "D4", "Z"])
