@@ -18,7 +18,8 @@ processors: text K/V projected every call), ``cache-exact`` (text K/V cached unc
 recomputed). These run the codec's torch operations (``kv.quantizer.set_fused_kernel("off")``).
 
 ``--fused-kernel`` (CUDA): every ``<b>bps`` variant again as ``...-fused``, with the self / cross attention K/V
-through the fused kernel (``set_fused_kernel("cuda")``, the default on CUDA; ``kernels/kv_quant.py``), and a
+through the fused kernel (``set_fused_kernel("cuda")``, the default on CUDA; ``kernels/kv_quant.py``), and as
+``...-fused-text`` with the text K/V (the cache's encode and decode) through it too (``text=True``), and a
 shape-level timing of one LTX-2 video self-attention K (batch 2 x 6144 tokens x 32 heads x 128, bf16) through the
 torch path and the kernel, with the kernel checked against the codec given its own dither.
 """
@@ -96,12 +97,12 @@ def make_inputs(m, args, device, dtype):
 WARMUP_CALLS = 2
 
 
-def time_variant(m, inputs, device, repeat, fused=False, **kv):
+def time_variant(m, inputs, device, repeat, fused=False, fused_text=False, **kv):
     from hyperquant_diffusers.kv import disable_kv_compression, enable_kv_compression
-    from hyperquant_diffusers.kv.quantizer import fused_kernel_mode, set_fused_kernel
+    from hyperquant_diffusers.kv.quantizer import fused_kernel_mode, fused_text_kernel, set_fused_kernel
 
-    before = fused_kernel_mode()
-    set_fused_kernel("cuda" if fused else "off")
+    before = (fused_kernel_mode(), fused_text_kernel())
+    set_fused_kernel("cuda" if fused else "off", text=fused_text)
     handle = enable_kv_compression(m, **kv) if kv else None
     times = []
     try:
@@ -119,7 +120,7 @@ def time_variant(m, inputs, device, repeat, fused=False, **kv):
     finally:
         if handle:
             disable_kv_compression(m)
-        set_fused_kernel(before)
+        set_fused_kernel(*before)
     return statistics.median(times), stats
 
 
@@ -262,7 +263,9 @@ def main(argv=None):
         variants.append((f"cache-{b:g}bps-int8", dict(kv_bits=b, cache_text_kv=True, cache_format="int8")))
         variants.append((f"nocache-{b:g}bps", dict(kv_bits=b, cache_text_kv=False)))
     if args.fused_kernel:
-        variants += [(f"{name}-fused", dict(kv, fused=True)) for name, kv in variants if kv.get("kv_bits")]
+        quantized = [(name, kv) for name, kv in variants if kv.get("kv_bits")]
+        variants += [(f"{name}-fused", dict(kv, fused=True)) for name, kv in quantized]
+        variants += [(f"{name}-fused-text", dict(kv, fused=True, fused_text=True)) for name, kv in quantized]
     res = {}
     print(f"\nmodel: {'full-size' if args.full_size else 'tiny'} LTX-2, {geo}, {dtype}, {args.device}")
     print(f"{'variant':24s} {'s/step':>9s} {'text KV bytes':>14s} {'bf16 bytes':>12s} {'ratio':>6s} {'ref bytes':>10s}")

@@ -30,6 +30,11 @@ exact products: the same transform as the codec's float32 butterfly up to summat
 
 The dither differs from the torch path's (Philox here, torch's generator there): same distribution, another draw.
 ``kv_fake_quantize_reference`` below is the torch reference, given the kernel's dither (``return_dither=True``).
+
+A cache (the text K/V, stored across denoising steps) splits the same pass in two: :func:`kv_encode` stops at the
+lattice point and writes the codec's coordinates and the step codes, :func:`kv_decode` redraws the dither from the
+same seed and reconstructs. Both halves run the same kernel code as :func:`kv_fake_quantize`, so a decoded entry
+equals the uncached fake quantization bit for bit.
 """
 
 from __future__ import annotations
@@ -58,6 +63,12 @@ MAX_LAUNCH_VALUES = 1 << 30
 #: took 35 ms on that K, so it keeps 8 warps (640 B of spills compiled for sm_90).
 _TUNE = {"bf16": {"block_values": 1024, "warps": 4}, "ieee": {"block_values": 2048, "warps": 8}, "pps": 4,
          "hadamard": "bf16"}
+#: what a launch does (the kernel's MODE is the index): quantize and reconstruct; quantize to coordinates and step
+#: codes; reconstruct them
+OP_MODES = ("fake", "encode", "decode")
+#: input dtypes, and the bf16 parts that hold each exactly (bf16: 8 significant bits, fp16: 11, float32: 24)
+PARTS_IN = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+IN_DTYPES = tuple(PARTS_IN)
 #: the ways of multiplying by the Hadamard matrix (module docstring)
 HADAMARD_MODES = ("ieee", "bf16")
 
@@ -65,7 +76,7 @@ HADAMARD_MODES = ("ieee", "bf16")
 @jit_cache
 def _kernel():
     # the helpers are module globals: a @triton.jit function resolves the functions it calls there
-    global tl, libdevice, _rint, _nearest_dn, _nearest, _times_hadamard, _log2, _exp2
+    global tl, libdevice, _rint, _nearest_dn, _nearest, _dither, _times_hadamard, _log2, _exp2
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
@@ -107,6 +118,13 @@ def _kernel():
             d0 = tl.sum((g - p0) * (g - p0), axis=1)
             d1 = tl.sum((g - p1) * (g - p1), axis=1)
             return tl.reshape(tl.where((d1 < d0)[:, None], p1, p0), (BR, D))
+
+    @triton.jit
+    def _dither(seed, offs, BR: tl.constexpr, D: tl.constexpr, LAT: tl.constexpr, HW: tl.constexpr):
+        # uniform on the Voronoi cell: z0 uniform on [0, 2)^D (Philox, keyed by the value's index) minus its
+        # nearest lattice point
+        z0 = 2.0 * tl.rand(seed, offs)
+        return z0 - _nearest(z0, BR, D, LAT, HW)
 
     @triton.jit
     def _times_hadamard(a, h, PARTS: tl.constexpr, SPLIT: tl.constexpr, MMA_BF16: tl.constexpr):
@@ -151,10 +169,14 @@ def _kernel():
         return tl.exp2(v)
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-    def kv_fake_quant_kernel(x_ptr, out_ptr, s_ptr, h_ptr, u_ptr, e_ptr, R, seed_lo, seed_hi, alpha, inv_sqrt_t,
-                             D: tl.constexpr, BR: tl.constexpr, LAT: tl.constexpr, DITHER: tl.constexpr,
-                             CPO: tl.constexpr, DEBUG: tl.constexpr, HW: tl.constexpr, PARTS_IN: tl.constexpr,
-                             PARTS_OUT: tl.constexpr, SPLIT: tl.constexpr, MMA_BF16: tl.constexpr):
+    def kv_fake_quant_kernel(x_ptr, out_ptr, s_ptr, h_ptr, u_ptr, e_ptr, c_ptr, R, seed_lo, seed_hi, alpha,
+                             inv_sqrt_t, D: tl.constexpr, BR: tl.constexpr, LAT: tl.constexpr,
+                             DITHER: tl.constexpr, CPO: tl.constexpr, DEBUG: tl.constexpr, HW: tl.constexpr,
+                             PARTS_IN: tl.constexpr, PARTS_OUT: tl.constexpr, SPLIT: tl.constexpr,
+                             MMA_BF16: tl.constexpr, MODE: tl.constexpr):
+        # MODE (OP_MODES): 0 quantize and reconstruct x -> out; 1 quantize x -> codec coordinates c (int32) and
+        # step codes e (int8); 2 reconstruct c and e -> out. Modes 0 and 2 share the reconstruction's operations,
+        # so decode(encode(x)) is bit for bit the fake quantization of x with the same seed
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         cols = tl.arange(0, D)
@@ -166,25 +188,45 @@ def _kernel():
             rmask = rows < R
             offs = rows[:, None] * D + cols[None, :]
             m2 = rmask[:, None]
-            x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-            y = _times_hadamard(x * signs[None, :], h, PARTS_IN, SPLIT, MMA_BF16) * inv_sqrt_t
-            rms = tl.sqrt(tl.sum(y * y, axis=1) / D)
-            e = _rint(_log2(tl.maximum(rms * alpha, 1e-30), HW) * CPO, HW)
-            e = tl.minimum(tl.maximum(e, -128.0), 127.0)
-            step = _exp2(e / CPO, HW)
-            z = tl.math.div_rn(y, step[:, None])
-            if DITHER:
-                z0 = 2.0 * tl.rand(seed, offs)
-                u = z0 - _nearest(z0, BR, D, LAT, HW)
-                yh = (_nearest(z + u, BR, D, LAT, HW) - u) * step[:, None]
-                if DEBUG:
-                    tl.store(u_ptr + offs, u, mask=m2)
+            if MODE == 2:
+                c = tl.load(c_ptr + offs, mask=m2, other=0).to(tl.float32)
+                if LAT == 2:
+                    p = c * 0.5   # E8 coordinates are twice the point
+                else:
+                    p = c
+                e = tl.load(e_ptr + rows, mask=rmask, other=0).to(tl.float32)
+                step = _exp2(e / CPO, HW)
+                if DITHER:
+                    u = _dither(seed, offs, BR, D, LAT, HW)
             else:
-                yh = _nearest(z, BR, D, LAT, HW) * step[:, None]
-            if DEBUG:
-                tl.store(e_ptr + rows, e.to(tl.int8), mask=rmask)
-            xh = _times_hadamard(yh, h, PARTS_OUT, SPLIT, MMA_BF16) * inv_sqrt_t * signs[None, :]
-            tl.store(out_ptr + offs, xh.to(out_ptr.dtype.element_ty), mask=m2)
+                x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+                y = _times_hadamard(x * signs[None, :], h, PARTS_IN, SPLIT, MMA_BF16) * inv_sqrt_t
+                rms = tl.sqrt(tl.sum(y * y, axis=1) / D)
+                e = _rint(_log2(tl.maximum(rms * alpha, 1e-30), HW) * CPO, HW)
+                e = tl.minimum(tl.maximum(e, -128.0), 127.0)
+                step = _exp2(e / CPO, HW)
+                z = tl.math.div_rn(y, step[:, None])
+                if DITHER:
+                    u = _dither(seed, offs, BR, D, LAT, HW)
+                    p = _nearest(z + u, BR, D, LAT, HW)
+                    if DEBUG:
+                        tl.store(u_ptr + offs, u, mask=m2)
+                else:
+                    p = _nearest(z, BR, D, LAT, HW)
+                if DEBUG or MODE == 1:
+                    tl.store(e_ptr + rows, e.to(tl.int8), mask=rmask)
+                if MODE == 1:
+                    if LAT == 2:
+                        tl.store(c_ptr + offs, (p * 2.0).to(tl.int32), mask=m2)
+                    else:
+                        tl.store(c_ptr + offs, p.to(tl.int32), mask=m2)
+            if MODE != 1:
+                if DITHER:
+                    yh = (p - u) * step[:, None]
+                else:
+                    yh = p * step[:, None]
+                xh = _times_hadamard(yh, h, PARTS_OUT, SPLIT, MMA_BF16) * inv_sqrt_t * signs[None, :]
+                tl.store(out_ptr + offs, xh.to(out_ptr.dtype.element_ty), mask=m2)
 
     return CachedLauncher(kv_fake_quant_kernel, free_ints=("seed_lo", "seed_hi"))
 
@@ -235,6 +277,61 @@ def _launch_seed(seed: int, i: int) -> int:
     return (int(seed) + i * 0x9E37_79B9_7F4A_7C15) & ((1 << 62) - 1)
 
 
+def _hadamard_mode(hadamard: str | None) -> str:
+    mode = _TUNE["hadamard"] if hadamard is None else hadamard
+    if mode not in HADAMARD_MODES:
+        raise ValueError(f"hadamard must be one of {HADAMARD_MODES}, got {mode!r}")
+    return mode
+
+
+def _check_signs(signs: torch.Tensor, d: int, dev) -> torch.Tensor:
+    s = signs.to(device=dev, dtype=torch.float32).contiguous()
+    if tuple(s.shape) != (d,):
+        raise ValueError(f"signs must be ({d},), got {tuple(s.shape)}")
+    return s
+
+
+def _launch(op: int, rows: int, d: int, dev, *, x, out, c, u, e, signs, tile: int, alpha: float, lattice: str,
+            dither: bool, seed: int, codes_per_octave: int, debug: bool, parts_in: int, mode: str) -> None:
+    """Launch the kernel over ``rows`` vectors of ``d`` values (op: an index of :data:`OP_MODES`); an argument the
+    op does not touch is a cached one-element tensor. Tensors of more than ``MAX_LAUNCH_VALUES`` values are cut
+    into launches with their own Philox keys, the same cut for every op."""
+    split = mode == "bf16"
+    mma_bf16 = split and not interpreting()
+    h = block_hadamard_pm1(d, tile, dev, torch.bfloat16 if mma_bf16 else torch.float32)
+    kern = _kernel()
+    shape = _TUNE[mode]
+    br = max(16, shape["block_values"] // d)
+    per_launch = max(br, (MAX_LAUNCH_VALUES // d) // br * br)
+    sms = num_sms(dev.index or 0)
+
+    def part(t, r0):   # rows from r0 on (every tensor here is indexed by row first); not the one-element stand-ins
+        return t[r0:] if t.numel() > 1 else t
+
+    for i, r0 in enumerate(range(0, rows, per_launch)):
+        n = min(per_launch, rows - r0)
+        lo, hi = _seed_halves(_launch_seed(seed, i))
+        grid = (max(1, min(triton_cdiv(n, br), sms * _TUNE["pps"])),)
+        # bf16 parts of the reconstruction's float32 operand: three (with two, an output much smaller than the
+        # vector's other values, after the sum's cancellation, was off by up to 16 bf16 units in its last place)
+        kern(grid, part(x, r0), part(out, r0), signs, h, part(u, r0), part(e, r0), part(c, r0), n, lo,
+             hi, float(alpha), 1.0 / math.sqrt(tile), D=d, BR=br, LAT=LATTICE_IDS[lattice], DITHER=bool(dither),
+             CPO=int(codes_per_octave), DEBUG=bool(debug), HW=not interpreting(), PARTS_IN=parts_in, PARTS_OUT=3,
+             SPLIT=split, MMA_BF16=mma_bf16, MODE=op, num_warps=shape["warps"])
+
+
+def _check_input(x: torch.Tensor, tile: int, lattice: str, what: str) -> torch.Tensor:
+    require_triton()
+    d = x.shape[-1]
+    why = check_kv_kernel_args(d, tile, lattice)
+    if why is not None:
+        raise ValueError(f"{what} cannot take {why}")
+    if x.dtype not in IN_DTYPES:
+        raise ValueError(f"{what} takes bf16, fp16 or float32 K/V, got {x.dtype}")
+    xr = x.reshape(-1, d)
+    return xr if xr.is_contiguous() else xr.contiguous()
+
+
 def kv_fake_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: float, lattice: str, *,
                      dither: bool, seed: int, codes_per_octave: int, return_dither: bool = False,
                      hadamard: str | None = None):
@@ -248,53 +345,71 @@ def kv_fake_quantize(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: flo
     checking against :func:`kv_fake_quantize_reference`. ``hadamard``: how the transforms multiply, one of
     :data:`HADAMARD_MODES` (default ``_TUNE["hadamard"]``).
     """
-    require_triton()
-    d = x.shape[-1]
-    why = check_kv_kernel_args(d, tile, lattice)
-    if why is not None:
-        raise ValueError(f"kv_fake_quantize cannot take {why}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"kv_fake_quantize takes bf16, fp16 or float32 K/V, got {x.dtype}")
-    mode = _TUNE["hadamard"] if hadamard is None else hadamard
-    if mode not in HADAMARD_MODES:
-        raise ValueError(f"hadamard must be one of {HADAMARD_MODES}, got {mode!r}")
-    split = mode == "bf16"
-    mma_bf16 = split and not interpreting()
-    xr = x.reshape(-1, d)
-    if not xr.is_contiguous():
-        xr = xr.contiguous()
-    rows = xr.shape[0]
+    xr = _check_input(x, tile, lattice, "kv_fake_quantize")
+    mode = _hadamard_mode(hadamard)
+    rows, d, dev = xr.shape[0], xr.shape[1], x.device
     out = torch.empty_like(xr)
-    dev = x.device
-    s = signs.to(device=dev, dtype=torch.float32).contiguous()
-    if tuple(s.shape) != (d,):
-        raise ValueError(f"signs must be ({d},), got {tuple(s.shape)}")
-    h = block_hadamard_pm1(d, tile, dev, torch.bfloat16 if mma_bf16 else torch.float32)
-    # bf16 parts that hold the input exactly (bf16: 8 significant bits, fp16: 11, float32: 24); the float32
-    # reconstruction takes three (with two, an output much smaller than the vector's other values, after the
-    # sum's cancellation, was off by up to 16 bf16 units in its last place)
-    parts_in = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}[x.dtype]
-    parts_out = 3
     if return_dither:
         u = torch.zeros((rows, d), device=dev, dtype=torch.float32)
         e = torch.zeros((rows,), device=dev, dtype=torch.int8)
     else:   # never touched (DEBUG off): cached, so a call allocates and fills nothing besides its output
         u, e = _unused(dev, torch.float32), _unused(dev, torch.int8)
-    kern = _kernel()
-    shape = _TUNE[mode]
-    br = max(16, shape["block_values"] // d)
-    per_launch = max(br, (MAX_LAUNCH_VALUES // d) // br * br)
-    sms = num_sms(dev.index or 0)
-    for i, r0 in enumerate(range(0, rows, per_launch)):
-        n = min(per_launch, rows - r0)
-        lo, hi = _seed_halves(_launch_seed(seed, i))
-        grid = (max(1, min(triton_cdiv(n, br), sms * _TUNE["pps"])),)
-        kern(grid, xr[r0:], out[r0:], s, h, u[r0:] if return_dither else u, e[r0:] if return_dither else e, n, lo, hi,
-             float(alpha), 1.0 / math.sqrt(tile), D=d, BR=br, LAT=LATTICE_IDS[lattice], DITHER=bool(dither),
-             CPO=int(codes_per_octave), DEBUG=bool(return_dither), HW=not interpreting(), PARTS_IN=parts_in,
-             PARTS_OUT=parts_out, SPLIT=split, MMA_BF16=mma_bf16, num_warps=shape["warps"])
+    _launch(OP_MODES.index("fake"), rows, d, dev, x=xr, out=out, c=_unused(dev, torch.int32), u=u, e=e,
+            signs=_check_signs(signs, d, dev), tile=tile, alpha=alpha, lattice=lattice, dither=dither, seed=seed,
+            codes_per_octave=codes_per_octave, debug=return_dither, parts_in=PARTS_IN[x.dtype], mode=mode)
     out = out.reshape(x.shape)
     return (out, u, e) if return_dither else out
+
+
+def kv_encode(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: float, lattice: str, *, dither: bool,
+              seed: int, codes_per_octave: int, hadamard: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize K or V vectors to what a cache stores: the same quantization as :func:`kv_fake_quantize` with the
+    same arguments (the same dither draw), stopped at the lattice point.
+
+    ``x`` (..., D) -> (coordinates int32 (R, D) in the codec's convention, ``codec.nearest_point``'s: E8 twice the
+    point, D4 and Z the point; step codes int8 (R,)), R = numel / D."""
+    xr = _check_input(x, tile, lattice, "kv_encode")
+    mode = _hadamard_mode(hadamard)
+    rows, d, dev = xr.shape[0], xr.shape[1], x.device
+    c = torch.empty((rows, d), device=dev, dtype=torch.int32)
+    e = torch.empty((rows,), device=dev, dtype=torch.int8)
+    _launch(OP_MODES.index("encode"), rows, d, dev, x=xr, out=_unused(dev, x.dtype), c=c,
+            u=_unused(dev, torch.float32), e=e, signs=_check_signs(signs, d, dev), tile=tile, alpha=alpha,
+            lattice=lattice, dither=dither, seed=seed, codes_per_octave=codes_per_octave, debug=False,
+            parts_in=PARTS_IN[x.dtype], mode=mode)
+    return c, e
+
+
+def kv_decode(coords: torch.Tensor, step_codes: torch.Tensor, shape: tuple, dtype: torch.dtype,
+              signs: torch.Tensor, tile: int, lattice: str, *, dither: bool, seed: int, codes_per_octave: int,
+              hadamard: str | None = None) -> torch.Tensor:
+    """Reconstruct what :func:`kv_encode` returned: ``coords`` int32 (R, D) (or any integer dtype: int8 and int16
+    caches are widened), ``step_codes`` int8 (R,); ``dither`` and ``seed`` as given to the encode. Returns
+    ``x_hat`` of ``shape`` (R * D values) and ``dtype``, bit for bit :func:`kv_fake_quantize`'s output for the
+    encoded input with the same arguments."""
+    require_triton()
+    if coords.dim() != 2 or step_codes.shape != coords.shape[:1]:
+        raise ValueError(f"kv_decode takes coordinates (R, D) and step codes (R,), got {tuple(coords.shape)} and "
+                         f"{tuple(step_codes.shape)}")
+    rows, d = coords.shape
+    why = check_kv_kernel_args(d, tile, lattice)
+    if why is not None:
+        raise ValueError(f"kv_decode cannot take {why}")
+    if coords.is_floating_point() or coords.dtype == torch.bool or step_codes.dtype != torch.int8:
+        raise ValueError(f"kv_decode takes integer coordinates and int8 step codes, got {coords.dtype} and "
+                         f"{step_codes.dtype}")
+    if dtype not in IN_DTYPES:
+        raise ValueError(f"kv_decode writes bf16, fp16 or float32, got {dtype}")
+    if math.prod(shape) != rows * d or shape[-1] != d:
+        raise ValueError(f"kv_decode: shape {tuple(shape)} does not hold {rows} vectors of {d} values")
+    dev = coords.device
+    c = coords.to(torch.int32).contiguous()
+    out = torch.empty((rows, d), device=dev, dtype=dtype)
+    _launch(OP_MODES.index("decode"), rows, d, dev, x=_unused(dev, dtype), out=out, c=c,
+            u=_unused(dev, torch.float32), e=step_codes.to(dev).contiguous(), signs=_check_signs(signs, d, dev),
+            tile=tile, alpha=1.0, lattice=lattice, dither=dither, seed=seed, codes_per_octave=codes_per_octave,
+            debug=False, parts_in=1, mode=_hadamard_mode(hadamard))
+    return out.reshape(shape)
 
 
 def kv_fake_quantize_reference(x: torch.Tensor, signs: torch.Tensor, tile: int, alpha: float, lattice: str, *,

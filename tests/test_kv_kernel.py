@@ -29,10 +29,10 @@ def _kernel():
 
 @pytest.fixture
 def fused_always():
-    before = kvq.fused_kernel_mode()
+    before = (kvq.fused_kernel_mode(), kvq.fused_text_kernel())
     kvq.set_fused_kernel("always")
     yield
-    kvq.set_fused_kernel(before)
+    kvq.set_fused_kernel(*before)
 
 
 def _check_against_reference(x, signs, tile, alpha, lattice, dither, seed=123, hadamard=None):
@@ -206,10 +206,88 @@ def test_seeds_and_launches():
     assert not torch.equal(out, a[0])
 
 
+@pytest.mark.parametrize("lattice", ["E8", "D4", "Z"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dither", [True, False])
+def test_encode_then_decode_is_the_fake_quantization(lattice, dtype, dither):
+    # the cache's path through the kernel: encode to coordinates and step codes, decode them. The same draw and the
+    # same reconstruction operations as kv_fake_quantize, so equal bit for bit; the coordinates are the codec's
+    # nearest point of the dithered vector (codec.nearest_point, float64 transform)
+    kq = _kernel()
+    q = KVQuantizer(KVQuantConfig(bits=4.0, lattice=lattice, method="dither" if dither else "none"), 64, seed=4)
+    x = (torch.randn(3, 50, 2, 64) * 3.0).to(device=DEV, dtype=dtype)
+    call = dict(dither=dither, seed=77, codes_per_octave=CPO)
+    c, e = kq.kv_encode(x, q.signs, q.tile, q.alpha, lattice, **call)
+    assert c.dtype == torch.int32 and c.shape == (300, 64) and e.dtype == torch.int8 and e.shape == (300,)
+    fq, u, e_fq = kq.kv_fake_quantize(x, q.signs, q.tile, q.alpha, lattice, return_dither=True, **call)
+    assert torch.equal(e, e_fq)
+    out = kq.kv_decode(c, e, x.shape, dtype, q.signs, q.tile, lattice, **call)
+    assert out.dtype == dtype and torch.equal(out, fq)
+    # narrower integer coordinates (the int8 cache) decode the same
+    assert int(c.abs().max()) <= 127
+    assert torch.equal(kq.kv_decode(c.to(torch.int8), e, x.shape, dtype, q.signs, q.tile, lattice, **call), fq)
+    y = rht(x.reshape(-1, 64).double().cpu(), q.signs.double(), q.tile)
+    z = y / kvq.decode_log8(e.cpu()).double().unsqueeze(1) + u.double().cpu()
+    c_ref = nearest_point(lattice, z)
+    assert int((c.cpu() != c_ref).any(1).sum()) <= c.shape[0] // 10_000
+    # another seed: another draw (with dither), the same points without
+    c2, _ = kq.kv_encode(x, q.signs, q.tile, q.alpha, lattice, **dict(call, seed=78))
+    assert torch.equal(c2, c) != dither
+
+
+def test_encode_and_decode_cut_into_launches_alike():
+    kq = _kernel()
+    x = torch.randn(100, 32, device=DEV)
+    s = random_signs(32, 2)
+    call = dict(dither=True, seed=5, codes_per_octave=CPO)
+    before = kq.MAX_LAUNCH_VALUES
+    kq.MAX_LAUNCH_VALUES = 32 * 32
+    try:
+        c, e = kq.kv_encode(x, s, 32, 0.5, "E8", **call)
+        fq = kq.kv_fake_quantize(x, s, 32, 0.5, "E8", **call)
+        assert torch.equal(kq.kv_decode(c, e, x.shape, x.dtype, s, 32, "E8", **call), fq)
+    finally:
+        kq.MAX_LAUNCH_VALUES = before
+    assert not torch.equal(fq, kq.kv_fake_quantize(x, s, 32, 0.5, "E8", **call))
+
+
+@pytest.mark.parametrize("fmt", ["rice", "int8"])
+def test_compressed_kv_through_the_kernel(fused_always, fmt):
+    q = KVQuantizer(KVQuantConfig(bits=4.0, lattice="E8", method="dither"), 64, seed=2)
+    x = torch.randn(40, 3, 64, device=DEV, dtype=torch.bfloat16)
+    ck = q.compress(x, 11, fmt, fused=True)
+    assert ck.kernel
+    assert torch.equal(ck.dequantize(), q.fake_quantize(x, 11))
+    # fused=False (or the kernel off): the torch path's draw, as before
+    ct = q.compress(x, 11, fmt)
+    assert not ct.kernel and torch.equal(ct.dequantize(), q.fake_quantize(x, 11, fused=False))
+    kvq.set_fused_kernel("off")
+    assert not q.compress(x, 11, fmt, fused=True).kernel
+    # the same codes are stored either way: one step code per vector, the rate of the torch path's entry
+    assert abs(ck.bits_per_value - ct.bits_per_value) < 0.1
+
+
 def test_bad_arguments_are_named():
     kq = _kernel()
     x = torch.randn(4, 64)
     call = dict(dither=True, seed=0, codes_per_octave=CPO)
+    s = random_signs(64, 0)
+    c = torch.zeros(4, 64, dtype=torch.int32)
+    e = torch.zeros(4, dtype=torch.int8)
+    with pytest.raises(ValueError, match="integer coordinates"):
+        kq.kv_decode(c.float(), e, (4, 64), torch.bfloat16, s, 64, "E8", **call)
+    with pytest.raises(ValueError, match="int8 step codes"):
+        kq.kv_decode(c, e.to(torch.int32), (4, 64), torch.bfloat16, s, 64, "E8", **call)
+    with pytest.raises(ValueError, match=r"step codes \(R,\)"):
+        kq.kv_decode(c, e[:3], (4, 64), torch.bfloat16, s, 64, "E8", **call)
+    with pytest.raises(ValueError, match=r"shape \(2, 64\) does not hold 4 vectors"):
+        kq.kv_decode(c, e, (2, 64), torch.bfloat16, s, 64, "E8", **call)
+    with pytest.raises(ValueError, match="writes bf16, fp16 or float32"):
+        kq.kv_decode(c, e, (4, 64), torch.float64, s, 64, "E8", **call)
+    with pytest.raises(ValueError, match="kv_encode cannot take lattice 'A2'"):
+        kq.kv_encode(x, s, 64, 0.5, "A2", **call)
+    with pytest.raises(ValueError, match="text must be True, False or None"):
+        kvq.set_fused_kernel("cuda", text="yes")
     with pytest.raises(ValueError, match="lattice 'A2'"):
         kq.kv_fake_quantize(x, random_signs(64, 0), 64, 0.5, "A2", **call)
     with pytest.raises(ValueError, match="head dimension 24"):
@@ -269,8 +347,15 @@ def test_tiny_ltx2_through_the_kernel(fused_always):
     torch_b = run("off", seed=1)
     d_fused, d_seed = _maxdiff(fused, torch_a), _maxdiff(torch_b, torch_a)
     assert 0 < d_fused < 3 * d_seed and d_seed > 0, (d_fused, d_seed)
-    # the text K/V keep the torch path: cached and uncached agree with the kernel on
-    assert _maxdiff(run("always", cache_text_kv=True), run("always", cache_text_kv=False)) < 1e-5
+    # the text K/V keep the torch path by default: cached and uncached agree with the kernel on
+    text_torch = run("always", cache_text_kv=True)
+    assert _maxdiff(text_torch, run("always", cache_text_kv=False)) < 1e-5
+    # the text K/V through the kernel: the cache decodes to exactly what the uncached path computes
+    kvq.set_fused_kernel("always", text=True)
+    text_kernel = run("always", cache_text_kv=True)
+    assert _maxdiff(text_kernel, run("always", cache_text_kv=False)) == 0
+    assert _maxdiff(text_kernel, run("always", cache_text_kv=True, cache_format="int8")) == 0
+    assert 0 < _maxdiff(text_kernel, text_torch) < 3 * d_seed
 
 
 @pytest.mark.gpu
@@ -284,6 +369,21 @@ def test_gpu_kernel_at_ltx2_head_shapes(hadamard):
         out, _, _ = _check_against_reference(x, q.signs, q.tile, q.alpha, "E8", True, seed=99, hadamard=hadamard)
         rel = float((out.float() - x.float()).square().mean() / x.float().square().mean())
         assert 0 < rel < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+def test_gpu_text_cache_through_the_kernel_at_ltx2_shapes():
+    # one LTX-2 prompt row's text K, video (32 x 128) and audio (32 x 64), 1024 tokens, bf16: the cache entry (Rice
+    # stream decoded by the Triton decoder, or int8 codes) decodes to exactly the uncached fake quantization
+    for d in (128, 64):
+        q = KVQuantizer(KVQuantConfig(bits=4.0, lattice="E8", method="dither"), d, seed=3)
+        x = torch.randn(1024, 32, d, device="cuda", dtype=torch.bfloat16)
+        want = q.fake_quantize(x, 7)
+        for fmt in ("rice", "int8"):
+            ck = q.compress(x, 7, fmt, fused=True)
+            assert ck.kernel
+            assert torch.equal(ck.dequantize(), want) and torch.equal(ck.dequantize(), want)   # checked, unchecked
 
 
 def _two_ints(p, seed, n):   # a kernel signature for the launcher test below (never run)

@@ -25,7 +25,7 @@ from diffusers.models.transformers.transformer_ltx import apply_rotary_emb as _l
 from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb
 
 from .compiled_ops import CORES
-from .quantizer import KVQuantConfig, KVQuantizer
+from .quantizer import KVQuantConfig, KVQuantizer, fused_text_kernel
 
 ROLES = ("self", "cross", "text")
 _MASK = 0x7FFF_FFFF_FFFF_FFFF
@@ -103,7 +103,8 @@ class _KVCore:
         q = self.kq if which == 0 else self.vq
         if q is None:
             return x.detach()
-        return q.compress(x.detach().unflatten(-1, (-1, self.head_dim)), self._text_seed(which), self.cache_format)
+        return q.compress(x.detach().unflatten(-1, (-1, self.head_dim)), self._text_seed(which), self.cache_format,
+                          fused=fused_text_kernel())
 
     @staticmethod
     def _unpack(p) -> torch.Tensor:
@@ -113,11 +114,12 @@ class _KVCore:
         if self.kq is None:
             return k, v
         hd = self.head_dim
-        # the torch path (fused=False): its dither is the one the cache's entries decode with, so the uncached text
-        # K/V equal the cached ones
-        ks = [self.kq.fake_quantize(k[b].unflatten(-1, (-1, hd)), self._text_seed(0), fused=False).flatten(-2)
+        # the same path as the cache's entries (the torch path unless the text K/V take the kernel): the same
+        # dither, so the uncached text K/V equal the cached ones
+        fused = fused_text_kernel()
+        ks = [self.kq.fake_quantize(k[b].unflatten(-1, (-1, hd)), self._text_seed(0), fused=fused).flatten(-2)
               for b in range(k.shape[0])]
-        vs = [self.vq.fake_quantize(v[b].unflatten(-1, (-1, hd)), self._text_seed(1), fused=False).flatten(-2)
+        vs = [self.vq.fake_quantize(v[b].unflatten(-1, (-1, hd)), self._text_seed(1), fused=fused).flatten(-2)
               for b in range(v.shape[0])]
         return torch.stack(ks), torch.stack(vs)
 

@@ -91,19 +91,31 @@ def _gpu_decode(kv: "CompressedKV", lattice: str) -> torch.Tensor | None:
 #: the torch path's (Philox instead of torch's generator), same distribution. Default "cuda": on an H200 it matches
 #: the codec given its dither and fake-quantizes a 2 x 6144 x 32 x 128 bf16 K in 0.78 ms against the torch path's
 #: 16 ms (bench/RESULTS.md, twentieth session).
+#: "text": whether the text K/V take the kernel too, where ``when`` lets it: the cache's compression and decode
+#: and the uncached text path together (they must draw the same dither). Off by default: it has not run on a GPU.
 FUSED_KERNEL_MODES = ("off", "cuda", "always")
-_FUSED = {"when": "cuda"}
+_FUSED = {"when": "cuda", "text": False}
 
 
-def set_fused_kernel(when: str) -> None:
-    """Choose when K/V fake quantization runs the fused kernel: one of :data:`FUSED_KERNEL_MODES`."""
+def set_fused_kernel(when: str, text: bool | None = None) -> None:
+    """Choose when K/V fake quantization runs the fused kernel: one of :data:`FUSED_KERNEL_MODES`; ``text``
+    (None: unchanged) whether the text K/V (cached or not) go through it too."""
     if when not in FUSED_KERNEL_MODES:
         raise ValueError(f"fused K/V kernel mode must be one of {FUSED_KERNEL_MODES}, got {when!r}")
+    if text is not None and not isinstance(text, bool):
+        raise ValueError(f"text must be True, False or None, got {text!r}")
     _FUSED["when"] = when
+    if text is not None:
+        _FUSED["text"] = text
 
 
 def fused_kernel_mode() -> str:
     return _FUSED["when"]
+
+
+def fused_text_kernel() -> bool:
+    """Whether the text K/V take the fused kernel where :func:`fused_kernel_mode` lets them."""
+    return _FUSED["text"]
 
 
 def _fused_kernel_applies(q: "KVQuantizer", x: torch.Tensor) -> bool:
@@ -404,25 +416,39 @@ class KVQuantizer:
         rot = self.quantize_rotated(x, call_seed)
         return inverse_rht(rot.y_hat, self._signs(x.device), self.tile).reshape(x.shape).to(x.dtype)
 
-    def compress(self, x: torch.Tensor, call_seed: int, fmt: str = "rice") -> "CompressedKV":
+    def compress(self, x: torch.Tensor, call_seed: int, fmt: str = "rice", fused: bool = False) -> "CompressedKV":
         """Quantize ``x`` (..., D) and store it (:class:`CompressedKV`).
 
         ``fmt="rice"``: lattice codes entropy coded with the codec's Rice block stream (about ``bits`` per value,
         everything counted; decoding walks the stream). ``fmt="int8"``: the same codes as int8 (int16 if any
         exceeds +-127): same reconstruction, 8 (16) bits per value plus side fields, decoded by a cast.
+        ``fused``: quantize with the fused kernel where :func:`set_fused_kernel` lets it (its Philox dither; the
+        entry then decodes through the kernel too, to what :meth:`fake_quantize` gives with the same seed).
         """
         if fmt not in CACHE_FORMATS:
             raise ValueError(f"cache format must be one of {CACHE_FORMATS}, got {fmt!r}")
-        rot = self.quantize_rotated(x, call_seed)
-        bits = None if rot.qjl_bits is None else _pack_bits(rot.qjl_bits)
+        if fused and _fused_kernel_applies(self, x):
+            if x.shape[-1] != self.head_dim:
+                raise ValueError(f"expected K/V vectors of {self.head_dim} values, got last dimension {x.shape[-1]}")
+            from ..kernels.kv_quant import kv_encode
+            coords, steps = kv_encode(x.detach(), self._signs(x.device), self.tile, self.alpha, self.cfg.lattice,
+                                      dither=self.cfg.method == "dither", seed=call_seed,
+                                      codes_per_octave=STEP_CODES_PER_OCTAVE)
+            bits = norm = None
+            kernel = True
+        else:
+            rot = self.quantize_rotated(x, call_seed)
+            coords, steps, norm = rot.coords, rot.steps, rot.qjl_norm
+            bits = None if rot.qjl_bits is None else _pack_bits(rot.qjl_bits)
+            kernel = False
         if fmt == "int8":
-            small = rot.coords.numel() == 0 or int(rot.coords.abs().max()) <= 127
-            codes = rot.coords.to(torch.int8 if small else torch.int16)
-            return CompressedKV(self, tuple(x.shape), x.dtype, int(call_seed), None, None, None, rot.steps, bits,
-                                rot.qjl_norm, codes=codes)
-        words, offsets, ks = encode_coords(rot.coords.reshape(-1), self.cfg.lattice, BLOCK_VALUES)
+            small = coords.numel() == 0 or int(coords.abs().max()) <= 127
+            codes = coords.to(torch.int8 if small else torch.int16)
+            return CompressedKV(self, tuple(x.shape), x.dtype, int(call_seed), None, None, None, steps, bits, norm,
+                                codes=codes, kernel=kernel)
+        words, offsets, ks = encode_coords(coords.reshape(-1), self.cfg.lattice, BLOCK_VALUES)
         return CompressedKV(self, tuple(x.shape), x.dtype, int(call_seed), words, offsets.to(torch.int32), ks,
-                            rot.steps, bits, rot.qjl_norm)
+                            steps, bits, norm, kernel=kernel)
 
 
 def _pack_bits(b: torch.Tensor) -> torch.Tensor:
@@ -454,6 +480,8 @@ class CompressedKV:
     qjl_bits: torch.Tensor | None = None
     qjl_norm: torch.Tensor | None = None
     codes: torch.Tensor | None = None
+    #: quantized by the fused kernel (its Philox dither): decoded by it too (``kernels/kv_quant.kv_decode``)
+    kernel: bool = False
     #: the Triton decoder has checked this stream's flags and int8 range once (:func:`_gpu_decode`)
     decode_checked: bool = False
 
@@ -486,6 +514,11 @@ class CompressedKV:
             if c is None:
                 c = decode_coords(self.words, self.offsets.to(torch.int64), self.ks, self.numel, lat, BLOCK_VALUES)
             c = c.reshape(-1, q.head_dim)
+        if self.kernel:
+            from ..kernels.kv_quant import kv_decode
+            return kv_decode(c, self.steps, self.shape, self.dtype, q._signs(dev), q.tile, lat,
+                             dither=q.cfg.method == "dither", seed=self.call_seed,
+                             codes_per_octave=STEP_CODES_PER_OCTAVE)
         steps = decode_log8(self.steps).unsqueeze(1)
         pts = coords_to_points(lat, c)
         if q.cfg.method == "dither":

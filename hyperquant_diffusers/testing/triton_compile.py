@@ -210,7 +210,8 @@ def kernel_cases() -> list[dict]:
 def kv_kernel_cases() -> list[dict]:
     """Compile the fused K/V fake-quantization kernel as its launcher launches it: LTX-2's head dimensions 128
     (video) and 64 (audio), E8 with dither in bf16 through both Hadamard products, D4 without dither from float32
-    with the debug outputs, Z from fp16; with ptxas's register and spill counts."""
+    with the debug outputs, Z from fp16, and the cache's encode and decode of a bf16 K (E8, D = 128); with ptxas's
+    register and spill counts."""
     from ..codec import random_signs
     from ..kernels import kv_quant
     from ..kv.quantizer import STEP_CODES_PER_OCTAVE
@@ -218,11 +219,16 @@ def kv_kernel_cases() -> list[dict]:
     cases = ((128, torch.bfloat16, "E8", True, "bf16", False), (128, torch.bfloat16, "E8", True, "ieee", False),
              (64, torch.bfloat16, "E8", True, "bf16", False), (64, torch.float32, "D4", False, "bf16", True),
              (128, torch.float16, "Z", True, "bf16", False))
+    call = dict(dither=True, seed=3, codes_per_octave=STEP_CODES_PER_OCTAVE)
     with recording(kv_quant) as recs:
         for d, dtype, lattice, dither, hadamard, debug in cases:
             kv_quant.kv_fake_quantize(torch.zeros(2, 300, 4, d, dtype=dtype), random_signs(d, 0), d, 0.5, lattice,
                                       dither=dither, seed=3, codes_per_octave=STEP_CODES_PER_OCTAVE,
                                       return_dither=debug, hadamard=hadamard)
+        # the text-K/V cache's path: encode a bf16 K (E8, D = 128) and decode it
+        x = torch.zeros(300, 4, 128, dtype=torch.bfloat16)
+        c, e = kv_quant.kv_encode(x, random_signs(128, 0), 128, 0.5, "E8", **call)
+        kv_quant.kv_decode(c, e, x.shape, x.dtype, random_signs(128, 0), 128, "E8", **call)
     return compile_recorded(recs["kv_quant"], ptxas_stats=True)
 
 
