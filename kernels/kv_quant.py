@@ -33,8 +33,12 @@ The dither differs from the torch path's (Philox here, torch's generator there):
 
 A cache (the text K/V, stored across denoising steps) splits the same pass in two: :func:`kv_encode` stops at the
 lattice point and writes the codec's coordinates and the step codes, :func:`kv_decode` redraws the dither from the
-same seed and reconstructs. Both halves run the same kernel code as :func:`kv_fake_quantize`, so a decoded entry
-equals the uncached fake quantization bit for bit.
+same seed and reconstructs. Both halves run the same kernel code as :func:`kv_fake_quantize` and choose the same
+lattice points; in the interpreter a decoded entry equals the fake quantization bit for bit, while on the GPU, where
+each op is compiled apart, the reconstruction may round differently (H200: 1 bf16 ulp in ~1 of 10^5 values; up to 4
+float32 ulps of a vector's largest value in float32; not from fma contraction: compiling without it changed
+nothing). Code that must reproduce a cache entry exactly encodes and decodes
+(``KVQuantizer.fake_quantize_as_cached``).
 """
 
 from __future__ import annotations
@@ -176,7 +180,7 @@ def _kernel():
                              MMA_BF16: tl.constexpr, MODE: tl.constexpr):
         # MODE (OP_MODES): 0 quantize and reconstruct x -> out; 1 quantize x -> codec coordinates c (int32) and
         # step codes e (int8); 2 reconstruct c and e -> out. Modes 0 and 2 share the reconstruction's operations,
-        # so decode(encode(x)) is bit for bit the fake quantization of x with the same seed
+        # so decode(encode(x)) is the fake quantization of x with the same seed (to rounding on the GPU: module doc)
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         cols = tl.arange(0, D)
@@ -385,8 +389,8 @@ def kv_decode(coords: torch.Tensor, step_codes: torch.Tensor, shape: tuple, dtyp
               hadamard: str | None = None) -> torch.Tensor:
     """Reconstruct what :func:`kv_encode` returned: ``coords`` int32 (R, D) (or any integer dtype: int8 and int16
     caches are widened), ``step_codes`` int8 (R,); ``dither`` and ``seed`` as given to the encode. Returns
-    ``x_hat`` of ``shape`` (R * D values) and ``dtype``, bit for bit :func:`kv_fake_quantize`'s output for the
-    encoded input with the same arguments."""
+    ``x_hat`` of ``shape`` (R * D values) and ``dtype``: :func:`kv_fake_quantize`'s output for the encoded input
+    with the same arguments (bit for bit in the interpreter, to reconstruction rounding on the GPU: module doc)."""
     require_triton()
     if coords.dim() != 2 or step_codes.shape != coords.shape[:1]:
         raise ValueError(f"kv_decode takes coordinates (R, D) and step codes (R,), got {tuple(coords.shape)} and "

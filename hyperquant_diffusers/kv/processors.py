@@ -114,12 +114,11 @@ class _KVCore:
         if self.kq is None:
             return k, v
         hd = self.head_dim
-        # the same path as the cache's entries (the torch path unless the text K/V take the kernel): the same
-        # dither, so the uncached text K/V equal the cached ones
+        # what the cache's entries decode to (the same path, the same dither): caching the text K/V changes nothing
         fused = fused_text_kernel()
-        ks = [self.kq.fake_quantize(k[b].unflatten(-1, (-1, hd)), self._text_seed(0), fused=fused).flatten(-2)
+        ks = [self.kq.fake_quantize_as_cached(k[b].unflatten(-1, (-1, hd)), self._text_seed(0), fused).flatten(-2)
               for b in range(k.shape[0])]
-        vs = [self.vq.fake_quantize(v[b].unflatten(-1, (-1, hd)), self._text_seed(1), fused=fused).flatten(-2)
+        vs = [self.vq.fake_quantize_as_cached(v[b].unflatten(-1, (-1, hd)), self._text_seed(1), fused).flatten(-2)
               for b in range(v.shape[0])]
         return torch.stack(ks), torch.stack(vs)
 

@@ -92,9 +92,11 @@ def _gpu_decode(kv: "CompressedKV", lattice: str) -> torch.Tensor | None:
 #: the codec given its dither and fake-quantizes a 2 x 6144 x 32 x 128 bf16 K in 0.78 ms against the torch path's
 #: 16 ms (bench/RESULTS.md, twentieth session).
 #: "text": whether the text K/V take the kernel too, where ``when`` lets it: the cache's compression and decode
-#: and the uncached text path together (they must draw the same dither). Off by default: it has not run on a GPU.
+#: and the uncached text path together (they must draw the same dither; the uncached path encodes and decodes, see
+#: :meth:`KVQuantizer.fake_quantize_as_cached`). On by default: on the H200 the full-size LTX-2 step with cached
+#: 4-bit text K/V takes 1.07 s against 1.26 s with the text K/V on the torch path (bench/RESULTS.md, 21st session).
 FUSED_KERNEL_MODES = ("off", "cuda", "always")
-_FUSED = {"when": "cuda", "text": False}
+_FUSED = {"when": "cuda", "text": True}
 
 
 def set_fused_kernel(when: str, text: bool | None = None) -> None:
@@ -404,17 +406,33 @@ class KVQuantizer:
     def fake_quantize(self, x: torch.Tensor, call_seed: int, fused: bool = True) -> torch.Tensor:
         """Quantize and reconstruct at once (nothing kept): same shape and dtype as ``x``. Runs the fused kernel
         where :func:`set_fused_kernel` says so and it applies (then the dither is Philox's draw from ``call_seed``);
-        ``fused=False``: always the torch path, whose draws :meth:`compress` repeats (the text K/V, whose cached and
-        uncached paths must agree)."""
+        ``fused=False``: always the torch path, whose draws :meth:`compress` repeats."""
         if fused and _fused_kernel_applies(self, x):
-            if x.shape[-1] != self.head_dim:
-                raise ValueError(f"expected K/V vectors of {self.head_dim} values, got last dimension {x.shape[-1]}")
             from ..kernels.kv_quant import kv_fake_quantize
-            return kv_fake_quantize(x.detach(), self._signs(x.device), self.tile, self.alpha, self.cfg.lattice,
-                                    dither=self.cfg.method == "dither", seed=call_seed,
-                                    codes_per_octave=STEP_CODES_PER_OCTAVE)
+            return kv_fake_quantize(x.detach(), alpha=self.alpha, **self._kernel_args(x, call_seed))
         rot = self.quantize_rotated(x, call_seed)
         return inverse_rht(rot.y_hat, self._signs(x.device), self.tile).reshape(x.shape).to(x.dtype)
+
+    def fake_quantize_as_cached(self, x: torch.Tensor, call_seed: int, fused: bool) -> torch.Tensor:
+        """What ``compress(x, call_seed, fused=fused).dequantize()`` returns, without building the entry: the text
+        K/V when they are not cached, so that caching them changes nothing, bit for bit. Through the fused kernel
+        this is its encode then its decode, two launches: its one-launch fake quantization (:meth:`fake_quantize`)
+        chooses the same lattice points but, compiled apart on the GPU, may round the reconstruction differently
+        (on the H200 by up to 4 float32 units in the last place of the vector's largest value). Otherwise the torch
+        path, whose draws :meth:`compress` repeats."""
+        if fused and _fused_kernel_applies(self, x):
+            from ..kernels.kv_quant import kv_decode, kv_encode
+            args = self._kernel_args(x, call_seed)
+            coords, steps = kv_encode(x.detach(), alpha=self.alpha, **args)
+            return kv_decode(coords, steps, tuple(x.shape), x.dtype, **args)
+        return self.fake_quantize(x, call_seed, fused=False)
+
+    def _kernel_args(self, x: torch.Tensor, call_seed: int) -> dict:
+        """The arguments that the fused kernel's fake quantization, encode and decode of ``x`` share."""
+        if x.shape[-1] != self.head_dim:
+            raise ValueError(f"expected K/V vectors of {self.head_dim} values, got last dimension {x.shape[-1]}")
+        return dict(signs=self._signs(x.device), tile=self.tile, lattice=self.cfg.lattice,
+                    dither=self.cfg.method == "dither", seed=call_seed, codes_per_octave=STEP_CODES_PER_OCTAVE)
 
     def compress(self, x: torch.Tensor, call_seed: int, fmt: str = "rice", fused: bool = False) -> "CompressedKV":
         """Quantize ``x`` (..., D) and store it (:class:`CompressedKV`).
@@ -423,17 +441,13 @@ class KVQuantizer:
         everything counted; decoding walks the stream). ``fmt="int8"``: the same codes as int8 (int16 if any
         exceeds +-127): same reconstruction, 8 (16) bits per value plus side fields, decoded by a cast.
         ``fused``: quantize with the fused kernel where :func:`set_fused_kernel` lets it (its Philox dither; the
-        entry then decodes through the kernel too, to what :meth:`fake_quantize` gives with the same seed).
+        entry then decodes through the kernel too, to :meth:`fake_quantize_as_cached`'s output for the same seed).
         """
         if fmt not in CACHE_FORMATS:
             raise ValueError(f"cache format must be one of {CACHE_FORMATS}, got {fmt!r}")
         if fused and _fused_kernel_applies(self, x):
-            if x.shape[-1] != self.head_dim:
-                raise ValueError(f"expected K/V vectors of {self.head_dim} values, got last dimension {x.shape[-1]}")
             from ..kernels.kv_quant import kv_encode
-            coords, steps = kv_encode(x.detach(), self._signs(x.device), self.tile, self.alpha, self.cfg.lattice,
-                                      dither=self.cfg.method == "dither", seed=call_seed,
-                                      codes_per_octave=STEP_CODES_PER_OCTAVE)
+            coords, steps = kv_encode(x.detach(), alpha=self.alpha, **self._kernel_args(x, call_seed))
             bits = norm = None
             kernel = True
         else:
@@ -516,7 +530,7 @@ class CompressedKV:
             c = c.reshape(-1, q.head_dim)
         if self.kernel:
             from ..kernels.kv_quant import kv_decode
-            return kv_decode(c, self.steps, self.shape, self.dtype, q._signs(dev), q.tile, lat,
+            return kv_decode(c, self.steps, self.shape, self.dtype, signs=q._signs(dev), tile=q.tile, lattice=lat,
                              dither=q.cfg.method == "dither", seed=self.call_seed,
                              codes_per_octave=STEP_CODES_PER_OCTAVE)
         steps = decode_log8(self.steps).unsqueeze(1)
