@@ -530,9 +530,7 @@ class CompressedKV:
             c = c.reshape(-1, q.head_dim)
         if self.kernel:
             from ..kernels.kv_quant import kv_decode
-            return kv_decode(c, self.steps, self.shape, self.dtype, signs=q._signs(dev), tile=q.tile, lattice=lat,
-                             dither=q.cfg.method == "dither", seed=self.call_seed,
-                             codes_per_octave=STEP_CODES_PER_OCTAVE)
+            return kv_decode(c, self.steps, self.shape, self.dtype, **q._kernel_args(c, self.call_seed))
         steps = decode_log8(self.steps).unsqueeze(1)
         pts = coords_to_points(lat, c)
         if q.cfg.method == "dither":
