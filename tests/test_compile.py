@@ -246,21 +246,24 @@ def test_tiny_ltx_video_pipeline_compile_repeated_blocks_matches_eager(tiny_ltx_
     assert np.abs(compiled - eager).max() < 1e-4 and compiled.std() > 0.01
 
 
-#: QJL's tolerance: its sign bits sign(S r) flip where S r is near zero, so float32 rounding that Inductor does
-#: otherwise than eager (torch 2.14.1 on the CPU: 7.7e-7 at the output without K/V compression, 8e-7 with
-#: "dither" or "none") flips a few of them: 2.7e-3 at the output measured, while another QJL seed moves it by 0.42
-_QJL_COMPILED_TOL = 1e-2
+#: compiled vs eager with K/V quantization on the CPU: the quantizer is discontinuous (a lattice point changes where
+#: a K vector is equidistant from two; QJL's sign bits sign(S r) flip where S r is near zero), so float32 rounding
+#: that Inductor does otherwise than eager (torch 2.14.1: 7.7e-7 at the output without K/V compression) moves a
+#: few K/V values by one lattice step. Measured at the output: QJL 2.7e-3 (another QJL seed moves it by 0.42);
+#: "dither" 8e-7 on one machine, 4.5e-3 on another (another dither seed moves it by 0.13).
+_KV_COMPILED_TOL = 1e-2
 
 
 @pytest.mark.parametrize("device, bias_correction, cache_text_kv, tol", [
-    ("cpu", "dither", True, 1e-4), ("cpu", "qjl", False, _QJL_COMPILED_TOL),
+    ("cpu", "dither", True, _KV_COMPILED_TOL), ("cpu", "qjl", False, _KV_COMPILED_TOL),
     pytest.param("cuda", "dither", True, 1e-3, marks=[gpu, needs_cuda])])
 def test_tiny_ltx2_with_kv_compression_compiles_fullgraph(tiny_ltx2_path, device, bias_correction, cache_text_kv,
                                                            tol):
     """K/V compression (``hyperquant_diffusers.kv``) under ``compile_repeated_blocks(fullgraph=True)``: its steps
     are ops (``kv.compiled_ops``), so nothing breaks the graph; with the per-call seeds and the text cache reset
-    before each run, the compiled video equals the eager one to float32 rounding (``tol``; QJL's sign bits make
-    that coarser, :data:`_QJL_COMPILED_TOL`), and the cached text K/V are reused as often. On CUDA the ops run the GPU quantizer and the compressed text-K/V cache."""
+    before each run, the compiled video equals the eager one up to float32 rounding, which lattice points near
+    ties and QJL's sign bits turn into a few one-step moves (``tol``, :data:`_KV_COMPILED_TOL`), and the cached
+    text K/V are reused as often. On CUDA the ops run the GPU quantizer and the compressed text-K/V cache."""
     from diffusers import LTX2Pipeline, PipelineQuantizationConfig
     from torch._dynamo.utils import counters
 

@@ -78,8 +78,13 @@ def compressed_shapes(out_features: int, in_features: int, lattice: str, block_v
             "hq_words": ((int(n_words),), torch.int32)}
 
 
-class LatticeLinear(nn.Module):
+class LatticeLinear(nn.Linear):
     """Linear layer with a lattice-quantized weight. Shapes: x (..., in_features) -> (..., out_features).
+
+    A subclass of ``nn.Linear`` (as diffusers' GGUF and bitsandbytes layers are) so that code which dispatches on
+    the layer type treats it as a linear layer: peft wraps it in its ``lora.Linear`` (``load_lora_weights`` on a
+    quantized pipeline; the adapter runs beside the quantized product, unmerged). It never holds a float weight:
+    :attr:`weight` is an empty placeholder and ``nn.Linear.__init__`` / ``reset_parameters`` are not used.
 
     Construct empty (buffers uninitialized, e.g. on the meta device before a checkpoint loads) with the layout
     arguments, or from a float layer with :meth:`from_linear`. Call :meth:`finalize` once the ``hq_*`` buffers
@@ -90,7 +95,7 @@ class LatticeLinear(nn.Module):
                  bits: float = 4.0, tile_size: int = 128, block_values: int = 4096, seed: int = 0,
                  mma: str = "int8", residency: str = "int8", n_words: int = 0,
                  weight_dtype: torch.dtype = torch.bfloat16, device=None, dtype=None):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate (and initialize) a float weight
         if in_features % tile_size:
             raise ValueError(f"in_features={in_features} is not a multiple of tile_size={tile_size}")
         self.in_features, self.out_features = int(in_features), int(out_features)
@@ -116,6 +121,10 @@ class LatticeLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.op_id = compiled_op.register(self)   # how the compiled op finds this layer (see compiled_op)
+
+    def reset_parameters(self) -> None:
+        """No-op: the weight is defined by the loaded codes, never re-initialized (``nn.Linear``'s initializer
+        would draw a random float weight)."""
 
     def __setstate__(self, state):
         # copy.deepcopy and unpickling build a layer without __init__: the compiled op must find it too

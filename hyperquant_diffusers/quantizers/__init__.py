@@ -9,7 +9,7 @@ and ``PipelineQuantizationConfig`` read), so ``quantization_config=HyperQuantCon
 from __future__ import annotations
 
 from ..config import QUANT_METHOD, HyperQuantConfig
-from .errors import (CheckpointFormatError, CheckpointShapeError, HyperQuantConfigError, TruncatedCheckpointError,
+from .errors import (AdaptersLoadedError, CheckpointFormatError, CheckpointShapeError, HyperQuantConfigError, TruncatedCheckpointError,
                      UnquantizableModuleError, UnsupportedFormatVersionError)
 
 _REGISTERED = False
@@ -62,6 +62,6 @@ def _patch_diffusers_load_state_dict() -> None:
     mu.load_state_dict = load_state_dict
 
 
-__all__ = ["register", "HyperQuantConfig", "HyperQuantConfigError", "CheckpointFormatError",
+__all__ = ["register", "AdaptersLoadedError", "HyperQuantConfig", "HyperQuantConfigError", "CheckpointFormatError",
            "CheckpointShapeError", "TruncatedCheckpointError", "UnquantizableModuleError",
            "UnsupportedFormatVersionError"]

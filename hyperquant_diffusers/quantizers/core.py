@@ -21,13 +21,14 @@ import logging
 import os
 import struct
 import threading
+import weakref
 
 import torch
 from torch import nn
 
 from ..config import CHECKPOINT_FORMAT_VERSION, HyperQuantConfig
 from ..nn.lattice_linear import LatticeLinear, compressed_shapes
-from .errors import (CheckpointFormatError, CheckpointShapeError, TruncatedCheckpointError,
+from .errors import (AdaptersLoadedError, CheckpointFormatError, CheckpointShapeError, TruncatedCheckpointError,
                      UnquantizableModuleError, UnsupportedFormatVersionError)
 from .policy import plan_conversion
 
@@ -42,9 +43,10 @@ _ST_DTYPES = {torch.uint8: "U8", torch.int32: "I32"}
 
 
 class FreshConfigMixin:
-    """What the diffusers and the transformers quantizer share: no extra packages to check, and a private copy
-    of the config when quantizing fresh weights, so that one user config reused for several ``from_pretrained``
-    calls does not carry one model's layout into another. List it before the library's quantizer base."""
+    """What the diffusers and the transformers quantizer share: no extra packages to check; a private copy of the
+    config when quantizing fresh weights, so that one user config reused for several ``from_pretrained`` calls does
+    not carry one model's layout into another; the refusal to save a model with LoRA adapters attached
+    (:func:`check_no_adapters`). List it before the library's quantizer base."""
 
     def __init__(self, quantization_config, **kwargs):
         if not kwargs.get("pre_quantized", True):
@@ -53,6 +55,18 @@ class FreshConfigMixin:
 
     def validate_environment(self, *args, **kwargs):
         return None
+
+    def _remember_model(self, model: nn.Module) -> None:
+        # both libraries ask is_serializable before writing anything, without passing the model
+        self._model_ref = weakref.ref(model)
+
+    def _check_saveable(self, adapter_only_save: bool = False) -> bool:
+        """True, or AdaptersLoadedError. ``adapter_only_save``: the library saves only the adapter of a model whose
+        adapters it loaded (transformers' peft integration does), which is allowed."""
+        model = self._model_ref() if getattr(self, "_model_ref", None) is not None else None
+        if not (adapter_only_save and getattr(model, "_hf_peft_config_loaded", False)):
+            check_no_adapters(model)
+        return True
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -309,6 +323,26 @@ def finalize_loaded(model: nn.Module) -> None:
                 raise CheckpointFormatError(f"the checkpoint has no data for {name}.{missing[0]} "
                                             f"(missing quantized tensors)")
             mod.finalize()
+
+
+def check_no_adapters(model: nn.Module | None) -> None:
+    """Raise :class:`AdaptersLoadedError` when LoRA adapters wrap quantized layers of ``model`` (None: no check).
+
+    peft puts each adapted LatticeLinear under a wrapper as ``<name>.base_layer``; a checkpoint saved so would hold
+    the adapter's float matrices and quantized tensors under names the quantization layout does not know, and would
+    not load. Called before anything is written.
+    """
+    if model is None:
+        return
+    wrapped = [n.removesuffix(".base_layer") for n, m in model.named_modules()
+               if isinstance(m, LatticeLinear) and n.endswith("base_layer")]
+    if wrapped:
+        raise AdaptersLoadedError(
+            f"{type(model).__name__} has LoRA adapters loaded on {len(wrapped)} quantized layers (e.g. "
+            f"{wrapped[0]!r}); a HyperQuant checkpoint stores the quantized weights only. Call "
+            f"unload_lora_weights() (or delete_adapters) before save_pretrained, and save the LoRA itself with "
+            f"save_lora_weights. A LoRA cannot be fused into lattice codes: to bake one in, fuse it into the bf16 "
+            f"model and quantize that.")
 
 
 def checkpoint_metadata() -> dict[str, str]:

@@ -69,6 +69,7 @@ class HyperQuantDiffusersQuantizer(FreshConfigMixin, DiffusersQuantizer):
         if model_cfg is not None and model_cfg.get("quantization_config", None) is not cfg:
             model.register_to_config(quantization_config=cfg)
         core.maybe_enable_kv(model, cfg)
+        self._remember_model(model)
         return model
 
     def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
@@ -76,7 +77,7 @@ class HyperQuantDiffusersQuantizer(FreshConfigMixin, DiffusersQuantizer):
 
     @property
     def is_serializable(self):
-        return True
+        return self._check_saveable()  # raises AdaptersLoadedError, naming the layers, when LoRAs are attached
 
     @property
     def supports_safetensors_serialization(self):

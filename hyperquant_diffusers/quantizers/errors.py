@@ -24,5 +24,9 @@ class UnquantizableModuleError(ValueError):
     """A module that was asked to be quantized cannot be (shape, size, non-finite weights...)."""
 
 
-__all__ = ["HyperQuantConfigError", "CheckpointFormatError", "UnsupportedFormatVersionError",
+class AdaptersLoadedError(ValueError):
+    """A quantized model with LoRA (peft) adapters attached was asked to save itself as a HyperQuant checkpoint."""
+
+
+__all__ = ["AdaptersLoadedError", "HyperQuantConfigError", "CheckpointFormatError", "UnsupportedFormatVersionError",
            "TruncatedCheckpointError", "CheckpointShapeError", "UnquantizableModuleError"]

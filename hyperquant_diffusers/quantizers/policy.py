@@ -20,6 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import HyperQuantConfig
+from ..nn.lattice_linear import LatticeLinear
 from .errors import UnquantizableModuleError
 
 DEFAULT_MODULES_TO_NOT_CONVERT = (
@@ -39,7 +40,7 @@ def plan_conversion(model: nn.Module, config: HyperQuantConfig) -> tuple[dict[st
     skipped: dict[str, str] = {}
     explicit = set(config.modules_to_convert or ())
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
+        if not isinstance(mod, nn.Linear) or isinstance(mod, LatticeLinear):  # already quantized: nothing to plan
             continue
         reason = None
         if config.modules_to_convert is not None and not any(p in name for p in config.modules_to_convert):

@@ -111,13 +111,16 @@ class HyperQuantHfQuantizer(FreshConfigMixin, HfQuantizer):
                 core.quantize_linears(model, cfg, done=done)
                 self.pre_quantized = True
         model.config.quantization_config = cfg
+        self._remember_model(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
         return None, core.checkpoint_metadata()
 
     def is_serializable(self):
-        return True
+        # raises AdaptersLoadedError, naming the layers, when LoRAs are attached; a model whose adapters came
+        # through transformers' own load_adapter saves only the adapter (transformers' rule), which is fine
+        return self._check_saveable(adapter_only_save=True)
 
     @property
     def is_trainable(self):
