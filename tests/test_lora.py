@@ -154,8 +154,7 @@ def test_fuse_lora_into_lattice_codes_fails_and_leaves_the_adapter(lora_setup):
     pipe.unload_lora_weights()
 
 
-def test_text_encoder_save_with_injected_adapter_is_refused(tiny_ltx2_path, tmp_path):
-    """The transformers side: a quantized Gemma 3 with a peft adapter injected refuses ``save_pretrained``."""
+def _quantized_gemma(tiny_ltx2_path):
     from transformers import Gemma3ForConditionalGeneration
 
     from hyperquant_diffusers import HyperQuantConfig
@@ -165,10 +164,40 @@ def test_text_encoder_save_with_injected_adapter_is_refused(tiny_ltx2_path, tmp_
         quantization_config=HyperQuantConfig(bits=4.0, lattice="E8", tile_size=TILE))
     names = [n for n, m in te.named_modules() if isinstance(m, LatticeLinear)]
     assert names
+    return te, names
+
+
+def test_text_encoder_save_with_injected_adapter_is_refused(tiny_ltx2_path, tmp_path):
+    """The transformers side: a quantized Gemma 3 with a peft adapter injected refuses ``save_pretrained``."""
+    te, names = _quantized_gemma(tiny_ltx2_path)
     te = peft.inject_adapter_in_model(peft.LoraConfig(r=RANK, target_modules=[names[0]]), te)
     with pytest.raises(AdaptersLoadedError, match=names[0].replace(".", r"\.")):
         te.save_pretrained(str(tmp_path / "te"))
     assert not os.path.exists(tmp_path / "te")
+
+
+def test_ltx_video_pipeline_lora_matches_dense_reference(tiny_ltx_path):
+    """``LTXPipeline`` (LTX-Video) too: the LoRA on its quantized transformer = the LoRA on the dequantized float
+    pipeline, and it changes the video."""
+    from diffusers import LTXPipeline
+
+    pipe = LTXPipeline.from_pretrained(tiny_ltx_path, quantization_config=PipelineQuantizationConfig(
+        quant_backend="hyperquant", quant_kwargs={"bits": 4.0, "lattice": "E8", "tile_size": TILE},
+        components_to_quantize=["transformer"]))
+    dense = LTXPipeline.from_pretrained(tiny_ltx_path)
+    names = [n for n, m in pipe.transformer.named_modules() if isinstance(m, LatticeLinear)]
+    assert len(names) >= 4
+    with torch.no_grad():
+        for n in names:
+            dense.transformer.get_submodule(n).weight.copy_(pipe.transformer.get_submodule(n).dequantize(torch.float32))
+    base = run_tiny_pipeline(pipe)
+    sd = _random_lora(pipe.transformer, names[:6])
+    for p in (pipe, dense):
+        p.load_lora_weights(dict(sd), adapter_name="style")
+    q_lora = run_tiny_pipeline(pipe)
+    diff, effect = np.abs(q_lora - run_tiny_pipeline(dense)).max(), np.abs(q_lora - base).max()
+    print(f"LTX-Video LoRA on 4 bps: max |quantized - dense reference| {diff:.2e}, LoRA effect {effect:.3f}")
+    assert diff < FRAMES_ATOL and effect > LORA_EFFECT_MIN
 
 
 def _rel(a, b):
@@ -204,3 +233,56 @@ def test_gpu_adapter_beside_the_tensor_core_path(mma):
     tol = 0.01 if mma == "int8" else 0.05
     assert _rel(y.cpu(), ref) < tol and _rel(yc.cpu(), ref) < tol
     assert _rel(yc, y) < 1e-2
+
+
+def _kv_pipe(path, cache_text_kv=True):
+    return LTX2Pipeline.from_pretrained(path, quantization_config=PipelineQuantizationConfig(
+        quant_backend="hyperquant", components_to_quantize=["transformer"],
+        quant_kwargs={"bits": 4.0, "lattice": "E8", "tile_size": TILE, "kv_bits": 4.0, "cache_text_kv": cache_text_kv,
+                      "kv_bias_correction": "none"}))   # no dither: no per-call seeds, only the cache carries state
+
+
+def test_lora_weights_changed_between_generations_reach_the_text_kv_cache(tiny_ltx2_path):
+    """With ``kv_bits`` and the text-K/V cache on, an adapter on the cross-attention K/V projections: changing its
+    weight between two generations gives exactly the video of a fresh pipeline at that weight (the cache holds
+    nothing over from the previous generation's projections)."""
+    def load():
+        return _kv_pipe(tiny_ltx2_path)
+
+    pipe = load()
+    names = [n for n, m in pipe.transformer.named_modules()
+             if isinstance(m, LatticeLinear) and (".attn2.to_k" in n or ".attn2.to_v" in n)]
+    assert len(names) == 4  # two blocks' video cross-attention K and V
+    sd = _random_lora(pipe.transformer, names)
+    pipe.load_lora_weights(dict(sd), adapter_name="style")
+    full = run_tiny_pipeline(pipe)
+    pipe.set_adapters(["style"], adapter_weights=[0.25])
+    quarter = run_tiny_pipeline(pipe)
+    fresh = load()
+    fresh.load_lora_weights(dict(sd), adapter_name="style")
+    fresh.set_adapters(["style"], adapter_weights=[0.25])
+    assert np.array_equal(quarter, run_tiny_pipeline(fresh))
+    assert np.abs(full - quarter).max() > LORA_EFFECT_MIN / 4
+
+
+def test_lora_scale_changed_mid_generation_reaches_the_text_kv_cache(tiny_ltx2_path):
+    """A step callback that re-weights the adapter on the cross-attention K/V after the first step: with the text
+    cache the video equals, bit for bit, that of the same pipeline without the cache (which projects the text K/V
+    at every step), and differs from a run that keeps the first weight."""
+    def run(pipe, switch):
+        def callback(p, i, t, kwargs):
+            if switch and i == 0:
+                p.set_adapters(["style"], adapter_weights=[0.25])
+            return kwargs
+        pipe.set_adapters(["style"], adapter_weights=[1.0])
+        return run_tiny_pipeline(pipe, callback_on_step_end=callback)
+
+    pipes = {c: _kv_pipe(tiny_ltx2_path, cache_text_kv=c) for c in (True, False)}
+    names = [n for n, m in pipes[True].transformer.named_modules()
+             if isinstance(m, LatticeLinear) and (".attn2.to_k" in n or ".attn2.to_v" in n)]
+    sd = _random_lora(pipes[True].transformer, names)
+    for p in pipes.values():
+        p.load_lora_weights(dict(sd), adapter_name="style")
+    cached, uncached = run(pipes[True], True), run(pipes[False], True)
+    assert np.array_equal(cached, uncached)
+    assert np.abs(cached - run(pipes[True], False)).max() > LORA_EFFECT_MIN / 10

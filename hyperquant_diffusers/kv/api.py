@@ -110,6 +110,7 @@ def enable_kv_compression(model: torch.nn.Module, kv_bits: float | None = 4.0, l
         raise ValueError(_refusal(model))
 
     hook = None
+    text_attns = []   # filled below: the attention layers whose text K/V the cache holds
     if cache_text_kv:
         streams = {"encoder_hidden_states": "video"}
         check = None
@@ -119,7 +120,7 @@ def enable_kv_compression(model: torch.nn.Module, kv_bits: float | None = 4.0, l
             def check(m):
                 if _text_side_timestep_dependent(m):
                     raise ValueError(_refusal(m))
-        hook = _cache.KVCompressionHook(streams, check)
+        hook = _cache.KVCompressionHook(streams, check, sources=lambda m: _cache.text_kv_sources(text_attns))
 
     roles = _LTX2_ROLES if family == "ltx2" else _LTX_ROLES
     proc_cls = HQKVLTX2AttnProcessor if family == "ltx2" else HQKVLTXAttnProcessor
@@ -136,6 +137,8 @@ def enable_kv_compression(model: torch.nn.Module, kv_bits: float | None = 4.0, l
                            cfg, hook=hook, stream=stream, cache=bool(cache_text_kv), cache_format=cache_format,
                            attn=attn)
             plan.append((f"transformer_blocks.{bi}.{attr}", attn, proc_cls(core, attn.processor)))
+            if role == "text":
+                text_attns.append(attn)
             index += 1
     for name, attn, proc in plan:
         handle.originals[name] = attn.processor

@@ -5,7 +5,10 @@ embeddings of every transformer call *before* any projection, and maps each batc
 equal (``torch.equal``) to a stored row reuse its entry — across denoising steps, across CFG branches and across
 ``cache_context`` names (LTX-2's STG / modality-guidance passes reuse the positive prompt's entry) — and a row
 seen for the first time gets a new entry. When a call brings new rows, entries no longer referenced by the latest
-call of any cache context are dropped: a changed prompt invalidates the old one.
+call of any cache context are dropped: a changed prompt invalidates the old one. A change to what projects the
+text K/V (a LoRA loaded, unloaded, re-weighted or switched off on ``to_k`` / ``to_v``, a weight edited in place)
+empties the cache at the next call (:func:`text_kv_sources`), so a LoRA scale changed mid-generation (a step
+callback) reaches the text K/V at the next step.
 
 The attention processors (:mod:`.processors`) then ask :meth:`KVCompressionHook.current_ids` for the entries
 of the running call and keep one (K, V) pair per entry and attention layer in :class:`TextKVStore`.
@@ -127,6 +130,34 @@ class TextKVStore:
         }
 
 
+def text_kv_sources(attns) -> tuple:
+    """What the cached text K/V of attention modules ``attns`` depend on besides the prompt, as
+    ``(tensors, versions, switches)``: every parameter and buffer of ``to_k``, ``to_v`` and ``norm_k`` (the tensor
+    objects, compared by identity, and their in-place version counters), and peft's adapter switches on them
+    (scales, active, disabled and merged adapters), which change a projection without touching a tensor."""
+    tensors, versions, switches = [], [], []
+    for attn in attns:
+        for part in (attn.to_k, attn.to_v, getattr(attn, "norm_k", None)):
+            if part is None:
+                continue
+            for m in part.modules():
+                for t in (*m._parameters.values(), *m._buffers.values()):
+                    if t is not None:
+                        tensors.append(t)
+                        versions.append(t._version)
+                scaling = getattr(m, "scaling", None)
+                if isinstance(scaling, dict):   # a peft tuner layer
+                    switches.append((tuple(sorted(scaling.items())), bool(getattr(m, "disable_adapters", False)),
+                                     tuple(getattr(m, "active_adapters", ())),
+                                     tuple(getattr(m, "merged_adapters", ()))))
+    return tuple(tensors), tuple(versions), tuple(switches)
+
+
+def _same_sources(a: tuple, b: tuple) -> bool:
+    return (len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0], strict=True))
+            and a[1] == b[1] and a[2] == b[2])
+
+
 class _CallState(BaseState):
     """Per cache context: the prompt tensors of its latest call and their entry ids, per stream."""
 
@@ -142,15 +173,19 @@ class KVCompressionHook(ModelHook):
 
     ``streams``: forward argument name -> stream name (LTX-Video: ``{"encoder_hidden_states": "video"}``; LTX-2
     adds ``{"audio_encoder_hidden_states": "audio"}``). ``check``: called with the model before every forward;
-    raises if caching has become invalid (e.g. the text side turned timestep-dependent).
+    raises if caching has become invalid (e.g. the text side turned timestep-dependent). ``sources``: called with
+    the model before every forward, returns :func:`text_kv_sources` of the cached attention layers; when it
+    changes, every entry is dropped.
     """
 
     _is_stateful = True
 
-    def __init__(self, streams: dict[str, str], check=None):
+    def __init__(self, streams: dict[str, str], check=None, sources=None):
         super().__init__()
         self.streams = dict(streams)
         self.check = check
+        self.sources = sources
+        self._sources_seen = None
         self.store = TextKVStore()
         self.state_manager = StateManager(_CallState)
         self._active: dict[str, list[int]] | None = None
@@ -183,9 +218,20 @@ class KVCompressionHook(ModelHook):
         self.store.keep_only(keep)
         return ids
 
+    @_run_eagerly
+    def _drop_all_if_sources_changed(self, module: torch.nn.Module) -> None:
+        now = self.sources(module)
+        if self._sources_seen is not None and not _same_sources(now, self._sources_seen):
+            self.store.clear()
+            for st in self.state_manager._state_cache.values():
+                st.reset()   # the contexts stay (a pipeline may be inside one); their rows are forgotten
+        self._sources_seen = now
+
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         if self.check is not None:
             self.check(module)
+        if self.sources is not None:
+            self._drop_all_if_sources_changed(module)
         if self.state_manager._context is None:
             self.state_manager.set_context(CacheContext(name="inference"))
         state = self.state_manager.get_state()
@@ -209,6 +255,7 @@ class KVCompressionHook(ModelHook):
     def reset_state(self, module: torch.nn.Module):
         self.state_manager.reset()
         self.store.clear()
+        self._sources_seen = None
         return module
 
 

@@ -60,12 +60,9 @@ class FreshConfigMixin:
         # both libraries ask is_serializable before writing anything, without passing the model
         self._model_ref = weakref.ref(model)
 
-    def _check_saveable(self, adapter_only_save: bool = False) -> bool:
-        """True, or AdaptersLoadedError. ``adapter_only_save``: the library saves only the adapter of a model whose
-        adapters it loaded (transformers' peft integration does), which is allowed."""
-        model = self._model_ref() if getattr(self, "_model_ref", None) is not None else None
-        if not (adapter_only_save and getattr(model, "_hf_peft_config_loaded", False)):
-            check_no_adapters(model)
+    def _check_saveable(self) -> bool:
+        """True, or :class:`AdaptersLoadedError` when LoRA adapters are attached to the model."""
+        check_no_adapters(self._model_ref() if getattr(self, "_model_ref", None) is not None else None)
         return True
 
 

@@ -118,9 +118,10 @@ class HyperQuantHfQuantizer(FreshConfigMixin, HfQuantizer):
         return None, core.checkpoint_metadata()
 
     def is_serializable(self):
-        # raises AdaptersLoadedError, naming the layers, when LoRAs are attached; a model whose adapters came
-        # through transformers' own load_adapter saves only the adapter (transformers' rule), which is fine
-        return self._check_saveable(adapter_only_save=True)
+        # raises AdaptersLoadedError, naming the layers, when LoRAs are attached. That includes transformers' own
+        # adapter-only save after load_adapter: its peft integration (transformers 5.24) needs peft >= 0.22, which no
+        # registry we can reach has, so that path is untested here and refused rather than trusted
+        return self._check_saveable()
 
     @property
     def is_trainable(self):
