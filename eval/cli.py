@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "alexnet-owt-7be5be79.pth")
     p.add_argument("--cache-dir", help="where the embedded model is built (default ~/.cache/hyperquant_diffusers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar / per-video log lines")
+    p.add_argument("--lora", help="a LoRA (.safetensors file, folder holding one, or hub id) loaded into every "
+                                  "configuration, the bf16 baseline too, so the metrics show what quantization does "
+                                  "to the LoRA'd model")
+    p.add_argument("--lora-scale", type=float, help="the LoRA's weight (default 1.0; needs --lora)")
     p.add_argument("--compile", action="store_true",
                    help="compile each pipeline's transformer with torch.compile (its repeated blocks; Inductor). The "
                         "first video of each config includes the compile time in its first step")
@@ -90,6 +94,17 @@ def _json_object(flag: str, text: str | None, default: dict) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{flag} must be a JSON object")
     return obj
+
+
+def lora_setting(args) -> dict | None:
+    """``--lora`` / ``--lora-scale`` as the settings' ``lora`` entry (None without ``--lora``)."""
+    from .lora import describe_lora
+
+    if args.lora is None:
+        if args.lora_scale is not None:
+            raise ValueError("--lora-scale needs --lora")
+        return None
+    return describe_lora(args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
 
 
 def resolve_inputs(args) -> dict:
@@ -129,6 +144,7 @@ def resolve_inputs(args) -> dict:
     from .pipeline import torch_dtype
 
     torch_dtype(args.dtype)  # validates the name
+    settings["lora"] = lora_setting(args)
     return {"prompts": prompts, "configs": configs, "seeds": seeds, "settings": settings}
 
 
@@ -170,7 +186,7 @@ def run(args, inputs: dict | None = None, backend_factory=None) -> dict:
 
     jobs_all = [Job(p["id"], p["text"], s) for p in inputs["prompts"] for s in inputs["seeds"]]
     run_fp = fingerprint({"settings": {k: v for k, v in settings.to_json().items()
-                                       if k != "device" and not (k == "compile" and not v)},
+                                       if k != "device" and not (k in ("compile", "lora") and not v)},
                           "configs": [c.name for c in inputs["configs"]],
                           "jobs": [(j.pid, j.seed) for j in jobs_all], "world": world})
     D.clear_own_shard(out, rank, world)

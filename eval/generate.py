@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="video.mp4", help=".mp4 (GIF fallback without ffmpeg) or .gif")
     p.add_argument("--save-frames", action="store_true", help="also save the uint8 frames as <out>.npy")
     p.add_argument("--cache-dir", help="where the embedded model is built")
+    p.add_argument("--lora", help="a LoRA to load (.safetensors file, folder holding one, or hub id)")
+    p.add_argument("--lora-scale", type=float, help="the LoRA's weight (default 1.0; needs --lora)")
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer with torch.compile (its repeated blocks; Inductor); the first step "
                         "includes the compile time")
@@ -73,12 +75,13 @@ def main(argv=None) -> int:
         config = parse_config(config_name(args))
         if os.path.splitext(args.out)[1].lower() not in (".mp4", ".gif"):
             raise ValueError(f"--out {args.out!r}: use a .mp4 or .gif file name")
-        from .cli import _json_object
+        from .cli import _json_object, lora_setting
 
+        lora = lora_setting(args)
         extra = _json_object("--pipeline-kwargs", args.pipeline_kwargs, {})
         qkw = _json_object("--quant-kwargs", args.quant_kwargs, EMBEDDED_QUANT_KWARGS if args.model is None else {})
         torch_dtype(args.dtype)
-    except (ConfigNameError, ValueError) as exc:
+    except (ConfigNameError, ValueError, FileNotFoundError) as exc:
         print(f"hyperquant-generate: error: {exc}", file=sys.stderr)
         return 2
     import torch
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
     try:
         model = default_model_path(args.cache_dir) if embedded else args.model
         pipe = load_pipeline(model, config, dtype=args.dtype, device=device, quant_overrides=qkw,
-                             compile=args.compile)
+                             compile=args.compile, lora=lora)
         res = generate(pipe, progress=True, prompt=args.prompt, seed=args.seed, frames=pick(args.frames, "frames"),
                        height=pick(args.height, "height"), width=pick(args.width, "width"),
                        steps=pick(args.steps, "steps"), guidance_scale=pick(args.guidance_scale, "guidance_scale"),
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
     if args.save_frames:
         save_frames_npy(os.path.splitext(written)[0] + ".npy", res.frames)
     steps = res.seconds_per_step
-    summary = {"video": written, "config": config.name, "frames": list(res.frames.shape),
+    summary = {"video": written, "config": config.name, "lora": lora, "frames": list(res.frames.shape),
                "seconds_per_step": (sum(steps) / len(steps)) if steps else None, "seconds_total": res.seconds_total,
                "peak_memory_bytes": res.peak_memory_bytes, "peak_memory_kind": res.peak_memory_kind,
                "component_bytes": component_bytes(pipe), "quantized_linears": quant_stats(pipe)}

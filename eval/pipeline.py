@@ -151,9 +151,10 @@ def compile_transformer(pipe, *, fullgraph: bool = True) -> None:
 
 
 def load_pipeline(model: str, config: EvalConfig, *, dtype: str = "bf16", device: str = "cpu",
-                  quant_overrides: dict | None = None, compile: bool = False):
-    """Load ``model`` (folder or hub id) with ``config``'s quantization; returns the pipeline on ``device``, its
-    transformer compiled (:func:`compile_transformer`) when ``compile``.
+                  quant_overrides: dict | None = None, compile: bool = False, lora: dict | None = None):
+    """Load ``model`` (folder or hub id) with ``config``'s quantization; returns the pipeline on ``device``, with
+    ``lora`` (:func:`.lora.describe_lora`) loaded when given, its transformer compiled
+    (:func:`compile_transformer`) when ``compile``.
 
     On CUDA the weights load straight onto the GPU (``device_map="cuda"`` after selecting ``device``), so the
     backend quantizes there instead of on the CPU; if diffusers refuses that map for this pipeline, it loads on
@@ -181,6 +182,10 @@ def load_pipeline(model: str, config: EvalConfig, *, dtype: str = "bf16", device
     if pipe is None:
         pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
     pipe.to(device)
+    if lora is not None:
+        from .lora import apply_lora
+
+        apply_lora(pipe, lora)
     if compile:
         compile_transformer(pipe)
     return pipe

@@ -9,6 +9,7 @@ import html
 import os
 
 from . import figures
+from .lora import lora_text
 from .metrics import LPIPS_MIN_SIDE
 from .store import write_json_atomic
 from .video import load_frames_npy
@@ -114,7 +115,8 @@ def settings_text(results: dict) -> str:
     return (f"model {s['model_id']}; {s['frames']} frames at {s['height']}×{s['width']}, {s['steps']} steps, "
             f"guidance {s['guidance_scale'] if s['guidance_scale'] is not None else 'pipeline default'}, "
             f"dtype {s['dtype']}, device {s['device']}, seeds {s['seeds']}, {s['num_processes']} process(es)"
-            + (f"; HyperQuantConfig extras for every quantized config: {s['quant_kwargs']}" if s.get("quant_kwargs") else ""))
+            + (f"; HyperQuantConfig extras for every quantized config: {s['quant_kwargs']}" if s.get("quant_kwargs") else "")
+            + (f"; {lora_text(s['lora'])}" if s.get("lora") else ""))
 
 
 def _memory_kind(results: dict) -> str:

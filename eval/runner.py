@@ -39,6 +39,8 @@ class Settings:
     extra: dict = field(default_factory=dict)
     #: the transformer compiled with torch.compile (frames can differ from eager by float rounding)
     compile: bool = False
+    #: a LoRA loaded into every configuration (:func:`.lora.describe_lora`), or None
+    lora: dict | None = None
 
     def generation_kwargs(self) -> dict:
         return {"frames": self.frames, "height": self.height, "width": self.width, "steps": self.steps,
@@ -70,7 +72,8 @@ class PipelineBackend:
 
         t = time.perf_counter()
         pipe = load_pipeline(self.model_path, config, dtype=self.settings.dtype, device=self.settings.device,
-                             quant_overrides=self.settings.quant_kwargs, compile=self.settings.compile)
+                             quant_overrides=self.settings.quant_kwargs, compile=self.settings.compile,
+                             lora=self.settings.lora)
         info = {"load_seconds": time.perf_counter() - t, "component_bytes": component_bytes(pipe),
                 "quant_stats": quant_stats(pipe)}
         return pipe, info
@@ -89,12 +92,13 @@ class PipelineBackend:
 
 def settings_fingerprint_payload(settings: Settings) -> dict:
     """Settings as they identify a video: the device TYPE only (cuda:0 and cuda:3 give the same frames, so a
-    resumed run on another number of GPUs reuses videos); ``compile`` only when on (videos stored before the
-    option existed keep their fingerprints)."""
+    resumed run on another number of GPUs reuses videos); ``compile`` and ``lora`` only when set (videos stored
+    before those options existed keep their fingerprints)."""
     payload = settings.to_json()
     payload["device"] = str(payload["device"]).split(":")[0]
-    if not payload.get("compile"):
-        payload.pop("compile", None)
+    for key in ("compile", "lora"):
+        if not payload.get(key):
+            payload.pop(key, None)
     return payload
 
 

@@ -138,3 +138,54 @@ def test_generate_compiled_matches_eager(tmp_path, tiny_ltx2_path, capsys):
     assert frames["eager"].shape == (9, 32, 32, 3)
     assert np.abs(frames["compiled"] - frames["eager"]).max() <= 2
     assert frames["eager"].std() > 5          # a real video, not a constant
+
+
+def test_lora_in_every_configuration(tmp_path, tiny_ltx2_path, capsys):
+    """``--lora``: the same LoRA in the baseline and the quantized config. The quantized video stays close to the
+    LoRA'd baseline, the LoRA changes both videos, the report names it, and another LoRA file at the same path (new
+    bytes) is not mistaken for the stored videos."""
+    import torch
+    from diffusers import LTX2Pipeline
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_ltx2_path, cache / f"tiny-ltx2-random-v{EMBEDDED_VERSION}")
+    pipe = LTX2Pipeline.from_pretrained(tiny_ltx2_path)
+    g = torch.Generator().manual_seed(5)
+    layers = {}
+    for name, m in pipe.transformer.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".ff." in name:  # the layers EMBEDDED_QUANT_KWARGS quantizes
+            layers[f"{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) * 0.3
+            layers[f"{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.3
+    lora_dir = tmp_path / "lora"
+    LTX2Pipeline.save_lora_weights(str(lora_dir), transformer_lora_layers=layers)
+    base = ["--cache-dir", str(cache), "--configs", "bf16,w4-e8", "--prompt", "a robot dancing in the city",
+            "--lpips-backbone", "off", "--quiet"]
+    assert cli.main(base + ["--out", str(tmp_path / "plain")]) == 0
+    assert cli.main(base + ["--out", str(tmp_path / "lora"), "--lora", str(lora_dir)]) == 0
+    def results(d):
+        with open(tmp_path / d / "results.json") as f:
+            return json.load(f)
+
+    plain, lora = results("plain"), results("lora")
+    assert lora["settings"]["lora"]["weight_name"] == "pytorch_lora_weights.safetensors"
+    assert "LoRA " in (tmp_path / "lora" / "index.html").read_text()
+    w4 = lora["configs"][1]
+    assert w4["quantized_linears"]["lattice_linears"] > 0
+
+    def frames(r, d, cfg):
+        v = next(v for v in r["videos"] if v["config"] == cfg)
+        return np.load(tmp_path / d / v["frames_file"]).astype(np.float64)
+
+    for cfg in ("bf16", "w4-e8"):  # the LoRA reached both configurations
+        assert np.abs(frames(lora, "lora", cfg) - frames(plain, "plain", cfg)).max() > 20
+    psnr = np.array([float(x) for x in lora["comparisons"][0]["psnr_db"]])
+    assert np.all(psnr > 20), psnr
+    # same path, other bytes: regenerated, not resumed
+    LTX2Pipeline.save_lora_weights(str(lora_dir), transformer_lora_layers={k: 2 * v for k, v in layers.items()})
+    assert cli.main(base + ["--out", str(tmp_path / "lora"), "--lora", str(lora_dir)]) == 0
+    assert results("lora")["run"] == {"generated": 2, "resumed": 0}
+    capsys.readouterr()
+    assert cli.main(base + ["--out", str(tmp_path / "x"), "--lora-scale", "0.5"]) == 2
+    assert "--lora-scale needs --lora" in capsys.readouterr().err
+    assert cli.main(base + ["--out", str(tmp_path / "x"), "--lora", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err
