@@ -107,7 +107,7 @@ VIDEO_KEYS = {"config", "prompt_id", "seed", "video_file", "frames_file", "secon
 AGG_KEYS = {"psnr_mean_db", "psnr_min_db", "lpips_mean", "per_frame_psnr_db", "num_videos"}
 SETTINGS_KEYS = {"model_id", "embedded", "frames", "height", "width", "steps", "guidance_scale", "negative_prompt",
                  "max_sequence_length", "frame_rate", "dtype", "device", "quant_kwargs", "extra", "seeds",
-                 "num_processes", "compile"}
+                 "num_processes", "compile", "lora"}
 
 
 def test_results_numbers_schema_and_report(tmp_path):
@@ -305,3 +305,18 @@ def test_compile_setting_changes_video_fingerprints_only_when_on():
                                                             "prompt": job.prompt, "seed": job.seed})
     assert settings_fingerprint_payload(on)["compile"] is True
     assert video_fingerprint(on, cfg, job) != video_fingerprint(off, cfg, job)
+
+
+def test_lora_setting_changes_video_fingerprints_only_when_set():
+    """Without --lora the fingerprints are those of before the option (lora=None is left out); a LoRA's SHA-256
+    and scale are part of them."""
+    from hyperquant_diffusers.eval.configs import parse_config
+    from hyperquant_diffusers.eval.runner import settings_fingerprint_payload, video_fingerprint
+
+    lora = {"source": "/x", "weight_name": "a.safetensors", "scale": 1.0, "sha256": "0" * 64}
+    off = _settings()
+    assert "lora" not in settings_fingerprint_payload(off)
+    cfg, job = parse_config("w4-e8"), JOBS[0]
+    fps = {video_fingerprint(s, cfg, job) for s in (off, _settings(lora=lora), _settings(lora={**lora, "scale": 0.5}),
+                                                    _settings(lora={**lora, "sha256": "1" * 64}))}
+    assert len(fps) == 4
