@@ -127,14 +127,20 @@ def test_load_lora_weights_on_quantized_ltx2_matches_dense_reference(lora_setup,
 
 
 def test_save_with_lora_loaded_is_refused_before_writing(lora_setup, tmp_path):
-    """A HyperQuant checkpoint holds the quantized weights only: saving with adapters attached raises a named error
-    and writes nothing; after ``unload_lora_weights`` the save works and reloads to the same video."""
-    pipe, adapted, lora_dir, _ = lora_setup
+    """A HyperQuant checkpoint holds the quantized weights only: saving with adapters attached (or with the empty
+    wrappers ``delete_adapters`` leaves) raises a named error and writes nothing; after ``unload_lora_weights`` the
+    save works."""
+    pipe, adapted, lora_dir, base = lora_setup
     pipe.load_lora_weights(lora_dir, adapter_name="style")
     out = str(tmp_path / "q")
     with pytest.raises(AdaptersLoadedError, match="unload_lora_weights") as e:
         pipe.transformer.save_pretrained(out)
     assert adapted[0] in str(e.value)
+    assert not os.path.exists(out)
+    pipe.delete_adapters("style")   # the adapter goes (the base video is back), peft's wrappers stay: still refused
+    assert np.array_equal(run_tiny_pipeline(pipe), base)
+    with pytest.raises(AdaptersLoadedError, match="delete_adapters leaves the wrappers"):
+        pipe.transformer.save_pretrained(out)
     assert not os.path.exists(out)
     pipe.unload_lora_weights()
     pipe.transformer.save_pretrained(out)

@@ -335,11 +335,11 @@ def check_no_adapters(model: nn.Module | None) -> None:
                if isinstance(m, LatticeLinear) and n.endswith("base_layer")]
     if wrapped:
         raise AdaptersLoadedError(
-            f"{type(model).__name__} has LoRA adapters loaded on {len(wrapped)} quantized layers (e.g. "
+            f"{type(model).__name__} has LoRA (peft) wrappers on {len(wrapped)} quantized layers (e.g. "
             f"{wrapped[0]!r}); a HyperQuant checkpoint stores the quantized weights only. Call "
-            f"unload_lora_weights() (or delete_adapters) before save_pretrained, and save the LoRA itself with "
-            f"save_lora_weights. A LoRA cannot be fused into lattice codes: to bake one in, fuse it into the bf16 "
-            f"model and quantize that.")
+            f"unload_lora_weights() before save_pretrained (delete_adapters leaves the wrappers in place), and save "
+            f"the LoRA itself with save_lora_weights. A LoRA cannot be fused into lattice codes: to bake one in, "
+            f"fuse it into the bf16 model and quantize that.")
 
 
 def checkpoint_metadata() -> dict[str, str]:
