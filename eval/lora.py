@@ -7,20 +7,13 @@ adapter beside it (docs/backend.md, Limits).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 
+from .store import file_sha256
+
 #: adapter name the harness gives the LoRA in every pipeline
 ADAPTER_NAME = "eval_lora"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe_lora(source: str, scale: float = 1.0) -> dict:
@@ -49,7 +42,7 @@ def describe_lora(source: str, scale: float = 1.0) -> dict:
     else:
         raise FileNotFoundError(f"--lora {source!r}: no such file or folder")
     return {"source": folder, "weight_name": weight_name, "scale": scale,
-            "sha256": _sha256(os.path.join(folder, weight_name))}
+            "sha256": file_sha256(os.path.join(folder, weight_name))}
 
 
 def apply_lora(pipe, lora: dict) -> None:

@@ -16,9 +16,10 @@ prints it. A randomly initialized trunk is never used for reported numbers; test
 from __future__ import annotations
 
 from dataclasses import dataclass
-import hashlib
 import os
 import socket
+
+from .store import file_sha256
 
 #: torchvision's AlexNet ImageNet weights (``AlexNet_Weights.IMAGENET1K_V1``); the 8 hex digits are the start
 #: of the file's sha256 (torch.hub's convention).
@@ -80,21 +81,13 @@ def build_lpips_from_state_dict(state_dict: dict, source: str, *, is_reference: 
     return LpipsInfo(model=model, source=source, sha256=sha256, is_reference=is_reference)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _load_file(path: str, label: str) -> LpipsInfo:
     import torch
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    digest = _sha256(path)
+    digest = file_sha256(path)
     verified = digest.startswith(ALEXNET_SHA256_PREFIX)
     source = f"{label} {path} ({'torchvision IMAGENET1K_V1, sha256 verified' if verified else 'sha256 ' + digest[:12] + ', not the torchvision file'})"
     return build_lpips_from_state_dict(state, source, sha256=digest)

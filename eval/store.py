@@ -52,6 +52,15 @@ def read_json(path: str):
         return json.load(f)
 
 
+def file_sha256(path: str) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def fingerprint(payload: dict) -> str:
     """SHA-256 of the canonical JSON of ``payload`` (what must match for a stored video to be reused)."""
     blob = json.dumps({"store_version": STORE_VERSION, **payload}, sort_keys=True, separators=(",", ":"))

@@ -9,8 +9,8 @@ try:  # the codec alone needs only torch; the backend needs diffusers + transfor
     from .config import CHECKPOINT_FORMAT_VERSION, HyperQuantConfig, HyperQuantConfigError
     from .nn import LatticeLinear, memory_footprint
     from .quantizers import register as _register
-    from .quantizers.errors import (AdaptersLoadedError, CheckpointFormatError, CheckpointShapeError, TruncatedCheckpointError,
-                                    UnquantizableModuleError, UnsupportedFormatVersionError)
+    from .quantizers.errors import (AdaptersLoadedError, CheckpointFormatError, CheckpointShapeError,
+                                    TruncatedCheckpointError, UnquantizableModuleError, UnsupportedFormatVersionError)
     from .quantizers.save import save_pretrained_atomic
 except ImportError as _e:  # pragma: no cover - exercised only without diffusers/transformers
     if not any(m in str(_e) for m in ("diffusers", "transformers")):
@@ -18,6 +18,6 @@ except ImportError as _e:  # pragma: no cover - exercised only without diffusers
 else:
     _register()
 
-__all__ = ["AdaptersLoadedError", "HyperQuantConfig", "HyperQuantConfigError", "LatticeLinear", "memory_footprint", "CheckpointFormatError",
-           "CheckpointShapeError", "TruncatedCheckpointError", "UnquantizableModuleError",
+__all__ = ["AdaptersLoadedError", "HyperQuantConfig", "HyperQuantConfigError", "LatticeLinear", "memory_footprint",
+           "CheckpointFormatError", "CheckpointShapeError", "TruncatedCheckpointError", "UnquantizableModuleError",
            "UnsupportedFormatVersionError", "CHECKPOINT_FORMAT_VERSION", "save_pretrained_atomic"]

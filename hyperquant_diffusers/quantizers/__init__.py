@@ -9,8 +9,8 @@ and ``PipelineQuantizationConfig`` read), so ``quantization_config=HyperQuantCon
 from __future__ import annotations
 
 from ..config import QUANT_METHOD, HyperQuantConfig
-from .errors import (AdaptersLoadedError, CheckpointFormatError, CheckpointShapeError, HyperQuantConfigError, TruncatedCheckpointError,
-                     UnquantizableModuleError, UnsupportedFormatVersionError)
+from .errors import (AdaptersLoadedError, CheckpointFormatError, CheckpointShapeError, HyperQuantConfigError,
+                     TruncatedCheckpointError, UnquantizableModuleError, UnsupportedFormatVersionError)
 
 _REGISTERED = False
 
