@@ -10,6 +10,7 @@ Each module holds a Triton kernel, its launcher and a pure-torch reference side 
   ``torch._scaled_mm`` (fp8) paths; float64 reference
 * :mod:`.kv_quant`    -- fused K/V fake quantization: RHT, per-vector step, dithered nearest point (Z, D4, E8),
   inverse RHT in one pass
+* :mod:`.lora_add`    -- a LoRA adapter's low-rank product added into a layer output in one pass
 * :mod:`.fp4`         -- nvfp4 / mxfp4 storage of the lattice output (emulated), its error
 * :mod:`.quantize`    -- batched GPU quantization of many same-shape weights through the codec
 * :mod:`.dispatch`    -- ``cuda_forward(module, x)`` used by ``LatticeLinear`` on CUDA (int8 / compressed residency)

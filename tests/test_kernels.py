@@ -1205,3 +1205,21 @@ def test_gemm_routing_follows_the_compute_capability(monkeypatch):
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(k) or torch.zeros(300, 128))
     int8_gemm.fp8_linear(x8, sx, wq.float().to(torch.float8_e4m3fn), sw, None, out_dtype=torch.float32)
     assert len(calls) == 1 and calls[0]["out_dtype"] == torch.float32
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,r", [(5, 7, 1), (130, 200, 16), (64, 257, 33), (300, 384, 128)])
+def test_lora_add_kernel_matches_float64(dtype, m, n, r):
+    """kernels/lora_add.py: ``out += s * xa @ b.T`` in place, partial tiles and ranks below tl.dot's 16 included,
+    = the float64 sum up to one unit in the last place of the output dtype, relative to the largest value (bf16
+    2^-7, fp16 2^-10: Triton's CPU interpreter truncates its bf16 stores instead of rounding them)."""
+    from hyperquant_diffusers.kernels.lora_add import lora_add_, lora_add_reference
+
+    g = torch.Generator().manual_seed(m + r)
+    out, xa, b = (torch.randn(*s, generator=g).to(dtype).to(_DEV) for s in ((m, n), (m, r), (n, r)))
+    ref = lora_add_reference(out, xa, b, 0.7)
+    got = lora_add_(out, xa, b, 0.7)
+    assert got.data_ptr() == out.data_ptr()
+    err = float((got.double() - ref).abs().max() / ref.abs().max())
+    assert err <= (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10), err

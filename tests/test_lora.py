@@ -147,17 +147,161 @@ def test_save_with_lora_loaded_is_refused_before_writing(lora_setup, tmp_path):
     assert os.path.exists(os.path.join(out, "diffusion_pytorch_model.safetensors"))
 
 
-def test_fuse_lora_into_lattice_codes_fails_and_leaves_the_adapter(lora_setup):
-    """The codes cannot absorb a float delta: peft's merge fails on the layer's 0-element placeholder weight (it
-    never holds a float copy), before anything is marked merged, and the pipeline still runs base + adapter."""
-    pipe, _, lora_dir, _ = lora_setup
+def _delta64(lora_file_sd, name, scale=1.0):
+    """float64 ``scale * B @ A`` of layer ``name`` from the LoRA file's own tensors (alpha = rank: scaling 1)."""
+    a = lora_file_sd[f"{name}.lora_A.weight"].double()
+    b = lora_file_sd[f"{name}.lora_B.weight"].double()
+    return scale * (b @ a)
+
+
+def test_fuse_lora_requantizes_and_unfuse_restores_bit_exactly(lora_setup, tiny_ltx2_path, tmp_path):
+    """``fuse_lora`` re-quantizes each adapted layer from its dequantized weight plus the adapter's delta: the new
+    codes approximate ``W_hat + scale * B A`` (float64, from the LoRA file) as closely as the codec approximated
+    the original float weight, the wrappers then run the quantized layer alone, and the frames stay near the
+    unfused adapter's. ``unfuse_lora`` puts the original codes back bit for bit. ``unload_lora_weights`` after
+    the fuse keeps the re-quantized layers, and that model saves and loads as an ordinary checkpoint."""
+    from safetensors.torch import load_file
+
+    from hyperquant_diffusers.codec import quantize
+
+    pipe, adapted, lora_dir, base = lora_setup
+    lora_sd = {k.removeprefix("transformer."): v for k, v in
+               load_file(os.path.join(lora_dir, "pytorch_lora_weights.safetensors")).items()}
+    float_tr = LTX2Pipeline.from_pretrained(tiny_ltx2_path).transformer
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    w_hat = {n: pipe.transformer.get_submodule(n).dequantize(torch.float64) for n in adapted}
     pipe.load_lora_weights(lora_dir, adapter_name="style")
+    wrapped = pipe.transformer.get_submodule(adapted[0])
+    assert type(wrapped).__name__ == "LatticeLoraLinear" and isinstance(wrapped, peft.tuners.lora.Linear)
     with_lora = run_tiny_pipeline(pipe)
-    with pytest.raises(RuntimeError):
-        pipe.fuse_lora()
+
+    pipe.fuse_lora()
+    for n in adapted:
+        m = pipe.transformer.get_submodule(n)
+        assert m.merged and m.merged_adapters == ["style"]
+        target = w_hat[n] + _delta64(lora_sd, n)
+        err = float((m.base_layer.dequantize(torch.float64) - target).norm() / target.norm())
+        # the codec's error on the original float weight quantized alone with the same settings (the pipeline
+        # quantized same-shape layers as one group sharing the rate, so w_hat's own error differs per layer)
+        w = float_tr.get_submodule(n).weight.detach()
+        q0 = quantize(w, bits=4.0, lattice="E8", tile_size=TILE)
+        err0 = float((q0.dequantize(torch.float64) - w.double()).norm() / w.double().norm())
+        size = m.base_layer.stored_nbytes() / LatticeLinear.from_lattice_tensor(q0, None, bits=4.0).stored_nbytes()
+        assert err < 1.15 * err0 and size < 1.03, (n, err, err0, size)   # as close, in as many bytes
+    fused = run_tiny_pipeline(pipe)
+    quant_err = np.abs(base - run_tiny_pipeline(LTX2Pipeline.from_pretrained(tiny_ltx2_path))).max()
+    diff, effect = np.abs(fused - with_lora).max(), np.abs(with_lora - base).max()
+    print(f"fuse_lora at 4 bps: max |fused - unfused| {diff:.3f}, LoRA effect {effect:.3f}, 4-bps error of the "
+          f"base frames {quant_err:.3f}")
+    assert diff < 0.5 * effect and diff < 3 * quant_err
+
+    pipe.unfuse_lora()
     assert not any(getattr(m, "merged", False) for m in pipe.transformer.modules())
+    after = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert np.array_equal(run_tiny_pipeline(pipe), with_lora)
+
+    pipe.fuse_lora()
+    assert np.array_equal(run_tiny_pipeline(pipe), fused)   # merging is deterministic
     pipe.unload_lora_weights()
+    assert all(isinstance(pipe.transformer.get_submodule(n), LatticeLinear) for n in adapted)
+    assert np.array_equal(run_tiny_pipeline(pipe), fused)
+    out = str(tmp_path / "fused")
+    pipe.transformer.save_pretrained(out)    # the layout follows the new word counts
+    from diffusers import LTX2VideoTransformer3DModel
+
+    reloaded = LTX2VideoTransformer3DModel.from_pretrained(out)
+    for n in adapted:
+        assert torch.equal(reloaded.get_submodule(n).dequantize(), pipe.transformer.get_submodule(n).dequantize())
+    # leave the shared pipeline as the fixture made it
+    for n in adapted:
+        pipe.transformer.get_submodule(n).load_state_dict(
+            {k.removeprefix(n + "."): v for k, v in before.items() if k.startswith(n + ".")})
+    assert np.array_equal(run_tiny_pipeline(pipe), base)
+
+
+def test_fusing_adapters_one_by_one_equals_fusing_them_together(lora_setup, tiny_ltx2_path, tmp_path):
+    """A second ``fuse_lora`` re-quantizes from the original codes plus both deltas (no second rounding of the
+    first): fusing "a" then "b" gives the codes of fusing both at once, bit for bit."""
+    pipe, adapted, lora_dir, _ = lora_setup
+    other = str(tmp_path / "other")
+    LTX2Pipeline.save_lora_weights(other, transformer_lora_layers={
+        k.removeprefix("transformer."): v for k, v in _random_lora(pipe.transformer, adapted, seed=5).items()})
+    states = []
+    for one_by_one in (True, False):
+        p = _quantized_pipe(tiny_ltx2_path)
+        p.load_lora_weights(lora_dir, adapter_name="a")
+        p.load_lora_weights(other, adapter_name="b")
+        p.set_adapters(["a", "b"])
+        if one_by_one:
+            p.fuse_lora(adapter_names=["a"])
+            p.fuse_lora(adapter_names=["b"])
+        else:
+            p.fuse_lora(adapter_names=["a", "b"])
+        assert p.transformer.get_submodule(adapted[0]).merged_adapters == ["a", "b"]
+        states.append({k: v for k, v in p.transformer.state_dict().items() if "lora_" not in k})
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[1])
+
+
+def test_lora_variant_on_a_quantized_layer_is_refused_by_name():
+    """DoRA needs the dense base weight at every step: creating it on a LatticeLinear raises an error naming the
+    variant (not peft's shape error on the 0-element placeholder weight)."""
+    q = LatticeLinear.from_linear(nn.Linear(128, 64), bits=4.0, tile_size=TILE)
+    m = nn.Sequential()
+    m.add_module("proj", q)
+    with pytest.raises(NotImplementedError, match="DoraLinearVariant.*64x128 LatticeLinear"):
+        peft.inject_adapter_in_model(peft.LoraConfig(r=RANK, use_dora=True, target_modules=["proj"]), m)
+
+
+def test_lora_bias_runs_peft_forward_and_merges_into_the_bias():
+    """An adapter with a LoRA bias takes peft's forward (float64 reference) and merges into the layer's float bias;
+    unmerge puts the original bias back exactly."""
+    torch.manual_seed(2)
+    q = LatticeLinear.from_linear(nn.Linear(128, 64), bits=4.0, tile_size=TILE)
+    bias0 = q.bias.detach().clone()
+    m = nn.Sequential()
+    m.add_module("proj", q)
+    m = peft.inject_adapter_in_model(peft.LoraConfig(r=RANK, lora_alpha=RANK, lora_bias=True,
+                                                     target_modules=["proj"]), m)
+    b_mod = m.proj.lora_B["default"]
+    with torch.no_grad():
+        b_mod.weight.normal_(0, 0.1)
+        b_mod.bias.normal_(0, 0.5)
+    x = torch.randn(4, 128)
+    xd = x.double()
+    with torch.no_grad():
+        y = m(x)
+        a = m.proj.lora_A["default"].weight.double()
+        ref = xd @ q.dequantize(torch.float64).T + bias0.double() + xd @ a.T @ b_mod.weight.double().T \
+            + b_mod.bias.double()
+        assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+        m.proj.merge()
+        assert torch.allclose(q.bias.double(), bias0.double() + b_mod.bias.double(), atol=1e-6)
+        m.proj.unmerge()
+    assert torch.equal(q.bias, bias0)
+
+
+def test_adapter_gradients_through_the_quantized_layer_match_float64():
+    """Training an adapter on the quantized base (grad enabled): the adapter add is out of place, so autograd
+    gives the float64 gradients of ``(x W_hat^T + b + s x A^T B^T)`` for A, B and x."""
+    torch.manual_seed(1)
+    q = LatticeLinear.from_linear(nn.Linear(128, 64), bits=4.0, tile_size=TILE)
+    m = nn.Sequential()
+    m.add_module("proj", q)
+    m = peft.inject_adapter_in_model(peft.LoraConfig(r=RANK, lora_alpha=8, target_modules=["proj"]), m)
+    a_mod, b_mod = m.proj.lora_A["default"], m.proj.lora_B["default"]
+    with torch.no_grad():
+        b_mod.weight.normal_(0, 0.1)
+    x = torch.randn(9, 128, requires_grad=True)
+    y = m(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    xd = x.detach().double().requires_grad_()
+    ad, bd = (t.detach().double().requires_grad_() for t in (a_mod.weight, b_mod.weight))
+    yd = xd @ q.dequantize(torch.float64).T + q.bias.double() + (8 / RANK) * (xd @ ad.T @ bd.T)
+    (yd * g.double()).sum().backward()
+    for got, ref in ((x.grad, xd.grad), (a_mod.weight.grad, ad.grad), (b_mod.weight.grad, bd.grad)):
+        assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
 def _quantized_gemma(tiny_ltx2_path):
@@ -239,6 +383,47 @@ def test_gpu_adapter_beside_the_tensor_core_path(mma):
     tol = 0.01 if mma == "int8" else 0.05
     assert _rel(y.cpu(), ref) < tol and _rel(yc.cpu(), ref) < tol
     assert _rel(yc, y) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+@pytest.mark.parametrize("mma,residency", [("int8", "int8"), ("fp8", "int8"), ("int8", "compressed")])
+def test_gpu_merge_requantizes_on_the_device_and_unmerge_restores(mma, residency):
+    """On CUDA: the fused adapter add matches float64; ``merge`` re-quantizes on the GPU (the merged weight as close
+    to ``W_hat + B A`` as the codec's error on the original weight) and the merged layer runs the quantized kernels
+    alone; ``unmerge`` gives back the original codes and the same output bit for bit."""
+    from hyperquant_diffusers.codec import quantize
+
+    torch.manual_seed(4)
+    lin = nn.Linear(2048, 1024, device="cuda", dtype=torch.bfloat16)
+    q = LatticeLinear.from_linear(lin, bits=4.0, mma=mma, residency=residency)
+    model = nn.Sequential()
+    model.add_module("proj", q)
+    model = peft.inject_adapter_in_model(peft.LoraConfig(r=16, lora_alpha=16, target_modules=["proj"]), model)
+    assert type(model.proj).__name__ == "LatticeLoraLinear"
+    a, b = torch.randn(16, 2048) * 0.05, torch.randn(1024, 16) * 0.05
+    with torch.no_grad():
+        model.proj.lora_A["default"].weight.copy_(a)
+        model.proj.lora_B["default"].weight.copy_(b)
+    x = torch.randn(2, 300, 2048, device="cuda").to(torch.bfloat16)
+    xd = x.double().cpu()
+    w_hat = q.dequantize(torch.float64).cpu()
+    target = w_hat + b.double() @ a.double()
+    tol = 0.01 if mma == "int8" else 0.05
+    with torch.no_grad():
+        y = model(x)
+        assert _rel(y.cpu(), xd @ target.T + q.bias.double().cpu()) < tol
+        model.proj.merge()
+        w_m = q.dequantize(torch.float64).cpu()
+        assert q.codes is None if residency == "compressed" else q.codes.is_cuda
+        w = lin.weight.double().cpu()
+        err0 = _rel(quantize(lin.weight.detach(), bits=4.0).dequantize(torch.float64).cpu(), w)
+        assert _rel(w_m, target) < 1.15 * err0
+        y_m = model(x)
+        assert _rel(y_m.cpu(), xd @ w_m.T + q.bias.double().cpu()) < tol
+        model.proj.unmerge()
+        assert torch.equal(q.dequantize(torch.float64).cpu(), w_hat)
+        assert torch.equal(model(x), y)
 
 
 def _kv_pipe(path, cache_text_kv=True):

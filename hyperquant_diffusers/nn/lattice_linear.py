@@ -210,6 +210,85 @@ class LatticeLinear(nn.Linear):
                 self._buffers[name] = old.to(device=new.device)
         return self
 
+    # ---- replacing the weight (LoRA merging, nn/lora.py) ----------------------------------------------
+    def rht_sign_mode(self) -> str:
+        """The codec's ``rht_signs`` mode these signs were drawn in: "tiled" (one tile's signs repeated along K)
+        or "independent"; with the layer's seed it reproduces the same signs."""
+        s, t = self.signs, self.tile_size
+        tiled = torch.equal(s.reshape(-1, t), s[:t].expand(s.numel() // t, t))
+        return "tiled" if tiled else "independent"
+
+    def requantize(self, weight: torch.Tensor) -> None:
+        """Replace the weight by the HyperQuant quantization of ``weight`` (out_features, in_features), float, with
+        this layer's codec settings (lattice, bits per scalar, tile, Rice block size, seed and sign mode: the same
+        RHT signs), on the layer's device; mma and residency are kept. Lossy as any quantization: the new codes
+        are the nearest (rate-distortion) lattice points of ``weight``, not of the old codes plus a delta."""
+        from ..codec import quantize
+
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"requantize: weight of shape {tuple(weight.shape)} for a {self.out_features}x"
+                             f"{self.in_features} LatticeLinear")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("requantize: the weight has NaN or infinite values")
+        signs = self.signs
+        q = quantize(weight.detach().to(signs.device, torch.float32), bits=self.bits, lattice=self.lattice,
+                     tile_size=self.tile_size, seed=self.seed, rht_signs=self.rht_sign_mode(),
+                     block_values=self.block_values)
+        if not torch.equal(unpack_signs(q.state_tensors()["signs"]).to(signs.device), signs):
+            raise RuntimeError("requantize: the codec drew other RHT signs for this layer's seed and sign mode")
+        self.load_lattice_tensor(q)
+
+    def load_lattice_tensor(self, q: LatticeTensor) -> None:
+        """Make ``q`` (same shape, lattice, tile and block size) this layer's weight, in the layer's residency and
+        MMA form: the stream buffers are re-created for its word count, loaded and finalized."""
+        if (tuple(q.shape) != (self.out_features, self.in_features) or q.lattice != self.lattice
+                or q.tile_size != self.tile_size or q.block_values != self.block_values):
+            raise ValueError(f"load_lattice_tensor: a {tuple(q.shape)} {q.lattice} tensor (tile {q.tile_size}, "
+                             f"blocks of {q.block_values}) for a {self.out_features}x{self.in_features} "
+                             f"{self.lattice} layer (tile {self.tile_size}, blocks of {self.block_values})")
+        dev = self.signs.device
+        self._forget_weight()
+        self.n_words = int(q.words.numel())
+        for name, (shape, dt) in compressed_shapes(self.out_features, self.in_features, self.lattice,
+                                                   self.block_values, self.n_words).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dt, device=dev))
+        self.load_stream(q)
+        self.finalize()
+
+    def _forget_weight(self) -> None:
+        # everything derived from the current codes, here and in the kernels' per-layer cache
+        self.codes = self.code_scale = self.code_fix_idx = self.code_fix_val = None
+        self.signs_f32 = None
+        self.is_finalized = False
+        self.__dict__.pop("_hq_kernel_cache", None)
+
+    def weight_state(self, device: torch.device | str | None = None) -> dict:
+        """The tensors that define the weight now (resident buffers, the host-side exact values of rounded e4m3
+        codes, the bias) and the layout attributes, for :meth:`load_weight_state`. ``device``: copy the tensors
+        there (e.g. "cpu" to keep them off the GPU); None keeps references (no copy)."""
+        def move(t):
+            if t is None or device is None:
+                return t
+            return t.to(device, copy=True)
+
+        bufs = {n: move(self._buffers.get(n)) for n in _COMPRESSED + _KEEP_DTYPE}
+        return {"buffers": bufs, "code_fix": (move(self.code_fix_idx), move(self.code_fix_val)),
+                "bias": None if self.bias is None else move(self.bias.detach()),
+                "n_words": self.n_words, "residency": self.residency, "is_finalized": self.is_finalized}
+
+    def load_weight_state(self, state: dict) -> None:
+        """Put back a :meth:`weight_state`, bit for bit, on the layer's current device."""
+        dev = self.signs.device
+        self._forget_weight()
+        for n, t in state["buffers"].items():
+            self._buffers[n] = None if t is None else t.to(dev, copy=True)   # the state stays reusable
+        if state["code_fix"][0] is not None:
+            self.code_fix_idx, self.code_fix_val = (t.cpu() for t in state["code_fix"])
+        if state["bias"] is not None:
+            with torch.no_grad():
+                self.bias.copy_(state["bias"])
+        self.n_words, self.residency, self.is_finalized = state["n_words"], state["residency"], state["is_finalized"]
+
     # ---- the MMA type and the form of the resident codes ----------------------------------------------
     @property
     def mma(self) -> str:
@@ -394,9 +473,9 @@ class LatticeLinear(nn.Linear):
             for name, (shape, dt) in compressed_shapes(self.out_features, self.in_features, self.lattice,
                                                        self.block_values, n_words).items():
                 self.register_buffer(name, torch.empty(shape, dtype=dt, device=dev))
-            self.codes = self.code_scale = self.code_fix_idx = self.code_fix_val = None
+            self._forget_weight()
+            self.n_words = int(n_words)
             self.residency = "int8"
-            self.is_finalized = False
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
             self.finalize()

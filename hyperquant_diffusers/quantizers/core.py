@@ -61,8 +61,12 @@ class FreshConfigMixin:
         self._model_ref = weakref.ref(model)
 
     def _check_saveable(self) -> bool:
-        """True, or :class:`AdaptersLoadedError` when LoRA adapters are attached to the model."""
-        check_no_adapters(self._model_ref() if getattr(self, "_model_ref", None) is not None else None)
+        """True, or :class:`AdaptersLoadedError` when LoRA adapters are attached to the model. Brings the
+        config's layout up to date first (a LoRA fused with ``fuse_lora`` re-quantizes layers: new word counts)."""
+        model = self._model_ref() if getattr(self, "_model_ref", None) is not None else None
+        check_no_adapters(model)
+        if model is not None:
+            refresh_layout(model, self.quantization_config)
         return True
 
 
@@ -338,8 +342,19 @@ def check_no_adapters(model: nn.Module | None) -> None:
             f"{type(model).__name__} has LoRA (peft) wrappers on {len(wrapped)} quantized layers (e.g. "
             f"{wrapped[0]!r}); a HyperQuant checkpoint stores the quantized weights only. Call "
             f"unload_lora_weights() before save_pretrained (delete_adapters leaves the wrappers in place), and save "
-            f"the LoRA itself with save_lora_weights. A LoRA cannot be fused into lattice codes: to bake one in, "
-            f"fuse it into the bf16 model and quantize that.")
+            f"the LoRA itself with save_lora_weights. To bake a LoRA into the checkpoint, fuse_lora() (the layers "
+            f"are re-quantized with the delta) then unload_lora_weights() before saving.")
+
+
+def refresh_layout(model: nn.Module, config: HyperQuantConfig) -> None:
+    """Set each ``config.layout`` entry's word count and residency from its LatticeLinear as it is now."""
+    for name, entry in (config.layout or {}).items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(m, LatticeLinear):
+            entry["n_words"], entry["residency"] = int(m.n_words), m.residency
 
 
 def checkpoint_metadata() -> dict[str, str]:
