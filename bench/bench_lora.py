@@ -15,6 +15,7 @@ Median ms from ``triton.testing.do_bench`` (L2 flushed before each call), each v
 every call (activation sharing off).
 
     python -m hyperquant_diffusers.bench.bench_lora [--m 12288] [--rank 32] [--mma int8 fp8] [--json OUT]
+    python -m hyperquant_diffusers.bench.bench_lora --sweep     # the add kernel's launch configs alone
 """
 
 from __future__ import annotations
@@ -103,15 +104,51 @@ def run_shape(n: int, k: int, m_tokens: int, rank: int, mma: str) -> dict:
     return row
 
 
+SWEEP = [(128, 128, 8, False), (128, 128, 8, True), (64, 256, 8, True), (128, 256, 8, True), (32, 512, 4, True),
+         (64, 128, 4, True), (256, 128, 8, True)]
+
+
+def sweep(m_tokens: int, rank: int) -> list[dict]:
+    """kernels/lora_add.py alone on (M, N) bf16 outputs, each launch config: ms, GB/s of the output's read + write,
+    and its error vs float64 (every config checked on the device)."""
+    from hyperquant_diffusers.kernels.lora_add import lora_add_, lora_add_reference
+
+    rows = []
+    for n in (2048, 4096, 16384):
+        g = torch.Generator(device="cuda").manual_seed(n)
+        out = torch.randn(m_tokens, n, device="cuda", generator=g).to(torch.bfloat16)
+        xa = torch.randn(m_tokens, rank, device="cuda", generator=g).to(torch.bfloat16)
+        b = torch.randn(n, rank, device="cuda", generator=g).to(torch.bfloat16)
+        small = (out[:512].clone(), xa[:512])
+        ref = lora_add_reference(small[0], small[1], b, 0.5)
+        t_addmm = bench(lambda o=out, x=xa, w=b: o.addmm_(x, w.t(), alpha=0.5))
+        for cfg in SWEEP:
+            err = float((lora_add_(small[0].clone(), small[1], b, 0.5, config=cfg).double() - ref).abs().max()
+                        / ref.abs().max())
+            t = bench(lambda o=out, x=xa, w=b, c=cfg: lora_add_(o, x, w, 0.5, config=c))
+            rows.append({"n": n, "config": list(cfg), "ms": t, "gbs": 2 * out.numel() * 2 / t / 1e6, "err": err,
+                         "addmm_ms": t_addmm})
+            print(f"N={n} {cfg}: {t:.4f} ms, {rows[-1]['gbs']:.0f} GB/s, err {err:.1e} (addmm_ {t_addmm:.4f} ms)",
+                  flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--m", type=int, default=12288)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--mma", nargs="+", default=["int8", "fp8"])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true", help="time kernels/lora_add.py's launch configs only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_lora needs a CUDA GPU")
+    if args.sweep:
+        rows = sweep(args.m, args.rank)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     rows = []
     print(f"# {torch.cuda.get_device_name()}, M={args.m}, rank {args.rank}, 4 bps E8 int8-resident; ms (median)")
     print("| shape | mma | bf16 | bf16+LoRA | quantized | +LoRA peft | +LoRA fused add | merged | merge s | "

@@ -19,7 +19,8 @@ from ._triton import interpreting, jit_cache, require_triton
 
 #: largest adapter rank the kernel takes (one K step of the tile product); larger ranks take ``addmm_``
 MAX_RANK = 128
-_BM, _BN = 128, 128
+#: (BM, BN, warps, N-major program order) of the launch; bench/bench_lora.py --sweep times the alternatives
+CONFIG = (128, 128, 8, False)
 DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -30,9 +31,14 @@ def _kernel():
 
     @triton.jit
     def lora_add_kernel(out_ptr, xa_ptr, b_ptr, M, N, R, stride_om, stride_xm, stride_bn, scale,
-                        BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+                        BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, N_MAJOR: tl.constexpr):
+        # N_MAJOR: consecutive programs walk along a row block (contiguous memory) instead of down a column
+        if N_MAJOR:
+            pid_m, pid_n = tl.program_id(1), tl.program_id(0)
+        else:
+            pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
         rr = tl.arange(0, BR)
         mm, mn, mr = rm < M, rn < N, rr < R
         xa = tl.load(xa_ptr + rm.to(tl.int64)[:, None] * stride_xm + rr[None, :], mask=mm[:, None] & mr[None, :],
@@ -59,8 +65,10 @@ def serves(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, allow_cpu: bool
             and out.stride(1) == 1 and xa.stride(1) == 1 and b.stride(1) == 1)
 
 
-def lora_add_(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``out += scale * xa @ b.T`` in place (shapes and dtypes in the module docstring); returns ``out``."""
+def lora_add_(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scale: float,
+              config: tuple | None = None) -> torch.Tensor:
+    """``out += scale * xa @ b.T`` in place (shapes and dtypes in the module docstring); returns ``out``.
+    ``config``: (BM, BN, warps, N-major order) instead of :data:`CONFIG`."""
     require_triton()
     if not serves(out, xa, b, allow_cpu=interpreting()):
         raise ValueError(f"lora_add_: unsupported operands out {tuple(out.shape)} {out.dtype}, xa "
@@ -69,10 +77,13 @@ def lora_add_(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scale: float
     r = xa.shape[1]
     if m == 0 or n == 0:
         return out
+    bm, bn, warps, n_major = config or CONFIG
     br = max(16, 1 << (r - 1).bit_length())   # tl.dot's K is at least 16
-    grid = ((m + _BM - 1) // _BM, (n + _BN - 1) // _BN)
-    _kernel()(grid, out, xa, b, m, n, r, out.stride(0), xa.stride(0), b.stride(0), float(scale), BM=_BM, BN=_BN,
-              BR=br, num_warps=8, num_stages=1)
+    grid = ((m + bm - 1) // bm, (n + bn - 1) // bn)
+    if n_major:
+        grid = grid[::-1]
+    _kernel()(grid, out, xa, b, m, n, r, out.stride(0), xa.stride(0), b.stride(0), float(scale), BM=bm, BN=bn,
+              BR=br, N_MAJOR=n_major, num_warps=warps, num_stages=1)
     return out
 
 
