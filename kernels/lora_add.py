@@ -20,7 +20,7 @@ from ._triton import interpreting, jit_cache, require_triton
 #: largest adapter rank the kernel takes (one K step of the tile product); larger ranks take ``addmm_``
 MAX_RANK = 128
 #: (BM, BN, warps, N-major program order) of the launch; bench/bench_lora.py --sweep times the alternatives
-CONFIG = (128, 128, 8, False)
+CONFIG = (64, 128, 4, True)
 DTYPES = (torch.bfloat16, torch.float16)
 
 
