@@ -87,6 +87,37 @@ def test_adapter_on_a_lattice_linear_matches_float64(tiny_ltx2_path):
     assert lora_only.abs().max() > 0.1 * ref.abs().max()  # the adapter is a large part of the output
 
 
+def test_two_active_adapters_with_weights_match_float64():
+    """Two adapters active at once with their own weights (``set_adapters`` semantics through peft's scales): the
+    one-pass adds sum ``x W_hat^T + b + sum_a w_a s_a x A_a^T B_a^T`` (float64), in float32 and in bfloat16."""
+    torch.manual_seed(5)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q = LatticeLinear.from_linear(nn.Linear(128, 96), bits=4.0, tile_size=TILE)
+        model = nn.Sequential()
+        model.add_module("proj", q)
+        model = peft.inject_adapter_in_model(peft.LoraConfig(r=RANK, lora_alpha=8, target_modules=["proj"]), model,
+                                             adapter_name="a")
+        model = peft.inject_adapter_in_model(peft.LoraConfig(r=2 * RANK, lora_alpha=4, target_modules=["proj"]),
+                                             model, adapter_name="b")
+        wrapped = model.proj
+        wrapped.set_adapter(["a", "b"])
+        wrapped.set_scale("a", 0.5)
+        wrapped.set_scale("b", 1.5)
+        with torch.no_grad():
+            for a in ("a", "b"):
+                wrapped.lora_B[a].weight.normal_(0, 0.2)
+        model.to(dtype)
+        x = torch.randn(3, 11, 128).to(dtype)
+        with torch.no_grad():
+            y = model(x)
+        xd = x.double()
+        ref = xd @ q.dequantize(torch.float64).T + q.bias.double()
+        for a, s in (("a", 0.5 * 8 / RANK), ("b", 1.5 * 4 / (2 * RANK))):
+            ref = ref + s * (xd @ wrapped.lora_A[a].weight.double().T @ wrapped.lora_B[a].weight.double().T)
+        assert y.dtype == dtype
+        assert float((y.double() - ref).abs().max() / ref.abs().max()) < tol, dtype
+
+
 def test_load_lora_weights_on_quantized_ltx2_matches_dense_reference(lora_setup, tiny_ltx2_path):
     """``pipe.load_lora_weights`` on the 4-bps pipeline = the same LoRA on the float pipeline whose weights are the
     dequantized ones; ``set_adapters`` weights, ``disable_lora`` and ``unload_lora_weights`` behave as on float."""
