@@ -119,3 +119,37 @@ def test_dtype_casts_keep_the_quantized_state(layers, mma, cast):
     assert m.bias.dtype != torch.float32  # ordinary parameters still follow the cast
     x = torch.randn(3, 512, dtype=m.bias.dtype)
     assert m(x).dtype == m.bias.dtype
+
+
+@pytest.mark.parametrize("residency", ["int8", "compressed"])
+def test_load_state_dict_of_another_stream_replaces_the_weight(residency):
+    """``load_state_dict`` of another layer's state -- other weights, another rate, so a stream of another length
+    -- makes this layer that weight in its own residency, and :meth:`requantize` followed by loading the original
+    state gives the original back bit for bit. A state from another RHT seed is loaded with its own signs (the
+    derived float signs follow); re-quantizing such a layer is refused by name."""
+    torch.manual_seed(22)
+    lin_a, lin_b = torch.nn.Linear(256, 64), torch.nn.Linear(256, 64)
+    a = LatticeLinear.from_linear(lin_a, bits=4.0, tile_size=64, residency=residency)
+    b = LatticeLinear.from_linear(lin_b, bits=3.0, tile_size=64, residency="compressed")
+    original = {k: v.clone() for k, v in a.state_dict().items()}
+    w_a = a.dequantize(torch.float64)
+    assert b.n_words != a.n_words
+    a.load_state_dict(b.state_dict())
+    assert a.residency == residency and a.n_words == b.n_words
+    assert torch.equal(a.dequantize(torch.float64), b.dequantize(torch.float64))
+    assert torch.equal(a.signs, b.signs)
+    x = torch.randn(5, 256)
+    assert torch.equal(a(x), b(x))
+    a.requantize(lin_b.weight.detach() * 3)
+    assert a.residency == residency and a.rht_sign_mode() == "tiled"
+    w3 = lin_b.weight.detach().double() * 3
+    assert float((a.dequantize(torch.float64) - w3).norm() / w3.norm()) < 0.15   # 4 bps E8 at tile 64: ~0.13
+    a.load_state_dict(original)
+    assert torch.equal(a.dequantize(torch.float64), w_a)
+    assert all(torch.equal(v, original[k]) for k, v in a.state_dict().items())
+    c = LatticeLinear.from_linear(lin_b, bits=4.0, tile_size=64, seed=7, residency="compressed")
+    a.load_state_dict(c.state_dict())
+    assert torch.equal(a.signs, c.signs) and not torch.equal(a.signs, b.signs)
+    assert torch.equal(a(x), c(x))
+    with pytest.raises(RuntimeError, match="not those seed 0 draws"):
+        a.requantize(lin_a.weight.detach())

@@ -235,7 +235,9 @@ class LatticeLinear(nn.Linear):
                      tile_size=self.tile_size, seed=self.seed, rht_signs=self.rht_sign_mode(),
                      block_values=self.block_values)
         if not torch.equal(unpack_signs(q.state_tensors()["signs"]).to(signs.device), signs):
-            raise RuntimeError("requantize: the codec drew other RHT signs for this layer's seed and sign mode")
+            raise RuntimeError(f"requantize: this layer's RHT signs are not those seed {self.seed} draws (its state "
+                               "was loaded from a layer quantized with another seed); the layer cannot be "
+                               "re-quantized with its own signs")
         self.load_lattice_tensor(q)
 
     def load_lattice_tensor(self, q: LatticeTensor) -> None:
@@ -466,22 +468,30 @@ class LatticeLinear(nn.Linear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if self.hq_words is None and prefix + "hq_words" in state_dict:
-            # int8-resident layer receiving a compressed state: re-create the stream buffers, load, re-finalize.
-            n_words = state_dict[prefix + "hq_words"].numel()
-            dev = self.codes.device if self.codes is not None else None
+        incoming = state_dict.get(prefix + "hq_words")
+        if incoming is not None and (self.hq_words is None or self.hq_words.numel() != incoming.numel()):
+            # an int8-resident layer receiving a compressed state, or a stream of another length (a re-quantized
+            # layer's, see requantize): re-create the stream buffers, load, re-finalize in the same residency
+            n_words = incoming.numel()
+            held = next((b for b in (self.codes, self.hq_words) if b is not None), None)
+            dev = held.device if held is not None else None
+            residency = "int8" if self.hq_words is None else self.residency
             for name, (shape, dt) in compressed_shapes(self.out_features, self.in_features, self.lattice,
                                                        self.block_values, n_words).items():
                 self.register_buffer(name, torch.empty(shape, dtype=dt, device=dev))
             self._forget_weight()
             self.n_words = int(n_words)
-            self.residency = "int8"
+            self.residency = residency
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
             self.finalize()
             return
+        refinalize = self.is_finalized and incoming is not None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if refinalize:
+            self._forget_weight()   # the derived signs and the kernels' per-layer cache follow the loaded stream
+            self.finalize()
 
     # ---- reporting ------------------------------------------------------------------------------------
     def resident_nbytes(self) -> int:
