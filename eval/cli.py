@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "configuration, the bf16 baseline too, so the metrics show what quantization does "
                                   "to the LoRA'd model")
     p.add_argument("--lora-scale", type=float, help="the LoRA's weight (default 1.0; needs --lora)")
+    p.add_argument("--fuse-lora", action="store_true",
+                   help="fuse the LoRA into every configuration's weights (fuse_lora: re-quantized lattice codes on "
+                        "HyperQuant configs) instead of running it beside them; needs --lora")
     p.add_argument("--compile", action="store_true",
                    help="compile each pipeline's transformer with torch.compile (its repeated blocks; Inductor). The "
                         "first video of each config includes the compile time in its first step")
@@ -97,14 +100,15 @@ def _json_object(flag: str, text: str | None, default: dict) -> dict:
 
 
 def lora_setting(args) -> dict | None:
-    """``--lora`` / ``--lora-scale`` as the settings' ``lora`` entry (None without ``--lora``)."""
+    """``--lora`` / ``--lora-scale`` / ``--fuse-lora`` as the settings' ``lora`` entry (None without ``--lora``)."""
     from .lora import describe_lora
 
     if args.lora is None:
-        if args.lora_scale is not None:
-            raise ValueError("--lora-scale needs --lora")
+        for flag, given in (("--lora-scale", args.lora_scale is not None), ("--fuse-lora", args.fuse_lora)):
+            if given:
+                raise ValueError(f"{flag} needs --lora")
         return None
-    return describe_lora(args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
+    return describe_lora(args.lora, 1.0 if args.lora_scale is None else args.lora_scale, fuse=args.fuse_lora)
 
 
 def resolve_inputs(args) -> dict:

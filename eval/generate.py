@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where the embedded model is built")
     p.add_argument("--lora", help="a LoRA to load (.safetensors file, folder holding one, or hub id)")
     p.add_argument("--lora-scale", type=float, help="the LoRA's weight (default 1.0; needs --lora)")
+    p.add_argument("--fuse-lora", action="store_true",
+                   help="fuse the LoRA into the weights (fuse_lora: re-quantized lattice codes on a HyperQuant "
+                        "config) instead of running it beside them; needs --lora")
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer with torch.compile (its repeated blocks; Inductor); the first step "
                         "includes the compile time")

@@ -318,5 +318,6 @@ def test_lora_setting_changes_video_fingerprints_only_when_set():
     assert "lora" not in settings_fingerprint_payload(off)
     cfg, job = parse_config("w4-e8"), JOBS[0]
     fps = {video_fingerprint(s, cfg, job) for s in (off, _settings(lora=lora), _settings(lora={**lora, "scale": 0.5}),
-                                                    _settings(lora={**lora, "sha256": "1" * 64}))}
-    assert len(fps) == 4
+                                                    _settings(lora={**lora, "sha256": "1" * 64}),
+                                                    _settings(lora={**lora, "fuse": True}))}
+    assert len(fps) == 5
