@@ -310,6 +310,18 @@ def test_lora_bias_runs_peft_forward_and_merges_into_the_bias():
         assert torch.allclose(q.bias.double(), bias0.double() + b_mod.bias.double(), atol=1e-6)
         m.proj.unmerge()
     assert torch.equal(q.bias, bias0)
+    # a merge that fails (a broken second adapter) leaves the first merge in place, bias and codes
+    m = peft.inject_adapter_in_model(peft.LoraConfig(r=RANK, lora_alpha=RANK, lora_bias=True,
+                                                     target_modules=["proj"]), m, adapter_name="broken")
+    with torch.no_grad():
+        m.proj.merge(adapter_names=["default"])
+        merged_state = {k: v.clone() for k, v in q.state_dict().items()}
+        m.proj.lora_B["broken"].weight.fill_(float("nan"))
+        with pytest.raises(ValueError, match="NaN"):
+            m.proj.merge(adapter_names=["broken"])
+    assert m.proj.merged_adapters == ["default"]
+    assert all(torch.equal(v, merged_state[k]) for k, v in q.state_dict().items())
+    assert not torch.equal(q.bias, bias0)
 
 
 def test_adapter_gradients_through_the_quantized_layer_match_float64():

@@ -267,15 +267,17 @@ class LatticeLinear(nn.Linear):
     def weight_state(self, device: torch.device | str | None = None) -> dict:
         """The tensors that define the weight now (resident buffers, the host-side exact values of rounded e4m3
         codes, the bias) and the layout attributes, for :meth:`load_weight_state`. ``device``: copy the tensors
-        there (e.g. "cpu" to keep them off the GPU); None keeps references (no copy)."""
+        there (e.g. "cpu" to keep them off the GPU); None keeps references to the buffers (no copy; the bias is
+        copied either way)."""
         def move(t):
             if t is None or device is None:
                 return t
             return t.to(device, copy=True)
 
         bufs = {n: move(self._buffers.get(n)) for n in _COMPRESSED + _KEEP_DTYPE}
-        return {"buffers": bufs, "code_fix": (move(self.code_fix_idx), move(self.code_fix_val)),
-                "bias": None if self.bias is None else move(self.bias.detach()),
+        # the bias is always copied: it is a parameter that merging updates in place
+        bias = None if self.bias is None else self.bias.detach().to(device or self.bias.device, copy=True)
+        return {"buffers": bufs, "code_fix": (move(self.code_fix_idx), move(self.code_fix_val)), "bias": bias,
                 "n_words": self.n_words, "residency": self.residency, "is_finalized": self.is_finalized}
 
     def load_weight_state(self, state: dict) -> None:
