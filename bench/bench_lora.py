@@ -16,6 +16,18 @@ every call (activation sharing off).
 
     python -m hyperquant_diffusers.bench.bench_lora [--m 12288] [--rank 32] [--mma int8 fp8] [--json OUT]
     python -m hyperquant_diffusers.bench.bench_lora --sweep     # the add kernel's launch configs alone
+    python -m hyperquant_diffusers.bench.bench_lora --full-size [--layers 48] [--residency int8 compressed]
+
+``--fuse-retention`` (CPU or GPU): how much of a LoRA's weight change ``dW`` survives ``merge()`` (re-quantizing
+``W_hat + dW``) as ``|dW| / |W|`` grows: the kept fraction ``<W_fused - W_hat, dW> / |dW|^2``, the share of codes
+left unchanged, and relative Frobenius errors: the unfused layer's (``W_hat + dW`` vs ``W + dW``), the
+re-quantization's (the fused weight vs ``W_hat + dW``) and the fused layer's (vs ``W + dW``).
+
+``--full-size``: the default-config LTX-2 transformer (18.9B parameters, random weights; inputs, quantization and
+timing as ``bench_ltx2_full``), a rank-r LoRA on every quantized linear (``add_adapter``, seeded random A and B,
+``|B A|`` about 20% of ``|W|``): the step time of bf16, bf16 + LoRA, quantized, quantized + unfused LoRA,
+``fuse_lora`` seconds, the fused step, ``unfuse_lora`` seconds; each output's relative L2 vs bf16 (+ LoRA), host
+memory the kept original codes take, and whether unfusing gives the unfused output back bit for bit.
 """
 
 from __future__ import annotations
@@ -133,6 +145,217 @@ def sweep(m_tokens: int, rank: int) -> list[dict]:
     return rows
 
 
+RETENTION_RELS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.5, 1.0)
+
+
+@torch.no_grad()
+def fuse_retention(device: str, rank: int = 16, shape: tuple[int, int] = (1024, 1024), bits: float = 4.0,
+                   rels=RETENTION_RELS) -> list[dict]:
+    """See the module docstring (``--fuse-retention``): one seeded float weight (normal, 4 bps E8 by default), a
+    rank-``rank`` random delta scaled to each ``|dW| / |W|``, merged through peft on a fresh LatticeLinear."""
+    import warnings
+
+    from hyperquant_diffusers import LatticeLinear
+    from hyperquant_diffusers.nn.lora import fused_lora_retained
+
+    n, k = shape
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n, device=device)
+    w = lin.weight.double()
+    rows = []
+    for rel_size in rels:
+        q = LatticeLinear.from_linear(lin, bits=bits)
+        m = _adapted(q, rank, seed=1)
+        a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+        d = b.double() @ a.double()
+        if rel_size == 0:
+            b.zero_()
+        else:
+            b.mul_(rel_size * w.norm() / d.norm())
+        dw = b.double() @ a.double()
+        w_hat = q.dequantize(torch.float64)
+        c0 = q.int8_weight()[0].clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the warning is what this measures
+            m.merge()
+        w_f = q.dequantize(torch.float64)
+        tgt = w + dw
+        row = {"rel_delta": rel_size, "kept": fused_lora_retained(nn.ModuleDict({"proj": m}))["proj"],
+               "codes_unchanged": float((q.int8_weight()[0] == c0).double().mean()),
+               "unfused": rel(w_hat + dw, tgt), "e2": rel(w_f, w_hat + dw), "fused": rel(w_f, tgt)}
+        row["fused_over_unfused"] = row["fused"] / row["unfused"]
+        rows.append(row)
+        print(f"| {rel_size:.2f} | {row['kept']:.3f} | {row['codes_unchanged']:.3f} | {row['unfused']:.4f} | "
+              f"{row['e2']:.4f} | {row['fused']:.4f} | {row['fused_over_unfused']:.2f} |", flush=True)
+    return rows
+
+
+def merge_parts(rank: int, reps: int = 3) -> list[dict]:
+    """Where one ``merge()`` spends its time, per LTX-2 shape (int8-resident, 4 bps E8): median seconds of each
+    stage run alone (dequantize, the adapter's delta, the host copy of the original codes, ``codec.quantize``
+    with and without a step-search hint, loading the new codes), the whole merge, and ``quantize_many`` on 8
+    stacked weights per weight."""
+    import statistics
+
+    from hyperquant_diffusers.kernels.quantize import quantize_many
+
+    from hyperquant_diffusers import LatticeLinear
+    from hyperquant_diffusers.codec import quantize
+
+    def t(fn):
+        out = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+
+    def one(n: int, k: int) -> dict:
+        torch.manual_seed(0)
+        lin = nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+        q = LatticeLinear.from_linear(lin, bits=4.0, mma="int8")
+        wrapped = _adapted(q, rank, seed=1)
+        wrapped.merge()         # compiles every kernel the stages use
+        wrapped.unmerge()
+        w = q.dequantize(torch.float32) + wrapped.get_delta_weight("default").float()
+        kw = {"bits": q.bits, "lattice": q.lattice, "tile_size": q.tile_size, "seed": q.seed,
+              "rht_signs": q.rht_sign_mode(), "block_values": q.block_values}
+        qt = quantize(w, **kw)
+        row = {"shape": f"{n}x{k}",
+               "dequantize_s": t(lambda: q.dequantize(torch.float32)),
+               "delta_s": t(lambda: wrapped.get_delta_weight("default")),
+               "state_to_host_s": t(lambda: q.weight_state(device="cpu")),
+               "quantize_s": t(lambda: quantize(w, **kw)),
+               "quantize_hinted_s": t(lambda: quantize(w, alpha_hint=qt.search_alpha, **kw)),
+               "load_s": t(lambda: q.load_lattice_tensor(qt))}
+        ws = [w + 1e-3 * i for i in range(8)]
+        row["quantize_many_8_per_layer_s"] = t(lambda: quantize_many(ws, **kw)) / 8
+
+        def merge_unmerge():
+            wrapped.merge()
+            wrapped.unmerge()
+        row["merge_unmerge_s"] = t(merge_unmerge)
+        return row
+
+    rows = []
+    for n, k in SHAPES:
+        rows.append(one(n, k))
+        print("# merge parts " + json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+@torch.no_grad()
+def _seed_lora(model, seed: int = 7) -> None:
+    """Seeded random A and B for every LoRA layer, ``|B A| ~ 0.2 |W|`` for weights of std 0.02 (a strong but
+    ordinary adapter): entries of std ``(0.004**2 / r) ** 0.25`` each."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_A" in name or "lora_B" in name:
+            r = min(p.shape)
+            p.copy_(torch.randn(p.shape, device=p.device, generator=g) * (0.004 ** 2 / r) ** 0.25)
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2 ** 20
+    return float("nan")
+
+
+def full_size(layers: int, rank: int, residencies: list[str], steps: int, emit) -> dict:
+    """See the module docstring (``--full-size``). ``emit(tag, dict)`` prints each part as it is measured."""
+    import gc
+
+    from hyperquant_diffusers.bench.bench_ltx2_full import (
+        GiB,
+        build_meta,
+        init_random,
+        make_inputs,
+        quantize_model,
+        rel_l2,
+        set_mode,
+        step_stats,
+        sync,
+    )
+    from peft import LoraConfig
+
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    res: dict = {"layers": layers, "rank": rank, "device": torch.cuda.get_device_name()}
+    inputs = make_inputs()
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    model = build_meta(layers).to_empty(device="cuda")
+    init_random(model)
+    s, _, ref = step_stats(model, inputs, steps)
+    res["bf16_s"] = s
+    # the LoRA on the layers the backend quantizes, named before quantization replaces them
+    from hyperquant_diffusers.config import HyperQuantConfig
+    from hyperquant_diffusers.quantizers.policy import plan_conversion
+
+    targets = sorted(plan_conversion(model, HyperQuantConfig(bits=4.0))[0])
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
+    model.add_adapter(cfg, adapter_name="bench")
+    _seed_lora(model)
+    s, _, ref_lora = step_stats(model, inputs, steps)
+    res["bf16_lora_s"] = s
+    res["lora_effect_rel_l2"] = rel_l2(ref_lora, ref)
+    res["n_lora_layers"] = len(targets)
+    emit("bf16", res)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    for residency in residencies:
+        run = res[residency] = {}
+        model = build_meta(layers).to_empty(device="cuda")
+        init_random(model)
+        run["quantize_s"], run["n_quantized"], _, _ = quantize_model(model, 4.0)
+        set_mode(model, residency, "int8")
+        gc.collect()
+        torch.cuda.empty_cache()
+        s, _, out = step_stats(model, inputs, steps)
+        run["quantized_s"] = s
+        run["quantized_vs_bf16_rel_l2"] = rel_l2(out, ref)
+        model.add_adapter(cfg, adapter_name="bench")
+        lora_types = {type(m).__name__ for n, m in model.named_modules() if hasattr(m, "base_layer")
+                      and isinstance(m.base_layer, LatticeLinear)}
+        run["wrapper_types"] = sorted(lora_types)
+        _seed_lora(model)
+        s, _, unfused = step_stats(model, inputs, steps)
+        run["unfused_s"] = s
+        run["unfused_vs_bf16_lora_rel_l2"] = rel_l2(unfused, ref_lora)
+        emit(f"{residency} unfused", run)
+        rss0 = _rss_gib()
+        run["gpu_gib_before_fuse"] = torch.cuda.memory_allocated() / GiB
+        run["fuse_s"] = timed(model.fuse_lora)
+        run["host_gib_kept"] = _rss_gib() - rss0
+        run["gpu_gib_after_fuse"] = torch.cuda.memory_allocated() / GiB
+        s, _, fused = step_stats(model, inputs, steps)
+        run["fused_s"] = s
+        run["fused_vs_bf16_lora_rel_l2"] = rel_l2(fused, ref_lora)
+        run["fused_vs_unfused_rel_l2"] = rel_l2(fused, unfused)
+        emit(f"{residency} fused", run)
+        run["unfuse_s"] = timed(model.unfuse_lora)
+        _, _, back = step_stats(model, inputs, 1)
+        run["unfused_again_bit_exact"] = all(torch.equal(a, b) for a, b in zip(back, unfused))
+        run["fuse_again_s"] = timed(model.fuse_lora)   # kernels compiled, originals on the host
+        emit(f"{residency} unfused again", run)
+        del model, out, unfused, fused, back
+        gc.collect()
+        torch.cuda.empty_cache()
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--m", type=int, default=12288)
@@ -140,9 +363,42 @@ def main(argv=None):
     ap.add_argument("--mma", nargs="+", default=["int8", "fp8"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true", help="time kernels/lora_add.py's launch configs only")
+    ap.add_argument("--full-size", action="store_true", help="the full LTX-2 transformer with a LoRA on every "
+                    "quantized linear: step times, fuse_lora / unfuse_lora seconds, errors")
+    ap.add_argument("--fuse-retention", action="store_true", help="how much of a LoRA's delta survives merge() "
+                    "as the delta grows (runs on the CPU without a GPU)")
+    ap.add_argument("--merge-parts", action="store_true", help="time the stages of one merge() per shape")
+    ap.add_argument("--layers", type=int, default=48, help="--full-size: transformer blocks")
+    ap.add_argument("--residency", nargs="+", default=["int8", "compressed"], choices=["int8", "compressed"])
+    ap.add_argument("--steps", type=int, default=2, help="--full-size: timed steps per variant")
     args = ap.parse_args(argv)
+    if args.fuse_retention:
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"# {dev}: 1024x1024 normal weight, 4 bps E8, rank-16 random delta; relative Frobenius errors vs W + dW")
+        print("| abs(dW)/abs(W) | kept | codes unchanged | unfused error | re-quantization error | fused error | "
+              "fused / unfused |")
+        print("|---|---|---|---|---|---|---|")
+        rows = fuse_retention(dev, rank=16)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench_lora needs a CUDA GPU")
+    if args.merge_parts:
+        rows = merge_parts(args.rank)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
+    if args.full_size:
+        def emit(tag, d):
+            print(f"# {tag}: " + json.dumps(d, default=str), flush=True)
+        res = full_size(args.layers, args.rank, args.residency, args.steps, emit)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+        return
     if args.sweep:
         rows = sweep(args.m, args.rank)
         if args.json:

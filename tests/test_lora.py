@@ -8,6 +8,7 @@ diffusers call, on plain ``nn.Linear`` layers.
 """
 
 import os
+import warnings
 
 import numpy as np
 import peft
@@ -322,6 +323,51 @@ def test_lora_bias_runs_peft_forward_and_merges_into_the_bias():
     assert m.proj.merged_adapters == ["default"]
     assert all(torch.equal(v, merged_state[k]) for k, v in q.state_dict().items())
     assert not torch.equal(q.bias, bias0)
+
+
+@pytest.mark.parametrize("rel, kept", [(0.02, False), (0.25, True)])
+def test_fuse_measures_the_kept_delta_and_warns_when_it_rounds_away(rel, kept):
+    """Re-quantizing ``W_hat + dW`` keeps only the part of ``dW`` the codec resolves at its rate: a delta far below
+    the codec's error (2% of ``|W|`` against ~7.5% at 4 bps) rounds back to the original codes, and the merge
+    warns (once per adapter set); a 25% delta is kept. The reported fraction equals ``<W_fused - W_hat, dW> /
+    |dW|^2`` in float64 from the dequantized weights."""
+    from hyperquant_diffusers.nn.lora import RETAINED_WARN, fused_lora_retained
+
+    torch.manual_seed(3)
+    lin = nn.Linear(512, 256)
+    q = LatticeLinear.from_linear(lin, bits=4.0, tile_size=TILE)
+    m = nn.Sequential()
+    m.add_module("proj", q)
+    name = f"delta{int(rel * 100)}"
+    m = peft.inject_adapter_in_model(peft.LoraConfig(r=16, lora_alpha=16, target_modules=["proj"]), m,
+                                     adapter_name=name)
+    a_mod, b_mod = m.proj.lora_A[name], m.proj.lora_B[name]
+    with torch.no_grad():
+        a_mod.weight.normal_()
+        b_mod.weight.normal_()
+        b_mod.weight.mul_(rel * lin.weight.double().norm() / (b_mod.weight.double() @ a_mod.weight.double()).norm())
+    delta = b_mod.weight.detach().double() @ a_mod.weight.detach().double()
+    w_hat = q.dequantize(torch.float64)
+
+    def merge():
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            m.proj.merge()
+        return [str(w.message) for w in rec if "fuse_lora" in str(w.message)]
+
+    warned = merge()
+    ref = float(((q.dequantize(torch.float64) - w_hat) * delta).sum() / delta.square().sum())
+    got = fused_lora_retained(m)
+    print(f"kept {ref:.4f} of a {rel} delta")
+    assert list(got) == ["proj"] and abs(got["proj"] - ref) < 1e-4, (got, ref)
+    if kept:
+        assert ref > 0.9 and not warned
+    else:
+        assert ref < 0.2 < RETAINED_WARN and len(warned) == 1, (ref, warned)
+        assert f"kept {100 * ref:.0f}% of the weight change of adapter(s) ['{name}']" in warned[0]
+    m.proj.unmerge()
+    assert fused_lora_retained(m) == {}
+    assert not merge()          # the same adapter set again: warned once already
 
 
 def test_adapter_gradients_through_the_quantized_layer_match_float64():

@@ -18,6 +18,13 @@ because neither diffusers' ``load_lora_weights`` nor peft's ``inject_adapter_in_
   The original codes are kept in host memory, so unmerge (``unfuse_lora``) restores them bit for bit and a second
   merge starts from them again (no quantization error accumulates). ``unload_lora_weights`` after ``fuse_lora``
   leaves the re-quantized layer in place: such a model saves as an ordinary HyperQuant checkpoint.
+
+  The merged codes quantize ``W_hat + dW``: a delta much smaller than the codec's error at the layer's rate
+  mostly rounds back to the original codes (at 4 bps E8 a random rank-16 delta of 3% of ``|W|`` keeps ~2% of
+  itself, one of 10% ~90%, one of 20% ~99%; ``bench/bench_lora.py --fuse-retention``). Each merge measures the
+  fraction it kept (:func:`fused_lora_retained`) and warns, once per set of adapters, when a layer kept less than
+  :data:`RETAINED_WARN` of it: the fused model is then closer to the model without the LoRA, and the adapter
+  should stay unfused.
 """
 
 from __future__ import annotations
@@ -31,6 +38,32 @@ from torch import nn
 from .lattice_linear import LatticeLinear
 
 _HOOK = {"handle": None}
+
+#: a merge that keeps less than this fraction of its adapters' weight change (see fused_lora_retained) warns
+RETAINED_WARN = 0.5
+
+#: the adapter sets (sorted name tuples) already warned about in this process: one warning per fuse, not per layer
+_WARNED: set[tuple[str, ...]] = set()
+
+
+def retained_fraction(w_hat: torch.Tensor, w_fused: torch.Tensor, delta: torch.Tensor) -> float:
+    """``<w_fused - w_hat, delta> / |delta|^2``: how much of the weight change ``delta`` a re-quantized weight
+    carries (1: all of it, 0: rounded away; 1.0 for a zero delta). Tensors of one shape, float32 (the sums in
+    float32: a ratio, not a weight, so no float64 copy of a large layer is made)."""
+    d = delta.flatten().float()
+    dd = float(torch.dot(d, d))
+    if dd == 0.0:
+        return 1.0
+    return float(torch.dot((w_fused.float() - w_hat.float()).flatten(), d)) / dd
+
+
+def fused_lora_retained(model: nn.Module) -> dict[str, float]:
+    """``{module name: fraction}`` for every merged (``fuse_lora``) LoRA layer on a LatticeLinear in ``model``: the
+    fraction of its merged adapters' weight change ``dW = sum scale * B A`` that the re-quantized codes carry,
+    ``<W_fused - W_hat, dW> / |dW|^2`` (1: all of it; near 0: the delta was smaller than the codec's error and
+    rounded away, so the fused layer acts as if it had no adapter)."""
+    return {name: m._hq_retained for name, m in model.named_modules()
+            if getattr(m, "_hq_retained", None) is not None and getattr(m, "merged", False)}
 
 
 def install_lora_hook() -> None:
@@ -73,6 +106,7 @@ def lattice_lora_class():
         (see the module docstring). Shapes as the base layer: x (..., in_features) -> (..., out_features)."""
 
         _hq_original = None    # the base layer's weight_state (host copies) while adapters are merged
+        _hq_retained = None    # fraction of the merged delta the re-quantized codes carry (fused_lora_retained)
 
         def resolve_lora_variant(self, *, config, **kwargs):
             variant = super().resolve_lora_variant(config=config, **kwargs)
@@ -131,9 +165,12 @@ def lattice_lora_class():
             if self._hq_original is not None:
                 base.load_weight_state(self._hq_original)
             try:
-                w = base.dequantize(torch.float32)
-                for a in merged:
-                    w += self.get_delta_weight(a).to(w.device, torch.float32)
+                w_hat = base.dequantize(torch.float32)
+                delta = torch.zeros_like(w_hat)
+                with torch.no_grad():
+                    for a in merged:
+                        delta += self.get_delta_weight(a).to(w_hat.device, torch.float32)
+                w = w_hat + delta
                 bias = base.bias
                 if bias is not None and any(self.lora_bias[a] for a in merged):
                     bias = bias.detach().float() + sum(self.lora_B[a].bias.detach().float() * self.scaling[a]
@@ -146,6 +183,8 @@ def lattice_lora_class():
                                      "broken")
                 original = self._hq_original or base.weight_state(device="cpu")
                 base.requantize(w)
+                del w
+                retained = retained_fraction(w_hat, base.dequantize(torch.float32), delta)
             except BaseException:
                 base.load_weight_state(current)
                 raise
@@ -153,7 +192,18 @@ def lattice_lora_class():
                 with torch.no_grad():
                     base.bias.copy_(bias)
             self._hq_original = original
+            self._hq_retained = retained
             self.merged_adapters.extend(names)
+            key = tuple(sorted(merged))
+            if retained < RETAINED_WARN and key not in _WARNED:
+                _WARNED.add(key)
+                warnings.warn(
+                    f"HyperQuant fuse_lora: re-quantizing a {base.out_features}x{base.in_features} layer at "
+                    f"{base.bits:g} bits per scalar kept {100 * retained:.0f}% of the weight change of adapter(s) "
+                    f"{list(key)}: the change is smaller than the codec's error at this rate and rounds back to the "
+                    "original codes, so the fused model acts much as if it had no LoRA. Keep the adapter unfused "
+                    "(unfuse_lora), or quantize with more bits. hyperquant_diffusers.nn.lora.fused_lora_retained"
+                    "(model) gives the fraction per layer (warned once per set of adapters).", stacklevel=2)
 
         def unmerge(self) -> None:
             """Put back the base layer's original codes (and bias), bit for bit."""
@@ -161,7 +211,7 @@ def lattice_lora_class():
                 warnings.warn("Already unmerged. Nothing to do.")
                 return
             self.get_base_layer().load_weight_state(self._hq_original)
-            self._hq_original = None
+            self._hq_original = self._hq_retained = None
             self.merged_adapters.clear()
 
         def __repr__(self) -> str:
