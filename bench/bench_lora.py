@@ -284,6 +284,7 @@ def full_size(layers: int, rank: int, residencies: list[str], steps: int, emit) 
     from peft import LoraConfig
 
     from hyperquant_diffusers.nn import LatticeLinear
+    from hyperquant_diffusers.nn.lora import fused_lora_retained
 
     res: dict = {"layers": layers, "rank": rank, "device": torch.cuda.get_device_name()}
     inputs = make_inputs()
@@ -340,6 +341,8 @@ def full_size(layers: int, rank: int, residencies: list[str], steps: int, emit) 
         run["fuse_s"] = timed(model.fuse_lora)
         run["host_gib_kept"] = _rss_gib() - rss0
         run["gpu_gib_after_fuse"] = torch.cuda.memory_allocated() / GiB
+        kept = sorted(fused_lora_retained(model).values())
+        run["kept_min_median_max"] = [kept[0], kept[len(kept) // 2], kept[-1]] if kept else None
         s, _, fused = step_stats(model, inputs, steps)
         run["fused_s"] = s
         run["fused_vs_bf16_lora_rel_l2"] = rel_l2(fused, ref_lora)
