@@ -209,13 +209,17 @@ def component_bytes(pipe) -> dict:
 
 def quant_stats(pipe) -> dict:
     """Per component with quantized linears: ``{"lattice_linears", "quantized_params", "stored_bytes",
-    "resident_bytes", "dense_bf16_bytes"}``. ``stored_bytes``: the compressed checkpoint tensors (Rice stream +
+    "resident_bytes", "dense_bf16_bytes", "fused_lora_kept"}``. ``stored_bytes``: the compressed checkpoint tensors (Rice stream +
     side information, bias excluded), from the layer's buffer shapes (no re-encoding); ``resident_bytes``: what the
-    layers hold in memory now (int8 residency keeps decoded codes); ``dense_bf16_bytes``: 2 bytes per weight."""
+    layers hold in memory now (int8 residency keeps decoded codes); ``dense_bf16_bytes``: 2 bytes per weight;
+    ``fused_lora_kept``: for a component with a fused LoRA (``--fuse-lora``), ``{"layers", "min", "median"}`` of
+    the fraction of the adapter's weight change its re-quantized codes keep
+    (:func:`hyperquant_diffusers.nn.lora.fused_lora_retained`), else None."""
     import torch
 
     try:
         from hyperquant_diffusers.nn.lattice_linear import LatticeLinear, compressed_shapes
+        from hyperquant_diffusers.nn.lora import fused_lora_retained
     except ImportError:
         return {}
     out = {}
@@ -232,8 +236,11 @@ def quant_stats(pipe) -> dict:
             stored += sum(int(np.prod(shape)) * torch.empty((), dtype=dt).element_size() for shape, dt in shapes.values())
             resident += mod.resident_nbytes()
         if n:
+            kept = sorted(fused_lora_retained(comp).values())
             out[name] = {"lattice_linears": n, "quantized_params": qparams, "stored_bytes": stored,
-                         "resident_bytes": resident, "dense_bf16_bytes": 2 * qparams}
+                         "resident_bytes": resident, "dense_bf16_bytes": 2 * qparams,
+                         "fused_lora_kept": {"layers": len(kept), "min": kept[0], "median": float(np.median(kept))}
+                         if kept else None}
     return out
 
 

@@ -100,6 +100,17 @@ def notes(results: dict) -> list[str]:
                        "(nearest) before LPIPS so AlexNet's five layers fit.")
     else:
         out.append(f"LPIPS not computed: {lp['unavailable_reason']}")
+    for c in results["configs"]:
+        kept = (c.get("quantized_linears") or {}).get("fused_lora_kept")
+        if not kept:
+            continue
+        text = (f"{c['name']}: the fused LoRA's re-quantized codes keep at least {100 * kept['min']:.0f}% of its "
+                f"weight change ({kept['layers']} layers).")
+        if kept["min"] < 0.5:
+            text = ("WARNING: " + text + " Where that is small the LoRA's change is below the codec's error at this "
+                    "rate and rounded away: this configuration measures the model without most of the LoRA; "
+                    "run without --fuse-lora to keep it.")
+        out.append(text)
     same = results["same_initial_noise"]
     if same is True:
         out.append("Every configuration started from the same initial noise (checked: SHA-256 of the first "

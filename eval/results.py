@@ -13,7 +13,10 @@ Schema (``schema_version`` 1; keys are always present, unknown values are ``null
     configs[{name, is_baseline, weight_kwargs, kv_kwargs, bits_per_scalar_nominal, component_bytes{...},
              quantized_linears{lattice_linears, quantized_params, stored_bytes, resident_bytes,
                dense_bf16_bytes, bits_per_scalar_stored, bits_per_scalar_resident, compression_stored_vs_bf16,
-               per_component}|null,
+               fused_lora_kept{layers, min}|null, per_component}|null,
+                                       fused_lora_kept: with --fuse-lora, the fraction of the LoRA's weight
+                                       change the re-quantized codes keep (min over layers; per component also
+                                       the median)
              quantized_components, quantized_components_bytes, compression_vs_baseline,
              bits_per_scalar_effective, load_seconds, seconds_per_step_mean, seconds_total_mean,
              peak_memory_bytes, peak_memory_kind, num_videos, error}]   error: null, or why it failed
@@ -189,6 +192,9 @@ def _linear_stats(qs: dict | None) -> dict | None:
     tot["bits_per_scalar_stored"] = 8.0 * tot["stored_bytes"] / p
     tot["bits_per_scalar_resident"] = 8.0 * tot["resident_bytes"] / p
     tot["compression_stored_vs_bf16"] = tot["dense_bf16_bytes"] / tot["stored_bytes"]
+    kept = [v["fused_lora_kept"] for v in qs.values() if v.get("fused_lora_kept")]
+    tot["fused_lora_kept"] = ({"layers": sum(k["layers"] for k in kept), "min": min(k["min"] for k in kept)}
+                              if kept else None)
     tot["per_component"] = qs
     return tot
 

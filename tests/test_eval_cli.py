@@ -187,6 +187,13 @@ def test_lora_in_every_configuration(tmp_path, tiny_ltx2_path, capsys):
     assert fused["settings"]["lora"]["fuse"] is True and "fused into the weights" in \
         (tmp_path / "fused" / "index.html").read_text()
     assert fused["run"] == {"generated": 2, "resumed": 0}      # not the unfused run's videos
+    # the strong LoRA survives re-quantization: the kept fraction is reported, and absent without a fused LoRA
+    kept = fused["configs"][1]["quantized_linears"]["fused_lora_kept"]
+    n_ff = len(layers) // 2
+    assert kept["layers"] == n_ff and kept["min"] > 0.9, kept
+    assert lora["configs"][1]["quantized_linears"]["fused_lora_kept"] is None
+    assert f"keep at least {100 * kept['min']:.0f}% of its weight change ({n_ff} layers)" in \
+        (tmp_path / "fused" / "index.html").read_text()
     bf16_gap = np.abs(frames(fused, "fused", "bf16") - frames(lora, "lora", "bf16"))
     print(f"--fuse-lora bf16 frames vs unfused: max {bf16_gap.max():.0f}, mean {bf16_gap.mean():.3f} levels")
     assert bf16_gap.max() <= 8 and bf16_gap.mean() < 0.5   # the merged weight rounded to bf16: a level or so

@@ -321,3 +321,35 @@ def test_lora_setting_changes_video_fingerprints_only_when_set():
                                                     _settings(lora={**lora, "sha256": "1" * 64}),
                                                     _settings(lora={**lora, "fuse": True}))}
     assert len(fps) == 5
+
+
+def test_fused_lora_kept_fraction_reaches_results_and_report(tmp_path):
+    """With a fused LoRA the backend reports, per component, the fraction of the LoRA's weight change the
+    re-quantized codes keep; results.json totals it (min over components, layers summed) and the report states it,
+    as a WARNING when a layer kept less than half (the LoRA was mostly rounded away)."""
+    from hyperquant_diffusers.eval.report import notes
+
+    kept_by_config = {"w4-e8": {"layers": 3, "min": 0.04, "median": 0.05},
+                      "w6-e8": {"layers": 3, "min": 0.97, "median": 0.99}}
+
+    class FusedBackend(NoisyBackend):
+        def load(self, config):
+            cfg, info = super().load(config)
+            if config.name in kept_by_config:
+                info["quant_stats"] = {
+                    "transformer": {**info["quant_stats"]["transformer"], "fused_lora_kept": kept_by_config[config.name]},
+                    "text_encoder": {**info["quant_stats"]["transformer"], "fused_lora_kept": None}}
+            return cfg, info
+
+    _, results = _evaluate(tmp_path, FusedBackend(), configs="bf16,w4-e8,w6-e8,w8-e8")
+    by_name = {c["name"]: c for c in results["configs"]}
+    assert by_name["w4-e8"]["quantized_linears"]["fused_lora_kept"] == {"layers": 3, "min": 0.04}
+    assert by_name["w6-e8"]["quantized_linears"]["fused_lora_kept"] == {"layers": 3, "min": 0.97}
+    assert by_name["w8-e8"]["quantized_linears"]["fused_lora_kept"] is None
+    lines = [n for n in notes(results) if "fused LoRA" in n]
+    assert len(lines) == 2
+    assert lines[0].startswith("WARNING: w4-e8: the fused LoRA's re-quantized codes keep at least 4% of its weight "
+                               "change (3 layers).")
+    assert lines[1] == "w6-e8: the fused LoRA's re-quantized codes keep at least 97% of its weight change (3 layers)."
+    write_report(str(tmp_path), results, log=lambda m: None)
+    assert "WARNING: w4-e8: the fused LoRA" in (tmp_path / "index.html").read_text()
