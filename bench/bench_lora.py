@@ -370,6 +370,7 @@ def main(argv=None):
                     "quantized linear: step times, fuse_lora / unfuse_lora seconds, errors")
     ap.add_argument("--fuse-retention", action="store_true", help="how much of a LoRA's delta survives merge() "
                     "as the delta grows (runs on the CPU without a GPU)")
+    ap.add_argument("--bits", type=float, default=4.0, help="--fuse-retention: bits per scalar of the codec")
     ap.add_argument("--merge-parts", action="store_true", help="time the stages of one merge() per shape")
     ap.add_argument("--layers", type=int, default=48, help="--full-size: transformer blocks")
     ap.add_argument("--residency", nargs="+", default=["int8", "compressed"], choices=["int8", "compressed"])
@@ -377,11 +378,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.fuse_retention:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        print(f"# {dev}: 1024x1024 normal weight, 4 bps E8, rank-16 random delta; relative Frobenius errors vs W + dW")
+        print(f"# {dev}: 1024x1024 normal weight, {args.bits:g} bps E8, rank-16 random delta; relative Frobenius "
+              "errors")
         print("| abs(dW)/abs(W) | kept | codes unchanged | unfused error | re-quantization error | fused error | "
               "fused / unfused |")
         print("|---|---|---|---|---|---|---|")
-        rows = fuse_retention(dev, rank=16)
+        rows = fuse_retention(dev, rank=16, bits=args.bits)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
