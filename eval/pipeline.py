@@ -209,8 +209,8 @@ def component_bytes(pipe) -> dict:
 
 def quant_stats(pipe) -> dict:
     """Per component with quantized linears: ``{"lattice_linears", "quantized_params", "stored_bytes",
-    "resident_bytes", "dense_bf16_bytes", "fused_lora_kept"}``. ``stored_bytes``: the compressed checkpoint tensors (Rice stream +
-    side information, bias excluded), from the layer's buffer shapes (no re-encoding); ``resident_bytes``: what the
+    "resident_bytes", "dense_bf16_bytes", "fused_lora_kept"}``. ``stored_bytes``: the compressed checkpoint
+    tensors (Rice stream + side information, bias excluded), from the layer's buffer shapes (no re-encoding); ``resident_bytes``: what the
     layers hold in memory now (int8 residency keeps decoded codes); ``dense_bf16_bytes``: 2 bytes per weight;
     ``fused_lora_kept``: for a component with a fused LoRA (``--fuse-lora``), ``{"layers", "min", "median"}`` of
     the fraction of the adapter's weight change its re-quantized codes keep

@@ -20,8 +20,8 @@ because neither diffusers' ``load_lora_weights`` nor peft's ``inject_adapter_in_
   leaves the re-quantized layer in place: such a model saves as an ordinary HyperQuant checkpoint.
 
   The merged codes quantize ``W_hat + dW``: a delta much smaller than the codec's error at the layer's rate
-  mostly rounds back to the original codes (at 4 bps E8 a random rank-16 delta of 3% of ``|W|`` keeps ~2% of
-  itself, one of 10% ~90%, one of 20% ~99%; ``bench/bench_lora.py --fuse-retention``). Each merge measures the
+  mostly rounds back to the original codes (at 4 bps E8 a random rank-16 delta of 1-3% of ``|W|`` keeps under 4%
+  of itself, one of 10% ~91%, one of 20% ~99%; ``bench/bench_lora.py --fuse-retention``). Each merge measures the
   fraction it kept (:func:`fused_lora_retained`) and warns, once per set of adapters, when a layer kept less than
   :data:`RETAINED_WARN` of it: the fused model is then closer to the model without the LoRA, and the adapter
   should stay unfused.
