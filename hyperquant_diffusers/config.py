@@ -21,7 +21,7 @@ import torch
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin as _DiffusersMixin
 from transformers.utils.quantization_config import QuantizationConfigMixin as _TransformersMixin
 
-from .codec.constants import (DEFAULT_BLOCK_VALUES, LATTICES, MAX_BITS, MAX_BLOCK_VALUES, MAX_TILE, MIN_BITS,
+from .codec.constants import (DEFAULT_BLOCK_VALUES, DEFAULT_TILE, LATTICES, MAX_BITS, MAX_BLOCK_VALUES, MAX_TILE, MIN_BITS,
                               MIN_BLOCK_VALUES, MIN_TILE, RHT_SIGN_MODES)
 from .nn.lattice_linear import MMA_TYPES, RESIDENCIES  # the layer defines what it supports
 
@@ -128,7 +128,7 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
         self,
         bits: float | None = 4.0,
         lattice: str = "E8",
-        tile_size: int = 128,
+        tile_size: int = DEFAULT_TILE,
         mma: str = "int8",
         residency: str = "int8",
         modules_to_not_convert: list[str] | None = None,

@@ -465,19 +465,27 @@ def cuda_forward(module, x: torch.Tensor, share_activation: bool = True) -> torc
     return y.reshape(*lead, n)
 
 
-def make_int8_resident(module) -> bool:
-    """Decode a compressed-resident LatticeLinear's stream once with the GPU decoder and keep int8 codes (what
-    ``LatticeLinear.finalize`` does for ``residency="int8"``, without the torch decoder). Returns False (layer left
-    compressed) if a coordinate exceeds ±127."""
+def decoded_codes(module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 codes (out, in), float32 scale (out,)) of a compressed-resident LatticeLinear on CUDA, decoded by the
+    GPU Rice decoder into fresh tensors (not the shared just-in-time buffer): ``codes * scale[:, None]`` is the
+    RHT-domain weight exactly. None if a coordinate exceeds ±127 (the codec's torch path handles those)."""
     n = module.out_features * module.in_features
     try:
         codes, _, _ = rice_decode(module.hq_words, module.hq_offsets, module.hq_ks, n, module.lattice,
                                   module.block_values, check=True)
     except ValueError:
+        return None
+    return codes.view(module.out_features, module.in_features), _code_scale_compressed(module)
+
+
+def make_int8_resident(module) -> bool:
+    """Decode a compressed-resident LatticeLinear's stream once with the GPU decoder and keep int8 codes (what
+    ``LatticeLinear.finalize`` does for ``residency="int8"``, without the torch decoder). Returns False (layer left
+    compressed) if a coordinate exceeds ±127."""
+    decoded = decoded_codes(module)
+    if decoded is None:
         return False
-    scale = _code_scale_compressed(module)
-    module.codes = codes.view(module.out_features, module.in_features)
-    module.code_scale = scale
+    module.codes, module.code_scale = decoded
     for name in ("hq_signs", "hq_scales", "hq_ks", "hq_offsets", "hq_words"):
         setattr(module, name, None)
     module.residency = "int8"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from hyperquant_diffusers.codec import LatticeTensor, quantize
+from hyperquant_diffusers.codec.constants import DEFAULT_BLOCK_VALUES, DEFAULT_TILE
 
 #: coordinates per encode_coords chunk for stacked groups: the codec's default (2M) spends ~0.8 s of a 268M-value
 #: group in per-chunk launches and host syncs; 16M takes ~0.37 s (bench/RESULTS.md, H100)
@@ -46,8 +47,8 @@ def split_stacked(q: LatticeTensor, n_layers: int) -> list[LatticeTensor]:
     return out
 
 
-def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E8", tile_size: int = 128,
-                  seed: int = 0, rht_signs: str = "tiled", block_values: int = 4096, max_values: int = 1 << 28,
+def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E8", tile_size: int = DEFAULT_TILE,
+                  seed: int = 0, rht_signs: str = "tiled", block_values: int = DEFAULT_BLOCK_VALUES, max_values: int = 1 << 28,
                   encode_chunk: int = ENCODE_CHUNK) -> list[LatticeTensor]:
     """Quantize same-shape 2-D weights in stacked groups of at most ``max_values`` values; one LatticeTensor
     per weight, in order. Weights whose size is not a whole number of blocks are quantized one by one."""

@@ -686,6 +686,14 @@ def test_cuda_forward_falls_back_on_cpu():
     assert torch.equal(cuda_forward(m, x), m.reference_forward(x))
 
 
+def test_dequantize_decoder_argument_is_checked():
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    m = LatticeLinear.from_linear(torch.nn.Linear(256, 64), bits=4.0, residency="compressed")
+    with pytest.raises(ValueError, match="decoder must be 'auto' or 'torch'"):
+        m.dequantize(decoder="triton")
+
+
 def test_prefetch_when_rejects_an_unknown_place():
     from hyperquant_diffusers.kernels import dispatch
 
@@ -713,6 +721,28 @@ def test_gpu_rice_decode_bit_exact_full_layer(lattice, bits, impl):
                            out_dtype=torch.float8_e4m3fn, impl=impl)
     assert torch.equal(f8, rice_decode_reference(q.words, q.offsets, q.ks, q.numel, lattice, q.block_values,
                                                  out_dtype=torch.float8_e4m3fn))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("lattice,bits", [("E8", 4.0), ("E8", 8.0), ("D4", 4.0), ("Z", 3.0), ("A2", 4.0)])
+def test_gpu_dequantize_of_a_compressed_layer_equals_the_codec_decoder(lattice, bits):
+    """A compressed-resident layer on CUDA dequantizes through the GPU Rice decoder (LoRA merging does it twice per
+    layer): the same float32 weight as the codec's torch decoder, bit for bit. E8 at 8 bps has coordinates beyond
+    ±127 and A2 has no int8 coordinates: both fall back to the codec's decoder, and still agree."""
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    torch.manual_seed(12)
+    lin = torch.nn.Linear(2048, 1024, device="cuda", dtype=torch.bfloat16)
+    lin.weight.data[:4, :8] *= 300.0   # outliers: at 8 bps their rows' coordinates exceed the int8 range
+    m = LatticeLinear.from_linear(lin, bits=bits, lattice=lattice, residency="compressed")
+    assert m.codes is None and m.hq_words.is_cuda
+    fast = m.dequantize(torch.float32)
+    ref = m.dequantize(torch.float32, decoder="torch")
+    assert fast.is_cuda and torch.equal(fast, ref)
+    served = m._gpu_decoded_codes() is not None
+    assert served == (lattice in ("E8", "D4", "Z") and bits <= 4.0)
+    assert _rel(ref, lin.weight.float()) < 0.35
 
 
 @gpu

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..codec import FORMAT_VERSION as CODEC_FORMAT_VERSION
 from ..codec import LatticeTensor, lattice_spec, rht
+from ..codec.constants import DEFAULT_BLOCK_VALUES, DEFAULT_TILE
 from ..codec.stream import encode_coords
 from ..codec.tensor import _DTYPES, unpack_signs
 from . import compiled_op
@@ -92,8 +93,8 @@ class LatticeLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, lattice: str = "E8",
-                 bits: float = 4.0, tile_size: int = 128, block_values: int = 4096, seed: int = 0,
-                 mma: str = "int8", residency: str = "int8", n_words: int = 0,
+                 bits: float = 4.0, tile_size: int = DEFAULT_TILE, block_values: int = DEFAULT_BLOCK_VALUES,
+                 seed: int = 0, mma: str = "int8", residency: str = "int8", n_words: int = 0,
                  weight_dtype: torch.dtype = torch.bfloat16, device=None, dtype=None):
         nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate (and initialize) a float weight
         if in_features % tile_size:
@@ -133,8 +134,8 @@ class LatticeLinear(nn.Linear):
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, bits: float, lattice: str = "E8", tile_size: int = 128,
-                    block_values: int = 4096, seed: int = 0, rht_signs: str = "tiled", mma: str = "int8",
+    def from_linear(cls, linear: nn.Linear, *, bits: float, lattice: str = "E8", tile_size: int = DEFAULT_TILE,
+                    block_values: int = DEFAULT_BLOCK_VALUES, seed: int = 0, rht_signs: str = "tiled", mma: str = "int8",
                     residency: str = "int8") -> LatticeLinear:
         """Quantize ``linear.weight`` (on its own device) and return the finalized LatticeLinear."""
         from ..codec import quantize
@@ -351,6 +352,21 @@ class LatticeLinear(nn.Linear):
         except RuntimeError:  # no usable Triton GPU backend on this machine
             return False
 
+    def _gpu_decoded_codes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int8 codes, float32 scale) of a compressed-resident layer on CUDA from the GPU Rice decoder (fresh
+        tensors), or None where the torch decoder must serve (CPU, A2, no Triton GPU backend, |coordinate| > 127).
+        The torch decoder of a full-size layer takes seconds; LoRA merging dequantizes twice per layer."""
+        if self.hq_words is None or not self.hq_words.is_cuda or self.lattice not in ("E8", "D4", "Z"):
+            return None
+        try:
+            from ..kernels.dispatch import decoded_codes
+        except ImportError:
+            return None
+        try:
+            return decoded_codes(self)
+        except RuntimeError:  # no usable Triton GPU backend on this machine
+            return None
+
     # ---- accessors for the kernels --------------------------------------------------------------------
     @property
     def signs(self) -> torch.Tensor:
@@ -407,24 +423,33 @@ class LatticeLinear(nn.Linear):
             return self.exact_codes(), self.code_scale
         return self._lattice_tensor_from_stream().int8_codes(on_overflow="rescale")
 
-    def rotated_weight(self, dtype=torch.float32) -> torch.Tensor:
-        """RHT-domain weight (out, in) exactly as the codes define it."""
+    def rotated_weight(self, dtype=torch.float32, decoder: str = "auto") -> torch.Tensor:
+        """RHT-domain weight (out, in) exactly as the codes define it. A compressed-resident layer decodes its
+        stream: ``decoder="auto"`` takes the GPU Rice decoder on CUDA where it serves (the same values, bit for
+        bit), ``"torch"`` always the codec's own decoder (what the references use)."""
+        if decoder not in ("auto", "torch"):
+            raise ValueError(f"decoder must be 'auto' or 'torch', got {decoder!r}")
         if self.codes is not None:
             return self._exact_codes_float(dtype) * self.code_scale.to(dtype).unsqueeze(1)
+        decoded = self._gpu_decoded_codes() if decoder == "auto" else None
+        if decoded is not None:
+            return decoded[0].to(dtype) * decoded[1].to(dtype).unsqueeze(1)
         return self._lattice_tensor_from_stream().rotated(dtype)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The reconstructed weight (out, in) in ``dtype`` (default: the original weight dtype)."""
+    def dequantize(self, dtype: torch.dtype | None = None, decoder: str = "auto") -> torch.Tensor:
+        """The reconstructed weight (out, in) in ``dtype`` (default: the original weight dtype); ``decoder`` as in
+        :meth:`rotated_weight`."""
         from ..codec import inverse_rht
 
-        w = inverse_rht(self.rotated_weight(torch.float32), self.signs, self.tile_size)
+        w = inverse_rht(self.rotated_weight(torch.float32, decoder), self.signs, self.tile_size)
         return w.to(dtype or self.weight_dtype)
 
     # ---- compute --------------------------------------------------------------------------------------
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 ``rht(x) @ W_rot.T + bias``, cast to ``x.dtype``. Works on any device."""
+        """float32 ``rht(x) @ W_rot.T + bias``, cast to ``x.dtype``. Works on any device; a compressed layer's
+        stream is decoded by the codec's torch decoder, independent of the GPU kernels it checks."""
         xr = rht(x.to(torch.float32), self.signs, self.tile_size)
-        y = torch.matmul(xr, self.rotated_weight(torch.float32).T)
+        y = torch.matmul(xr, self.rotated_weight(torch.float32, decoder="torch").T)
         if self.bias is not None:
             y = y + self.bias.to(torch.float32)
         return y.to(x.dtype)

@@ -17,14 +17,16 @@ import tempfile
 
 import torch
 
+from ..codec.constants import DEFAULT_BLOCK_VALUES, DEFAULT_TILE
 
-def _stored_bytes(n: int, k: int, words_bps: float, block_values: int = 4096, classes: int = 1) -> float:
+
+def _stored_bytes(n: int, k: int, words_bps: float, block_values: int = DEFAULT_BLOCK_VALUES, classes: int = 1) -> float:
     """Checkpoint bytes of one (n x k) LatticeLinear: signs k/8, scales 4n, ks, offsets, words."""
     nb = -(-n * k // block_values)
     return k / 8 + 4 * n + nb * classes + 4 * (nb + 1) + words_bps * n * k / 8
 
 
-def full_size_ltx2(bits: float = 4.0, sample_rows: int = 512, tile: int = 128) -> dict:
+def full_size_ltx2(bits: float = 4.0, sample_rows: int = 512, tile: int = DEFAULT_TILE) -> dict:
     from accelerate import init_empty_weights
     from diffusers import LTX2VideoTransformer3DModel
 
