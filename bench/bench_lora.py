@@ -190,11 +190,12 @@ def fuse_retention(device: str, rank: int = 16, shape: tuple[int, int] = (1024, 
     return rows
 
 
-def merge_parts(rank: int, reps: int = 3) -> list[dict]:
-    """Where one ``merge()`` spends its time, per LTX-2 shape (int8-resident, 4 bps E8): median seconds of each
+def merge_parts(rank: int, residencies: list[str], reps: int = 3) -> list[dict]:
+    """Where one ``merge()`` spends its time, per LTX-2 shape and residency (4 bps E8): median seconds of each
     stage run alone (dequantize, the adapter's delta, the host copy of the original codes, ``codec.quantize``
     with and without a step-search hint, loading the new codes), the whole merge, and ``quantize_many`` on 8
-    stacked weights per weight."""
+    stacked weights per weight. A compressed layer's dequantize is timed with the GPU Rice decoder (what merging
+    uses) and with the codec's torch decoder."""
     import statistics
 
     from hyperquant_diffusers.kernels.quantize import quantize_many
@@ -212,10 +213,10 @@ def merge_parts(rank: int, reps: int = 3) -> list[dict]:
             out.append(time.perf_counter() - t0)
         return statistics.median(out)
 
-    def one(n: int, k: int) -> dict:
+    def one(n: int, k: int, residency: str) -> dict:
         torch.manual_seed(0)
         lin = nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
-        q = LatticeLinear.from_linear(lin, bits=4.0, mma="int8")
+        q = LatticeLinear.from_linear(lin, bits=4.0, mma="int8", residency=residency)
         wrapped = _adapted(q, rank, seed=1)
         wrapped.merge()         # compiles every kernel the stages use
         wrapped.unmerge()
@@ -223,13 +224,15 @@ def merge_parts(rank: int, reps: int = 3) -> list[dict]:
         kw = {"bits": q.bits, "lattice": q.lattice, "tile_size": q.tile_size, "seed": q.seed,
               "rht_signs": q.rht_sign_mode(), "block_values": q.block_values}
         qt = quantize(w, **kw)
-        row = {"shape": f"{n}x{k}",
+        row = {"shape": f"{n}x{k}", "residency": residency,
                "dequantize_s": t(lambda: q.dequantize(torch.float32)),
                "delta_s": t(lambda: wrapped.get_delta_weight("default")),
                "state_to_host_s": t(lambda: q.weight_state(device="cpu")),
                "quantize_s": t(lambda: quantize(w, **kw)),
                "quantize_hinted_s": t(lambda: quantize(w, alpha_hint=qt.search_alpha, **kw)),
                "load_s": t(lambda: q.load_lattice_tensor(qt))}
+        if residency == "compressed":
+            row["dequantize_torch_decoder_s"] = t(lambda: q.dequantize(torch.float32, decoder="torch"))
         ws = [w + 1e-3 * i for i in range(8)]
         row["quantize_many_8_per_layer_s"] = t(lambda: quantize_many(ws, **kw)) / 8
 
@@ -240,10 +243,11 @@ def merge_parts(rank: int, reps: int = 3) -> list[dict]:
         return row
 
     rows = []
-    for n, k in SHAPES:
-        rows.append(one(n, k))
-        print("# merge parts " + json.dumps(rows[-1]), flush=True)
-        torch.cuda.empty_cache()
+    for residency in residencies:
+        for n, k in SHAPES:
+            rows.append(one(n, k, residency))
+            print("# merge parts " + json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -373,7 +377,8 @@ def main(argv=None):
     ap.add_argument("--bits", type=float, default=4.0, help="--fuse-retention: bits per scalar of the codec")
     ap.add_argument("--merge-parts", action="store_true", help="time the stages of one merge() per shape")
     ap.add_argument("--layers", type=int, default=48, help="--full-size: transformer blocks")
-    ap.add_argument("--residency", nargs="+", default=["int8", "compressed"], choices=["int8", "compressed"])
+    ap.add_argument("--residency", nargs="+", default=["int8", "compressed"], choices=["int8", "compressed"],
+                    help="--full-size and --merge-parts: the residencies measured")
     ap.add_argument("--steps", type=int, default=2, help="--full-size: timed steps per variant")
     args = ap.parse_args(argv)
     if args.fuse_retention:
@@ -391,7 +396,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_lora needs a CUDA GPU")
     if args.merge_parts:
-        rows = merge_parts(args.rank)
+        rows = merge_parts(args.rank, args.residency)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
