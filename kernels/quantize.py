@@ -19,11 +19,10 @@ from __future__ import annotations
 import torch
 
 from hyperquant_diffusers.codec import LatticeTensor, quantize
-from hyperquant_diffusers.codec.constants import DEFAULT_BLOCK_VALUES, DEFAULT_TILE
+from hyperquant_diffusers.codec.constants import DEFAULT_BLOCK_VALUES, DEFAULT_TILE, GPU_ENCODE_CHUNK
 
-#: coordinates per encode_coords chunk for stacked groups: the codec's default (2M) spends ~0.8 s of a 268M-value
-#: group in per-chunk launches and host syncs; 16M takes ~0.37 s (bench/RESULTS.md, H100)
-ENCODE_CHUNK = 1 << 25
+#: coordinates per encode_coords chunk for stacked groups (see codec.constants.GPU_ENCODE_CHUNK)
+ENCODE_CHUNK = GPU_ENCODE_CHUNK
 
 
 def split_stacked(q: LatticeTensor, n_layers: int) -> list[LatticeTensor]:

@@ -747,6 +747,26 @@ def test_gpu_dequantize_of_a_compressed_layer_equals_the_codec_decoder(lattice, 
 
 @gpu
 @needs_cuda
+def test_gpu_layer_quantization_streams_do_not_depend_on_the_encode_chunk():
+    """A layer quantized on CUDA (``from_linear``, and ``requantize`` as LoRA merging does) encodes in
+    GPU_ENCODE_CHUNK passes instead of the codec's default 2M: the same stream, word for word."""
+    from hyperquant_diffusers.codec.constants import GPU_ENCODE_CHUNK
+    from hyperquant_diffusers.nn import LatticeLinear
+
+    torch.manual_seed(13)
+    lin = torch.nn.Linear(4096, 4096, device="cuda", dtype=torch.bfloat16)   # 16.8M values: 8 default chunks
+    assert lin.weight.numel() > 2 * (1 << 21) and GPU_ENCODE_CHUNK > lin.weight.numel()
+    m = LatticeLinear.from_linear(lin, bits=4.0, residency="compressed")
+    q = quantize(lin.weight.detach(), bits=4.0)                              # the codec's default chunk
+    assert torch.equal(m.hq_words, q.words) and torch.equal(m.hq_ks.reshape(-1), q.ks.reshape(-1).to(m.hq_ks.dtype))
+    w2 = lin.weight.detach().float() * 1.25
+    m.requantize(w2)
+    q2 = quantize(w2, bits=4.0)
+    assert torch.equal(m.hq_words, q2.words) and torch.equal(m.hq_offsets.long(), q2.offsets.long())
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("m,k", [(4096, 4096), (3000, 16384), (200, 16384)])
 def test_gpu_act_quant_bf16(fmt, m, k):

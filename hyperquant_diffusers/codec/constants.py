@@ -20,6 +20,11 @@ DEFAULT_TILE = 128
 #: either kind loads anywhere; only the speed of the activation pass differs.
 RHT_SIGN_MODES = ("tiled", "independent")
 
+#: Coordinates Rice-encoded per pass (``quantize(chunk_values=...)``, ``encode_coords``) when quantizing on a GPU.
+#: The codec's default (2M) bounds memory on the CPU but costs a GPU launches and host syncs per chunk: with it a
+#: full LTX-2 quantizes ~40 s slower (bench/RESULTS.md, H100/H200). The stream does not depend on it.
+GPU_ENCODE_CHUNK = 1 << 25
+
 #: Values per independently decodable Rice block (a power of two, multiple of every lattice dimension).
 DEFAULT_BLOCK_VALUES = 4096
 MIN_BLOCK_VALUES, MAX_BLOCK_VALUES = 256, 1 << 20
