@@ -21,8 +21,8 @@ import torch
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin as _DiffusersMixin
 from transformers.utils.quantization_config import QuantizationConfigMixin as _TransformersMixin
 
-from .codec.constants import (DEFAULT_BLOCK_VALUES, DEFAULT_TILE, LATTICES, MAX_BITS, MAX_BLOCK_VALUES, MAX_TILE, MIN_BITS,
-                              MIN_BLOCK_VALUES, MIN_TILE, RHT_SIGN_MODES)
+from .codec.constants import (DEFAULT_BLOCK_VALUES, DEFAULT_TILE, LATTICES, MAX_BITS, MAX_BLOCK_VALUES, MAX_TILE,
+                              MIN_BITS, MIN_BLOCK_VALUES, MIN_TILE, RHT_SIGN_MODES)
 from .nn.lattice_linear import MMA_TYPES, RESIDENCIES  # the layer defines what it supports
 
 #: Version of the backend's checkpoint layout (buffer names/dtypes, ``layout`` entries, safetensors metadata).

@@ -20,7 +20,8 @@ import torch
 from ..codec.constants import DEFAULT_BLOCK_VALUES, DEFAULT_TILE
 
 
-def _stored_bytes(n: int, k: int, words_bps: float, block_values: int = DEFAULT_BLOCK_VALUES, classes: int = 1) -> float:
+def _stored_bytes(n: int, k: int, words_bps: float, block_values: int = DEFAULT_BLOCK_VALUES,
+                  classes: int = 1) -> float:
     """Checkpoint bytes of one (n x k) LatticeLinear: signs k/8, scales 4n, ks, offsets, words."""
     nb = -(-n * k // block_values)
     return k / 8 + 4 * n + nb * classes + 4 * (nb + 1) + words_bps * n * k / 8
