@@ -363,6 +363,13 @@ def full_size(layers: int, rank: int, residencies: list[str], steps: int, emit) 
     return res
 
 
+def _write_json(path: str | None, obj) -> None:
+    """Write ``obj`` to ``path`` (indented; non-JSON values as strings); nothing when no path was given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--m", type=int, default=12288)
@@ -389,31 +396,23 @@ def main(argv=None):
               "fused / unfused |")
         print("|---|---|---|---|---|---|---|")
         rows = fuse_retention(dev, rank=16, bits=args.bits)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        _write_json(args.json, rows)
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_lora needs a CUDA GPU")
     if args.merge_parts:
         rows = merge_parts(args.rank, args.residency)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        _write_json(args.json, rows)
         return
     if args.full_size:
         def emit(tag, d):
             print(f"# {tag}: " + json.dumps(d, default=str), flush=True)
         res = full_size(args.layers, args.rank, args.residency, args.steps, emit)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1, default=str)
+        _write_json(args.json, res)
         return
     if args.sweep:
         rows = sweep(args.m, args.rank)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        _write_json(args.json, rows)
         return
     rows = []
     print(f"# {torch.cuda.get_device_name()}, M={args.m}, rank {args.rank}, 4 bps E8 int8-resident; ms (median)")
@@ -429,9 +428,7 @@ def main(argv=None):
                   f"{r['merge_s']:.2f} | {r['unmerge_s']:.3f} | {r['fused_rel_err']:.2e} / {r['peft_rel_err']:.2e} / "
                   f"{r['merged_rel_err']:.2e} | {r['merged_weight_rel_err']:.4f} / {r['original_weight_rel_err']:.4f}"
                   f"{'' if r['unmerge_bit_exact'] else ' UNMERGE NOT EXACT'} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    _write_json(args.json, rows)
 
 
 if __name__ == "__main__":
