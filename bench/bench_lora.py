@@ -17,6 +17,7 @@ every call (activation sharing off).
     python -m hyperquant_diffusers.bench.bench_lora [--m 12288] [--rank 32] [--mma int8 fp8] [--json OUT]
     python -m hyperquant_diffusers.bench.bench_lora --sweep     # the add kernel's launch configs alone
     python -m hyperquant_diffusers.bench.bench_lora --full-size [--layers 48] [--residency int8 compressed]
+        [--per-layer-fuse]
 
 ``--fuse-retention`` (CPU or GPU): how much of a LoRA's weight change ``dW`` survives ``merge()`` (re-quantizing
 ``W_hat + dW``) as ``|dW| / |W|`` grows: the kept fraction ``<W_fused - W_hat, dW> / |dW|^2``, the share of codes
@@ -270,8 +271,10 @@ def _rss_gib() -> float:
     return float("nan")
 
 
-def full_size(layers: int, rank: int, residencies: list[str], steps: int, emit) -> dict:
-    """See the module docstring (``--full-size``). ``emit(tag, dict)`` prints each part as it is measured."""
+def full_size(layers: int, rank: int, residencies: list[str], steps: int, emit, batched: bool = True) -> dict:
+    """See the module docstring (``--full-size``). ``emit(tag, dict)`` prints each part as it is measured.
+    ``batched``: ``fuse_lora`` re-quantizes same-shape layers together, as on a model the backend loaded
+    (``nn.lora.batch_fuse_lora``); False: one codec call per layer."""
     import gc
 
     from hyperquant_diffusers.bench.bench_ltx2_full import (
@@ -288,7 +291,7 @@ def full_size(layers: int, rank: int, residencies: list[str], steps: int, emit) 
     from peft import LoraConfig
 
     from hyperquant_diffusers.nn import LatticeLinear
-    from hyperquant_diffusers.nn.lora import fused_lora_retained
+    from hyperquant_diffusers.nn.lora import batch_fuse_lora, fused_lora_retained
 
     res: dict = {"layers": layers, "rank": rank, "device": torch.cuda.get_device_name()}
     inputs = make_inputs()
@@ -326,6 +329,9 @@ def full_size(layers: int, rank: int, residencies: list[str], steps: int, emit) 
         init_random(model)
         run["quantize_s"], run["n_quantized"], _, _ = quantize_model(model, 4.0)
         set_mode(model, residency, "int8")
+        if batched:
+            batch_fuse_lora(model)     # what the backend does to a model it loads
+        run["fuse_batched"] = batched
         gc.collect()
         torch.cuda.empty_cache()
         s, _, out = step_stats(model, inputs, steps)
@@ -387,6 +393,9 @@ def main(argv=None):
     ap.add_argument("--residency", nargs="+", default=["int8", "compressed"], choices=["int8", "compressed"],
                     help="--full-size and --merge-parts: the residencies measured")
     ap.add_argument("--steps", type=int, default=2, help="--full-size: timed steps per variant")
+    ap.add_argument("--per-layer-fuse", action="store_true",
+                    help="--full-size: fuse_lora with one codec call per layer (the default batches same-shape "
+                         "layers, as on a model the backend loaded)")
     args = ap.parse_args(argv)
     if args.fuse_retention:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -407,7 +416,7 @@ def main(argv=None):
     if args.full_size:
         def emit(tag, d):
             print(f"# {tag}: " + json.dumps(d, default=str), flush=True)
-        res = full_size(args.layers, args.rank, args.residency, args.steps, emit)
+        res = full_size(args.layers, args.rank, args.residency, args.steps, emit, batched=not args.per_layer_fuse)
         _write_json(args.json, res)
         return
     if args.sweep:

@@ -33,6 +33,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from hyperquant_diffusers.codec.constants import DEFAULT_GROUP_VALUES  # noqa: E402
+
 GiB = float(1 << 30)
 TARGETS = {"compressed_weight_gib": 9.5, "compressed_peak_vs_bf16": 0.65, "int8_weight_gib": 18.5,
            "int8_step_vs_bf16": 0.9, "compressed_step_vs_bf16": 1.0, "quantize_s": 60.0}
@@ -225,7 +227,7 @@ def weight_bytes(model):
     return fp["total_bytes"], fp
 
 
-def quantize_model(model, bits: float, group_values: int = 1 << 28):
+def quantize_model(model, bits: float, group_values: int = DEFAULT_GROUP_VALUES):
     """Quantize the backend's conversion plan, stacked per shape; returns (seconds, n_layers, layout)."""
     from hyperquant_diffusers.config import HyperQuantConfig
     from hyperquant_diffusers.kernels.quantize import quantize_many
@@ -332,7 +334,7 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true",
                     help="first run bench_kernels' launch-shape sweeps (decode, act-quant, GEMM) and use the best")
     ap.add_argument("--skip-load-test", action="store_true", help="no checkpoint save/load timing")
-    ap.add_argument("--group-values", type=int, default=1 << 28,
+    ap.add_argument("--group-values", type=int, default=DEFAULT_GROUP_VALUES,
                     help="values per stacked quantize group (peak memory of quantization grows with it)")
     ap.add_argument("--profile-dir", default=None, help="profile one step of bf16 and each mode of the first rate")
     ap.add_argument("--all-modes-bits", type=float, nargs="*", default=[4.0],

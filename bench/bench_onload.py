@@ -26,6 +26,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from hyperquant_diffusers.codec.constants import DEFAULT_GROUP_VALUES  # noqa: E402
+
 from bench.bench_ltx2_full import GiB, build_meta, drop_caches, init_random  # noqa: E402
 
 
@@ -74,7 +76,7 @@ def load_quantized(path: str, batch_values: int) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--batch-values", type=int, nargs="+", default=[1 << 28, 0])
+    ap.add_argument("--batch-values", type=int, nargs="+", default=[DEFAULT_GROUP_VALUES, 0])
     ap.add_argument("--dir", default="/tmp/hq_onload")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)

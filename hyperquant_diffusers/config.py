@@ -21,7 +21,7 @@ import torch
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin as _DiffusersMixin
 from transformers.utils.quantization_config import QuantizationConfigMixin as _TransformersMixin
 
-from .codec.constants import (DEFAULT_BLOCK_VALUES, DEFAULT_TILE, LATTICES, MAX_BITS, MAX_BLOCK_VALUES, MAX_TILE,
+from .codec.constants import (DEFAULT_BLOCK_VALUES, DEFAULT_GROUP_VALUES, DEFAULT_TILE, LATTICES, MAX_BITS, MAX_BLOCK_VALUES, MAX_TILE,
                               MIN_BITS, MIN_BLOCK_VALUES, MIN_TILE, RHT_SIGN_MODES)
 from .nn.lattice_linear import MMA_TYPES, RESIDENCIES  # the layer defines what it supports
 
@@ -33,8 +33,8 @@ QUANT_METHOD = "hyperquant"
 KV_BIAS_CORRECTIONS = ("dither", "qjl", "none")
 MIN_KV_BITS, MAX_KV_BITS = 1.5, 8.0
 #: default ``quantize_batch_values``: float values of same-shape weights stacked into one codec call while loading
-#: (2^28 = 256M values, 512 MB in bf16; LTX-2: 16 layers of 4096x4096). Matches ``kernels.quantize.quantize_many``.
-DEFAULT_QUANTIZE_BATCH_VALUES = 1 << 28
+#: (512 MB in bf16; ``codec.constants.DEFAULT_GROUP_VALUES``, the group size of ``kernels.quantize.quantize_many``)
+DEFAULT_QUANTIZE_BATCH_VALUES = DEFAULT_GROUP_VALUES
 
 
 class HyperQuantMethod(str, Enum):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from hyperquant_diffusers.codec import LatticeTensor, quantize
-from hyperquant_diffusers.codec.constants import DEFAULT_BLOCK_VALUES, DEFAULT_TILE, GPU_ENCODE_CHUNK
+from hyperquant_diffusers.codec.constants import DEFAULT_BLOCK_VALUES, DEFAULT_GROUP_VALUES, DEFAULT_TILE, GPU_ENCODE_CHUNK
 
 #: coordinates per encode_coords chunk for stacked groups (see codec.constants.GPU_ENCODE_CHUNK)
 ENCODE_CHUNK = GPU_ENCODE_CHUNK
@@ -47,8 +47,8 @@ def split_stacked(q: LatticeTensor, n_layers: int) -> list[LatticeTensor]:
 
 
 def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E8", tile_size: int = DEFAULT_TILE,
-                  seed: int = 0, rht_signs: str = "tiled", block_values: int = DEFAULT_BLOCK_VALUES, max_values: int = 1 << 28,
-                  encode_chunk: int = ENCODE_CHUNK) -> list[LatticeTensor]:
+                  seed: int = 0, rht_signs: str = "tiled", block_values: int = DEFAULT_BLOCK_VALUES,
+                  max_values: int = DEFAULT_GROUP_VALUES, encode_chunk: int = ENCODE_CHUNK) -> list[LatticeTensor]:
     """Quantize same-shape 2-D weights in stacked groups of at most ``max_values`` values; one LatticeTensor
     per weight, in order. Weights whose size is not a whole number of blocks are quantized one by one."""
     if not weights:
@@ -67,7 +67,7 @@ def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E
         chunk = weights[g0:g0 + group]
         stacked = torch.cat([w.detach() for w in chunk], 0) if len(chunk) > 1 else chunk[0].detach()
         q = quantize(stacked, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed, rht_signs=rht_signs,
-                     block_values=block_values, chunk_values=encode_chunk, alpha_hint=hint)
+                     block_values=block_values, chunk_values=encode_chunk, alpha_hint=hint, pieces=len(chunk))
         hint = q.search_alpha
         del stacked
         out.extend(split_stacked(q, len(chunk)))

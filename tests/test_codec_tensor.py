@@ -252,3 +252,16 @@ def test_alpha_hint_only_moves_where_the_rate_search_starts():
     assert abs(q2.bits_per_scalar - q0.bits_per_scalar) < 0.03
     with pytest.raises(ValueError, match="alpha_hint"):
         quantize(w, bits=4.0, alpha_hint=0.0)
+
+
+def test_pieces_must_divide_the_rows_of_a_2d_weight():
+    """``pieces`` (stacked weights stored one blob each) is refused by name when it does not split the rows."""
+    w = torch.randn(6, 128)
+    for bad in (0, 4, 2.0, True):
+        with pytest.raises(ValueError, match="pieces"):
+            quantize(w, bits=4.0, pieces=bad)
+    with pytest.raises(ValueError, match="pieces"):
+        quantize(torch.randn(2, 6, 128), bits=4.0, pieces=2)
+    # one piece is the plain quantization, bit for bit
+    q, q1 = quantize(w, bits=4.0), quantize(w, bits=4.0, pieces=1)
+    assert torch.equal(q.words, q1.words) and torch.equal(q.scales, q1.scales)

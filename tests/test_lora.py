@@ -208,18 +208,23 @@ def test_fuse_lora_requantizes_and_unfuse_restores_bit_exactly(lora_setup, tiny_
     with_lora = run_tiny_pipeline(pipe)
 
     pipe.fuse_lora()
+    # per shape (the fuse re-quantizes same-shape layers as one group sharing the rate search, as loading does, so
+    # single layers land above or below the rate): sums of squared errors and of stored bytes, against the codec on
+    # each original float weight quantized alone with the same settings
+    sums: dict = {}
     for n in adapted:
         m = pipe.transformer.get_submodule(n)
         assert m.merged and m.merged_adapters == ["style"]
         target = w_hat[n] + _delta64(lora_sd, n)
-        err = float((m.base_layer.dequantize(torch.float64) - target).norm() / target.norm())
-        # the codec's error on the original float weight quantized alone with the same settings (the pipeline
-        # quantized same-shape layers as one group sharing the rate, so w_hat's own error differs per layer)
         w = float_tr.get_submodule(n).weight.detach()
         q0 = quantize(w, bits=4.0, lattice="E8", tile_size=TILE)
-        err0 = float((q0.dequantize(torch.float64) - w.double()).norm() / w.double().norm())
-        size = m.base_layer.stored_nbytes() / LatticeLinear.from_lattice_tensor(q0, None, bits=4.0).stored_nbytes()
-        assert err < 1.15 * err0 and size < 1.03, (n, err, err0, size)   # as close, in as many bytes
+        s = sums.setdefault(tuple(w.shape), np.zeros(6))
+        s += [float((m.base_layer.dequantize(torch.float64) - target).square().sum()), float(target.square().sum()),
+              float((q0.dequantize(torch.float64) - w.double()).square().sum()), float(w.double().square().sum()),
+              m.base_layer.stored_nbytes(), LatticeLinear.from_lattice_tensor(q0, None, bits=4.0).stored_nbytes()]
+    for shape, (e, t, e0, t0, nb, nb0) in sums.items():
+        err, err0, size = (e / t) ** 0.5, (e0 / t0) ** 0.5, nb / nb0
+        assert err < 1.15 * err0 and size < 1.03, (shape, err, err0, size)   # as close, in as many bytes
     fused = run_tiny_pipeline(pipe)
     quant_err = np.abs(base - run_tiny_pipeline(LTX2Pipeline.from_pretrained(tiny_ltx2_path))).max()
     diff, effect = np.abs(fused - with_lora).max(), np.abs(with_lora - base).max()
@@ -273,6 +278,137 @@ def test_fusing_adapters_one_by_one_equals_fusing_them_together(lora_setup, tiny
         assert p.transformer.get_submodule(adapted[0]).merged_adapters == ["a", "b"]
         states.append({k: v for k, v in p.transformer.state_dict().items() if "lora_" not in k})
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[1])
+
+
+def _adapted_stack(seed=3, shapes=((128, 64), (128, 64), (64, 128), (128, 64), (64, 128))):
+    """nn.Sequential of LatticeLinear layers (in, out) with one random LoRA ("default", scaling 1) on each, and
+    each layer's float64 target ``W_hat + B A``."""
+    torch.manual_seed(seed)
+    m = nn.Sequential()
+    for i, (k, n) in enumerate(shapes):
+        m.add_module(f"l{i}", LatticeLinear.from_linear(nn.Linear(k, n), bits=4.0, tile_size=TILE))
+    w_hat = {name: lay.dequantize(torch.float64) for name, lay in m.named_children()}
+    m = peft.inject_adapter_in_model(peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(w_hat)), m)
+    targets = {}
+    with torch.no_grad():
+        for name in w_hat:
+            wrapper = getattr(m, name)
+            a, b = wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight
+            a.normal_(0, 0.3), b.normal_(0, 0.3)
+            targets[name] = w_hat[name] + b.double() @ a.double()
+    return m, targets
+
+
+def _codes(m):
+    return {k: v.clone() for k, v in m.state_dict().items() if "lora_" not in k}
+
+
+def test_batched_merges_stack_same_shape_layers_into_one_codec_call(monkeypatch):
+    """Inside ``batched_merges`` the merges wait and are re-quantized per (shape, codec settings): one
+    ``quantize_many`` call per shape here, its weights the layers' ``W_hat + B A`` (float64 reference), in module
+    order; the merged weights as close to their targets as a merge one layer at a time, per shape. With groups of
+    one layer (``group_values=1``) every code equals the unbatched merge's, bit for bit."""
+    import hyperquant_diffusers.kernels.quantize as kq
+    from hyperquant_diffusers.nn.lora import batched_merges
+
+    calls = []
+    real = kq.quantize_many
+
+    def spy(weights, **kw):
+        calls.append([w.clone() for w in weights])
+        return real(weights, **kw)
+
+    monkeypatch.setattr(kq, "quantize_many", spy)
+    m, targets = _adapted_stack()
+    with torch.no_grad(), batched_merges():
+        for name in targets:
+            getattr(m, name).merge()
+            assert not getattr(m, name).merged          # waits for its group
+        assert not calls
+    assert [len(c) for c in calls] == [3, 2]            # both groups at the block's end, in order of arrival
+    by_shape = {(64, 128): ["l0", "l1", "l3"], (128, 64): ["l2", "l4"]}
+    for c in calls:
+        names = by_shape[tuple(c[0].shape)]
+        for w, n in zip(c, names):
+            assert float((w.double() - targets[n]).abs().max()) < 1e-5
+    batched = _codes(m)
+    errs = {n: _rel(getattr(m, n).base_layer.dequantize(torch.float64), targets[n]) for n in targets}
+    assert all(getattr(m, n).merged and getattr(m, n).merged_adapters == ["default"] for n in targets)
+
+    m2, _ = _adapted_stack()
+    with torch.no_grad():
+        for name in targets:
+            getattr(m2, name).merge()                   # no batch: one codec call per layer
+    single = _codes(m2)
+    errs1 = {n: _rel(getattr(m2, n).base_layer.dequantize(torch.float64), targets[n]) for n in targets}
+    for names in by_shape.values():
+        e, e1 = (sum(d[n] ** 2 for n in names) ** 0.5 for d in (errs, errs1))
+        assert e < 1.1 * e1
+    m3, _ = _adapted_stack()
+    with torch.no_grad(), batched_merges(group_values=1):
+        for name in targets:
+            getattr(m3, name).merge()
+    ones = _codes(m3)
+    assert all(torch.equal(ones[k], single[k]) for k in single)
+    assert any(not torch.equal(batched[k], single[k]) for k in single)   # the shared rate search is in effect
+    for name in targets:                                 # unmerge gives the original codes back
+        getattr(m, name).unmerge()
+    m0, _ = _adapted_stack()
+    assert all(torch.equal(v, _codes(m0)[k]) for k, v in _codes(m).items())
+
+
+def test_batched_merges_drop_what_waits_when_the_block_raises():
+    """A block that raises leaves the waiting layers unmerged with their original codes; a layer that merges again
+    or unmerges inside the block first settles what waits."""
+    from hyperquant_diffusers.nn.lora import batched_merges
+
+    m, targets = _adapted_stack()
+    before = _codes(m)
+    with torch.no_grad(), pytest.raises(KeyError, match="boom"), batched_merges():
+        for name in targets:
+            getattr(m, name).merge()
+        raise KeyError("boom")
+    assert not any(getattr(m, n).merged for n in targets) and all(torch.equal(v, before[k])
+                                                                   for k, v in _codes(m).items())
+    with torch.no_grad(), batched_merges():
+        m.l0.merge()
+        m.l1.merge()
+        m.l0.unmerge()                                   # settles l0 and l1 first, then unmerges l0
+        assert m.l1.merged and not m.l0.merged
+    assert all(torch.equal(_codes(m)[k], before[k]) for k in before if k.startswith("l0."))
+    assert any(not torch.equal(_codes(m)[k], before[k]) for k in before if k.startswith("l1."))
+    with pytest.raises(ValueError, match="group_values"):
+        with batched_merges(group_values=0):
+            pass
+
+
+def test_requantize_many_refuses_mixed_layers_by_name():
+    a = LatticeLinear.from_linear(nn.Linear(128, 64), bits=4.0, tile_size=TILE)
+    b = LatticeLinear.from_linear(nn.Linear(128, 64), bits=3.0, tile_size=TILE)
+    w = torch.randn(64, 128)
+    with pytest.raises(ValueError, match="requantize_key"):
+        LatticeLinear.requantize_many([a, b], [w, w])
+    with pytest.raises(ValueError, match="NaN"):
+        LatticeLinear.requantize_many([a], [torch.full((64, 128), float("nan"))])
+    with pytest.raises(ValueError, match="shape"):
+        LatticeLinear.requantize_many([a], [torch.randn(64, 64)])
+    with pytest.raises(ValueError, match="2 layers and 1 weights"):
+        LatticeLinear.requantize_many([a, a], [w])
+
+
+def test_quantized_diffusers_model_fuses_in_batches(lora_setup):
+    """The backend makes a quantized model's own ``fuse_lora`` batched (``pipe.fuse_lora`` calls it), on that model
+    object only; ``copy.deepcopy`` binds the copy's to the copy."""
+    import copy
+
+    from diffusers import LTX2VideoTransformer3DModel
+
+    pipe = lora_setup[0]
+    tr = pipe.transformer
+    assert tr.fuse_lora.__func__.__name__ == "fuse_lora" and tr.fuse_lora.__self__ is tr
+    assert "fuse_lora" in vars(tr) and "fuse_lora" not in vars(LTX2VideoTransformer3DModel.from_config(tr.config))
+    twin = copy.deepcopy(tr)
+    assert twin.fuse_lora.__self__ is twin
 
 
 def test_lora_variant_on_a_quantized_layer_is_refused_by_name():

@@ -25,6 +25,11 @@ RHT_SIGN_MODES = ("tiled", "independent")
 #: full LTX-2 quantizes ~40 s slower (bench/RESULTS.md, H100/H200). The stream does not depend on it.
 GPU_ENCODE_CHUNK = 1 << 25
 
+#: Float values of same-shape weights stacked into one codec call (one rate search, its step multiplier shared by
+#: the group): ``kernels.quantize.quantize_many``'s groups, the backend's ``quantize_batch_values`` while a model
+#: loads, and batched LoRA merges. 2^28 = 256M values (LTX-2: 16 layers of 4096x4096; 1 GiB in float32).
+DEFAULT_GROUP_VALUES = 1 << 28
+
 #: Values per independently decodable Rice block (a power of two, multiple of every lattice dimension).
 DEFAULT_BLOCK_VALUES = 4096
 MIN_BLOCK_VALUES, MAX_BLOCK_VALUES = 256, 1 << 20

@@ -351,6 +351,10 @@ def _side_bits(rows: int, k: int, lattice: str, block_values: int, header_bytes:
     return 8 * (len(BLOB_MAGIC) + 6 + header_bytes + side_nbytes(layout, rows, nb, spec.classes)) + k
 
 
+def _piecewise(fn, x: torch.Tensor, pieces: int) -> torch.Tensor:
+    return fn(x) if pieces == 1 else torch.cat([fn(p) for p in x.chunk(pieces)])
+
+
 def quantize(
     w: torch.Tensor,
     bits: float | None = 4.0,
@@ -366,6 +370,7 @@ def quantize(
     rdo: bool = True,
     chunk_values: int = 1 << 21,
     alpha_hint: float | None = None,
+    pieces: int = 1,
 ) -> LatticeTensor:
     """Quantize ``w`` (..., K) with HyperQuant; runs on ``w``'s device.
 
@@ -380,6 +385,10 @@ def quantize(
     the sampled rate is on target, it only needs fewer steps. The result carries ``search_alpha`` (not stored).
     ``rht_signs``: "tiled" (default; one tile's ``seed``-drawn signs repeated along K, which the GPU activation
     pass folds into its Hadamard operand) or "independent" (a sign per value); see ``constants.RHT_SIGN_MODES``.
+    ``pieces``: the rows of ``w`` (2-D) are ``pieces`` stacked weights that will be split and stored as one blob
+    each (``kernels.quantize.quantize_many``): the ``bits`` target then counts a header and RHT signs per piece,
+    so each piece lands on ``bits`` as if quantized alone (else stacking small weights gives each piece the
+    bits of the headers it no longer carries: 4.8 instead of 4 bps for 64x64 pieces).
     """
     spec = lattice_spec(lattice)
     if rht_signs not in RHT_SIGN_MODES:
@@ -398,6 +407,10 @@ def quantize(
         raise ValueError(f"block_values must be a power of two in [{MIN_BLOCK_VALUES}, {MAX_BLOCK_VALUES}], got {block_values}")
     w32 = _check_input(w, tile_size)
     rows, k = w32.shape
+    if isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 1 or rows % pieces or (
+            pieces > 1 and w.dim() != 2):
+        raise ValueError(f"pieces must be a positive integer that divides the rows of a 2-D weight, got {pieces!r} "
+                         f"for shape {tuple(w.shape)}")
     signs = random_signs(k, seed, period=tile_size if rht_signs == "tiled" else None).to(w32.device)
     y = rht(w32, signs, tile_size)
     if step_mode == "row":
@@ -409,7 +422,9 @@ def quantize(
     # is then on the grid for every alpha). The search runs on rows normalized by the exact sigma (unit RMS, so
     # a sample of rows measures the rate well) and corrects for the rounding: scaling a row's step by f changes
     # its rate by -log2(f) bits per value at high rate, so the whole tensor's rate moves by -grid_shift.
-    rho = log8_steps(sigma)
+    # each piece on its own grid, based at its own smallest step, as if quantized alone (one shared base would
+    # leave every other piece's steps off its blob's grid: stored as float32, 3 bytes more per row)
+    rho = _piecewise(log8_steps, sigma, pieces)
     grid_shift = float(torch.log2(rho.double() / sigma.double()).mean())
 
     sample = _sample_rows(y)
@@ -433,12 +448,13 @@ def quantize(
         slope = -20.0 * math.log10(2.0)  # dB per doubling of alpha
         tol = 0.01
     else:
-        # the header's exact length, up to the digits of n_words (guessed from the rate)
-        head = {**_metadata(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode,
-                            int(rows * k * bits / 32)),
+        # the header's exact length, up to the digits of n_words (guessed from the rate); one per piece
+        shape = tuple(w.shape) if pieces == 1 else (rows // pieces, k)
+        head = {**_metadata(shape, w.dtype, spec.name, tile_size, bv, int(seed), step_mode,
+                            int(rows * k * bits / 32 / pieces)),
                 "layout": {"scales": "log8", "ks": "u4", "offsets": "len8", "scale_base": 0.0123456789, "len_base": 999}}
         header_bytes = len(json.dumps(head, sort_keys=True).encode())
-        target = bits - _side_bits(rows, k, spec.name, bv, header_bytes) / (rows * k)
+        target = bits - pieces * _side_bits(rows // pieces, k, spec.name, bv, header_bytes) / (rows * k)
         if target <= 0.05:
             raise ValueError(f"a {rows}x{k} tensor is too small for {bits} bits per scalar: its side information "
                              f"alone takes {bits - target:.2f}; leave it unquantized")
@@ -478,7 +494,7 @@ def quantize(
     alpha = 2.0 ** log_a
     # row steps are stored on a 1/16-octave grid (side.log8_steps): quantize with the rounded step, so the
     # stored step is the one the coordinates were computed with
-    steps = log8_steps((rho * alpha).to(torch.float32))
+    steps = _piecewise(log8_steps, (rho * alpha).to(torch.float32), pieces)
     # CPU kernels: the division by the steps and both steps below in one pass per block (None where they do
     # not apply); else the two steps
     enc = (cpu_kernels.quantize_encode(spec.name, y, bv, rdo, rd_lambda(spec.name), row_steps=steps)

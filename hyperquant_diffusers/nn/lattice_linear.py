@@ -33,7 +33,7 @@ from torch import nn
 
 from ..codec import FORMAT_VERSION as CODEC_FORMAT_VERSION
 from ..codec import LatticeTensor, lattice_spec, rht
-from ..codec.constants import DEFAULT_BLOCK_VALUES, DEFAULT_TILE, GPU_ENCODE_CHUNK
+from ..codec.constants import DEFAULT_BLOCK_VALUES, DEFAULT_GROUP_VALUES, DEFAULT_TILE, GPU_ENCODE_CHUNK
 from ..codec.stream import encode_coords
 from ..codec.tensor import _DTYPES, unpack_signs
 from . import compiled_op
@@ -241,11 +241,62 @@ class LatticeLinear(nn.Linear):
         q = quantize(weight.detach().to(signs.device, torch.float32), bits=self.bits, lattice=self.lattice,
                      tile_size=self.tile_size, seed=self.seed, rht_signs=self.rht_sign_mode(),
                      block_values=self.block_values, **_encode_chunk(signs.device))
-        if not torch.equal(unpack_signs(q.state_tensors()["signs"]).to(signs.device), signs):
+        self._check_requantized_signs(q)
+        self.load_lattice_tensor(q)
+
+    def requantize_key(self) -> tuple:
+        """What layers must share to be re-quantized as one stacked group (:meth:`requantize_many`): weight shape,
+        lattice, bits per scalar, tile, Rice block size, seed, RHT sign mode and device."""
+        return ((self.out_features, self.in_features), self.lattice, float(self.bits), self.tile_size,
+                self.block_values, self.seed, self.rht_sign_mode(), self.signs.device)
+
+    @staticmethod
+    def requantize_many(layers: list[LatticeLinear], weights: list[torch.Tensor], *,
+                        max_values: int = DEFAULT_GROUP_VALUES) -> None:
+        """:meth:`requantize` of each layer from its weight (out_features, in_features), float, with the layers
+        stacked into groups of at most ``max_values`` values per codec call (``kernels.quantize.quantize_many``:
+        one rate search per group, the step multiplier shared by the group, as when a model loads; faster than
+        one call per layer on a GPU). The layers must have one :meth:`requantize_key`. All codes are computed
+        before any layer changes, so a failure leaves every layer as it was."""
+        for m, q in zip(layers, LatticeLinear.requantized_many(layers, weights, max_values=max_values)):
+            m.load_lattice_tensor(q)
+
+    @staticmethod
+    def requantized_many(layers: list[LatticeLinear], weights: list[torch.Tensor], *,
+                         max_values: int = DEFAULT_GROUP_VALUES) -> list[LatticeTensor]:
+        """The LatticeTensors :meth:`requantize_many` loads, one per layer, on the layers' device; no layer
+        changes."""
+        from ..kernels.quantize import quantize_many
+
+        if len(layers) != len(weights):
+            raise ValueError(f"requantize_many: {len(layers)} layers and {len(weights)} weights")
+        if not layers:
+            return
+        keys = {m.requantize_key() for m in layers}
+        if len(keys) != 1:
+            raise ValueError(f"requantize_many: the layers differ in shape or codec settings ({sorted(map(str, keys))});"
+                             " group them by LatticeLinear.requantize_key()")
+        first = layers[0]
+        dev = first.signs.device
+        for m, w in zip(layers, weights):
+            if tuple(w.shape) != (m.out_features, m.in_features):
+                raise ValueError(f"requantize_many: weight of shape {tuple(w.shape)} for a {m.out_features}x"
+                                 f"{m.in_features} LatticeLinear")
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError("requantize_many: a weight has NaN or infinite values")
+        qs = quantize_many([w.detach().to(dev, torch.float32) for w in weights], bits=first.bits,
+                           lattice=first.lattice, tile_size=first.tile_size, seed=first.seed,
+                           rht_signs=first.rht_sign_mode(), block_values=first.block_values,
+                           max_values=max(int(max_values), weights[0].numel()))
+        for m, q in zip(layers, qs):
+            m._check_requantized_signs(q)
+        return qs
+
+    def _check_requantized_signs(self, q: LatticeTensor) -> None:
+        if not torch.equal(unpack_signs(q.state_tensors()["signs"]).to(self.signs.device), self.signs):
             raise RuntimeError(f"requantize: this layer's RHT signs are not those seed {self.seed} draws (its state "
                                "was loaded from a layer quantized with another seed); the layer cannot be "
                                "re-quantized with its own signs")
-        self.load_lattice_tensor(q)
 
     def load_lattice_tensor(self, q: LatticeTensor) -> None:
         """Make ``q`` (same shape, lattice, tile and block size) this layer's weight, in the layer's residency and

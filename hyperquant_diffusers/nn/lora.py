@@ -29,12 +29,18 @@ because neither diffusers' ``load_lora_weights`` nor peft's ``inject_adapter_in_
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import threading
+import types
 import warnings
 
 import torch
 from torch import nn
 
+from ..codec.constants import DEFAULT_GROUP_VALUES
+from .group_buffer import MAX_BUFFERED_GROUPS, GroupBuffer
 from .lattice_linear import LatticeLinear
 
 _HOOK = {"handle": None}
@@ -64,6 +70,112 @@ def fused_lora_retained(model: nn.Module) -> dict[str, float]:
     rounded away, so the fused layer acts as if it had no adapter)."""
     return {name: m._hq_retained for name, m in model.named_modules()
             if getattr(m, "_hq_retained", None) is not None and getattr(m, "merged", False)}
+
+
+@dataclasses.dataclass
+class _MergePlan:
+    """One layer's merge, decided but not yet re-quantized."""
+    names: list[str]                 # adapters this merge adds
+    merged: list[str]                # all adapters merged once it is done
+    weight: torch.Tensor | None      # W_hat + sum of the merged deltas, float32 on the layer's device
+    bias: torch.Tensor | None        # the merged bias (the base layer's own when no adapter has a bias)
+    original: dict                   # the base layer's original weight_state, host copies
+
+
+class _MergeBatch:
+    """Merges waiting to be re-quantized in same-settings groups (:func:`batched_merges`)."""
+
+    def __init__(self, group_values: int):
+        self.group_values = int(group_values)
+        self.buffer = GroupBuffer(MAX_BUFFERED_GROUPS * self.group_values)
+        self.pending: dict[int, nn.Module] = {}    # id(wrapper) -> wrapper, for settle()
+
+    def add(self, wrapper, plan: _MergePlan) -> None:
+        base = wrapper.get_base_layer()
+        numel = base.out_features * base.in_features
+        self.pending[id(wrapper)] = wrapper
+        for _, group in self.buffer.add(base.requantize_key(), (wrapper, plan), numel, self.group_values // numel):
+            self._run(group)
+
+    def settle(self, wrapper) -> None:
+        """Re-quantize everything waiting when ``wrapper`` is among it (before it merges again or unmerges)."""
+        if id(wrapper) in self.pending:
+            self.flush()
+
+    def flush(self) -> None:
+        for _, group in self.buffer.pop_all():
+            self._run(group)
+
+    def drop(self) -> None:
+        """Forget what waits: those layers were never changed and stay unmerged."""
+        self.buffer.pop_all()
+        self.pending.clear()
+
+    def _run(self, group: list) -> None:
+        wrappers = [w for w, _ in group]
+        bases = [w.get_base_layer() for w in wrappers]
+        for w in wrappers:
+            self.pending.pop(id(w), None)
+        qs = LatticeLinear.requantized_many(bases, [p.weight for _, p in group], max_values=self.group_values)
+        for (wrapper, plan), base, q in zip(group, bases, qs):
+            if wrapper._hq_original is not None:      # a re-merge: the layer holds the codes of its first merge
+                base.load_weight_state(plan.original)
+            w_hat = base.dequantize(torch.float32)
+            base.load_lattice_tensor(q)
+            wrapper._finish_merge(plan, w_hat)
+
+
+_ACTIVE = threading.local()
+
+
+def _active_batch() -> _MergeBatch | None:
+    return getattr(_ACTIVE, "batch", None)
+
+
+@contextlib.contextmanager
+def batched_merges(group_values: int = DEFAULT_GROUP_VALUES):
+    """Within the block, LoRA merges onto LatticeLinear layers (``fuse_lora``, peft's ``merge``) are re-quantized
+    in groups: layers of one shape and codec settings (``LatticeLinear.requantize_key``) are stacked, up to
+    ``group_values`` float values per codec call (``kernels.quantize.quantize_many``, as when a model loads: the
+    rate search's step multiplier is shared by the group). A layer's merge takes effect when its group fills or
+    the block ends; until then the layer runs as before the merge (the adapters beside the original codes, or a
+    re-merge's earlier merged codes without the new adapters).
+
+    Every ``fuse_lora`` of a diffusers model that the backend quantized runs in such a block
+    (:func:`batch_fuse_lora`); wrap ``pipe.fuse_lora(...)`` in it to batch a transformers text encoder's merges
+    too. If the block raises, the merges still waiting are dropped: those layers stay unmerged. Nested blocks join
+    the outer one."""
+    if _active_batch() is not None:
+        yield
+        return
+    if isinstance(group_values, bool) or not isinstance(group_values, int) or group_values < 1:
+        raise ValueError(f"batched_merges: group_values must be a positive integer, got {group_values!r}")
+    batch = _ACTIVE.batch = _MergeBatch(group_values)
+    try:
+        yield
+        batch.flush()
+    except BaseException:
+        batch.drop()
+        raise
+    finally:
+        _ACTIVE.batch = None
+
+
+def _batched_fuse_lora(self, *args, **kwargs):
+    with batched_merges():
+        return type(self).fuse_lora(self, *args, **kwargs)
+
+
+_batched_fuse_lora.__name__ = "fuse_lora"   # a pickled bound method is looked up by this name
+
+
+def batch_fuse_lora(model: nn.Module) -> None:
+    """Make ``model.fuse_lora`` (diffusers' ``PeftAdapterMixin``; ``pipe.fuse_lora`` calls it) run in
+    :func:`batched_merges`: an attribute of this model object only, so other models are untouched. No-op for a
+    model without ``fuse_lora``. Full-size LTX-2 on an H200: see bench/RESULTS.md (``bench_lora --full-size``)."""
+    if callable(getattr(type(model), "fuse_lora", None)):
+        # a bound method (not a closure) so that copy.deepcopy binds the copy's to the copy
+        model.__dict__["fuse_lora"] = types.MethodType(_batched_fuse_lora, model)
 
 
 def install_lora_hook() -> None:
@@ -155,46 +267,71 @@ def lattice_lora_class():
         def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
             """Merge adapters by re-quantizing the base layer from its original weight plus every merged adapter's
             delta. ``safe_merge`` is implied: a non-finite merged weight raises ``ValueError`` and changes
-            nothing."""
+            nothing. Inside :func:`batched_merges` (every ``fuse_lora`` of a model the backend quantized) a
+            first merge waits and is re-quantized with the other layers of its shape and codec settings in one
+            codec call; the layer changes when the block ends (or its group fills)."""
+            batch = _active_batch()
+            if batch is not None:
+                batch.settle(self)
             names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
             if not names:
                 return
             base = self.get_base_layer()
-            merged = list(self.merged_adapters) + names
             current = base.weight_state()           # references: put back if the merge fails
             if self._hq_original is not None:
                 base.load_weight_state(self._hq_original)
             try:
+                plan = self._merge_plan(names)
+                if batch is not None:
+                    # the layer keeps its current codes until the batch re-quantizes its group
+                    if self._hq_original is not None:
+                        base.load_weight_state(current)
+                    batch.add(self, plan)
+                    return
                 w_hat = base.dequantize(torch.float32)
-                delta = torch.zeros_like(w_hat)
-                with torch.no_grad():
-                    for a in merged:
-                        delta += self.get_delta_weight(a).to(w_hat.device, torch.float32)
-                w = w_hat + delta
-                bias = base.bias
-                if bias is not None and any(self.lora_bias[a] for a in merged):
-                    bias = bias.detach().float() + sum(self.lora_B[a].bias.detach().float() * self.scaling[a]
-                                                       for a in merged if self.lora_bias[a])
-                elif any(self.lora_bias[a] for a in merged):
-                    raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has "
-                                       "no bias.")
-                if not bool(torch.isfinite(w).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter(s) {names} seem to be "
-                                     "broken")
-                original = self._hq_original or base.weight_state(device="cpu")
-                base.requantize(w)
-                del w
-                retained = retained_fraction(w_hat, base.dequantize(torch.float32), delta)
+                base.requantize(plan.weight)
+                self._finish_merge(plan, w_hat)
             except BaseException:
                 base.load_weight_state(current)
                 raise
-            if bias is not None and bias is not base.bias:
+
+        def _merge_plan(self, names: list[str]) -> _MergePlan:
+            """What a merge of ``names`` re-quantizes, from the base layer's current codes (the original ones: a
+            re-merge has loaded them); the base layer is not changed."""
+            base = self.get_base_layer()
+            merged = list(self.merged_adapters) + names
+            w = base.dequantize(torch.float32)
+            with torch.no_grad():
+                for a in merged:
+                    w += self.get_delta_weight(a).to(w.device, torch.float32)
+            bias = base.bias
+            if bias is not None and any(self.lora_bias[a] for a in merged):
+                bias = bias.detach().float() + sum(self.lora_B[a].bias.detach().float() * self.scaling[a]
+                                                   for a in merged if self.lora_bias[a])
+            elif any(self.lora_bias[a] for a in merged):
+                raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has "
+                                   "no bias.")
+            if not bool(torch.isfinite(w).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter(s) {names} seem to be "
+                                 "broken")
+            original = self._hq_original or base.weight_state(device="cpu")
+            return _MergePlan(names, merged, w, bias, original)
+
+        def _finish_merge(self, plan: _MergePlan, w_hat: torch.Tensor) -> None:
+            """Bookkeeping once the base layer holds the re-quantized codes of ``plan.weight``: the kept fraction
+            (against ``w_hat``, the original weight, float32), bias, merged names, the warning."""
+            base = self.get_base_layer()
+            delta = plan.weight.sub_(w_hat)           # the merged weight is not needed any more
+            retained = retained_fraction(w_hat, base.dequantize(torch.float32), delta)
+            del delta, w_hat
+            plan.weight = None
+            if plan.bias is not None and plan.bias is not base.bias:
                 with torch.no_grad():
-                    base.bias.copy_(bias)
-            self._hq_original = original
+                    base.bias.copy_(plan.bias)
+            self._hq_original = plan.original
             self._hq_retained = retained
-            self.merged_adapters.extend(names)
-            key = tuple(sorted(merged))
+            self.merged_adapters.extend(plan.names)
+            key = tuple(sorted(plan.merged))
             if retained < RETAINED_WARN and key not in _WARNED:
                 _WARNED.add(key)
                 warnings.warn(
@@ -203,10 +340,13 @@ def lattice_lora_class():
                     f"{list(key)}: the change is smaller than the codec's error at this rate and rounds back to the "
                     "original codes, so the fused model acts much as if it had no LoRA. Keep the adapter unfused "
                     "(unfuse_lora), or quantize with more bits. hyperquant_diffusers.nn.lora.fused_lora_retained"
-                    "(model) gives the fraction per layer (warned once per set of adapters).", stacklevel=2)
+                    "(model) gives the fraction per layer (warned once per set of adapters).", stacklevel=3)
 
         def unmerge(self) -> None:
             """Put back the base layer's original codes (and bias), bit for bit."""
+            batch = _active_batch()
+            if batch is not None:
+                batch.settle(self)
             if not self.merged:
                 warnings.warn("Already unmerged. Nothing to do.")
                 return

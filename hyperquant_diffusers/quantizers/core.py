@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..config import CHECKPOINT_FORMAT_VERSION, HyperQuantConfig
+from ..nn.group_buffer import MAX_BUFFERED_GROUPS, GroupBuffer
 from ..nn.lattice_linear import LatticeLinear, compressed_shapes
 from .errors import (AdaptersLoadedError, CheckpointFormatError, CheckpointShapeError, TruncatedCheckpointError,
                      UnquantizableModuleError, UnsupportedFormatVersionError)
@@ -125,12 +126,6 @@ def quantize_linear(model: nn.Module, name: str, lin: nn.Linear, weight: torch.T
     return install_quantized(model, name, lin, q.to(home) if q.device != home else q, config)
 
 
-#: at most this many groups' worth (``config.quantize_batch_values`` each) of float values wait in the on-load
-#: buffers at once; past it the largest group is quantized early. Bounds load-time memory for models whose blocks
-#: mix several weight shapes (LTX-2 has ~8 per block).
-MAX_BUFFERED_GROUPS = 4
-
-
 class OnLoadQuantizer:
     """Quantize the planned linears of a model while its float weights load, same-shape weights batched.
 
@@ -155,13 +150,16 @@ class OnLoadQuantizer:
         self._home: dict[str, torch.device] = {}  # device each weight loaded to (its module ends up there)
         self.quantized_on: set[str] = set()        # devices the codec ran on
         self.batch_values = int(config.quantize_batch_values)
-        self._buffers: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
-        self._buffered_values = 0
-        self.max_buffered_values = 0  # high-water mark of float values waiting in the buffers
+        self._buffer = GroupBuffer(MAX_BUFFERED_GROUPS * self.batch_values)   # (name, weight) per (shape, dtype, device)
         # diffusers can load shards in parallel threads (HF_ENABLE_PARALLEL_LOADING); one weight at a time here
         self._lock = threading.RLock()
         self.bar = tqdm(total=len(self.pending), desc="HyperQuant: quantizing linears", unit="layer",
                         disable=not progress or not self.pending)
+
+    @property
+    def max_buffered_values(self) -> int:
+        """High-water mark of float values waiting in the buffers."""
+        return self._buffer.high_water
 
     def wants(self, module_name: str) -> bool:
         """True when ``module_name`` is a planned linear whose weight has not arrived yet."""
@@ -183,20 +181,15 @@ class OnLoadQuantizer:
             self._install(model, [name], [weight], per_layer=True)
         else:
             key = (tuple(weight.shape), weight.dtype, weight.device)
-            group = self._buffers.setdefault(key, [])
-            group.append((name, weight))
-            self._buffered_values += weight.numel()
-            self.max_buffered_values = max(self.max_buffered_values, self._buffered_values)
-            if len(group) >= max(1, self.batch_values // weight.numel()):
-                self._flush(model, key)
-            while self._buffered_values > MAX_BUFFERED_GROUPS * self.batch_values:
-                self._flush(model, max(self._buffers, key=lambda k: sum(w.numel() for _, w in self._buffers[k])))
+            for _, group in self._buffer.add(key, (name, weight), weight.numel(),
+                                             self.batch_values // weight.numel()):
+                self._flush(model, group)
         if not self.pending:
             self.flush_all(model)
 
     def flush_all(self, model: nn.Module) -> None:
-        for key in list(self._buffers):
-            self._flush(model, key)
+        for _, group in self._buffer.pop_all():
+            self._flush(model, group)
 
     def finish(self, model: nn.Module) -> dict[str, dict]:
         """Quantize what is still buffered, close the bar; returns ``layout``."""
@@ -205,11 +198,7 @@ class OnLoadQuantizer:
         self.bar.close()
         return self.layout
 
-    def _flush(self, model: nn.Module, key) -> None:
-        group = self._buffers.pop(key, [])
-        if not group:
-            return
-        self._buffered_values -= sum(w.numel() for _, w in group)
+    def _flush(self, model: nn.Module, group: list[tuple[str, torch.Tensor]]) -> None:
         names, weights = [n for n, _ in group], [w for _, w in group]
         del group
         self._install(model, names, weights, per_layer=False)

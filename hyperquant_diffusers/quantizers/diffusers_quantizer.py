@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 
+from ..nn.lora import batch_fuse_lora
 from . import core
 from .core import FreshConfigMixin
 
@@ -69,6 +70,7 @@ class HyperQuantDiffusersQuantizer(FreshConfigMixin, DiffusersQuantizer):
         if model_cfg is not None and model_cfg.get("quantization_config", None) is not cfg:
             model.register_to_config(quantization_config=cfg)
         core.maybe_enable_kv(model, cfg)
+        batch_fuse_lora(model)    # fuse_lora re-quantizes same-shape layers together
         self._remember_model(model)
         return model
 
