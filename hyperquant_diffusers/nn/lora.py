@@ -18,6 +18,11 @@ because neither diffusers' ``load_lora_weights`` nor peft's ``inject_adapter_in_
   The original codes are kept in host memory, so unmerge (``unfuse_lora``) restores them bit for bit and a second
   merge starts from them again (no quantization error accumulates). ``unload_lora_weights`` after ``fuse_lora``
   leaves the re-quantized layer in place: such a model saves as an ordinary HyperQuant checkpoint.
+* batched merges (:func:`batched_merges`; every ``fuse_lora`` of a diffusers model the backend loaded runs in one,
+  :func:`batch_fuse_lora`): the merges wait, and layers of one shape and codec settings are re-quantized as one
+  stacked group (``LatticeLinear.requantize_many``), as the model's weights were when it loaded. On a GPU the
+  per-call work of the codec (the rate search's launches and host syncs) dominates a layer's re-quantization, so
+  this halves a full LTX-2 ``fuse_lora`` (bench/RESULTS.md).
 
   The merged codes quantize ``W_hat + dW``: a delta much smaller than the codec's error at the layer's rate
   mostly rounds back to the original codes (at 4 bps E8 a random rank-16 delta of 1-3% of ``|W|`` keeps under 4%
