@@ -114,7 +114,7 @@ def test_default_prompt_file_and_fallback_agree():
 
 
 def test_generate_compiled_matches_eager(tmp_path, tiny_ltx2_path, capsys):
-    """hyperquant-generate --compile: the same video as without it, to a couple of 8-bit levels (Inductor fuses
+    """hyperquant-generate --compile: the same video as without it, to a few 8-bit levels (Inductor fuses
     the float32 work around the quantized layers and rounds it differently), through the real loader."""
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -136,7 +136,11 @@ def test_generate_compiled_matches_eager(tmp_path, tiny_ltx2_path, capsys):
         assert (counters["stats"]["unique_graphs"] > 0) == bool(extra) and not counters["graph_break"]
     torch._dynamo.reset()
     assert frames["eager"].shape == (9, 32, 32, 3)
-    assert np.abs(frames["compiled"] - frames["eager"]).max() <= 2
+    # rounding differences, not a different video: measured mean 0.37-0.39 levels, 1.6-1.7% of values off by more
+    # than one level, the largest 2 or 3 (two sets of codes of the same weights: 2026-12-03, before and after the
+    # per-piece rate of stacked groups)
+    d = np.abs(frames["compiled"] - frames["eager"])
+    assert d.max() <= 3 and d.mean() < 0.5 and (d > 1).mean() < 0.03
     assert frames["eager"].std() > 5          # a real video, not a constant
 
 
