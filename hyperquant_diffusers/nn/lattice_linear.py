@@ -271,7 +271,7 @@ class LatticeLinear(nn.Linear):
         if len(layers) != len(weights):
             raise ValueError(f"requantize_many: {len(layers)} layers and {len(weights)} weights")
         if not layers:
-            return
+            return []
         keys = {m.requantize_key() for m in layers}
         if len(keys) != 1:
             raise ValueError(f"requantize_many: the layers differ in shape or codec settings ({sorted(map(str, keys))});"

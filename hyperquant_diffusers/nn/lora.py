@@ -286,26 +286,29 @@ def lattice_lora_class():
             if self._hq_original is not None:
                 base.load_weight_state(self._hq_original)
             try:
-                plan = self._merge_plan(names)
+                w_hat = base.dequantize(torch.float32)
+                plan = self._merge_plan(names, w_hat)
                 if batch is not None:
-                    # the layer keeps its current codes until the batch re-quantizes its group
+                    # the layer keeps its current codes until the batch re-quantizes its group; w_hat is not
+                    # kept meanwhile (the batch dequantizes again when it runs: a few ms on a GPU, and half the
+                    # memory of the waiting merges)
+                    del w_hat
                     if self._hq_original is not None:
                         base.load_weight_state(current)
                     batch.add(self, plan)
                     return
-                w_hat = base.dequantize(torch.float32)
                 base.requantize(plan.weight)
                 self._finish_merge(plan, w_hat)
             except BaseException:
                 base.load_weight_state(current)
                 raise
 
-        def _merge_plan(self, names: list[str]) -> _MergePlan:
-            """What a merge of ``names`` re-quantizes, from the base layer's current codes (the original ones: a
-            re-merge has loaded them); the base layer is not changed."""
+        def _merge_plan(self, names: list[str], w_hat: torch.Tensor) -> _MergePlan:
+            """What a merge of ``names`` re-quantizes: ``w_hat`` (the base layer's original weight, float32; a
+            re-merge has loaded the original codes) plus the deltas; the base layer is not changed."""
             base = self.get_base_layer()
             merged = list(self.merged_adapters) + names
-            w = base.dequantize(torch.float32)
+            w = w_hat.clone()
             with torch.no_grad():
                 for a in merged:
                     w += self.get_delta_weight(a).to(w.device, torch.float32)
