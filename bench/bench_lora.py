@@ -348,7 +348,10 @@ def full_size(layers: int, rank: int, residencies: list[str], steps: int, emit, 
         emit(f"{residency} unfused", run)
         rss0 = _rss_gib()
         run["gpu_gib_before_fuse"] = torch.cuda.memory_allocated() / GiB
+        torch.cuda.reset_peak_memory_stats()
         run["fuse_s"] = timed(model.fuse_lora)
+        # the merge's working set: the waiting groups, the stacked copy and the codec's buffers
+        run["gpu_gib_peak_during_fuse"] = torch.cuda.max_memory_allocated() / GiB
         run["host_gib_kept"] = _rss_gib() - rss0
         run["gpu_gib_after_fuse"] = torch.cuda.memory_allocated() / GiB
         kept = sorted(fused_lora_retained(model).values())

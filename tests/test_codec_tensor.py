@@ -265,3 +265,16 @@ def test_pieces_must_divide_the_rows_of_a_2d_weight():
     # one piece is the plain quantization, bit for bit
     q, q1 = quantize(w, bits=4.0), quantize(w, bits=4.0, pieces=1)
     assert torch.equal(q.words, q1.words) and torch.equal(q.scales, q1.scales)
+
+
+@pytest.mark.parametrize("lattice", LATTICES)
+def test_torch_path_streams_do_not_depend_on_the_chunk(monkeypatch, lattice):
+    """The torch code (the GPU's) finds points and Rice-codes them ``chunk_values`` at a time, cut at whole blocks,
+    so its memory scales with the chunk: the blob is byte for byte that of one pass, also with a partial last
+    block (100 x 384 values = 9.375 blocks of 4096; 4096-value chunks are 32 rows), and equals the CPU kernels'."""
+    torch.manual_seed(22)
+    w = torch.randn(100, 384) * torch.linspace(0.2, 3.0, 100).unsqueeze(1)
+    ref = quantize(w, bits=4.0, lattice=lattice)                    # the CPU kernels, block by block
+    monkeypatch.setenv("HYPERQUANT_CPU_KERNELS", "0")
+    blobs = {cv: quantize(w, bits=4.0, lattice=lattice, chunk_values=cv).to_bytes() for cv in (1 << 22, 4096, 12000)}
+    assert blobs[4096] == blobs[1 << 22] == blobs[12000] == ref.to_bytes()

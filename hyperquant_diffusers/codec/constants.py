@@ -20,9 +20,10 @@ DEFAULT_TILE = 128
 #: either kind loads anywhere; only the speed of the activation pass differs.
 RHT_SIGN_MODES = ("tiled", "independent")
 
-#: Coordinates Rice-encoded per pass (``quantize(chunk_values=...)``, ``encode_coords``) when quantizing on a GPU.
-#: The codec's default (2M) bounds memory on the CPU but costs a GPU launches and host syncs per chunk: with it a
-#: full LTX-2 quantizes ~40 s slower (bench/RESULTS.md, H100/H200). The stream does not depend on it.
+#: Values per pass of the final point search and Rice coding (``quantize(chunk_values=...)``, ``encode_coords``)
+#: when quantizing on a GPU. The codec's default (2M) bounds memory on the CPU but costs a GPU launches and host
+#: syncs per chunk: with it a full LTX-2 quantizes ~40 s slower (bench/RESULTS.md, H100/H200). A pass needs ~95
+#: bytes per value (~3 GiB at 2^25), whatever the size of the stacked group. The stream does not depend on it.
 GPU_ENCODE_CHUNK = 1 << 25
 
 #: Float values of same-shape weights stacked into one codec call (one rate search, its step multiplier shared by

@@ -355,6 +355,35 @@ def _piecewise(fn, x: torch.Tensor, pieces: int) -> torch.Tensor:
     return fn(x) if pieces == 1 else torch.cat([fn(p) for p in x.chunk(pieces)])
 
 
+def _encode_rows(lattice: str, y: torch.Tensor, steps: torch.Tensor, block_values: int, rdo: bool,
+                 chunk_values: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch path's last pass: lattice points of ``y / steps`` (``y`` (rows, K) float32 RHT'd weights,
+    ``steps`` (rows,) float32) and their Rice streams, as ``encode_coords`` returns them (int32 words, int64 word
+    offsets (n_blocks+1,), uint8 ks).
+
+    Runs on ~``chunk_values`` values at a time, cut at whole Rice blocks. Points, symbols and bit costs take ~55
+    bytes per value, so on a GPU a stacked group of 2^28 values (``kernels.quantize.quantize_many``) would otherwise
+    need ~15 GiB beside the weights. Blocks are coded independently (a block's Rice parameters and its
+    rate-distortion choices depend on that block alone), so the streams equal those of one pass.
+    """
+    rows, k = y.shape
+    unit = block_values // math.gcd(k, block_values)  # fewest rows that hold whole blocks
+    per = max(unit, (chunk_values // k) // unit * unit)
+    if per >= rows:
+        c = rd_nearest_point(lattice, y / steps.unsqueeze(1), block_values, rdo)
+        return encode_coords(c.reshape(-1), lattice, block_values, chunk_values=chunk_values)
+    words, offsets, ks, base = [], [torch.zeros(1, dtype=torch.int64, device=y.device)], [], 0
+    for r0 in range(0, rows, per):
+        c = rd_nearest_point(lattice, y[r0:r0 + per] / steps[r0:r0 + per].unsqueeze(1), block_values, rdo)
+        w_, o_, k_ = encode_coords(c.reshape(-1), lattice, block_values, chunk_values=chunk_values)
+        del c
+        words.append(w_)
+        offsets.append(o_[1:] + base)
+        ks.append(k_)
+        base += w_.numel()
+    return torch.cat(words), torch.cat(offsets), torch.cat(ks)
+
+
 def quantize(
     w: torch.Tensor,
     bits: float | None = 4.0,
@@ -379,7 +408,8 @@ def quantize(
     proportional to the row's RMS so every row gets the same SNR) or per tensor (``"tensor"``); a single
     multiplier is searched on a sample of rows so the whole tensor lands on the target. ``rdo`` picks each
     lattice point rate–distortion optimally for the Rice code (see :mod:`.rdo`) instead of the nearest one.
-    ``chunk_values`` coordinates are Rice-encoded per pass: larger is faster on a GPU, smaller needs less memory.
+    ``chunk_values`` values per pass of the final point search and Rice coding (the torch code; the CPU kernels
+    work block by block): larger is faster on a GPU, smaller needs less memory. The result does not depend on it.
     ``alpha_hint``: where the step-multiplier search starts (the ``search_alpha`` attribute of an earlier result on
     weights of the same distribution, e.g. the previous stacked group of one shape); the search still runs until
     the sampled rate is on target, it only needs fewer steps. The result carries ``search_alpha`` (not stored).
@@ -413,6 +443,7 @@ def quantize(
                          f"for shape {tuple(w.shape)}")
     signs = random_signs(k, seed, period=tile_size if rht_signs == "tiled" else None).to(w32.device)
     y = rht(w32, signs, tile_size)
+    del w32  # a float32 copy of the input (unless it was one): not needed past the RHT
     if step_mode == "row":
         sigma = y.square().mean(1).sqrt()
     else:
@@ -500,8 +531,7 @@ def quantize(
     enc = (cpu_kernels.quantize_encode(spec.name, y, bv, rdo, rd_lambda(spec.name), row_steps=steps)
            if cpu_kernels.usable(y) else None)
     if enc is None:
-        c = rd_nearest_point(spec.name, y / steps.unsqueeze(1), bv, rdo)
-        enc = encode_coords(c.reshape(-1), spec.name, bv, chunk_values=int(chunk_values))
+        enc = _encode_rows(spec.name, y, steps, bv, rdo, int(chunk_values))
     words, offsets, ks = enc
     q = LatticeTensor(tuple(w.shape), w.dtype, spec.name, tile_size, bv, int(seed), step_mode, signs, steps,
                       words, offsets, ks)
