@@ -409,6 +409,49 @@ def test_quantized_diffusers_model_fuses_in_batches(lora_setup):
     assert "fuse_lora" in vars(tr) and "fuse_lora" not in vars(LTX2VideoTransformer3DModel.from_config(tr.config))
     twin = copy.deepcopy(tr)
     assert twin.fuse_lora.__self__ is twin
+    # groups as large as when the model loaded (its config's quantize_batch_values), kept by the copy
+    cfg = tr.config.quantization_config
+    cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    assert vars(tr)["_hq_fuse_group_values"] == vars(twin)["_hq_fuse_group_values"] == cfg["quantize_batch_values"]
+
+
+class _FusingStack(nn.Sequential):
+    """A model whose ``fuse_lora`` merges every adapted layer, as diffusers' ``PeftAdapterMixin.fuse_lora`` does."""
+
+    def fuse_lora(self):
+        for mod in self:
+            mod.merge()
+
+
+def test_batch_fuse_lora_groups_as_many_values_as_asked(monkeypatch):
+    """``batch_fuse_lora(model, group_values)``: the model's ``fuse_lora`` re-quantizes in groups of at most that
+    many values (the backend passes ``quantize_batch_values``; 0 there means 1 here: one layer per call, the
+    codes of an unbatched merge). A group size that is not a positive integer is refused by name."""
+    import hyperquant_diffusers.kernels.quantize as kq
+    from hyperquant_diffusers.nn.lora import batch_fuse_lora
+
+    calls = []
+    real = kq.quantize_many
+    monkeypatch.setattr(kq, "quantize_many", lambda weights, **kw: calls.append(len(weights)) or real(weights, **kw))
+    codes = {}
+    for group in (1 << 28, 2 * 64 * 128, 1):
+        m, _ = _adapted_stack()
+        m = _FusingStack(*m.children())
+        batch_fuse_lora(m, group_values=group)
+        calls.clear()
+        with torch.no_grad():
+            m.fuse_lora()
+        codes[group] = _codes(m)
+        # shapes 64x128 (l0, l1, l3) and 128x64 (l2, l4): groups of at most group // 8192 layers
+        assert sorted(calls) == {1 << 28: [2, 3], 2 * 64 * 128: [1, 2, 2], 1: [1, 1, 1, 1, 1]}[group]
+    m2, _ = _adapted_stack()
+    with torch.no_grad():
+        for mod in m2.children():
+            mod.merge()                                   # unbatched
+    assert all(torch.equal(codes[1][k], v) for k, v in _codes(m2).items())
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="group_values"):
+            batch_fuse_lora(_FusingStack(), group_values=bad)
 
 
 def test_lora_variant_on_a_quantized_layer_is_refused_by_name():

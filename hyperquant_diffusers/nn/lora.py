@@ -167,20 +167,29 @@ def batched_merges(group_values: int = DEFAULT_GROUP_VALUES):
 
 
 def _batched_fuse_lora(self, *args, **kwargs):
-    with batched_merges():
+    with batched_merges(self.__dict__.get(_FUSE_GROUP_ATTR, DEFAULT_GROUP_VALUES)):
         return type(self).fuse_lora(self, *args, **kwargs)
 
 
 _batched_fuse_lora.__name__ = "fuse_lora"   # a pickled bound method is looked up by this name
 
 
-def batch_fuse_lora(model: nn.Module) -> None:
+#: the model attribute that holds its fuse_lora's ``group_values`` (a plain int: copy.deepcopy keeps it)
+_FUSE_GROUP_ATTR = "_hq_fuse_group_values"
+
+
+def batch_fuse_lora(model: nn.Module, group_values: int = DEFAULT_GROUP_VALUES) -> None:
     """Make ``model.fuse_lora`` (diffusers' ``PeftAdapterMixin``; ``pipe.fuse_lora`` calls it) run in
-    :func:`batched_merges`: an attribute of this model object only, so other models are untouched. No-op for a
-    model without ``fuse_lora``. Full-size LTX-2 on an H200: see bench/RESULTS.md (``bench_lora --full-size``)."""
+    :func:`batched_merges` with ``group_values`` float values per codec call (the backend passes the model's
+    ``quantize_batch_values``, 1 when that is 0: one layer per call): an attribute of this model object only, so
+    other models are untouched. No-op for a model without ``fuse_lora``. Full-size LTX-2 on an H200, time and peak
+    GPU memory: see bench/RESULTS.md (``bench_lora --full-size``)."""
+    if isinstance(group_values, bool) or not isinstance(group_values, int) or group_values < 1:
+        raise ValueError(f"batch_fuse_lora: group_values must be a positive integer, got {group_values!r}")
     if callable(getattr(type(model), "fuse_lora", None)):
         # a bound method (not a closure) so that copy.deepcopy binds the copy's to the copy
         model.__dict__["fuse_lora"] = types.MethodType(_batched_fuse_lora, model)
+        model.__dict__[_FUSE_GROUP_ATTR] = group_values
 
 
 def install_lora_hook() -> None:

@@ -70,7 +70,8 @@ class HyperQuantDiffusersQuantizer(FreshConfigMixin, DiffusersQuantizer):
         if model_cfg is not None and model_cfg.get("quantization_config", None) is not cfg:
             model.register_to_config(quantization_config=cfg)
         core.maybe_enable_kv(model, cfg)
-        batch_fuse_lora(model)    # fuse_lora re-quantizes same-shape layers together
+        # fuse_lora re-quantizes same-shape layers together, in groups as large as when the model loaded
+        batch_fuse_lora(model, group_values=max(1, cfg.quantize_batch_values))
         self._remember_model(model)
         return model
 
