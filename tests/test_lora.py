@@ -427,6 +427,8 @@ def test_batch_fuse_lora_groups_as_many_values_as_asked(monkeypatch):
     """``batch_fuse_lora(model, group_values)``: the model's ``fuse_lora`` re-quantizes in groups of at most that
     many values (the backend passes ``quantize_batch_values``; 0 there means 1 here: one layer per call, the
     codes of an unbatched merge). A group size that is not a positive integer is refused by name."""
+    from collections import OrderedDict
+
     import hyperquant_diffusers.kernels.quantize as kq
     from hyperquant_diffusers.nn.lora import batch_fuse_lora
 
@@ -436,7 +438,7 @@ def test_batch_fuse_lora_groups_as_many_values_as_asked(monkeypatch):
     codes = {}
     for group in (1 << 28, 2 * 64 * 128, 1):
         m, _ = _adapted_stack()
-        m = _FusingStack(*m.children())
+        m = _FusingStack(OrderedDict(m.named_children()))
         batch_fuse_lora(m, group_values=group)
         calls.clear()
         with torch.no_grad():
