@@ -137,6 +137,11 @@ def _active_batch() -> _MergeBatch | None:
     return getattr(_ACTIVE, "batch", None)
 
 
+def _check_group_values(where: str, group_values) -> None:
+    if isinstance(group_values, bool) or not isinstance(group_values, int) or group_values < 1:
+        raise ValueError(f"{where}: group_values must be a positive integer, got {group_values!r}")
+
+
 @contextlib.contextmanager
 def batched_merges(group_values: int = DEFAULT_GROUP_VALUES):
     """Within the block, LoRA merges onto LatticeLinear layers (``fuse_lora``, peft's ``merge``) are re-quantized
@@ -153,8 +158,7 @@ def batched_merges(group_values: int = DEFAULT_GROUP_VALUES):
     if _active_batch() is not None:
         yield
         return
-    if isinstance(group_values, bool) or not isinstance(group_values, int) or group_values < 1:
-        raise ValueError(f"batched_merges: group_values must be a positive integer, got {group_values!r}")
+    _check_group_values("batched_merges", group_values)
     batch = _ACTIVE.batch = _MergeBatch(group_values)
     try:
         yield
@@ -184,8 +188,7 @@ def batch_fuse_lora(model: nn.Module, group_values: int = DEFAULT_GROUP_VALUES) 
     ``quantize_batch_values``, 1 when that is 0: one layer per call): an attribute of this model object only, so
     other models are untouched. No-op for a model without ``fuse_lora``. Full-size LTX-2 on an H200, time and peak
     GPU memory: see bench/RESULTS.md (``bench_lora --full-size``)."""
-    if isinstance(group_values, bool) or not isinstance(group_values, int) or group_values < 1:
-        raise ValueError(f"batch_fuse_lora: group_values must be a positive integer, got {group_values!r}")
+    _check_group_values("batch_fuse_lora", group_values)
     if callable(getattr(type(model), "fuse_lora", None)):
         # a bound method (not a closure) so that copy.deepcopy binds the copy's to the copy
         model.__dict__["fuse_lora"] = types.MethodType(_batched_fuse_lora, model)
