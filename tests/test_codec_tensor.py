@@ -130,6 +130,23 @@ def test_bad_inputs_are_named():
         quantize(torch.ones(4, 128, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("lattice", LATTICES)
+def test_a_tensor_too_small_for_its_rate_is_refused_by_name(lattice):
+    """Side information (a 256-byte header, signs, steps, Rice parameters) is a fixed cost: 2 rows of 256 leave
+    nothing of 4 bps, 3 rows leave less than the codes cost even when every coordinate is zero (before: the rate
+    search ran the step off to infinity and the step grid raised an IndexError). Both are refused with the numbers;
+    4 rows land on the target."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"2x256 tensor is too small for 4.0 bits per scalar: its side information "
+                                         r"alone takes 5\.5"):
+        quantize(torch.randn(2, 256), bits=4.0, lattice=lattice)
+    with pytest.raises(ValueError, match=r"3x256 tensor is too small for 4.0 bits per scalar: its side information "
+                                         r"takes 3\.[67]\d and its lattice codes"):
+        quantize(torch.randn(3, 256), bits=4.0, lattice=lattice)
+    q = quantize(torch.randn(4, 256), bits=4.0, lattice=lattice)
+    assert 3.9 < q.bits_per_scalar <= 4.05
+
+
 def test_blob_errors_are_named(gauss):
     blob = quantize(gauss[:8], bits=4.0).to_bytes()
     with pytest.raises(FormatError, match="bad magic"):
@@ -256,8 +273,8 @@ def test_alpha_hint_only_moves_where_the_rate_search_starts():
 
 def test_pieces_must_divide_the_rows_of_a_2d_weight():
     """``pieces`` (stacked weights stored one blob each) is refused by name when it does not split the rows."""
-    w = torch.randn(6, 128)
-    for bad in (0, 4, 2.0, True):
+    w = torch.randn(24, 128)      # 6 rows would be too small for 4 bps (test_a_tensor_too_small_...)
+    for bad in (0, 5, 2.0, True):
         with pytest.raises(ValueError, match="pieces"):
             quantize(w, bits=4.0, pieces=bad)
     with pytest.raises(ValueError, match="pieces"):

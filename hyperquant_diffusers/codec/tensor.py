@@ -486,9 +486,10 @@ def quantize(
                 "layout": {"scales": "log8", "ks": "u4", "offsets": "len8", "scale_base": 0.0123456789, "len_base": 999}}
         header_bytes = len(json.dumps(head, sort_keys=True).encode())
         target = bits - pieces * _side_bits(rows // pieces, k, spec.name, bv, header_bytes) / (rows * k)
+        side_bps = bits - target
         if target <= 0.05:
             raise ValueError(f"a {rows}x{k} tensor is too small for {bits} bits per scalar: its side information "
-                             f"alone takes {bits - target:.2f}; leave it unquantized")
+                             f"alone takes {side_bps:.2f}; leave it unquantized")
         target += grid_shift
         log_a = _GAUSS_H - target - math.log2(vol)
         slope = -1.0
@@ -522,6 +523,12 @@ def quantize(
         if lo is not None and hi is not None and not lo < nxt < hi:
             nxt = 0.5 * (lo + hi)
         log_a = nxt
+    if snr_db is None and hi is None and abs(f) > tol:
+        # the rate never came down to the target: the codes cost more than the bits the side information leaves,
+        # even where every coordinate is zero (the secant steps then run alpha off to infinity)
+        raise ValueError(f"a {rows}x{k} tensor is too small for {bits} bits per scalar: its side information takes "
+                         f"{side_bps:.2f} and its lattice codes {f + target:.2f} more at the coarsest step the search "
+                         "tried; leave it unquantized or ask for more bits")
     alpha = 2.0 ** log_a
     # row steps are stored on a 1/16-octave grid (side.log8_steps): quantize with the rounded step, so the
     # stored step is the one the coordinates were computed with
