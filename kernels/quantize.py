@@ -56,19 +56,55 @@ def quantize_many(weights: list[torch.Tensor], *, bits: float, lattice: str = "E
     shape = tuple(weights[0].shape)
     if any(tuple(w.shape) != shape for w in weights) or len(shape) != 2:
         raise ValueError("quantize_many takes 2-D weights of one shape")
+    kw = dict(bits=bits, lattice=lattice, tile_size=tile_size, seed=seed, rht_signs=rht_signs,
+              block_values=block_values)
+
+    def stack(g0: int, g1: int) -> torch.Tensor:
+        chunk = weights[g0:g1]
+        return torch.cat([w.detach() for w in chunk], 0) if len(chunk) > 1 else chunk[0].detach()
+
+    return _quantize_groups(shape, len(weights), stack, max_values, encode_chunk, kw)
+
+
+def quantize_filled(shape: tuple[int, int], count: int, fill, *, device: torch.device | str,
+                    dtype: torch.dtype = torch.float32, bits: float, lattice: str = "E8",
+                    tile_size: int = DEFAULT_TILE, seed: int = 0, rht_signs: str = "tiled",
+                    block_values: int = DEFAULT_BLOCK_VALUES, max_values: int = DEFAULT_GROUP_VALUES,
+                    encode_chunk: int = ENCODE_CHUNK) -> list[LatticeTensor]:
+    """:func:`quantize_many` of ``count`` weights of ``shape`` (N, K) that exist only when asked for: ``fill(i,
+    out)`` writes weight ``i`` into ``out``, an (N, K) ``dtype`` view of its group's stacked buffer on ``device``.
+    A group then costs its one buffer: no weight waits beside it as a tensor of its own, and no concatenation
+    copies them (a LoRA merge computes its ``W_hat + dW`` this way: ``nn.lora``). Same groups, same codes as
+    :func:`quantize_many` of the weights ``fill`` writes."""
+    if len(shape) != 2 or isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"quantize_filled takes a 2-D shape and a count >= 0, got {shape!r} and {count!r}")
+    kw = dict(bits=bits, lattice=lattice, tile_size=tile_size, seed=seed, rht_signs=rht_signs,
+              block_values=block_values)
+    n = shape[0]
+
+    def stack(g0: int, g1: int) -> torch.Tensor:
+        buf = torch.empty((g1 - g0) * n, shape[1], dtype=dtype, device=device)
+        for i in range(g0, g1):
+            fill(i, buf[(i - g0) * n:(i - g0 + 1) * n])
+        return buf
+
+    return _quantize_groups(tuple(shape), count, stack, max_values, encode_chunk, kw)
+
+
+def _quantize_groups(shape: tuple[int, int], count: int, stack, max_values: int, encode_chunk: int,
+                     kw: dict) -> list[LatticeTensor]:
+    # stack(g0, g1): the (g1 - g0) weights g0..g1-1 as one (rows, K) tensor; its memory is released per group
     per = shape[0] * shape[1]
-    if per % block_values:
-        return [quantize(w, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed, rht_signs=rht_signs,
-                         block_values=block_values) for w in weights]
+    if per % kw["block_values"]:      # blocks would straddle weights: one codec call each
+        return [quantize(stack(i, i + 1), **kw) for i in range(count)]
     group = max(1, max_values // per)
     out: list[LatticeTensor] = []
     hint = None  # the previous group's step multiplier: same shape, same distribution, so the search starts there
-    for g0 in range(0, len(weights), group):
-        chunk = weights[g0:g0 + group]
-        stacked = torch.cat([w.detach() for w in chunk], 0) if len(chunk) > 1 else chunk[0].detach()
-        q = quantize(stacked, bits=bits, lattice=lattice, tile_size=tile_size, seed=seed, rht_signs=rht_signs,
-                     block_values=block_values, chunk_values=encode_chunk, alpha_hint=hint, pieces=len(chunk))
+    for g0 in range(0, count, group):
+        g1 = min(count, g0 + group)
+        stacked = stack(g0, g1)
+        q = quantize(stacked, chunk_values=encode_chunk, alpha_hint=hint, pieces=g1 - g0, **kw)
         hint = q.search_alpha
         del stacked
-        out.extend(split_stacked(q, len(chunk)))
+        out.extend(split_stacked(q, g1 - g0))
     return out

@@ -17,7 +17,7 @@ from hyperquant_diffusers.kernels import fp4  # noqa: E402
 from hyperquant_diffusers.kernels._triton import triton_available  # noqa: E402
 from hyperquant_diffusers.kernels.act_quant import rht_quantize, rht_quantize_reference  # noqa: E402
 from hyperquant_diffusers.kernels.int8_gemm import quantized_linear_reference  # noqa: E402
-from hyperquant_diffusers.kernels.quantize import quantize_many  # noqa: E402
+from hyperquant_diffusers.kernels.quantize import quantize_filled, quantize_many  # noqa: E402
 from hyperquant_diffusers.kernels.rice_decode import rice_decode, rice_decode_reference  # noqa: E402
 
 _DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,6 +106,33 @@ def test_quantize_many_splits_exactly():
         # the per-layer stream round-trips through the codec's own encoder
         words, offs, ks = encode_coords(q.decode_coords().reshape(-1), "E8", 256)
         assert torch.equal(words, q.words) and torch.equal(offs, q.offsets.to(torch.int64))
+
+
+@pytest.mark.parametrize("rows, block_values", [(32, 256), (5, 512)])
+def test_quantize_filled_equals_quantize_many_of_the_weights_it_writes(rows, block_values):
+    """``quantize_filled`` builds each group in one buffer from ``fill(i, out)``: the same groups and streams as
+    ``quantize_many`` of those weights (groups of 2, the last of 1), also where a weight is no whole number of
+    blocks (5x256 in 512-value blocks: one codec call per weight). ``fill`` writes each weight once, into a
+    float32 (rows, 256) view."""
+    torch.manual_seed(6)
+    ws = [torch.randn(rows, 256) * (1 + i) for i in range(5)]
+    kw = dict(bits=4.0, lattice="E8", block_values=block_values, max_values=2 * rows * 256)
+    writes = []
+
+    def fill(i, out):
+        assert out.shape == (rows, 256) and out.dtype == torch.float32
+        writes.append(i)
+        out.copy_(ws[i])
+
+    got = quantize_filled((rows, 256), len(ws), fill, device="cpu", **kw)
+    ref = quantize_many(ws, **kw)
+    assert sorted(writes) == list(range(5))
+    assert len(got) == len(ref) == 5
+    for a, b in zip(got, ref):
+        assert torch.equal(a.words, b.words) and torch.equal(a.scales, b.scales) and torch.equal(a.ks, b.ks)
+    assert quantize_filled((rows, 256), 0, fill, device="cpu", **kw) == []
+    with pytest.raises(ValueError, match="2-D shape and a count"):
+        quantize_filled((rows, 256), -1, fill, device="cpu", **kw)
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (256, 512)])

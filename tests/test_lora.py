@@ -303,22 +303,37 @@ def _codes(m):
     return {k: v.clone() for k, v in m.state_dict().items() if "lora_" not in k}
 
 
-def test_batched_merges_stack_same_shape_layers_into_one_codec_call(monkeypatch):
-    """Inside ``batched_merges`` the merges wait and are re-quantized per (shape, codec settings): one
-    ``quantize_many`` call per shape here, its weights the layers' ``W_hat + B A`` (float64 reference), in module
-    order; the merged weights as close to their targets as a merge one layer at a time, per shape. With groups of
-    one layer (``group_values=1``) every code equals the unbatched merge's, bit for bit."""
+def _spy_filled(monkeypatch) -> list:
+    """Record each ``kernels.quantize.quantize_filled`` call (a batched merge's group) as the list of weights its
+    ``fill`` wrote, cloned."""
     import hyperquant_diffusers.kernels.quantize as kq
-    from hyperquant_diffusers.nn.lora import batched_merges
 
     calls = []
-    real = kq.quantize_many
+    real = kq.quantize_filled
 
-    def spy(weights, **kw):
-        calls.append([w.clone() for w in weights])
-        return real(weights, **kw)
+    def spy(shape, count, fill, **kw):
+        got = []
 
-    monkeypatch.setattr(kq, "quantize_many", spy)
+        def recording_fill(i, out):
+            fill(i, out)
+            got.append(out.clone())
+
+        res = real(shape, count, recording_fill, **kw)
+        calls.append(got)
+        return res
+
+    monkeypatch.setattr(kq, "quantize_filled", spy)
+    return calls
+
+
+def test_batched_merges_stack_same_shape_layers_into_one_codec_call(monkeypatch):
+    """Inside ``batched_merges`` the merges wait and are re-quantized per (shape, codec settings): one
+    ``quantize_filled`` call per shape here, the weights it is given the layers' ``W_hat + B A`` (float64
+    reference), in module order; the merged weights as close to their targets as a merge one layer at a time, per
+    shape. With groups of one layer (``group_values=1``) every code equals the unbatched merge's, bit for bit."""
+    from hyperquant_diffusers.nn.lora import batched_merges
+
+    calls = _spy_filled(monkeypatch)
     m, targets = _adapted_stack()
     with torch.no_grad(), batched_merges():
         for name in targets:
@@ -355,6 +370,68 @@ def test_batched_merges_stack_same_shape_layers_into_one_codec_call(monkeypatch)
         getattr(m, name).unmerge()
     m0, _ = _adapted_stack()
     assert all(torch.equal(v, _codes(m0)[k]) for k, v in _codes(m).items())
+
+
+def test_waiting_merges_hold_no_float_weight(monkeypatch):
+    """A batched merge holds no float copy of its merged weight while it waits: when its group's codec call runs,
+    the only float32 tensor of the group's values is the stacked buffer the merged weights were computed into. (A
+    waiting ``W_hat + dW`` per layer plus their concatenation held ~5 GiB beside a full LTX-2 fuse; bench_lora
+    ``gpu_gib_peak_during_fuse``.) A re-merge (the layer holds its first merge's codes) builds its weight from the
+    original codes and leaves the layer's codes as they were until the group is quantized."""
+    import gc
+
+    import hyperquant_diffusers.kernels.quantize as kq
+    from hyperquant_diffusers.nn.lora import batched_merges
+
+    seen = []
+    real = kq.quantize
+
+    def spy(w, **kw):
+        gc.collect()
+        layer = [t for t in gc.get_objects() if issubclass(type(t), torch.Tensor) and t.dtype == torch.float32
+                 and tuple(t.shape) == (64, 128) and t.data_ptr() not in before]
+        seen.append((tuple(w.shape), len(layer)))
+        return real(w, **kw)
+
+    m, targets = _adapted_stack()
+    before = {t.data_ptr() for t in gc.get_objects() if issubclass(type(t), torch.Tensor)}
+    monkeypatch.setattr(kq, "quantize", spy)
+    with torch.no_grad(), batched_merges():
+        for name in targets:
+            getattr(m, name).merge()
+    assert seen == [((192, 128), 0), ((256, 64), 0)]    # l0 l1 l3 stacked, then l2 l4; no (64, 128) copy alive
+    first = _codes(m)
+    twin, _ = _adapted_stack()                           # the same layers and adapters, merged one layer at a time
+    with torch.no_grad():
+        for name in targets:
+            getattr(twin, name).merge()
+    gen = torch.Generator().manual_seed(5)
+    for name in targets:                                 # a second adapter, merged onto the first merge
+        a, b = (torch.randn(getattr(m, name).lora_A["default"].weight.shape, generator=gen) * 0.3,
+                torch.randn(getattr(m, name).lora_B["default"].weight.shape, generator=gen) * 0.3)
+        targets[name] = targets[name] + b.double() @ a.double()
+        for model in (m, twin):
+            wrapper = getattr(model, name)
+            wrapper.update_layer("second", RANK, RANK, config=peft.LoraConfig(r=RANK, lora_alpha=RANK))
+            with torch.no_grad():
+                wrapper.lora_A["second"].weight.copy_(a)
+                wrapper.lora_B["second"].weight.copy_(b)
+    seen.clear()
+    with torch.no_grad(), batched_merges():
+        for name in targets:
+            getattr(m, name).merge(adapter_names=["second"])
+            assert torch.equal(_codes(m)[f"{name}.base_layer.hq_words"], first[f"{name}.base_layer.hq_words"])
+    assert seen == [((192, 128), 0), ((256, 64), 0)]
+    with torch.no_grad():
+        for name in targets:
+            getattr(twin, name).merge(adapter_names=["second"])
+    assert all(getattr(m, n).merged_adapters == ["default", "second"] for n in targets)
+    # W_hat + dW_default + dW_second re-quantized: as close to it as the one-layer-at-a-time merges, per shape
+    errs, errs1 = ({n: _rel(getattr(x, n).base_layer.dequantize(torch.float64), targets[n]) for n in targets}
+                   for x in (m, twin))
+    for names in (["l0", "l1", "l3"], ["l2", "l4"]):
+        e, e1 = (sum(d[n] ** 2 for n in names) ** 0.5 for d in (errs, errs1))
+        assert e < 1.1 * e1, (names, e, e1)
 
 
 def test_batched_merges_drop_what_waits_when_the_block_raises():
@@ -429,20 +506,19 @@ def test_batch_fuse_lora_groups_as_many_values_as_asked(monkeypatch):
     codes of an unbatched merge). A group size that is not a positive integer is refused by name."""
     from collections import OrderedDict
 
-    import hyperquant_diffusers.kernels.quantize as kq
     from hyperquant_diffusers.nn.lora import batch_fuse_lora
 
+    filled = _spy_filled(monkeypatch)
     calls = []
-    real = kq.quantize_many
-    monkeypatch.setattr(kq, "quantize_many", lambda weights, **kw: calls.append(len(weights)) or real(weights, **kw))
     codes = {}
     for group in (1 << 28, 2 * 64 * 128, 1):
         m, _ = _adapted_stack()
         m = _FusingStack(OrderedDict(m.named_children()))
         batch_fuse_lora(m, group_values=group)
-        calls.clear()
+        filled.clear()
         with torch.no_grad():
             m.fuse_lora()
+        calls = [len(c) for c in filled]
         codes[group] = _codes(m)
         # shapes 64x128 (l0, l1, l3) and 128x64 (l2, l4): groups of at most group // 8192 layers
         assert sorted(calls) == {1 << 28: [2, 3], 2 * 64 * 128: [1, 2, 2], 1: [1, 1, 1, 1, 1]}[group]

@@ -262,13 +262,19 @@ class LatticeLinear(nn.Linear):
             m.load_lattice_tensor(q)
 
     @staticmethod
-    def requantized_many(layers: list[LatticeLinear], weights: list[torch.Tensor], *,
-                         max_values: int = DEFAULT_GROUP_VALUES) -> list[LatticeTensor]:
+    def requantized_many(layers: list[LatticeLinear], weights: list[torch.Tensor] | None = None, *,
+                         fill=None, max_values: int = DEFAULT_GROUP_VALUES) -> list[LatticeTensor]:
         """The LatticeTensors :meth:`requantize_many` loads, one per layer, on the layers' device; no layer
-        changes."""
-        from ..kernels.quantize import quantize_many
+        changes. Give ``weights`` or ``fill``: ``fill(i, out)`` writes layer ``i``'s weight into ``out``, a float32
+        (out_features, in_features) view of its group's stacked buffer on the layers' device
+        (``kernels.quantize.quantize_filled``), so that no weight has to exist as a tensor of its own meanwhile.
+        A non-finite weight raises ``ValueError`` before its group is quantized (with ``fill``, groups before it
+        may have been quantized; no layer has changed)."""
+        from ..kernels.quantize import quantize_filled, quantize_many
 
-        if len(layers) != len(weights):
+        if (weights is None) == (fill is None):
+            raise ValueError("requantized_many: give either weights or fill")
+        if weights is not None and len(layers) != len(weights):
             raise ValueError(f"requantize_many: {len(layers)} layers and {len(weights)} weights")
         if not layers:
             return []
@@ -278,16 +284,25 @@ class LatticeLinear(nn.Linear):
                              " group them by LatticeLinear.requantize_key()")
         first = layers[0]
         dev = first.signs.device
-        for m, w in zip(layers, weights):
-            if tuple(w.shape) != (m.out_features, m.in_features):
-                raise ValueError(f"requantize_many: weight of shape {tuple(w.shape)} for a {m.out_features}x"
-                                 f"{m.in_features} LatticeLinear")
-            if not bool(torch.isfinite(w).all()):
-                raise ValueError("requantize_many: a weight has NaN or infinite values")
-        qs = quantize_many([w.detach().to(dev, torch.float32) for w in weights], bits=first.bits,
-                           lattice=first.lattice, tile_size=first.tile_size, seed=first.seed,
-                           rht_signs=first.rht_sign_mode(), block_values=first.block_values,
-                           max_values=max(int(max_values), weights[0].numel()))
+        shape = (first.out_features, first.in_features)
+        kw = dict(bits=first.bits, lattice=first.lattice, tile_size=first.tile_size, seed=first.seed,
+                  rht_signs=first.rht_sign_mode(), block_values=first.block_values,
+                  max_values=max(int(max_values), shape[0] * shape[1]))
+        if fill is not None:
+            def checked_fill(i: int, out: torch.Tensor) -> None:
+                fill(i, out)
+                if not bool(torch.isfinite(out).all()):
+                    raise ValueError(f"requantize_many: the weight of layer {i} has NaN or infinite values")
+
+            qs = quantize_filled(shape, len(layers), checked_fill, device=dev, dtype=torch.float32, **kw)
+        else:
+            for m, w in zip(layers, weights):
+                if tuple(w.shape) != shape:
+                    raise ValueError(f"requantize_many: weight of shape {tuple(w.shape)} for a {m.out_features}x"
+                                     f"{m.in_features} LatticeLinear")
+                if not bool(torch.isfinite(w).all()):
+                    raise ValueError("requantize_many: a weight has NaN or infinite values")
+            qs = quantize_many([w.detach().to(dev, torch.float32) for w in weights], **kw)
         for m, q in zip(layers, qs):
             m._check_requantized_signs(q)
         return qs

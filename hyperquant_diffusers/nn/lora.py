@@ -82,7 +82,8 @@ class _MergePlan:
     """One layer's merge, decided but not yet re-quantized."""
     names: list[str]                 # adapters this merge adds
     merged: list[str]                # all adapters merged once it is done
-    weight: torch.Tensor | None      # W_hat + sum of the merged deltas, float32 on the layer's device
+    weight: torch.Tensor | None      # W_hat + sum of the merged deltas, float32 on the layer's device; None while
+                                     # a batched merge waits (its group's buffer is filled from the adapters)
     bias: torch.Tensor | None        # the merged bias (the base layer's own when no adapter has a bias)
     original: dict                   # the base layer's original weight_state, host copies
 
@@ -121,7 +122,13 @@ class _MergeBatch:
         bases = [w.get_base_layer() for w in wrappers]
         for w in wrappers:
             self.pending.pop(id(w), None)
-        qs = LatticeLinear.requantized_many(bases, [p.weight for _, p in group], max_values=self.group_values)
+
+        def fill(i: int, out: torch.Tensor) -> None:
+            wrapper, plan = group[i]
+            wrapper._merged_weight_into(plan.merged, plan.original, out)
+
+        # the merged weights are computed into the group's stacked buffer, one at a time: nothing float waits
+        qs = LatticeLinear.requantized_many(bases, fill=fill, max_values=self.group_values)
         for (wrapper, plan), base, q in zip(group, bases, qs):
             if wrapper._hq_original is not None:      # a re-merge: the layer holds the codes of its first merge
                 base.load_weight_state(plan.original)
@@ -293,6 +300,11 @@ def lattice_lora_class():
             names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
             if not names:
                 return
+            if batch is not None:
+                # the layer keeps its current codes until the batch re-quantizes its group, which computes the
+                # merged weight then (into the group's buffer): a waiting merge holds no float weight
+                batch.add(self, self._merge_plan(names, None))
+                return
             base = self.get_base_layer()
             current = base.weight_state()           # references: put back if the merge fails
             if self._hq_original is not None:
@@ -300,30 +312,28 @@ def lattice_lora_class():
             try:
                 w_hat = base.dequantize(torch.float32)
                 plan = self._merge_plan(names, w_hat)
-                if batch is not None:
-                    # the layer keeps its current codes until the batch re-quantizes its group; w_hat is not
-                    # kept meanwhile (the batch dequantizes again when it runs: a few ms on a GPU, and half the
-                    # memory of the waiting merges)
-                    del w_hat
-                    if self._hq_original is not None:
-                        base.load_weight_state(current)
-                    batch.add(self, plan)
-                    return
                 base.requantize(plan.weight)
                 self._finish_merge(plan, w_hat)
             except BaseException:
                 base.load_weight_state(current)
                 raise
 
-        def _merge_plan(self, names: list[str], w_hat: torch.Tensor) -> _MergePlan:
+        def _merge_plan(self, names: list[str], w_hat: torch.Tensor | None) -> _MergePlan:
             """What a merge of ``names`` re-quantizes: ``w_hat`` (the base layer's original weight, float32; a
-            re-merge has loaded the original codes) plus the deltas; the base layer is not changed."""
+            re-merge has loaded the original codes) plus the deltas; the base layer is not changed. ``w_hat``
+            None (a batched merge): the plan holds no weight, and the check for non-finite values runs on the
+            deltas alone (a decoded weight is finite; the sum is checked again when the batch computes it)."""
             base = self.get_base_layer()
             merged = list(self.merged_adapters) + names
-            w = w_hat.clone()
             with torch.no_grad():
-                for a in merged:
-                    w += self.get_delta_weight(a).to(w.device, torch.float32)
+                if w_hat is None:
+                    w = None
+                    finite = all(bool(torch.isfinite(self.get_delta_weight(a)).all()) for a in merged)
+                else:
+                    w = w_hat.clone()
+                    for a in merged:
+                        w += self.get_delta_weight(a).to(w.device, torch.float32)
+                    finite = bool(torch.isfinite(w).all())
             bias = base.bias
             if bias is not None and any(self.lora_bias[a] for a in merged):
                 bias = bias.detach().float() + sum(self.lora_B[a].bias.detach().float() * self.scaling[a]
@@ -331,17 +341,41 @@ def lattice_lora_class():
             elif any(self.lora_bias[a] for a in merged):
                 raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has "
                                    "no bias.")
-            if not bool(torch.isfinite(w).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+            if not finite or (bias is not None and not bool(torch.isfinite(bias).all())):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter(s) {names} seem to be "
                                  "broken")
             original = self._hq_original or base.weight_state(device="cpu")
             return _MergePlan(names, merged, w, bias, original)
 
+        def _merged_weight_into(self, merged: list[str], original: dict, out: torch.Tensor) -> None:
+            """Write ``W_hat + sum of the deltas of merged`` (float32, the sums in the order of
+            :meth:`_merge_plan`) into ``out`` (out_features, in_features) float32; ``original``: the base layer's
+            original weight_state, loaded for the dequantization when the layer holds a first merge's codes."""
+            base = self.get_base_layer()
+            with torch.no_grad():
+                if self._hq_original is None:
+                    out.copy_(base.dequantize(torch.float32))
+                else:
+                    current = base.weight_state()
+                    base.load_weight_state(original)
+                    try:
+                        out.copy_(base.dequantize(torch.float32))
+                    finally:
+                        base.load_weight_state(current)
+                for a in merged:
+                    out += self.get_delta_weight(a).to(out.device, torch.float32)
+
         def _finish_merge(self, plan: _MergePlan, w_hat: torch.Tensor) -> None:
-            """Bookkeeping once the base layer holds the re-quantized codes of ``plan.weight``: the kept fraction
+            """Bookkeeping once the base layer holds the re-quantized codes of the merge: the kept fraction
             (against ``w_hat``, the original weight, float32), bias, merged names, the warning."""
             base = self.get_base_layer()
-            delta = plan.weight.sub_(w_hat)           # the merged weight is not needed any more
+            if plan.weight is not None:
+                delta = plan.weight.sub_(w_hat)       # the merged weight is not needed any more
+            else:                                     # a batched merge: the deltas again (a rank-r product each)
+                with torch.no_grad():
+                    delta = torch.zeros_like(w_hat)
+                    for a in plan.merged:
+                        delta += self.get_delta_weight(a).to(delta.device, torch.float32)
             retained = retained_fraction(w_hat, base.dequantize(torch.float32), delta)
             del delta, w_hat
             plan.weight = None
