@@ -20,9 +20,13 @@ because neither diffusers' ``load_lora_weights`` nor peft's ``inject_adapter_in_
   leaves the re-quantized layer in place: such a model saves as an ordinary HyperQuant checkpoint.
 * batched merges (:func:`batched_merges`; every ``fuse_lora`` of a diffusers model the backend loaded runs in one,
   :func:`batch_fuse_lora`): the merges wait, and layers of one shape and codec settings are re-quantized as one
-  stacked group (``LatticeLinear.requantize_many``), as the model's weights were when it loaded. On a GPU the
+  stacked group (``LatticeLinear.requantized_many``), as the model's weights were when it loaded. On a GPU the
   per-call work of the codec (the rate search's launches and host syncs) dominates a layer's re-quantization, so
-  this halves a full LTX-2 ``fuse_lora`` (bench/RESULTS.md).
+  this halves a full LTX-2 ``fuse_lora`` (bench/RESULTS.md). A waiting merge holds no float weight: each layer's
+  ``W_hat + dW`` is computed into its group's stacked buffer when the group is due
+  (``kernels.quantize.quantize_filled``), so the fuse needs one group's buffer and the codec's working set
+  beside the model (4.9 GiB for the full LTX-2 at the default group size, 9.1 GiB when the merges waited with
+  their weights).
 
   The merged codes quantize ``W_hat + dW``: a delta much smaller than the codec's error at the layer's rate
   mostly rounds back to the original codes (at 4 bps E8 a random rank-16 delta of 1-3% of ``|W|`` keeps under 4%
