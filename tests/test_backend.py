@@ -371,6 +371,37 @@ def test_diffusers_on_load_batches_same_shape_weights(tiny_ltx2_path, monkeypatc
     assert [(b.total, b.n) for b in hq_bars] == [(len(planned), len(planned))]
 
 
+def test_on_load_group_drops_its_loaded_weights_before_the_codec_runs(tiny_ltx2_path, monkeypatch):
+    """A due group's weights are copied into its stacked buffer (``quantize_filled``) and dropped one by one: when
+    the codec runs, the quantizer holds none of them, so on a GPU their memory is free then (with ``quantize_many``
+    they and their concatenation were alive through the codec call). The codes are those of ``quantize_many``
+    (test_diffusers_on_load_batches_same_shape_weights)."""
+    import gc
+    import weakref
+
+    import hyperquant_diffusers.kernels.quantize as kq
+    import hyperquant_diffusers.quantizers.core as core
+
+    refs, alive = [], []
+    orig_group, real = core.OnLoadQuantizer._quantize_group, kq.quantize
+
+    def group(self, names, weights):
+        refs.append([weakref.ref(w) for w in weights])
+        return orig_group(self, names, weights)
+
+    def spy(w, **kw):
+        gc.collect()
+        alive.append((len(refs[-1]), sum(r() is not None for r in refs[-1])))
+        return real(w, **kw)
+
+    monkeypatch.setattr(core.OnLoadQuantizer, "_quantize_group", group)
+    monkeypatch.setattr(kq, "quantize", spy)
+    cfg = HyperQuantConfig(bits=4.0, lattice="E8", tile_size=TILE, quantize_batch_values=3 * 64 * 64)
+    LTX2VideoTransformer3DModel.from_pretrained(tiny_ltx2_path, subfolder="transformer", quantization_config=cfg)
+    assert len(alive) == len(refs) and any(n == 3 for n, _ in alive)     # one codec call per group, groups of 3
+    assert all(k == 0 for _, k in alive), alive
+
+
 @pytest.mark.parametrize("which", ["t5", "gemma3"])
 def test_text_encoder_quantized_as_weights_load(which, tiny_ltx_path, tiny_ltx2_path, monkeypatch):
     """Text encoders (transformers) are quantized while their weights load, through transformers 5's on-load op:

@@ -181,8 +181,9 @@ class OnLoadQuantizer:
             self._install(model, [name], [weight], per_layer=True)
         else:
             key = (tuple(weight.shape), weight.dtype, weight.device)
-            for _, group in self._buffer.add(key, (name, weight), weight.numel(),
-                                             self.batch_values // weight.numel()):
+            due = self._buffer.add(key, (name, weight), weight.numel(), self.batch_values // weight.numel())
+            del weight       # the buffer holds it: a due group's weights are freed as they are stacked
+            for _, group in due:
                 self._flush(model, group)
         if not self.pending:
             self.flush_all(model)
@@ -200,17 +201,27 @@ class OnLoadQuantizer:
 
     def _flush(self, model: nn.Module, group: list[tuple[str, torch.Tensor]]) -> None:
         names, weights = [n for n, _ in group], [w for _, w in group]
-        del group
+        group.clear()    # in place: the caller's loop holds this list; _quantize_group frees each weight it copies
         self._install(model, names, weights, per_layer=False)
 
     def _quantize_group(self, names: list[str], weights: list[torch.Tensor]) -> list:
-        """One ``quantize_many`` call on same-shape ``weights`` (a whole group); LatticeTensors in order."""
-        from ..kernels.quantize import quantize_many
+        """``quantize_many`` of same-shape ``weights`` (a whole group; the same codes); LatticeTensors in order.
+        Each weight is copied into the group's stacked buffer and its list entry set to None, so the loaded copies
+        are freed before the codec runs (with ``quantize_many`` they and their concatenation were alive together
+        through it)."""
+        from ..kernels.quantize import quantize_filled
 
         kw = self.config.quantize_kwargs()
-        return quantize_many(weights, bits=kw["bits"], lattice=kw["lattice"], tile_size=kw["tile_size"],
-                             seed=kw["seed"], rht_signs=kw["rht_signs"], block_values=kw["block_values"],
-                             max_values=max(self.batch_values, weights[0].numel()))
+        shape, dtype, device = tuple(weights[0].shape), weights[0].dtype, weights[0].device
+
+        def fill(i: int, out: torch.Tensor) -> None:
+            out.copy_(weights[i])
+            weights[i] = None
+
+        return quantize_filled(shape, len(weights), fill, device=device, dtype=dtype, bits=kw["bits"],
+                               lattice=kw["lattice"], tile_size=kw["tile_size"], seed=kw["seed"],
+                               rht_signs=kw["rht_signs"], block_values=kw["block_values"],
+                               max_values=max(self.batch_values, shape[0] * shape[1]))
 
     def _install(self, model: nn.Module, names: list[str], weights: list[torch.Tensor], *, per_layer: bool) -> None:
         # the current module object: a bias may have loaded into it after its weight was buffered
@@ -220,11 +231,11 @@ class OnLoadQuantizer:
             del weights
             self.bar.update(1)
             return
+        shape = tuple(weights[0].shape)
         try:
             qs = self._quantize_group(names, weights)
         except (ValueError, ArithmeticError) as e:
-            raise UnquantizableModuleError(
-                f"modules {names} ({tuple(weights[0].shape)}) cannot be quantized: {e}") from e
+            raise UnquantizableModuleError(f"modules {names} ({shape}) cannot be quantized: {e}") from e
         del weights
         for name, lin, q in zip(names, lins, qs):
             home = self._home.pop(name, q.device)
