@@ -377,9 +377,10 @@ def lattice_lora_class():
                 delta = plan.weight.sub_(w_hat)       # the merged weight is not needed any more
             else:                                     # a batched merge: the deltas again (a rank-r product each)
                 with torch.no_grad():
-                    delta = torch.zeros_like(w_hat)
+                    delta = None
                     for a in plan.merged:
-                        delta += self.get_delta_weight(a).to(delta.device, torch.float32)
+                        d = self.get_delta_weight(a).to(w_hat.device, torch.float32)
+                        delta = d if delta is None else delta.add_(d)
             retained = retained_fraction(w_hat, base.dequantize(torch.float32), delta)
             del delta, w_hat
             plan.weight = None
