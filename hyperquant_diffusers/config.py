@@ -23,6 +23,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin as _T
 
 from .codec.constants import (DEFAULT_BLOCK_VALUES, DEFAULT_GROUP_VALUES, DEFAULT_TILE, LATTICES, MAX_BITS, MAX_BLOCK_VALUES, MAX_TILE,
                               MIN_BITS, MIN_BLOCK_VALUES, MIN_TILE, RHT_SIGN_MODES)
+from .codec.stream import code_floor_bits
 from .nn.lattice_linear import MMA_TYPES, RESIDENCIES  # the layer defines what it supports
 
 #: Version of the backend's checkpoint layout (buffer names/dtypes, ``layout`` entries, safetensors metadata).
@@ -86,8 +87,9 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
     """Quantization config of the "hyperquant" backend.
 
     Args:
-        bits: target bits per weight scalar, all side information counted, in [1, 8]; ``None`` = do not quantize
-            the linear layers (only the KV-cache knobs act).
+        bits: target bits per weight scalar, all side information counted, in [1, 8] and above the lattice's code
+            floor (``codec.stream.code_floor_bits``: E8 1.125, Z/D4/A2 0.5); ``None`` = do not quantize the linear
+            layers (only the KV-cache knobs act).
         lattice: "E8" (default), "D4", "A2" or "Z".
         tile_size: RHT tile along the input dimension (power of two, 16..1024). Linears whose ``in_features`` is
             not a multiple of it are left in float (listed with the reason).
@@ -171,6 +173,12 @@ class HyperQuantConfig(_DiffusersMixin, _TransformersMixin):
         self.seed = int(seed)
         self.rht_signs = _check_choice("rht_signs", rht_signs, RHT_SIGN_MODES)
         self.block_values = _check_pow2("block_values", block_values, MIN_BLOCK_VALUES, MAX_BLOCK_VALUES)
+        if self.bits is not None and self.bits <= code_floor_bits(self.lattice, self.block_values):
+            raise HyperQuantConfigError(
+                f"bits={self.bits:g} is below what {self.lattice} can reach: its Rice-coded coordinates cost "
+                f"{code_floor_bits(self.lattice, self.block_values):g} bits per scalar with every coordinate zero, "
+                "before each tensor's side information. Ask for more bits, or use lattice 'Z', 'D4' or 'A2' "
+                f"({code_floor_bits('Z', self.block_values):g} bits per scalar)")
         if (isinstance(quantize_batch_values, bool) or not isinstance(quantize_batch_values, int)
                 or quantize_batch_values < 0):
             raise HyperQuantConfigError(f"quantize_batch_values must be a non-negative integer (0 = one layer at a "

@@ -22,6 +22,7 @@ ST = "diffusion_pytorch_model.safetensors"
     ({"lattice": "E7"}, "unknown lattice"),
     ({"bits": 0.5}, "bits must be in [1.0, 8.0]"),
     ({"bits": 9}, "bits must be in [1.0, 8.0]"),
+    ({"bits": 1.1, "lattice": "E8"}, "bits=1.1 is below what E8 can reach: its Rice-coded coordinates cost 1.125"),
     ({"bits": float("nan")}, "bits must be in"),
     ({"tile_size": 96}, "tile_size must be a power of two"),
     ({"tile_size": 8}, "tile_size must be a power of two"),

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from hyperquant_diffusers.codec.stream import code_floor_bits
 from hyperquant_diffusers.codec import FormatError, LatticeTensor, coords_to_points, inverse_rht, quantize
 from hyperquant_diffusers.codec.constants import FORMAT_VERSION, lattice_spec
 from hyperquant_diffusers.codec.lattices import is_lattice_point
@@ -130,21 +131,40 @@ def test_bad_inputs_are_named():
         quantize(torch.ones(4, 128, dtype=torch.int32))
 
 
+def test_code_floor_is_the_all_zero_stream():
+    """Closed form of the cheapest stream: E8 stores a parity bit per 8-vector and one unary bit per magnitude
+    (9 bits per 8 values); the pair-coded lattices one unary bit per pair of values. Word padding adds nothing at
+    these block sizes."""
+    for bv in (256, 4096, 1 << 20):
+        assert code_floor_bits("E8", bv) == 9 / 8
+        assert code_floor_bits("Z", bv) == code_floor_bits("D4", bv) == code_floor_bits("A2", bv) == 0.5
+
+
 @pytest.mark.parametrize("lattice", LATTICES)
-def test_a_tensor_too_small_for_its_rate_is_refused_by_name(lattice):
-    """Side information (a 256-byte header, signs, steps, Rice parameters) is a fixed cost: 2 rows of 256 leave
-    nothing of 4 bps, 3 rows leave less than the codes cost even when every coordinate is zero (before: the rate
-    search ran the step off to infinity and the step grid raised an IndexError). Both are refused with the numbers;
-    4 rows land on the target."""
+def test_a_rate_below_what_the_codes_can_reach_is_refused_by_name(lattice):
+    """A rate that leaves no more than the all-zero stream's cost after the side information cannot be reached by
+    any step: refused with both numbers. Before, the rate search ran the step multiplier off to infinity (an
+    IndexError in the step grid, an OverflowError, or, for some draws, a result off target). 2 rows of 256 at
+    4 bps: the side information alone exceeds it; 3 rows: it leaves less than the floor; 4 rows land on 4 bps.
+    E8 on a large tensor: 1.1 bps is below its 1.125 floor, 1.2 lands on target; the pair-coded lattices reach
+    1.0."""
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"2x256 tensor is too small for 4.0 bits per scalar: its side information "
                                          r"alone takes 5\.5"):
         quantize(torch.randn(2, 256), bits=4.0, lattice=lattice)
-    with pytest.raises(ValueError, match=r"3x256 tensor is too small for 4.0 bits per scalar: its side information "
-                                         r"takes 3\.[67]\d and its lattice codes"):
+    floor = code_floor_bits(lattice, 4096)
+    with pytest.raises(ValueError, match=rf"4.0 bits per scalar is too few for a 3x256 tensor with {lattice}: its side "
+                                         rf"information takes 3\.[67]\d and Rice-coded {lattice} coordinates at least "
+                                         rf"{floor:.3f} more"):
         quantize(torch.randn(3, 256), bits=4.0, lattice=lattice)
     q = quantize(torch.randn(4, 256), bits=4.0, lattice=lattice)
     assert 3.9 < q.bits_per_scalar <= 4.05
+    w = torch.randn(256, 1024)
+    if lattice == "E8":
+        with pytest.raises(ValueError, match=r"1.1 bits per scalar is too few .* at least 1\.125 more .* pair-coded"):
+            quantize(w, bits=1.1, lattice=lattice)
+    low = 1.2 if lattice == "E8" else 1.0
+    assert abs(quantize(w, bits=low, lattice=lattice).bits_per_scalar - low) < 0.015   # the search's sample
 
 
 def test_blob_errors_are_named(gauss):

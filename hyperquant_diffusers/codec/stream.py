@@ -31,6 +31,8 @@ parameter ``k`` (``ks`` has one column per symbol class, one for every lattice).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import cpu_kernels
@@ -166,6 +168,16 @@ def stream_bits(c: torch.Tensor, lattice: str, block_values: int, ks: torch.Tens
     per_block = torch.zeros(lay["nb"], dtype=torch.int64, device=c.device).index_add_(0, blk, cost)
     per_block += lay["head_counts"]
     return int(((per_block + 31) // 32).sum()) * 32
+
+
+@functools.lru_cache(maxsize=None)
+def code_floor_bits(lattice: str, block_values: int) -> float:
+    """The least the Rice-coded coordinates of ``lattice`` cost, bits per scalar: the stream of a block of all-zero
+    coordinates (word padding included). No step size brings a stream below it: E8 1.125 (a parity bit per vector
+    and a unary bit per magnitude), the pair-coded A2, Z and D4 0.5 (one unary bit per pair). A requested rate
+    must leave more than this after a tensor's side information."""
+    spec = lattice_spec(lattice)
+    return stream_bits(torch.zeros(block_values, dtype=torch.int32), spec.name, block_values) / block_values
 
 
 def encode_coords(c: torch.Tensor, lattice: str, block_values: int, chunk_values: int = 1 << 21):

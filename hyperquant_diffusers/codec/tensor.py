@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 import torch
 
 from . import cpu_kernels
-from .constants import (BLOB_MAGIC, DEFAULT_BLOCK_VALUES, DEFAULT_TILE, FORMAT_VERSION, MAX_BLOCK_VALUES,
+from .constants import (BLOB_MAGIC, DEFAULT_BLOCK_VALUES, DEFAULT_TILE, FORMAT_VERSION, LATTICES, MAX_BLOCK_VALUES,
                         MIN_BLOCK_VALUES, RHT_SIGN_MODES, check_bits, check_tile_size, lattice_spec)
 from .hadamard import inverse_rht, random_signs, rht
 from .lattices import coords_to_points
 from .rdo import rd_lambda, rd_nearest_point
 from .side import decode_side, encode_side, log8_steps, side_nbytes
-from .stream import decode_coords, encode_coords, stream_bits
+from .stream import code_floor_bits, decode_coords, encode_coords, stream_bits
 
 
 class FormatError(ValueError):
@@ -403,7 +403,8 @@ def quantize(
 ) -> LatticeTensor:
     """Quantize ``w`` (..., K) with HyperQuant; runs on ``w``'s device.
 
-    Give ``bits`` (target total bits per scalar, all side information counted, in [1, 8]) or ``snr_db`` (target
+    Give ``bits`` (target total bits per scalar, all side information counted, in [1, 8]; a rate that leaves no
+    more than ``stream.code_floor_bits`` after the side information is refused with a ValueError) or ``snr_db`` (target
     signal-to-noise ratio, dB) — if ``snr_db`` is given it wins. One step size per row (``step_mode="row"``,
     proportional to the row's RMS so every row gets the same SNR) or per tensor (``"tensor"``); a single
     multiplier is searched on a sample of rows so the whole tensor lands on the target. ``rdo`` picks each
@@ -498,6 +499,15 @@ def quantize(
         # land in [target - tol, target] (on the sampled rows) rather than around it: never above the request
         target -= 0.5 * tol
         tol *= 0.5
+        floor = code_floor_bits(spec.name, bv)
+        if target - tol <= floor:
+            # no step reaches it: the rate falls toward the all-zero stream's as the step grows
+            raise ValueError(
+                f"{bits} bits per scalar is too few for a {rows}x{k} tensor with {spec.name}: its side information "
+                f"takes {side_bps:.2f} and Rice-coded {spec.name} coordinates at least {floor:.3f} more (every "
+                f"coordinate zero); ask for more than {side_bps + floor:.2f} bits"
+                + ("" if floor <= min(code_floor_bits(n, bv) for n in LATTICES) else
+                   ", use a pair-coded lattice (Z, D4 or A2: at least 0.5)") + ", or leave it unquantized")
     if alpha_hint is not None:
         if not (math.isfinite(float(alpha_hint)) and float(alpha_hint) > 0):
             raise ValueError(f"alpha_hint must be a positive finite number, got {alpha_hint!r}")
@@ -519,16 +529,12 @@ def quantize(
             if s < 0:
                 slope = s
         x_prev, f_prev = log_a, f
-        nxt = log_a - f / slope
+        # steps of 2^-30..2^30 RMS bound every reachable rate (a shallow secant slope near the floor would
+        # otherwise overflow 2 ** log_a)
+        nxt = min(max(log_a - f / slope, -30.0), 30.0)
         if lo is not None and hi is not None and not lo < nxt < hi:
             nxt = 0.5 * (lo + hi)
         log_a = nxt
-    if snr_db is None and hi is None and abs(f) > tol:
-        # the rate never came down to the target: the codes cost more than the bits the side information leaves,
-        # even where every coordinate is zero (the secant steps then run alpha off to infinity)
-        raise ValueError(f"a {rows}x{k} tensor is too small for {bits} bits per scalar: its side information takes "
-                         f"{side_bps:.2f} and its lattice codes {f + target:.2f} more at the coarsest step the search "
-                         "tried; leave it unquantized or ask for more bits")
     alpha = 2.0 ** log_a
     # row steps are stored on a 1/16-octave grid (side.log8_steps): quantize with the rounded step, so the
     # stored step is the one the coordinates were computed with
