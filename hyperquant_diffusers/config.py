@@ -22,7 +22,8 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin as 
 from transformers.utils.quantization_config import QuantizationConfigMixin as _TransformersMixin
 
 from .codec.constants import (DEFAULT_BLOCK_VALUES, DEFAULT_GROUP_VALUES, DEFAULT_TILE, LATTICES, MAX_BITS, MAX_BLOCK_VALUES, MAX_TILE,
-                              MIN_BITS, MIN_BLOCK_VALUES, MIN_TILE, RHT_SIGN_MODES)
+                              KV_METHODS, MAX_KV_BITS, MIN_BITS, MIN_BLOCK_VALUES, MIN_KV_BITS, MIN_TILE,
+                              RHT_SIGN_MODES)
 from .codec.stream import code_floor_bits
 from .nn.lattice_linear import MMA_TYPES, RESIDENCIES  # the layer defines what it supports
 
@@ -31,8 +32,7 @@ from .nn.lattice_linear import MMA_TYPES, RESIDENCIES  # the layer defines what 
 CHECKPOINT_FORMAT_VERSION = 1
 QUANT_METHOD = "hyperquant"
 
-KV_BIAS_CORRECTIONS = ("dither", "qjl", "none")
-MIN_KV_BITS, MAX_KV_BITS = 1.5, 8.0
+KV_BIAS_CORRECTIONS = KV_METHODS
 #: default ``quantize_batch_values``: float values of same-shape weights stacked into one codec call while loading
 #: (512 MB in bf16; ``codec.constants.DEFAULT_GROUP_VALUES``, the group size of ``kernels.quantize.quantize_many``)
 DEFAULT_QUANTIZE_BATCH_VALUES = DEFAULT_GROUP_VALUES

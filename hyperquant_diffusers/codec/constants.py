@@ -38,6 +38,11 @@ MIN_BLOCK_VALUES, MAX_BLOCK_VALUES = 256, 1 << 20
 #: Requested rate range, bits per scalar.
 MIN_BITS, MAX_BITS = 1.0, 8.0
 
+#: K/V compression (``kv.quantizer``): its bias corrections and rate range, bits per K/V value (everything stored
+#: counted); here so that ``HyperQuantConfig`` validates with the same numbers without importing the K/V package.
+KV_METHODS = ("dither", "qjl", "none")
+MIN_KV_BITS, MAX_KV_BITS = 1.5, 8.0
+
 #: Rice parameters are searched in [0, MAX_RICE_K].
 MAX_RICE_K = 24
 #: A unary quotient reaching ESCAPE_Q marks an escape: the magnitude follows raw in ESCAPE_BITS bits.

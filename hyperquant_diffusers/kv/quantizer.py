@@ -32,13 +32,11 @@ from dataclasses import dataclass
 import torch
 
 from ..codec import coords_to_points, inverse_rht, lattice_spec, nearest_point, random_signs, rht
-from ..codec.constants import check_tile_size
+from ..codec.constants import KV_METHODS, MAX_KV_BITS, MIN_KV_BITS, check_tile_size
 from ..codec.stream import decode_coords, encode_coords, stream_bits
 
 #: Bias-correction methods.
-METHODS = ("dither", "qjl", "none")
-#: Allowed rate range, bits per K/V value (everything stored counted).
-MIN_KV_BITS, MAX_KV_BITS = 1.5, 8.0
+METHODS = KV_METHODS
 #: How a cached K/V tensor holds its lattice codes (see :meth:`KVQuantizer.compress`).
 CACHE_FORMATS = ("rice", "int8")
 #: Coordinates per Rice block of a stored K/V stream.
