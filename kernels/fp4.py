@@ -18,13 +18,15 @@ from __future__ import annotations
 import torch
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_MAX = E2M1[-1]
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max     # 448: nvfp4's block scales are e4m3
 _BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
 def _e2m1_codes(v: torch.Tensor) -> torch.Tensor:
     """float32 values already divided by their scale -> uint8 nibble codes (bit 3 sign, bits 0-2 magnitude)."""
     b = torch.tensor(_BOUNDS, dtype=v.dtype, device=v.device)
-    mag = torch.bucketize(v.abs().clamp(max=6.0), b, right=False).to(torch.uint8)
+    mag = torch.bucketize(v.abs().clamp(max=E2M1_MAX), b, right=False).to(torch.uint8)
     return mag | ((v < 0).to(torch.uint8) << 3)
 
 
@@ -67,8 +69,8 @@ def nvfp4_quantize(w: torch.Tensor) -> dict:
     if w.shape[-1] % 16:
         raise ValueError(f"nvfp4 needs K divisible by 16, got {w.shape[-1]}")
     x = w.to(torch.float32).reshape(w.shape[0], -1, 16)
-    g = (x.abs().amax() / (448.0 * 6.0)).clamp_min(1e-30)
-    bs = (x.abs().amax(-1, keepdim=True) / 6.0 / g).clamp(max=448.0).to(torch.float8_e4m3fn)
+    g = (x.abs().amax() / (E4M3_MAX * E2M1_MAX)).clamp_min(1e-30)
+    bs = (x.abs().amax(-1, keepdim=True) / E2M1_MAX / g).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     eff = bs.to(torch.float32) * g
     codes = _e2m1_codes(torch.where(eff > 0, x / eff, torch.zeros_like(x)))
     return {"packed": _pack(codes.reshape(w.shape[0], -1)), "scale_e4m3": bs.squeeze(-1), "global": g.reshape(1)}
