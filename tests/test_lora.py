@@ -465,6 +465,19 @@ def test_batched_merges_drop_what_waits_when_the_block_raises():
     with pytest.raises(ValueError, match="group_values"):
         with batched_merges(group_values=0):
             pass
+    # a broken (NaN) adapter is refused when it merges, before it waits; the block then drops what waits
+    m, targets = _adapted_stack()
+    before = _codes(m)
+    with torch.no_grad():
+        m.l3.lora_A["default"].weight[0, 0] = float("nan")
+    tried = []
+    with torch.no_grad(), pytest.raises(ValueError, match="NaN"), batched_merges():
+        for name in targets:
+            tried.append(name)
+            getattr(m, name).merge()
+    assert tried == ["l0", "l1", "l2", "l3"]             # raised by l3's own merge, not when its group ran
+    assert not any(getattr(m, n).merged for n in targets) and all(torch.equal(v, before[k])
+                                                                   for k, v in _codes(m).items())
 
 
 def test_requantize_many_refuses_mixed_layers_by_name():

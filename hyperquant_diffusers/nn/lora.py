@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import threading
 import types
 import warnings
@@ -326,13 +327,16 @@ def lattice_lora_class():
             """What a merge of ``names`` re-quantizes: ``w_hat`` (the base layer's original weight, float32; a
             re-merge has loaded the original codes) plus the deltas; the base layer is not changed. ``w_hat``
             None (a batched merge): the plan holds no weight, and the check for non-finite values runs on the
-            deltas alone (a decoded weight is finite; the sum is checked again when the batch computes it)."""
+            adapters' factors and scales (a decoded weight is finite; the product is formed, and the sum checked,
+            when the batch computes the merged weight: forming it here too would be one more full-size product
+            per layer)."""
             base = self.get_base_layer()
             merged = list(self.merged_adapters) + names
             with torch.no_grad():
                 if w_hat is None:
                     w = None
-                    finite = all(bool(torch.isfinite(self.get_delta_weight(a)).all()) for a in merged)
+                    finite = all(math.isfinite(self.scaling[a]) and bool(torch.isfinite(self.lora_A[a].weight).all())
+                                 and bool(torch.isfinite(self.lora_B[a].weight).all()) for a in merged)
                 else:
                     w = w_hat.clone()
                     for a in merged:
